@@ -1,0 +1,1 @@
+"""ticketfarm master: ROUTER server, ticket store, scheduler, collection, statistics, control CLI."""

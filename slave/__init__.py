@@ -1,0 +1,1 @@
+"""ticketfarm slave: DEALER daemon that runs workers and streams their results back."""
