@@ -40,7 +40,7 @@ import zmq
 from master import protocol
 from master.protocol import Command
 from master.pyerrors import RemoteError, RemoteTraceback, TaskCancelled, TaskFailed
-from master.pysweep import RESULTS
+from master.pysweep import FETCH_MAX, RESULTS
 from master.spec import Sweep
 
 __all__ = ["Cluster", "SweepHandle", "TaskFuture", "TaskFailed", "TaskCancelled", "RemoteError", "as_completed"]
@@ -49,7 +49,7 @@ __all__ = ["Cluster", "SweepHandle", "TaskFuture", "TaskFailed", "TaskCancelled"
 ADD_BATCH = 2000
 MAX_ADD_BYTES = 4 * 1024 * 1024
 #: Bytes per py_fetch request for a large result, and requests kept in flight.
-FETCH_PIECE = 1024 * 1024
+FETCH_PIECE = FETCH_MAX
 FETCH_WINDOW = 4
 #: Seconds between the client's pings (they also keep its watches alive on the master).
 PING_INTERVAL = 1.0
@@ -261,10 +261,17 @@ class Cluster:
                 raise TimeoutError(f"fewer than {n} slaves connected after {timeout:g}s")
             time.sleep(0.05)
 
-    def close(self) -> None:
-        """Stop the client thread; a local cluster's master and slaves are stopped and its temp state removed."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the client thread once the master has stored every submitted task (at most `timeout` s).
+
+        A local cluster's master and slaves are stopped and its temporary state removed;
+        tasks on a remote master keep running and can be collected later with attach().
+        """
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
+        while (self._adds or self._inflight) and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
         self._closed = True
         atexit.unregister(self.close)
         self._wake()

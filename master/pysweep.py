@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from master.protocol import CHUNK_SIZE, Command, Message, ProtocolError, field_of
+from master.protocol import Command, Message, ProtocolError, field_of
 from master.spec import NAME_RE, Sweep
 from master.store import FINAL_TASK_STATES, StoredOutput
 
@@ -43,6 +43,8 @@ log = structlog.get_logger("ticketfarm.pysweep")
 RESULTS = {"result": "python", "error": "python"}
 #: Settled tasks per NOTIFY message at most.
 NOTIFY_BATCH = 1000
+#: Largest piece of a large result one py_fetch returns.
+FETCH_MAX = 1024 * 1024
 #: A client silent this many seconds (it pings every second) stops being sent notifications.
 CLIENT_EXPIRY = 60.0
 
@@ -193,7 +195,7 @@ class PythonSweeps:
     def _fetch(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
         name, task = field_of(msg, "sweep", str), field_of(msg, "task", int)
         output, offset = field_of(msg, "name", str), field_of(msg, "offset", int)
-        length = min(field_of(msg, "length", int), CHUNK_SIZE)
+        length = min(field_of(msg, "length", int), FETCH_MAX)
         stored = self.master.store.outputs(name, task).get(output)
         if stored is None or offset < 0 or length < 0:
             return {"ok": False, "error": f"no result {output!r} for task {task} of {name!r}"}, []
