@@ -69,7 +69,7 @@ class Sweep:
             {**i, "content": None if i["content"] is None else base64.b64encode(i["content"]).decode()}
             for i in data["inputs"]
         ]
-        return json.dumps(data, sort_keys=True)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> "Sweep":
