@@ -328,6 +328,9 @@ class Store:
     def set_callback(self, sweep: str, url: str, secret: str) -> None:
         self._write("INSERT OR REPLACE INTO callbacks VALUES (?, ?, ?)", (sweep, url, secret))
 
+    def has_callbacks(self) -> bool:
+        return self.db.execute("SELECT 1 FROM callbacks LIMIT 1").fetchone() is not None
+
     def callback(self, sweep: str) -> tuple[str, str] | None:
         """(url, secret) of a sweep's status callback, if it has one."""
         row = self.db.execute("SELECT url, secret FROM callbacks WHERE sweep = ?", (sweep,)).fetchone()
