@@ -35,10 +35,16 @@ def submit(master: "Master", header: dict[str, Any]) -> Reply:
             return _fail("bad_request", "status_callback_url must be an http:// or https:// URL")
         if not secret:
             return _fail("bad_request", "status_callback_secret is required (the master has no callback_secret)")
+    from master.server import SweepExists  # server imports this module
+
     if url is not None and master.store.sweep(sweep.name) is None:
+        # Same transaction as the sweep_submitted event: the sender finds the URL when it reads that event.
         master.store.set_callback(sweep.name, url, secret)
         master.callbacks.ensure_started()
-    return {"ok": True, "state": master.submit(sweep)}
+    try:
+        return {"ok": True, "state": master.submit(sweep)}
+    except SweepExists as exc:
+        return _fail("conflict", str(exc))
 
 
 def cancel(master: "Master", header: dict[str, Any]) -> Reply:
