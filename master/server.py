@@ -101,6 +101,7 @@ class Master:
         self._next_housekeeping = 0.0
         self.context = context or zmq.Context.instance()
         self.socket = self._bind()
+        self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
         self.events = EventBatch()
         self.metrics = Metrics(self.store.path)
@@ -141,7 +142,8 @@ class Master:
 
     @property
     def endpoint(self) -> str:
-        return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        """The endpoint slaves and clients connect to (the bound one, with a picked port filled in)."""
+        return self._endpoint
 
     def _resume_state(self) -> None:
         """Reload active sweeps and the tickets that were out when the previous master stopped."""
