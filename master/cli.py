@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", type=int, metavar="N", help="start a master and N local slaves in this process")
     p.add_argument("--slots", type=int, default=1, help="slots per local slave")
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"), help="where collected files go")
-    p.add_argument("--serve-http", metavar="HOST:PORT", help="with --local: serve the HTTP API and dashboard here")
+    p.add_argument("--http", dest="serve_http", metavar="HOST:PORT",
+                   help="with --local: serve the HTTP API and dashboard at HOST:PORT (e.g. 127.0.0.1:8080)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("submit", help="submit a sweep to a running master and return")
     p.add_argument("spec", type=Path)

@@ -52,6 +52,7 @@ def cancel(master: "Master", header: dict[str, Any]) -> Reply:
     row = master.store.sweep(name)
     if row is None:
         return _fail("not_found", f"no sweep named {name!r}")
+    master.events.flush(master.store)
     if not master.cancel(name):
         return _fail("conflict", f"sweep {name!r} is {row.state}: nothing to cancel")
     return {"ok": True, "state": "cancelled"}

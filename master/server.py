@@ -602,6 +602,7 @@ class Master:
 
     def _finish_if_done(self, name: str) -> None:
         if self.scheduler.is_finished(name):
+            self.events.flush(self.store)  # a sweep's last tasks_done comes before its sweep_finished
             self.store.set_sweep_state(name, "finished")
             self.scheduler.deactivate(name)
             self._ticket_headers.pop(name, None)

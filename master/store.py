@@ -341,14 +341,14 @@ class Store:
         """Tasks of a sweep in index order (optionally of one state), one page."""
         where, args = ("sweep = ?", [sweep]) if state is None else ("sweep = ? AND state = ?", [sweep, state])
         rows = self.db.execute(
-            f"SELECT idx, params, state, attempts, reason, ticket, finished FROM tasks WHERE {where} "
+            f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks WHERE {where} "
             "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_task_dict(r) for r in rows]
 
     def task(self, sweep: str, idx: int) -> dict[str, Any] | None:
         row = self.db.execute(
-            "SELECT idx, params, state, attempts, reason, ticket, finished FROM tasks WHERE sweep = ? AND idx = ?",
-            (sweep, idx)).fetchone()
+            f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks "
+            "WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
         return _task_dict(row) if row else None
 
     def running_by_slave(self) -> dict[str, int]:
@@ -371,6 +371,11 @@ class Store:
         for e in out:
             e["detail"] = json.loads(e["detail"]) if e["detail"] else {}
         return out
+
+
+#: A task's winning ticket, or while it runs the ticket out for it (found through the running-tickets index).
+_TASK_TICKET = ("coalesce(ticket, (SELECT max(id) FROM tickets WHERE state = 'running' "
+                "AND tickets.sweep = tasks.sweep AND tickets.task = tasks.idx))")
 
 
 def _task_dict(row: tuple[Any, ...]) -> dict[str, Any]:
