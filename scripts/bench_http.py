@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from httpcluster import HttpCluster  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.httpcluster import HttpCluster  # noqa: E402
 
 
 def poll(url: str, clients: int, interval: float, stop: "multiprocessing.synchronize.Event",

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from httpcluster import ROOT, HttpCluster, spec
+from tests.httpcluster import ROOT, HttpCluster, spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "artifacts"

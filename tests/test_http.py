@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from httpcluster import CALLBACK_SECRET, ROOT, TOKEN, HttpCluster, env, spec
+from tests.httpcluster import CALLBACK_SECRET, ROOT, TOKEN, HttpCluster, env, spec
 
 API = "/api/v1"
 
