@@ -16,6 +16,7 @@ from master.config import ConfigError, MasterConfig
 from master.events import EventBatch
 from master.metrics import Metrics
 from master.protocol import Command, Message, ProtocolError, field_of
+from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
 from master.spec import Sweep
 from master.stats import all_sweep_stats, format_report
@@ -129,6 +130,7 @@ class Master:
             Command.DISCONNECT: self.on_disconnect,
             Command.CONTROL: self.on_control,
         }
+        self.python = PythonSweeps(self)
 
     # -- setup ----------------------------------------------------------------
     def _bind(self) -> zmq.Socket:
@@ -272,6 +274,7 @@ class Master:
         acks, self.pending_acks = self.pending_acks, {}
         for identity, tickets in acks.items():
             self._send(identity, Command.ACK, {"tickets": tickets})
+        self.python.after_commit()
 
     # -- slaves: hello, liveness, goodbye ------------------------------------------
     def on_hello(self, identity: bytes, msg: Message) -> None:
@@ -390,6 +393,9 @@ class Master:
             self._dispatch(session)
 
     def _send_ticket(self, session: SlaveSession, ticket: Ticket) -> None:
+        if self.python.owns(ticket.sweep):
+            self._send(session.identity, Command.TICKET, *self.python.ticket(ticket))
+            return
         static, payload = self._ticket_static(ticket.sweep)
         header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
                       params=self.store.params(ticket.sweep, ticket.task))
@@ -559,6 +565,7 @@ class Master:
         self.store.complete_task(sweep, task, tid, outputs)
         self.events.done(sweep, task)
         self.metrics.tickets_finished.labels("done").inc()
+        self.python.settled(sweep, task, "done", outputs)
         ticket = self.scheduler.tickets.get(tid)
         if ticket is not None:
             self.scheduler.settle_success(ticket, transfer.elapsed, transfer.exit_code)
@@ -586,6 +593,8 @@ class Master:
         if outcome == "queued":
             self.metrics.reassignments.inc()
             self._dispatch_hungry()
+        elif outcome == "failed":
+            self.python.settled(ticket.sweep, ticket.task, "failed")
         self._finish_if_done(ticket.sweep)
 
     def _lose_ticket(self, ticket: Ticket, reason: str) -> None:
@@ -611,8 +620,11 @@ class Master:
     # -- control ----------------------------------------------------------------------------
     def on_control(self, identity: bytes, msg: Message) -> None:
         op = msg.header.get("op")
+        payload: list[bytes] = []
         try:
-            if op == "submit":
+            if isinstance(op, str) and op.startswith("py_"):
+                reply, payload = self.python.control(identity, op, msg)
+            elif op == "submit":
                 reply = ops.submit(self, msg.header)
             elif op == "cancel":
                 reply = {"ok": self.cancel(field_of(msg, "sweep", str))}
@@ -629,9 +641,11 @@ class Master:
                 reply = ops.OPS[op](self, msg.header)
             else:
                 reply = {"ok": False, "error": f"unknown control op {op!r}"}
-        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:
             reply = {"ok": False, "error": str(exc)}
-        self._send(identity, Command.REPLY, reply)
+        if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
+            reply["rid"] = msg.header["rid"]
+        self._send(identity, Command.REPLY, reply, payload)
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
