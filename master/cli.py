@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from master import cli_http
 from master.client import MasterUnreachable, client_endpoint, control
 from master.collect import collect, remove_collected
 from master.config import ConfigError, load_master_config, master_config_path, write_default_master_config
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master", help="address of a running master (default: from the state dir's config)")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true", help="logs as JSON lines")
+    parser.add_argument("--http", default=os.environ.get("TICKETFARM_HTTP"), metavar="URL",
+                        help="use this master's HTTP API (default: $TICKETFARM_HTTP, or http_bind of the config)")
+    parser.add_argument("--token", help="HTTP API token (default: $TICKETFARM_TOKEN, or STATE/http.token)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="write a default master config to review")
@@ -53,9 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", type=int, metavar="N", help="start a master and N local slaves in this process")
     p.add_argument("--slots", type=int, default=1, help="slots per local slave")
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"), help="where collected files go")
+    p.add_argument("--http", dest="serve_http", metavar="HOST:PORT",
+                   help="with --local: serve the HTTP API and dashboard at HOST:PORT (e.g. 127.0.0.1:8080)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("submit", help="submit a sweep to a running master and return")
     p.add_argument("spec", type=Path)
+    p.add_argument("--callback", metavar="URL", help="status_callback_url: POSTed on every state change (HTTP API)")
+    p.add_argument("--callback-secret", help="HMAC key for the callbacks (default: the master's callback_secret)")
     p.set_defaults(func=cmd_submit)
     p = sub.add_parser("status", help="progress of every sweep")
     p.set_defaults(func=cmd_status)
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a sweep (running tickets are killed)")
     p.add_argument("sweep")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("token", help="make an HTTP API token (printed once; only its hash is configured)")
+    p.add_argument("--write", action="store_true", help="save it as STATE/http.token and add its hash to master.toml")
+    p.set_defaults(func=lambda args: cli_http.make_token(args.state, args.write))
     try:
         from master.deploy import add_deploy_parser
     except ImportError:
@@ -102,6 +113,8 @@ def cmd_master(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: master.stop())
     signal.signal(signal.SIGINT, lambda *_: master.stop())
     print(f"ticketfarm master listening on {master.endpoint} (state {args.state})", file=sys.stderr, flush=True)
+    if master.http is not None:
+        print(f"ticketfarm HTTP API and dashboard on {master.http.url}/", file=sys.stderr, flush=True)
     try:
         master.serve()
     finally:
@@ -117,7 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--local needs at least 1 slave")
     bar = ProgressBar()
     started = time.time()
-    cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level)
+    cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level,
+                           http_bind=args.serve_http)
+    if cluster.master.http is not None:
+        print(f"dashboard: {cluster.master.http.url}/", file=sys.stderr, flush=True)
     interrupted = False
     final = None
     try:
@@ -180,6 +196,11 @@ def _finish_run(state_dir: Path, name: str, out: Path, wall: float) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    api = cli_http.http_api(args)
+    if api is not None:
+        return cli_http.submit(api, args.spec, args.callback, args.callback_secret)
+    if args.callback:
+        raise ConfigError("--callback needs the master's HTTP API (set http_bind, or pass --http URL)")
     sweep = load_spec(args.spec)
     reply = control(_endpoint(args), "submit", sweep=sweep.to_json())
     if not reply.get("ok"):
@@ -189,6 +210,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if (api := cli_http.http_api(args)) is not None:
+        try:
+            return cli_http.status(api)
+        except MasterUnreachable:
+            if args.http:
+                raise
     rows = _live_or_stored(args, "status", lambda store: [asdict(s) for s in all_sweep_stats(store)])
     stats = [SweepStats(**s) for s in (rows["sweeps"] if isinstance(rows, dict) else rows)]
     print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
@@ -197,6 +224,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    if (api := cli_http.http_api(args)) is not None:
+        try:
+            return cli_http.stats(api)
+        except MasterUnreachable:
+            if args.http:
+                raise
     report = _live_or_stored(args, "report", format_report)
     print(report["report"] if isinstance(report, dict) else report)
     return 0
@@ -210,6 +243,12 @@ def cmd_slaves(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    if (api := cli_http.http_api(args)) is not None:
+        try:
+            return cli_http.collect(api, args.sweep, args.out, args.remove)
+        except MasterUnreachable:
+            if args.http:
+                raise
     with _open_store(args.state) as store:
         row = store.sweep(args.sweep)
         if row is None:
@@ -226,6 +265,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    if (api := cli_http.http_api(args)) is not None:
+        return cli_http.cancel(api, args.sweep)
     reply = control(_endpoint(args), "cancel", sweep=args.sweep)
     print(f"{args.sweep}: {'cancelled' if reply.get('ok') else 'not active'}")
     return 0 if reply.get("ok") else 1

@@ -43,6 +43,22 @@ class MasterConfig:
     """Tell slaves to exit when the master shuts down (True for `run --local`)."""
     log_json: bool = False
     """Structured logs as JSON lines instead of key=value text."""
+    http_bind: str = ""
+    """HOST:PORT of the HTTP API and dashboard (e.g. "127.0.0.1:8080"; port 0 picks one); empty = no HTTP server."""
+    http_token_hash: str = ""
+    """SHA-256 hex digests of accepted API tokens, comma-separated (`ticketfarm token` makes one); tokens are never stored."""
+    http_open_reads: bool = True
+    """Read-only endpoints need no token when bound to loopback (any other bind always requires one)."""
+    http_cache_ttl: float = 0.5
+    """Seconds a status/statistics answer is reused for other clients (many pollers cost one query)."""
+    http_max_body: int = 16 * 1024 * 1024
+    """Largest request body (bytes) the HTTP API accepts (a submitted spec with its files)."""
+    callback_secret: str = ""
+    """HMAC-SHA256 key for status callbacks of sweeps submitted without their own status_callback_secret."""
+    callback_attempts: int = 8
+    """Delivery attempts of one status callback before it is given up (with doubling backoff)."""
+    callback_backoff: float = 0.5
+    """Seconds before the first retry of a failed status callback; doubles on each retry (capped at 60 s)."""
 
 
 def load_toml(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ class LocalCluster:
     """A master (in this process) and `n` local slaves (child processes), cleaned up on close()."""
 
     def __init__(self, state_dir: Path, n: int, slots: int = 1, config: MasterConfig | None = None,
-                 log_level: str = "warning", slave_args: tuple[str, ...] = ()):
+                 log_level: str = "warning", slave_args: tuple[str, ...] = (), http_bind: str | None = None):
         self.state_dir = Path(state_dir)
         self.slave_args = tuple(slave_args)
         if config is None:
@@ -26,6 +26,8 @@ class LocalCluster:
         # Local slaves live and die with this run, on a port of loopback nobody else needs to know.
         config.bind = "tcp://127.0.0.1:*"
         config.slave_exit_when_done = True
+        if http_bind:
+            config.http_bind = http_bind
         self.master = Master(config, self.state_dir)
         self.slaves: list[subprocess.Popen[bytes]] = []
         for i in range(1, n + 1):

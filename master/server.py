@@ -10,8 +10,11 @@ from typing import Any, Callable
 import structlog
 import zmq
 
-from master import protocol
+from master import ops, protocol
+from master.callbacks import CallbackSender
 from master.config import ConfigError, MasterConfig
+from master.events import EventBatch
+from master.metrics import Metrics
 from master.protocol import Command, Message, ProtocolError, field_of
 from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
@@ -41,6 +44,7 @@ class SlaveSession:
     last_sent: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     info_saved: float = 0.0
+    last_heartbeat: float = 0.0
 
 
 @dataclass
@@ -98,7 +102,23 @@ class Master:
         self._next_housekeeping = 0.0
         self.context = context or zmq.Context.instance()
         self.socket = self._bind()
+        self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
+        self.events = EventBatch()
+        self.metrics = Metrics(self.store.path)
+        self.draining: set[str] = set()
+        self._pass_started = 0.0
+        self.callbacks = CallbackSender(self.store.path, self.store.last_event_id(),
+                                        config.callback_attempts, config.callback_backoff)
+        self.inproc_endpoint = f"inproc://ticketfarm-master-{id(self):x}"
+        self.socket.bind(self.inproc_endpoint)
         self._resume_state()
+        self.http = None
+        if config.http_bind:
+            from master.http import HttpApi
+            self.http = HttpApi.start(self)
+        if config.http_bind or self.store.has_callbacks():
+            self.callbacks.ensure_started()
         self._handlers: dict[Command, Callable[[bytes, Message], None]] = {
             Command.HELLO: self.on_hello,
             Command.REQUEST: self.on_request,
@@ -124,7 +144,8 @@ class Master:
 
     @property
     def endpoint(self) -> str:
-        return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        """The endpoint slaves and clients connect to (the bound one, with a picked port filled in)."""
+        return self._endpoint
 
     def _resume_state(self) -> None:
         """Reload active sweeps and the tickets that were out when the previous master stopped."""
@@ -199,6 +220,7 @@ class Master:
                 next_tick = now + self.config.heartbeat_interval / 4
 
     def _drain(self) -> None:
+        self._pass_started = time.time()
         for _ in range(DRAIN_LIMIT):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -245,6 +267,7 @@ class Master:
             session.last_sent = time.time()
 
     def _commit_and_ack(self) -> None:
+        self.events.flush(self.store)
         if not self.store.dirty:
             return
         self.store.commit()
@@ -274,7 +297,8 @@ class Master:
                                str(msg.header.get("version", "")), now + self._liveness_window())
         self.sessions[identity] = session
         self.by_name[name] = session
-        self.store.slave_seen(name, session.platform, slots, session.version, "alive")
+        self.store.slave_seen(name, session.platform, slots, session.version,
+                              "draining" if name in self.draining else "alive")
         # Tickets the master thinks this slave holds but the slave does not know are lost.
         for ticket in self.scheduler.tickets_of(name):
             if ticket.id not in held:
@@ -304,7 +328,8 @@ class Master:
         session.info = info
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
-            self.store.slave_state(session.name, "alive", info)
+            self.store.slave_state(session.name, "draining" if session.name in self.draining else "alive", info)
+        session.last_heartbeat = now
 
     def _drop_session(self, session: SlaveSession, reason: str, lose_tickets: bool) -> None:
         self.sessions.pop(session.identity, None)
@@ -322,6 +347,7 @@ class Master:
     def _housekeeping(self, now: float) -> None:
         """Purge dead slaves, reclaim orphaned tickets, send heartbeats (about 4 times per interval)."""
         self._next_housekeeping = now + self.config.heartbeat_interval / 4
+        self.metrics.slaves.set(len(self.sessions))
         for session in [s for s in self.sessions.values() if s.expiry < now]:
             self.store.event("slave_dead", detail={"slave": session.name})
             self._drop_session(session, reason=f"silent for {self._liveness_window():.1f}s", lose_tickets=True)
@@ -344,10 +370,13 @@ class Master:
         if credit < 0 or credit > 10_000:
             raise ProtocolError(f"REQUEST: credit {credit} out of range")
         session.credit += credit
-        self._dispatch(session)
+        self._dispatch(session, since=self._pass_started)
 
-    def _dispatch(self, session: SlaveSession) -> None:
+    def _dispatch(self, session: SlaveSession, since: float = 0.0) -> None:
         now = time.time()
+        if session.name in self.draining:
+            self.hungry.pop(session.identity, None)
+            return
         while session.credit > 0:
             ticket = self.scheduler.next_ticket(session.name, now)
             if ticket is None:
@@ -355,6 +384,8 @@ class Master:
                 return
             session.credit -= 1
             self._send_ticket(session, ticket)
+            if since:
+                self.metrics.dispatch_latency.observe(time.time() - since)
         self.hungry.pop(session.identity, None)
 
     def _dispatch_hungry(self) -> None:
@@ -369,6 +400,8 @@ class Master:
         header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
                       params=self.store.params(ticket.sweep, ticket.task))
         self._send(session.identity, Command.TICKET, header, payload)
+        self.events.dispatched(ticket.sweep, ticket.id, ticket.task, session.name)
+        self.metrics.tickets_dispatched.inc()
 
     def _ticket_static(self, name: str) -> tuple[dict[str, Any], list[bytes]]:
         """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""
@@ -530,6 +563,8 @@ class Master:
             outputs.append(StoredOutput(f.name, f.size, None, str(final.relative_to(self.state_dir))))
         shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
         self.store.complete_task(sweep, task, tid, outputs)
+        self.events.done(sweep, task)
+        self.metrics.tickets_finished.labels("done").inc()
         self.python.settled(sweep, task, "done", outputs)
         ticket = self.scheduler.tickets.get(tid)
         if ticket is not None:
@@ -554,7 +589,9 @@ class Master:
                      exit_code: int | None = None, elapsed: float | None = None) -> None:
         self.progress.pop(ticket.id, None)
         outcome = self.scheduler.settle_failure(ticket, state, reason, exit_code, elapsed)
+        self.metrics.tickets_finished.labels(state).inc()
         if outcome == "queued":
+            self.metrics.reassignments.inc()
             self._dispatch_hungry()
         elif outcome == "failed":
             self.python.settled(ticket.sweep, ticket.task, "failed")
@@ -570,9 +607,11 @@ class Master:
             self._send(session.identity, Command.CANCEL, {"ticket": ticket.id, "reason": reason})
         self.progress.pop(ticket.id, None)
         self.scheduler.settle_cancelled(ticket, reason)
+        self.metrics.tickets_finished.labels("cancelled").inc()
 
     def _finish_if_done(self, name: str) -> None:
         if self.scheduler.is_finished(name):
+            self.events.flush(self.store)  # a sweep's last tasks_done comes before its sweep_finished
             self.store.set_sweep_state(name, "finished")
             self.scheduler.deactivate(name)
             self._ticket_headers.pop(name, None)
@@ -586,7 +625,7 @@ class Master:
             if isinstance(op, str) and op.startswith("py_"):
                 reply, payload = self.python.control(identity, op, msg)
             elif op == "submit":
-                reply = {"ok": True, "state": self.submit(Sweep.from_json(field_of(msg, "sweep", str)))}
+                reply = ops.submit(self, msg.header)
             elif op == "cancel":
                 reply = {"ok": self.cancel(field_of(msg, "sweep", str))}
             elif op == "progress":
@@ -598,6 +637,8 @@ class Master:
                 reply = {"ok": True, "report": format_report(self.store)}
             elif op == "ping":
                 reply = {"ok": True, "epoch": self.epoch, "slaves": len(self.sessions)}
+            elif op in ops.OPS:
+                reply = ops.OPS[op](self, msg.header)
             else:
                 reply = {"ok": False, "error": f"unknown control op {op!r}"}
         except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:
@@ -609,6 +650,9 @@ class Master:
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
         """Commit, tell slaves the master is going away, close the socket and the store."""
+        if self.http is not None:
+            self.http.stop()
+        self.callbacks.stop()
         for session in list(self.sessions.values()):
             self.store.slave_state(session.name, "gone")
         self._commit_and_ack()

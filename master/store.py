@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS functions (hash TEXT PRIMARY KEY, body BLOB NOT NULL,
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, sweep TEXT, task INTEGER,
     ticket INTEGER, detail TEXT);
+CREATE TABLE IF NOT EXISTS callbacks (sweep TEXT PRIMARY KEY, url TEXT NOT NULL, secret TEXT NOT NULL);
 """
 
 #: Terminal task states: nothing more happens to such a task.
@@ -194,6 +195,15 @@ class Store:
             "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running')",
             (sweep,),
         )
+
+    def cancel_task(self, sweep: str, idx: int) -> bool:
+        """Cancel one queued or running task; False when it had already settled."""
+        cur = self._write(
+            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
+            "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
+        if cur.rowcount:
+            self.event("task_cancelled", sweep=sweep, task=idx)
+        return cur.rowcount > 0
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
         self._write(
@@ -359,3 +369,65 @@ class Store:
         )
         cols = ("id", "ts", "kind", "sweep", "task", "ticket", "detail")
         return [dict(zip(cols, r)) for r in rows]
+
+    def last_event_id(self) -> int:
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    # -- status callbacks -----------------------------------------------------------
+    def set_callback(self, sweep: str, url: str, secret: str) -> None:
+        self._write("INSERT OR REPLACE INTO callbacks VALUES (?, ?, ?)", (sweep, url, secret))
+
+    def has_callbacks(self) -> bool:
+        return self.db.execute("SELECT 1 FROM callbacks LIMIT 1").fetchone() is not None
+
+    def callback(self, sweep: str) -> tuple[str, str] | None:
+        """(url, secret) of a sweep's status callback, if it has one."""
+        row = self.db.execute("SELECT url, secret FROM callbacks WHERE sweep = ?", (sweep,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    # -- reads for the HTTP API ------------------------------------------------------
+    def tasks_page(self, sweep: str, state: str | None, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Tasks of a sweep in index order (optionally of one state), one page."""
+        where, args = ("sweep = ?", [sweep]) if state is None else ("sweep = ? AND state = ?", [sweep, state])
+        rows = self.db.execute(
+            f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks WHERE {where} "
+            "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [_task_dict(r) for r in rows]
+
+    def task(self, sweep: str, idx: int) -> dict[str, Any] | None:
+        row = self.db.execute(
+            f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks "
+            "WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
+        return _task_dict(row) if row else None
+
+    def running_by_slave(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT slave, count(*) FROM tickets WHERE state = 'running' GROUP BY slave")
+        return dict(rows.fetchall())
+
+    def task_counts_all(self) -> list[tuple[str, str, int]]:
+        """(sweep, state, count) for every sweep: the tasks-by-state metric."""
+        return self.db.execute("SELECT sweep, state, count(*) FROM tasks GROUP BY sweep, state").fetchall()
+
+    def events_of(self, after: int, sweep: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Events after an id, optionally of one sweep, with their detail decoded."""
+        if sweep is None:
+            out = self.events(after, limit)
+        else:
+            rows = self.db.execute(
+                "SELECT id, ts, kind, sweep, task, ticket, detail FROM events WHERE id > ? AND sweep = ? "
+                "ORDER BY id LIMIT ?", (after, sweep, limit))
+            out = [dict(zip(("id", "ts", "kind", "sweep", "task", "ticket", "detail"), r)) for r in rows]
+        for e in out:
+            e["detail"] = json.loads(e["detail"]) if e["detail"] else {}
+        return out
+
+
+#: A task's winning ticket, or while it runs the ticket out for it (found through the running-tickets index).
+_TASK_TICKET = ("coalesce(ticket, (SELECT max(id) FROM tickets WHERE state = 'running' "
+                "AND tickets.sweep = tasks.sweep AND tickets.task = tasks.idx))")
+
+
+def _task_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    idx, params, state, attempts, reason, ticket, finished = row
+    return {"task": idx, "params": json.loads(params), "state": state, "attempts": attempts,
+            "reason": reason, "ticket": ticket, "finished": finished}

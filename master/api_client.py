@@ -1,0 +1,95 @@
+"""HTTP API client used by the CLI: JSON requests with a token, streamed downloads, stable errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any
+
+from master.client import MasterUnreachable
+from master.config import ConfigError, MasterConfig
+
+#: File in the state dir holding the CLI's own API token (written by `ticketfarm token`, mode 0600).
+TOKEN_FILE = "http.token"
+
+
+class ApiRefused(ConfigError):
+    """The API answered with an error object; the message is its code and message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{message} ({status} {code})")
+        self.status = status
+        self.code = code
+
+
+class ApiClient:
+    """Talks to one master's HTTP API; never uses an HTTP proxy (the master is usually on loopback)."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0):
+        self.base = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.base + path, data=body, headers=headers, method=method)
+        try:
+            return self._opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                err = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):
+                err = {"code": "http_error", "message": raw.decode(errors="replace")[:200] or exc.reason}
+            raise ApiRefused(exc.code, err.get("code", "?"), err.get("message", "")) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise MasterUnreachable(f"no HTTP API at {self.base}: {getattr(exc, 'reason', exc)}") from None
+
+    def get(self, path: str) -> Any:
+        with self._open("GET", path) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, data: dict[str, Any] | None = None, method: str = "POST") -> Any:
+        body = json.dumps(data or {}).encode()
+        with self._open(method, path, body) as response:
+            return json.loads(response.read())
+
+    def download(self, path: str, out: IO[bytes], data: dict[str, Any] | None = None) -> None:
+        """Stream a GET (or, with data, a POST) body into `out` a block at a time."""
+        body = None if data is None else json.dumps(data).encode()
+        with self._open("GET" if data is None else "POST", path, body) as response:
+            shutil.copyfileobj(response, out, 1024 * 1024)
+
+
+def api_url_from_config(config: MasterConfig) -> str | None:
+    """Where a client on this machine reaches the master's HTTP API, or None when it has none."""
+    if not config.http_bind:
+        return None
+    host, _, port = config.http_bind.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def find_token(state_dir: Path, explicit: str | None) -> str | None:
+    """--token, else $TICKETFARM_TOKEN, else the state dir's http.token."""
+    if explicit:
+        return explicit
+    if os.environ.get("TICKETFARM_TOKEN"):
+        return os.environ["TICKETFARM_TOKEN"]
+    path = state_dir / TOKEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,174 @@
+"""The CLI's status, stats, submit, cancel, collect and token commands when they go through the HTTP API."""
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import csv
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from master.api_client import TOKEN_FILE, ApiClient, api_url_from_config, find_token
+from master.config import ConfigError, load_master_config, load_toml, master_config_path
+from master.spec import load_spec
+from master.stats import table
+
+API = "/api/v1"
+
+
+def http_api(args: argparse.Namespace) -> ApiClient | None:
+    """The API client the CLI should use: --http, $TICKETFARM_HTTP, or the config's http_bind; None if none."""
+    url = getattr(args, "http", None)
+    if not url and master_config_path(args.state).exists():
+        try:
+            url = api_url_from_config(load_master_config(args.state))
+        except ConfigError:
+            url = None
+    if not url:
+        return None
+    return ApiClient(url, find_token(args.state, getattr(args, "token", None)))
+
+
+def status(api: ApiClient) -> int:
+    sweeps = api.get(f"{API}/status")["sweeps"]
+    print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
+                [[s["name"], s["state"], s["total"], s["done"], s["running"], s["queued"], s["failed"],
+                  s["throughput"]] for s in sweeps]))
+    return 0
+
+
+def stats(api: ApiClient) -> int:
+    print(api.get(f"{API}/stats")["report"])
+    return 0
+
+
+def cancel(api: ApiClient, sweep: str) -> int:
+    api.post(f"{API}/sweeps/{quote(sweep, safe='')}/cancel")
+    print(f"{sweep}: cancelled")
+    return 0
+
+
+def submit(api: ApiClient, spec_path: Path, callback: str | None = None, secret: str | None = None) -> int:
+    """Validate the spec here (errors name file and line), then send it with the files it names."""
+    sweep = load_spec(spec_path)
+    spec, files = spec_with_files(spec_path)
+    body: dict[str, Any] = {"spec": spec, "files": files}
+    if callback:
+        body["status_callback_url"] = callback
+    if secret:
+        body["status_callback_secret"] = secret
+    reply = api.post(f"{API}/sweeps", body)
+    print(f"{sweep.name}: {reply['state']} ({reply['tasks']} tasks)")
+    return 0
+
+
+def spec_with_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The spec as an object, each file it names renamed to a plain name and attached (base64)."""
+    spec = copy.deepcopy(load_toml(path))
+    files: dict[str, Any] = {}
+
+    def attach(holder: dict[str, Any], key: str) -> None:
+        if isinstance(holder.get(key), str):
+            source = path.parent / holder[key]
+            name = f"file{len(files)}-{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(holder[key]).name)}"
+            files[name] = {"base64": base64.b64encode(source.read_bytes()).decode()}
+            holder[key] = name
+
+    if isinstance(spec.get("parameters"), dict):
+        for key in ("csv", "jsonl"):
+            attach(spec["parameters"], key)
+    for item in spec.get("inputs") or []:
+        if isinstance(item, dict):
+            for key in ("source", "template_file"):
+                attach(item, key)
+    return spec, files
+
+
+#: Download format of each collection rule (folders are assembled here from single result files).
+FORMAT_OF_RULE = {"concat": "concat", "blockwise": "blockwise"}
+
+
+def collect(api: ApiClient, sweep: str, out: Path, remove: bool) -> int:
+    """Write every collection rule of the sweep under `out`, as `ticketfarm collect` does from the store."""
+    base = f"{API}/sweeps/{quote(sweep, safe='')}"
+    detail = api.get(base)
+    written = []
+    for rule in detail["spec"]["collect"]:
+        target = out / rule["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rule["mode"] == "folders":
+            _folders(api, base, rule.get("result"), target)
+        else:
+            fmt = FORMAT_OF_RULE.get(rule["mode"], rule.get("format") or "csv")
+            query = f"?format={fmt}" + (f"&result={quote(rule['result'])}" if rule.get("result") else "")
+            with open(target, "wb") as fh:
+                api.download(f"{base}/collect{query}", fh)
+        written.append(target)
+    failures = api.get(f"{base}/failures")["failures"]
+    if failures:
+        target = out / f"{sweep}-failed.csv"
+        with open(target, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["task", *detail["spec"]["parameters"], "reason"])
+            for f in failures:
+                writer.writerow([f["task"], *f["params"].values(), f["reason"]])
+        written.append(target)
+    for path in written:
+        print(path)
+    if remove:
+        api.post(f"{base}/results", method="DELETE")
+    return 0
+
+
+def _folders(api: ApiClient, base: str, result: str | None, target: Path) -> None:
+    import json
+
+    target.mkdir(parents=True, exist_ok=True)
+    offset: int | None = 0
+    while offset is not None:
+        page = api.get(f"{base}/tasks?state=done&limit=1000&offset={offset}")
+        for task in page["tasks"]:
+            folder = target / str(task["task"])
+            folder.mkdir(exist_ok=True)
+            (folder / "params.json").write_text(json.dumps(task["params"]))
+            for output in api.get(f"{base}/tasks/{task['task']}")["results"]:
+                name = output["name"]
+                if result is not None and name != result and not name.startswith(result + "/"):
+                    continue
+                path = folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as fh:
+                    api.download(quote(output["url"]), fh)
+        offset = page["next"]
+
+
+def make_token(state_dir: Path, write: bool) -> int:
+    """Print a fresh API token; with write, keep it in the state dir and add its hash to master.toml."""
+    from master.http import hash_token
+
+    token = secrets.token_urlsafe(32)
+    digest = hash_token(token)
+    if not write:
+        print(f"token: {token}\nhttp_token_hash entry: {digest}")
+        return 0
+    config_path = master_config_path(state_dir)
+    if not config_path.exists():
+        raise ConfigError(f"{config_path}: no master config (run `ticketfarm init` first)")
+    text = config_path.read_text()
+    match = re.search(r'^http_token_hash = "([^"]*)"$', text, re.M)
+    if match:
+        joined = ",".join(h for h in (match.group(1), digest) if h)
+        text = text[:match.start()] + f'http_token_hash = "{joined}"' + text[match.end():]
+    else:
+        text += f'\nhttp_token_hash = "{digest}"\n'
+    config_path.write_text(text)
+    token_path = state_dir / TOKEN_FILE
+    token_path.touch(mode=0o600)
+    token_path.chmod(0o600)
+    token_path.write_text(token + "\n")
+    print(f"wrote the token to {token_path} (mode 0600) and its hash to {config_path}; restart the master")
+    print(token)
+    return 0
