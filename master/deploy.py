@@ -30,6 +30,11 @@ NEEDS_WHEELHOUSE = {"install", "restart"}
 #: one tar of all wheels inside the wheelhouse: the playbooks copy this single
 #: file (one checksum round trip per host instead of one per wheel)
 BUNDLE = "wheels.tar"
+#: file in the wheelhouse holding source_digest() of the last build
+SOURCE_STAMP = "source.sha256"
+#: what a build leaves out of the checkout (and source_digest() ignores)
+_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "wheelhouse", "*.egg-info",
+                                 "__pycache__", ".*cache", "*.pyc")
 #: fixed wheel timestamps, so rebuilding unchanged source gives equal wheels
 SOURCE_DATE_EPOCH = "315532800"
 
@@ -75,18 +80,23 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
     Equivalent to `pip wheel SOURCE -w DEST`, but a wheel already in `dest`
     with the same contents is left untouched, and stale *.whl files are
     deleted, so the playbooks see a change only when the code changed.
-    `dest/wheels.tar` bundles the wheels byte-for-byte reproducibly.
+    `dest/wheels.tar` bundles the wheels byte-for-byte reproducibly.  When
+    the checkout's files hash as at the last build, nothing is rebuilt.
     Dependencies come from `dest` itself when they are all there (no network),
     else from the package index.  Returns True when `dest` was changed.
     """
     source, dest = Path(source).resolve(), Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
+    stamp = dest / SOURCE_STAMP
+    digest = source_digest(source)
+    if (stamp.exists() and stamp.read_text().strip() == digest
+            and (dest / BUNDLE).exists()):
+        return False                  # same source as the last build: nothing to do
     with tempfile.TemporaryDirectory(prefix="ticketfarm-wheels-") as tmp:
         # build from a clean copy: setuptools' build/ dir in the checkout
         # would keep modules that were deleted since the last build
         src = Path(tmp) / "src"
-        shutil.copytree(source, src, ignore=shutil.ignore_patterns(
-            ".git", "build", "dist", "wheelhouse", "*.egg-info", "__pycache__", ".*cache"))
+        shutil.copytree(source, src, ignore=_IGNORE)
         tmp = str(Path(tmp) / "wheels")
         own = _pip_wheel(python, ["--no-deps", "-w", tmp, str(src)], quiet)
         if own.returncode != 0:
@@ -99,7 +109,22 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
         if deps.returncode != 0:
             raise DeployError(f"fetching dependency wheels failed:\n{deps.stdout}{deps.stderr}")
         changed = _sync_wheels(Path(tmp), dest)
-    return _write_bundle(dest) or changed
+    changed = _write_bundle(dest) or changed
+    stamp.write_text(digest + "\n")
+    return changed
+
+
+def source_digest(source: Path) -> str:
+    """Hash of the files a build copies from the checkout (paths and contents)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(source):
+        ignored = _IGNORE(root, dirs + files)
+        dirs[:] = sorted(d for d in dirs if d not in ignored)
+        for name in sorted(f for f in files if f not in ignored):
+            path = Path(root, name)
+            h.update(str(path.relative_to(source)).encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def _write_bundle(dest: Path) -> bool:
