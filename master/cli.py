@@ -1,0 +1,272 @@
+"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, deploy."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from master.client import MasterUnreachable, client_endpoint, control
+from master.collect import collect, remove_collected
+from master.config import ConfigError, load_master_config, master_config_path, write_default_master_config
+from master.local import LocalCluster, default_state_dir
+from master.logs import configure_logging
+from master.progress import ProgressBar
+from master.server import Master
+from master.spec import load_spec
+from master.stats import SweepStats, all_sweep_stats, format_report, slave_stats, sweep_stats, table
+from master.store import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_json)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"ticketfarm: {exc}", file=sys.stderr)
+        return 2
+    except MasterUnreachable as exc:
+        print(f"ticketfarm: {exc}", file=sys.stderr)
+        return 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ticketfarm", description="Parameter sweeps across many machines.")
+    parser.add_argument("--state", type=Path, default=default_state_dir(),
+                        help="master state directory (default: $TICKETFARM_STATE or ./.ticketfarm)")
+    parser.add_argument("--master", help="address of a running master (default: from the state dir's config)")
+    parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
+    parser.add_argument("--log-json", action="store_true", help="logs as JSON lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a default master config to review")
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("master", help="run the master in the foreground")
+    p.set_defaults(func=cmd_master)
+    p = sub.add_parser("run", help="run a sweep to the end with a progress bar")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--local", type=int, metavar="N", help="start a master and N local slaves in this process")
+    p.add_argument("--slots", type=int, default=1, help="slots per local slave")
+    p.add_argument("--out", type=Path, default=Path("ticketfarm-results"), help="where collected files go")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("submit", help="submit a sweep to a running master and return")
+    p.add_argument("spec", type=Path)
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("status", help="progress of every sweep")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("stats", help="statistics: sweeps, slaves, failed parameter sets")
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("slaves", help="known slaves")
+    p.set_defaults(func=cmd_slaves)
+    p = sub.add_parser("collect", help="write a sweep's collected results")
+    p.add_argument("sweep")
+    p.add_argument("--out", type=Path, default=Path("ticketfarm-results"))
+    p.add_argument("--remove", action="store_true", help="remove the results from the master afterwards")
+    p.set_defaults(func=cmd_collect)
+    p = sub.add_parser("cancel", help="cancel a sweep (running tickets are killed)")
+    p.add_argument("sweep")
+    p.set_defaults(func=cmd_cancel)
+    try:
+        from master.deploy import add_deploy_parser
+    except ImportError:
+        pass
+    else:
+        add_deploy_parser(sub)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    path = master_config_path(args.state)
+    if path.exists():
+        print(f"{path} exists; not overwritten")
+        return 0
+    write_default_master_config(args.state)
+    print(f"wrote {path}: review it, then start `ticketfarm master`")
+    return 0
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    if not master_config_path(args.state).exists():
+        path = write_default_master_config(args.state)
+        print(f"no master config found: wrote defaults to {path}; review it and start the master again",
+              file=sys.stderr)
+        return 2
+    config = load_master_config(args.state)
+    master = Master(config, args.state)
+    signal.signal(signal.SIGTERM, lambda *_: master.stop())
+    signal.signal(signal.SIGINT, lambda *_: master.stop())
+    print(f"ticketfarm master listening on {master.endpoint} (state {args.state})", file=sys.stderr, flush=True)
+    try:
+        master.serve()
+    finally:
+        master.close()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    sweep = load_spec(args.spec)
+    if args.local is None:
+        return _run_remote(args, sweep)
+    if args.local < 1:
+        raise ConfigError("--local needs at least 1 slave")
+    bar = ProgressBar()
+    started = time.time()
+    cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level)
+    interrupted = False
+    final = None
+    try:
+        state = cluster.master.submit(sweep)
+        if state != "submitted":
+            print(f"resuming sweep {sweep.name} ({state}) from {args.state}", file=sys.stderr)
+        store = cluster.master.store
+
+        def tick() -> None:
+            stats = sweep_stats(store, sweep.name)
+            if stats:
+                bar.show(stats)
+
+        cluster.run_until(lambda: cluster.master.sweep_done(sweep.name), tick)
+        final = sweep_stats(store, sweep.name)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        cluster.close()
+    if final:
+        bar.show(final, force=True)
+    bar.finish()
+    if interrupted:
+        print(f"interrupted: state kept in {args.state}; run the same command again to resume", file=sys.stderr)
+        return 130
+    return _finish_run(args.state, sweep.name, args.out, time.time() - started)
+
+
+def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
+    endpoint = _endpoint(args)
+    reply = control(endpoint, "submit", sweep=sweep.to_json())
+    if not reply.get("ok"):
+        raise ConfigError(reply.get("error", "submit refused"))
+    bar = ProgressBar()
+    started = time.time()
+    while True:
+        status = control(endpoint, "status")
+        mine = [SweepStats(**s) for s in status["sweeps"] if s["name"] == sweep.name]
+        if mine:
+            bar.show(mine[0])
+            if mine[0].state in ("finished", "cancelled"):
+                break
+        time.sleep(0.5)
+    bar.finish()
+    return _finish_run(args.state, sweep.name, args.out, time.time() - started)
+
+
+def _finish_run(state_dir: Path, name: str, out: Path, wall: float) -> int:
+    store = Store(state_dir / "state.db", readonly=True)
+    try:
+        row = store.sweep(name)
+        assert row is not None
+        written = collect(store, state_dir, row.sweep(), out)
+        print(format_report(store, [name]))
+        print(f"\nwall time {wall:.1f}s; collected: {', '.join(str(p) for p in written)}")
+        failed = store.task_counts(name).get("failed", 0)
+    finally:
+        store.close()
+    return 1 if failed else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    sweep = load_spec(args.spec)
+    reply = control(_endpoint(args), "submit", sweep=sweep.to_json())
+    if not reply.get("ok"):
+        raise ConfigError(reply.get("error", "submit refused"))
+    print(f"{sweep.name}: {reply['state']} ({len(sweep.params)} tasks)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = _live_or_stored(args, "status", lambda store: [asdict(s) for s in all_sweep_stats(store)])
+    stats = [SweepStats(**s) for s in (rows["sweeps"] if isinstance(rows, dict) else rows)]
+    print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
+                [[s.name, s.state, s.total, s.done, s.running, s.queued, s.failed, s.throughput] for s in stats]))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    report = _live_or_stored(args, "report", format_report)
+    print(report["report"] if isinstance(report, dict) else report)
+    return 0
+
+
+def cmd_slaves(args: argparse.Namespace) -> int:
+    with _open_store(args.state) as store:
+        print(table(["slave", "platform", "slots", "state", "done", "failed", "busy s"],
+                    [[s.name, s.platform, s.slots, s.state, s.done, s.failed, s.busy] for s in slave_stats(store)]))
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    with _open_store(args.state) as store:
+        row = store.sweep(args.sweep)
+        if row is None:
+            raise ConfigError(f"no sweep named {args.sweep!r} in {args.state}")
+        for path in collect(store, args.state, row.sweep(), args.out):
+            print(path)
+    if args.remove:
+        store = Store(args.state / "state.db")
+        try:
+            remove_collected(store, args.state, args.sweep)
+        finally:
+            store.close()
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    reply = control(_endpoint(args), "cancel", sweep=args.sweep)
+    print(f"{args.sweep}: {'cancelled' if reply.get('ok') else 'not active'}")
+    return 0 if reply.get("ok") else 1
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.master:
+        return args.master
+    return client_endpoint(load_master_config(args.state).bind)
+
+
+class _open_store:
+    """Read-only access to a state dir's store (works whether or not the master runs)."""
+
+    def __init__(self, state_dir: Path):
+        path = state_dir / "state.db"
+        if not path.exists():
+            raise ConfigError(f"{state_dir}: no ticketfarm state here (no state.db)")
+        self.store = Store(path, readonly=True)
+
+    def __enter__(self) -> Store:
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def _live_or_stored(args: argparse.Namespace, op: str, from_store: Any) -> Any:
+    """Ask the running master; without one, read the store directly."""
+    if args.master or master_config_path(args.state).exists():
+        try:
+            reply = control(_endpoint(args), op, timeout=2.0)
+            if reply.get("ok"):
+                return reply
+        except MasterUnreachable:
+            if args.master:
+                raise
+    with _open_store(args.state) as store:
+        return from_store(store)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Control client: CONTROL requests to a running master over its ZeroMQ socket."""
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from master import protocol
+from master.protocol import Command
+
+
+class MasterUnreachable(ConnectionError):
+    """No master answered at the given address in time."""
+
+
+def control(endpoint: str, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    """Send one CONTROL operation and wait for its REPLY."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
+        if not sock.poll(int(timeout * 1000)):
+            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s")
+        msg = protocol.decode(sock.recv_multipart())
+        if msg.command != Command.REPLY:
+            raise MasterUnreachable(f"unexpected answer {msg.command.name} from {endpoint}")
+        return msg.header
+    finally:
+        sock.close()
+
+
+def client_endpoint(bind: str) -> str:
+    """Where a client on this machine reaches a master bound to `bind` (wildcards become loopback)."""
+    return bind.replace("://0.0.0.0:", "://127.0.0.1:").replace("://*:", "://127.0.0.1:")

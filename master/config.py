@@ -1,0 +1,121 @@
+"""Typed configuration: every master tunable with its default, read once from master.toml."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration or spec file that cannot be used; the message names file and field."""
+
+
+@dataclass
+class MasterConfig:
+    """The master's settings (state_dir/master.toml)."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ endpoint the master's ROUTER socket binds to (slaves and control clients connect here)."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats in both directions."""
+    liveness: int = 5
+    """Heartbeat intervals of silence after which a peer is presumed dead."""
+    deadline_grace: float = 10.0
+    """Seconds added to a ticket's timeout before the master gives up on it (the slave kills at the timeout)."""
+    commit_interval: float = 0.02
+    """Longest time (s) a finished result waits for its group commit while messages keep arriving."""
+    max_message_size: int = 8 * 1024 * 1024
+    """Largest message (bytes) the master accepts; larger ones are dropped by ZeroMQ."""
+    durability: str = "full"
+    """SQLite synchronous mode: "full" survives power loss, "normal" survives a killed master process."""
+    keep_days: float = 30.0
+    """Uncollected results are kept this many days."""
+    progress_bytes: int = 64 * 1024
+    """How much of each running ticket's recent output the master keeps for progress views."""
+    slave_exit_when_done: bool = False
+    """Tell slaves to exit when the master shuts down (True for `run --local`)."""
+    log_json: bool = False
+    """Structured logs as JSON lines instead of key=value text."""
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; errors name the file and the position."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def build(cls: type, data: dict[str, Any], source: str) -> Any:
+    """A dataclass from a dict, refusing unknown keys and wrongly typed values by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(fields))})")
+        expected = type(fields[key].default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            data[key] = float(value)
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: field {key!r} must be {expected.__name__}, got {value!r}")
+    return cls(**data)
+
+
+def to_toml(obj: Any) -> str:
+    """A dataclass rendered as commented TOML (field docstrings become comments)."""
+    docs = _field_docs(type(obj))
+    lines = []
+    for f in dataclasses.fields(obj):
+        if f.name in docs:
+            lines.append(f"# {docs[f.name]}")
+        lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings, read from the class source (they are the documentation of each field)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[stmt.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def master_config_path(state_dir: Path) -> Path:
+    return state_dir / "master.toml"
+
+
+def write_default_master_config(state_dir: Path) -> Path:
+    """Write master.toml with every default; returns its path."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = master_config_path(state_dir)
+    path.write_text("# ticketfarm master configuration: review, then start the master again.\n\n" + to_toml(MasterConfig()))
+    return path
+
+
+def load_master_config(state_dir: Path) -> MasterConfig:
+    path = master_config_path(state_dir)
+    return build(MasterConfig, load_toml(path), str(path))

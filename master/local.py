@@ -1,0 +1,67 @@
+"""The embedded default: a master in this process plus N slave processes on this machine."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from master.config import MasterConfig, load_master_config, master_config_path, write_default_master_config
+from master.server import Master
+
+
+class LocalCluster:
+    """A master (in this process) and `n` local slaves (child processes), cleaned up on close()."""
+
+    def __init__(self, state_dir: Path, n: int, slots: int = 1, config: MasterConfig | None = None,
+                 log_level: str = "warning"):
+        self.state_dir = Path(state_dir)
+        if config is None:
+            if not master_config_path(self.state_dir).exists():
+                write_default_master_config(self.state_dir)
+            config = load_master_config(self.state_dir)
+        # Local slaves live and die with this run, on a port of loopback nobody else needs to know.
+        config.bind = "tcp://127.0.0.1:*"
+        config.slave_exit_when_done = True
+        self.master = Master(config, self.state_dir)
+        self.slaves: list[subprocess.Popen[bytes]] = []
+        for i in range(1, n + 1):
+            self.slaves.append(self._start_slave(f"local-{i}", slots, log_level))
+
+    def _start_slave(self, name: str, slots: int, log_level: str) -> subprocess.Popen[bytes]:
+        cfg = self.master.config
+        cmd = [sys.executable, "-m", "slave", "--master", self.master.endpoint, "--name", name,
+               "--slots", str(slots), "--work-root", str(self.state_dir / "work" / name),
+               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def run_until(self, done: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:
+        """Serve until `done()`; a slave process that dies is reported, the sweep goes on without it."""
+        self.master.serve(until=done, tick=tick)
+
+    def close(self) -> None:
+        self.master.close()
+        deadline = time.time() + 5
+        for proc in self.slaves:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self.slaves:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm"))

@@ -1,0 +1,94 @@
+"""The one wire protocol between master, slaves and control clients: frames, commands, encode/decode.
+
+Every message is a ZeroMQ multipart message:
+
+    frame 0   PROTOCOL  b"TFP1"       protocol name + version
+    frame 1   command   one byte      see Command
+    frame 2   header    UTF-8 JSON    an object, the command's fields
+    frame 3.. payload   raw bytes     binary-safe bodies (file contents, chunks)
+
+On the master's ROUTER socket a routing-id frame precedes frame 0.
+`docs/PROTOCOL.md` describes each command; this module is the reference.
+"""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL = b"TFP1"
+VERSION = 1
+
+#: Largest outgoing result chunk; the master asks for files piece by piece.
+CHUNK_SIZE = 256 * 1024
+#: Outputs up to this size travel inside the RESULT message itself.
+INLINE_LIMIT = 64 * 1024
+
+
+class Command(enum.IntEnum):
+    """One-byte command codes. Direction: S = slave, M = master, C = control client."""
+
+    HELLO = 0x01       # S->M  register: name, platform, slots, version, held results
+    WELCOME = 0x02     # M->S  accepted: heartbeat settings, slave policy
+    REQUEST = 0x03     # S->M  credit: how many more tickets the slave can take
+    TICKET = 0x04      # M->S  one attempt at a task (inputs as payload frames)
+    PROGRESS = 0x05    # S->M  a piece of a running ticket's stdout/stderr
+    RESULT = 0x06      # S->M  a finished ticket: exit code, outputs (small ones inline)
+    FETCH = 0x07       # M->S  send me bytes [offset, offset+length) of a large output
+    CHUNK = 0x08       # S->M  those bytes
+    FAILURE = 0x09     # S->M  a ticket that did not produce a result: exit code, reason
+    ACK = 0x0A         # M->S  these tickets are safely stored; forget them
+    HEARTBEAT = 0x0B   # both  liveness, plus load/memory/disk from slaves
+    CANCEL = 0x0C      # M->S  stop this ticket, its result is not wanted
+    DISCONNECT = 0x0D  # both  go away / I am going away (reason)
+    CONTROL = 0x0E     # C->M  a control operation (submit, cancel, status, ...)
+    REPLY = 0x0F       # M->C  the answer to CONTROL
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; it is logged and dropped."""
+
+
+@dataclass
+class Message:
+    """A decoded message: command, JSON header fields and binary payload frames."""
+
+    command: Command
+    header: dict[str, Any] = field(default_factory=dict)
+    payload: list[bytes] = field(default_factory=list)
+
+
+def encode(command: Command, header: dict[str, Any] | None = None, payload: list[bytes] | None = None) -> list[bytes]:
+    """Frames for one message (without any routing id)."""
+    body = json.dumps(header or {}, separators=(",", ":")).encode()
+    return [PROTOCOL, bytes((command,)), body, *(payload or [])]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse frames (routing id already removed); raise ProtocolError on anything malformed."""
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    if frames[0] != PROTOCOL:
+        raise ProtocolError(f"unknown protocol tag {bytes(frames[0][:16])!r}")
+    if len(frames[1]) != 1:
+        raise ProtocolError("command frame must be exactly one byte")
+    try:
+        command = Command(frames[1][0])
+    except ValueError:
+        raise ProtocolError(f"unknown command 0x{frames[1][0]:02x}") from None
+    try:
+        header = json.loads(frames[2])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a JSON object")
+    return Message(command, header, [bytes(f) for f in frames[3:]])
+
+
+def field_of(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
+    """A required header field of the given type, or ProtocolError naming it."""
+    value = msg.header.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{msg.command.name}: field {name!r} missing or not {getattr(kind, '__name__', kind)}")
+    return value

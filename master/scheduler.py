@@ -1,0 +1,174 @@
+"""The ticket table: queued tasks per sweep, tickets in flight with deadlines, retries and outcomes."""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import structlog
+
+from master.spec import Sweep
+from master.store import Store
+
+log = structlog.get_logger("ticketfarm.scheduler")
+
+
+@dataclass
+class Ticket:
+    """One attempt at a task, held by one slave until a result, a failure or its deadline."""
+
+    id: int
+    sweep: str
+    task: int
+    slave: str
+    attempt: int
+    dispatched: float
+    deadline: float
+
+
+@dataclass
+class ActiveSweep:
+    """A sweep that still has work: its spec and the queue of task indices waiting for a slot."""
+
+    sweep: Sweep
+    created: float
+    queued: deque[int] = field(default_factory=deque)
+    running: int = 0
+    paused: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.sweep.name
+
+    def sort_key(self) -> tuple[int, float]:
+        return (-self.sweep.priority, self.created)
+
+
+class Scheduler:
+    """Chooses the next task (priority, then FIFO), issues tickets and settles their outcomes."""
+
+    def __init__(self, store: Store, epoch: int, deadline_grace: float):
+        self.store = store
+        self.grace = deadline_grace
+        self._ids = itertools.count((epoch << 32) + 1)
+        self.active: dict[str, ActiveSweep] = {}
+        self._order: list[ActiveSweep] = []
+        self.tickets: dict[int, Ticket] = {}
+        self._by_task: dict[tuple[str, int], set[int]] = {}
+        self._deadlines: list[tuple[float, int]] = []
+
+    # -- sweeps -----------------------------------------------------------------
+    def activate(self, sweep: Sweep, created: float, queued: list[int]) -> ActiveSweep:
+        active = ActiveSweep(sweep, created, deque(queued))
+        self.active[sweep.name] = active
+        self._order = sorted(self.active.values(), key=ActiveSweep.sort_key)
+        return active
+
+    def deactivate(self, name: str) -> None:
+        self.active.pop(name, None)
+        self._order = sorted(self.active.values(), key=ActiveSweep.sort_key)
+
+    def is_finished(self, name: str) -> bool:
+        active = self.active.get(name)
+        return active is not None and not active.queued and active.running == 0
+
+    def has_queued(self) -> bool:
+        return any(a.queued and not a.paused for a in self._order)
+
+    # -- dispatch -----------------------------------------------------------------
+    def next_ticket(self, slave: str, now: float) -> Ticket | None:
+        """Take the first queued task of the highest-priority sweep and issue a ticket for it."""
+        for active in self._order:
+            if active.queued and not active.paused:
+                idx = active.queued.popleft()
+                return self._issue(active, idx, slave, now)
+        return None
+
+    def _issue(self, active: ActiveSweep, idx: int, slave: str, now: float) -> Ticket:
+        attempt = self.store.task_attempts(active.name, idx) + 1
+        ticket = Ticket(next(self._ids), active.name, idx, slave, attempt, now,
+                        now + active.sweep.timeout + self.grace)
+        self.store.start_ticket(ticket.id, ticket.sweep, idx, slave, attempt, now)
+        self._track(ticket)
+        active.running += 1
+        return ticket
+
+    def _track(self, ticket: Ticket) -> None:
+        self.tickets[ticket.id] = ticket
+        self._by_task.setdefault((ticket.sweep, ticket.task), set()).add(ticket.id)
+        heapq.heappush(self._deadlines, (ticket.deadline, ticket.id))
+
+    def _untrack(self, ticket: Ticket) -> None:
+        self.tickets.pop(ticket.id, None)
+        siblings = self._by_task.get((ticket.sweep, ticket.task))
+        if siblings is not None:
+            siblings.discard(ticket.id)
+            if not siblings:
+                del self._by_task[(ticket.sweep, ticket.task)]
+        active = self.active.get(ticket.sweep)
+        if active is not None:
+            active.running -= 1
+
+    def adopt(self, ticket: Ticket) -> None:
+        """Track a ticket found running in the store after a master restart."""
+        self._track(ticket)
+        active = self.active.get(ticket.sweep)
+        if active is not None:
+            active.running += 1
+
+    def extend(self, ticket: Ticket, now: float) -> None:
+        """Push a not-yet-started ticket's deadline out (it waits in the slave's prefetch queue)."""
+        active = self.active.get(ticket.sweep)
+        if active is not None:
+            ticket.deadline = now + active.sweep.timeout + self.grace
+            heapq.heappush(self._deadlines, (ticket.deadline, ticket.id))
+
+    def expired(self, now: float) -> list[Ticket]:
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, tid = heapq.heappop(self._deadlines)
+            ticket = self.tickets.get(tid)
+            if ticket is not None and ticket.deadline == deadline:
+                out.append(ticket)
+        return out
+
+    def tickets_of(self, slave: str) -> list[Ticket]:
+        return [t for t in self.tickets.values() if t.slave == slave]
+
+    def siblings(self, sweep: str, task: int) -> list[Ticket]:
+        return [self.tickets[t] for t in self._by_task.get((sweep, task), ())]
+
+    # -- outcomes -----------------------------------------------------------------
+    def settle_success(self, ticket: Ticket, elapsed: float | None, exit_code: int | None) -> None:
+        self.store.finish_ticket(ticket.id, "done", exit_code=exit_code, elapsed=elapsed)
+        self._untrack(ticket)
+
+    def settle_failure(self, ticket: Ticket, state: str, reason: str,
+                       exit_code: int | None = None, elapsed: float | None = None) -> str:
+        """Record a failed attempt; requeue the task or fail it when attempts are used up.
+
+        Returns the task's new state: "queued", "failed", or "running" when another
+        ticket for the same task is still out.
+        """
+        self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
+        self._untrack(ticket)
+        if self.siblings(ticket.sweep, ticket.task):
+            return "running"
+        active = self.active.get(ticket.sweep)
+        if active is None:
+            return "cancelled"
+        attempts = self.store.task_attempts(ticket.sweep, ticket.task)
+        if attempts >= active.sweep.max_attempts:
+            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
+            log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
+            return "failed"
+        self.store.requeue_task(ticket.sweep, ticket.task)
+        # Retries go first: a failing parameter set surfaces early, not at the end of a long sweep.
+        active.queued.appendleft(ticket.task)
+        return "queued"
+
+    def settle_cancelled(self, ticket: Ticket, reason: str) -> None:
+        self.store.finish_ticket(ticket.id, "cancelled", reason=reason)
+        self._untrack(ticket)
+

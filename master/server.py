@@ -1,0 +1,616 @@
+"""The master process: ROUTER socket, slave sessions and liveness, dispatch, result intake, group commit."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+import zmq
+
+from master import protocol
+from master.config import ConfigError, MasterConfig
+from master.protocol import Command, Message, ProtocolError, field_of
+from master.scheduler import Scheduler, Ticket
+from master.spec import Sweep
+from master.stats import all_sweep_stats, format_report
+from master.store import FINAL_TASK_STATES, StoredOutput, Store
+
+log = structlog.get_logger("ticketfarm.master")
+
+#: Chunks of one large output requested ahead of the one being written (flow-control window).
+FETCH_WINDOW = 4
+#: Messages handled between two group commits at most.
+DRAIN_LIMIT = 2000
+
+
+@dataclass
+class SlaveSession:
+    """A connected slave as the master sees it: identity, capacity, credit and liveness."""
+
+    identity: bytes
+    name: str
+    platform: str
+    slots: int
+    version: str
+    expiry: float
+    credit: int = 0
+    last_sent: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    info_saved: float = 0.0
+
+
+@dataclass
+class IncomingFile:
+    """One large output being pulled from a slave in chunks, written straight to disk."""
+
+    name: str
+    size: int
+    path: Path
+    requested: int = 0
+    received: int = 0
+
+
+@dataclass
+class Transfer:
+    """A finished ticket whose large outputs are still arriving."""
+
+    ticket_id: int
+    sweep: str
+    task: int
+    identity: bytes
+    exit_code: int | None
+    elapsed: float | None
+    outputs: list[StoredOutput]
+    files: dict[str, IncomingFile]
+
+
+class SweepExists(ConfigError):
+    """A sweep of that name exists with a different spec."""
+
+
+class Master:
+    """Owns the socket, the store and the scheduler; `serve()` runs the event loop."""
+
+    def __init__(self, config: MasterConfig, state_dir: Path, context: zmq.Context | None = None):
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.results_dir = self.state_dir / "results"
+        self.incoming_dir = self.state_dir / "incoming"
+        shutil.rmtree(self.incoming_dir, ignore_errors=True)
+        self.incoming_dir.mkdir()
+        self.store = Store(self.state_dir / "state.db", config.durability)
+        self.epoch = self.store.next_epoch()
+        self.scheduler = Scheduler(self.store, self.epoch, config.deadline_grace)
+        self.started = time.time()
+        self.sessions: dict[bytes, SlaveSession] = {}
+        self.by_name: dict[str, SlaveSession] = {}
+        self.hungry: dict[bytes, SlaveSession] = {}
+        self.transfers: dict[int, Transfer] = {}
+        self.progress: dict[int, bytearray] = {}
+        self.pending_acks: dict[bytes, list[int]] = {}
+        self._ticket_headers: dict[str, tuple[dict[str, Any], list[bytes]]] = {}
+        self._stopping = False
+        self._next_housekeeping = 0.0
+        self.context = context or zmq.Context.instance()
+        self.socket = self._bind()
+        self._resume_state()
+        self._handlers: dict[Command, Callable[[bytes, Message], None]] = {
+            Command.HELLO: self.on_hello,
+            Command.REQUEST: self.on_request,
+            Command.PROGRESS: self.on_progress,
+            Command.RESULT: self.on_result,
+            Command.CHUNK: self.on_chunk,
+            Command.FAILURE: self.on_failure,
+            Command.HEARTBEAT: self.on_heartbeat,
+            Command.DISCONNECT: self.on_disconnect,
+            Command.CONTROL: self.on_control,
+        }
+
+    # -- setup ----------------------------------------------------------------
+    def _bind(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.bind(self.config.bind)
+        return sock
+
+    @property
+    def endpoint(self) -> str:
+        return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _resume_state(self) -> None:
+        """Reload active sweeps and the tickets that were out when the previous master stopped."""
+        for row in self.store.sweeps():
+            if row.state in ("active", "paused"):
+                active = self.scheduler.activate(row.sweep(), row.created, self.store.tasks_in_state(row.name, "queued"))
+                active.paused = row.state == "paused"
+        now = time.time()
+        # Slaves get one liveness period (plus grace) to come back and claim what they hold.
+        reclaim = now + self._liveness_window() * 2
+        for t in self.store.running_tickets():
+            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim))
+        for name in list(self.scheduler.active):
+            self._finish_if_done(name)
+        self.store.commit()
+
+    def _liveness_window(self) -> float:
+        return self.config.heartbeat_interval * self.config.liveness
+
+    # -- public API (also reached through CONTROL messages) ------------------------
+    def submit(self, sweep: Sweep) -> str:
+        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished"."""
+        row = self.store.sweep(sweep.name)
+        if row is not None:
+            if row.digest != sweep.digest():
+                raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec; rename it to start anew")
+            return "finished" if row.state in ("finished", "cancelled") else "running"
+        self.store.add_sweep(sweep)
+        self.scheduler.activate(sweep, time.time(), list(range(len(sweep.params))))
+        self.store.commit()
+        log.info("sweep_submitted", sweep=sweep.name, tasks=len(sweep.params))
+        self._dispatch_hungry()
+        return "submitted"
+
+    def cancel(self, name: str) -> bool:
+        """Cancel a sweep: queued tasks dropped, running tickets killed on their slaves."""
+        active = self.scheduler.active.get(name)
+        if active is None:
+            return False
+        active.queued.clear()
+        for ticket in [t for t in self.scheduler.tickets.values() if t.sweep == name]:
+            self._cancel_ticket(ticket, "sweep cancelled")
+        self.store.cancel_tasks(name)
+        self.store.set_sweep_state(name, "cancelled")
+        self.scheduler.deactivate(name)
+        return True
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def sweep_done(self, name: str) -> bool:
+        row = self.store.sweep(name)
+        return row is not None and row.state in ("finished", "cancelled")
+
+    # -- event loop ---------------------------------------------------------------
+    def serve(self, until: Callable[[], bool] | None = None, tick: Callable[[], None] | None = None) -> None:
+        """Run until stop() (or until `until()` is true); `tick` is called about every heartbeat/4."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        next_tick = 0.0
+        while not self._stopping and not (until and until()):
+            timeout_ms = max(1, int(self.config.heartbeat_interval * 250))
+            if poller.poll(timeout_ms):
+                self._drain()
+            now = time.time()
+            self._expire_tickets(now)
+            if now >= self._next_housekeeping:
+                self._housekeeping(now)
+            self._commit_and_ack()
+            if tick and now >= next_tick:
+                tick()
+                next_tick = now + self.config.heartbeat_interval / 4
+
+    def _drain(self) -> None:
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.handle(frames)
+            if self.store.dirty and self._commit_due():
+                self._commit_and_ack()
+
+    def _commit_due(self) -> bool:
+        return sum(len(v) for v in self.pending_acks.values()) >= 512
+
+    def handle(self, frames: list[bytes]) -> None:
+        """Decode and route one message; anything malformed is logged and dropped."""
+        if len(frames) < 2:
+            log.warning("dropped_message", reason="no routing id")
+            return
+        identity = frames[0]
+        try:
+            msg = protocol.decode(frames[1:])
+            handler = self._handlers.get(msg.command)
+            if handler is None:
+                raise ProtocolError(f"{msg.command.name} is not a command a master accepts")
+            session = self.sessions.get(identity)
+            if session is not None:
+                session.expiry = time.time() + self._liveness_window()
+            elif msg.command not in (Command.HELLO, Command.CONTROL, Command.DISCONNECT):
+                # A slave the master does not know (e.g. after a master restart): it must say hello again.
+                self._send(identity, Command.DISCONNECT, {"reason": "unknown slave: send HELLO", "reconnect": True})
+                return
+            handler(identity, msg)
+        except ProtocolError as exc:
+            log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
+        except Exception:  # noqa: BLE001 - one bad message must never take the master down
+            log.exception("message_handler_failed", peer=identity.hex())
+
+    def _send(self, identity: bytes, command: Command, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
+        try:
+            self.socket.send_multipart([identity, *protocol.encode(command, header, payload)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("send_failed", peer=identity.hex(), command=command.name, error=str(exc))
+        session = self.sessions.get(identity)
+        if session is not None:
+            session.last_sent = time.time()
+
+    def _commit_and_ack(self) -> None:
+        if not self.store.dirty:
+            return
+        self.store.commit()
+        acks, self.pending_acks = self.pending_acks, {}
+        for identity, tickets in acks.items():
+            self._send(identity, Command.ACK, {"tickets": tickets})
+
+    # -- slaves: hello, liveness, goodbye ------------------------------------------
+    def on_hello(self, identity: bytes, msg: Message) -> None:
+        version = msg.header.get("protocol")
+        if version != protocol.VERSION:
+            self._send(identity, Command.DISCONNECT, {"reason": f"protocol version {version!r} not supported, "
+                                                                f"master speaks {protocol.VERSION}", "reconnect": False})
+            log.warning("slave_refused", peer=identity.hex(), reason="protocol version", version=version)
+            return
+        name = field_of(msg, "name", str)
+        slots = field_of(msg, "slots", int)
+        if not name or slots < 1:
+            raise ProtocolError("HELLO: name must be non-empty and slots >= 1")
+        held = {int(t) for t in msg.header.get("running", []) + msg.header.get("held", [])}
+        old = self.by_name.get(name)
+        if old is not None and old.identity != identity:
+            self._drop_session(old, reason="replaced by a new connection", lose_tickets=False)
+        now = time.time()
+        session = SlaveSession(identity, name, str(msg.header.get("platform", "")), slots,
+                               str(msg.header.get("version", "")), now + self._liveness_window())
+        self.sessions[identity] = session
+        self.by_name[name] = session
+        self.store.slave_seen(name, session.platform, slots, session.version, "alive")
+        # Tickets the master thinks this slave holds but the slave does not know are lost.
+        for ticket in self.scheduler.tickets_of(name):
+            if ticket.id not in held:
+                self._lose_ticket(ticket, f"slave {name} restarted without it")
+            else:
+                self.scheduler.extend(ticket, now)
+        self._send(identity, Command.WELCOME, {
+            "heartbeat_interval": self.config.heartbeat_interval,
+            "liveness": self.config.liveness,
+            "epoch": self.epoch,
+        })
+        log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
+
+    def on_disconnect(self, identity: bytes, msg: Message) -> None:
+        session = self.sessions.get(identity)
+        if session is not None:
+            self._drop_session(session, reason=str(msg.header.get("reason", "slave said goodbye")), lose_tickets=True)
+
+    def on_heartbeat(self, identity: bytes, msg: Message) -> None:
+        session = self.sessions[identity]
+        now = time.time()
+        for tid in msg.header.get("waiting", []):
+            ticket = self.scheduler.tickets.get(tid)
+            if ticket is not None and ticket.slave == session.name:
+                self.scheduler.extend(ticket, now)
+        info = {k: msg.header[k] for k in ("load", "memory", "disk", "busy") if k in msg.header}
+        session.info = info
+        if now - session.info_saved > 5 * self.config.heartbeat_interval:
+            session.info_saved = now
+            self.store.slave_state(session.name, "alive", info)
+
+    def _drop_session(self, session: SlaveSession, reason: str, lose_tickets: bool) -> None:
+        self.sessions.pop(session.identity, None)
+        self.hungry.pop(session.identity, None)
+        if self.by_name.get(session.name) is session:
+            del self.by_name[session.name]
+            self.store.slave_state(session.name, "gone")
+        for tid in [t for t, tr in self.transfers.items() if tr.identity == session.identity]:
+            self._abort_transfer(tid)
+        if lose_tickets and session.name not in self.by_name:
+            for ticket in self.scheduler.tickets_of(session.name):
+                self._lose_ticket(ticket, f"lost: slave {session.name} {reason}")
+        log.info("slave_left", slave=session.name, reason=reason)
+
+    def _housekeeping(self, now: float) -> None:
+        """Purge dead slaves, reclaim orphaned tickets, send heartbeats (about 4 times per interval)."""
+        self._next_housekeeping = now + self.config.heartbeat_interval / 4
+        for session in [s for s in self.sessions.values() if s.expiry < now]:
+            self.store.event("slave_dead", detail={"slave": session.name})
+            self._drop_session(session, reason=f"silent for {self._liveness_window():.1f}s", lose_tickets=True)
+        for session in self.sessions.values():
+            if now - session.last_sent >= self.config.heartbeat_interval:
+                self._send(session.identity, Command.HEARTBEAT, {})
+
+    def _expire_tickets(self, now: float) -> None:
+        for ticket in self.scheduler.expired(now):
+            if ticket.slave not in self.by_name:
+                self._lose_ticket(ticket, f"lost: slave {ticket.slave} did not come back")
+                continue
+            self._send(self.by_name[ticket.slave].identity, Command.CANCEL, {"ticket": ticket.id, "reason": "deadline"})
+            self._fail_ticket(ticket, "timeout", "timeout (no answer before the deadline)")
+
+    # -- dispatch -------------------------------------------------------------------
+    def on_request(self, identity: bytes, msg: Message) -> None:
+        session = self.sessions[identity]
+        credit = field_of(msg, "credit", int)
+        if credit < 0 or credit > 10_000:
+            raise ProtocolError(f"REQUEST: credit {credit} out of range")
+        session.credit += credit
+        self._dispatch(session)
+
+    def _dispatch(self, session: SlaveSession) -> None:
+        now = time.time()
+        while session.credit > 0:
+            ticket = self.scheduler.next_ticket(session.name, now)
+            if ticket is None:
+                self.hungry[session.identity] = session
+                return
+            session.credit -= 1
+            self._send_ticket(session, ticket)
+        self.hungry.pop(session.identity, None)
+
+    def _dispatch_hungry(self) -> None:
+        for session in list(self.hungry.values()):
+            self._dispatch(session)
+
+    def _send_ticket(self, session: SlaveSession, ticket: Ticket) -> None:
+        static, payload = self._ticket_static(ticket.sweep)
+        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
+                      params=self.store.params(ticket.sweep, ticket.task))
+        self._send(session.identity, Command.TICKET, header, payload)
+
+    def _ticket_static(self, name: str) -> tuple[dict[str, Any], list[bytes]]:
+        """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""
+        cached = self._ticket_headers.get(name)
+        if cached is None:
+            sweep = self.scheduler.active[name].sweep
+            inputs, payload = [], []
+            for inp in sweep.inputs:
+                if inp.content is not None:
+                    inputs.append({"name": inp.name, "frame": len(payload)})
+                    payload.append(inp.content)
+                else:
+                    inputs.append({"name": inp.name, "template": inp.template})
+            header = {"sweep": name, "command": sweep.command, "argv": sweep.argv, "env": sweep.env,
+                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results}
+            cached = self._ticket_headers[name] = (header, payload)
+        return cached
+
+    # -- progress ---------------------------------------------------------------------
+    def on_progress(self, identity: bytes, msg: Message) -> None:
+        tid = field_of(msg, "ticket", int)
+        ticket = self.scheduler.tickets.get(tid)
+        if ticket is None or ticket.slave != self.sessions[identity].name:
+            return
+        buf = self.progress.setdefault(tid, bytearray())
+        for chunk in msg.payload:
+            buf += chunk
+        if len(buf) > self.config.progress_bytes:
+            del buf[: len(buf) - self.config.progress_bytes]
+
+    # -- results ------------------------------------------------------------------------
+    def on_failure(self, identity: bytes, msg: Message) -> None:
+        session = self.sessions[identity]
+        tid = field_of(msg, "ticket", int)
+        reason = str(msg.header.get("reason", "failed"))[:2000]
+        exit_code = msg.header.get("exit_code")
+        elapsed = msg.header.get("elapsed")
+        ticket = self.scheduler.tickets.get(tid)
+        if ticket is not None and ticket.slave == session.name:
+            state = "timeout" if reason.startswith("timeout") else "failed"
+            self._fail_ticket(ticket, state, reason, exit_code, elapsed)
+        elif self.store.ticket(tid) is None:
+            log.warning("foreign_ticket", slave=session.name, ticket=tid, command="FAILURE")
+        self.pending_acks.setdefault(identity, []).append(tid)
+
+    def on_result(self, identity: bytes, msg: Message) -> None:
+        session = self.sessions[identity]
+        tid = field_of(msg, "ticket", int)
+        if tid in self.transfers:
+            return  # already being fetched (the slave re-sent it after a reconnect)
+        row = self.store.ticket(tid)
+        if row is None or row.slave != session.name:
+            log.warning("foreign_ticket", slave=session.name, ticket=tid, command="RESULT")
+            self.pending_acks.setdefault(identity, []).append(tid)  # the slave may forget it: it can never count
+            return
+        if self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
+            self._duplicate_result(identity, tid, row.sweep, row.task)
+            return
+        outputs, files = self._parse_outputs(msg, row.sweep, row.task, tid)
+        transfer = Transfer(tid, row.sweep, row.task, identity, msg.header.get("exit_code"),
+                            msg.header.get("elapsed"), outputs, files)
+        if files:
+            self.transfers[tid] = transfer
+            for f in files.values():
+                self._request_chunks(transfer, f)
+        else:
+            self._accept(transfer)
+
+    def _task_state(self, sweep: str, task: int) -> str:
+        return self.store.db.execute("SELECT state FROM tasks WHERE sweep = ? AND idx = ?", (sweep, task)).fetchone()[0]
+
+    def _duplicate_result(self, identity: bytes, tid: int, sweep: str, task: int) -> None:
+        log.info("duplicate_result", ticket=tid, sweep=sweep, task=task)
+        ticket = self.scheduler.tickets.get(tid)
+        if ticket is not None:
+            self.scheduler.settle_cancelled(ticket, "duplicate: task already settled")
+        self.pending_acks.setdefault(identity, []).append(tid)
+
+    def _parse_outputs(self, msg: Message, sweep: str, task: int, tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
+        declared = msg.header.get("outputs")
+        if not isinstance(declared, list):
+            raise ProtocolError("RESULT: field 'outputs' must be a list")
+        result_names = self.scheduler.active[sweep].sweep.results if sweep in self.scheduler.active else {}
+        inline_frames = iter(msg.payload)
+        outputs: list[StoredOutput] = []
+        files: dict[str, IncomingFile] = {}
+        for item in declared:
+            name, size, inline = item.get("name"), item.get("size"), item.get("inline")
+            if not isinstance(name, str) or not isinstance(size, int) or size < 0:
+                raise ProtocolError("RESULT: each output needs a name and a size")
+            check_output_name(name, result_names)
+            if inline:
+                data = next(inline_frames, None)
+                if data is None or len(data) != size:
+                    raise ProtocolError(f"RESULT: inline output {name!r} does not match its size")
+                outputs.append(StoredOutput(name, size, data, None))
+            else:
+                path = self.incoming_dir / str(tid) / name
+                files[name] = IncomingFile(name, size, path)
+        return outputs, files
+
+    def _request_chunks(self, transfer: Transfer, f: IncomingFile) -> None:
+        while f.requested < f.size and f.requested - f.received < FETCH_WINDOW * protocol.CHUNK_SIZE:
+            length = min(protocol.CHUNK_SIZE, f.size - f.requested)
+            self._send(transfer.identity, Command.FETCH,
+                       {"ticket": transfer.ticket_id, "name": f.name, "offset": f.requested, "length": length})
+            f.requested += length
+        if f.size == 0:
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+            f.path.touch()
+            self._file_complete(transfer)
+
+    def on_chunk(self, identity: bytes, msg: Message) -> None:
+        tid = field_of(msg, "ticket", int)
+        transfer = self.transfers.get(tid)
+        if transfer is None or transfer.identity != identity:
+            return  # a chunk for a transfer that was aborted; harmless
+        name = field_of(msg, "name", str)
+        offset = field_of(msg, "offset", int)
+        f = transfer.files.get(name)
+        if f is None or offset != f.received or len(msg.payload) != 1:
+            self._abort_transfer(tid)
+            raise ProtocolError(f"CHUNK: unexpected chunk {name!r}@{offset} for ticket {tid}")
+        data = msg.payload[0]
+        if f.received + len(data) > f.size:
+            self._abort_transfer(tid)
+            raise ProtocolError(f"CHUNK: {name!r} longer than its declared size")
+        f.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f.path, "r+b" if offset else "wb") as fh:
+            fh.seek(offset)
+            fh.write(data)
+        f.received += len(data)
+        if f.received == f.size:
+            self._file_complete(transfer)
+        else:
+            self._request_chunks(transfer, f)
+
+    def _file_complete(self, transfer: Transfer) -> None:
+        if all(f.received == f.size for f in transfer.files.values()):
+            del self.transfers[transfer.ticket_id]
+            self._accept(transfer)
+
+    def _abort_transfer(self, tid: int) -> None:
+        self.transfers.pop(tid, None)
+        shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
+
+    def _accept(self, transfer: Transfer) -> None:
+        """Store a complete result as the task's one result; cancel any other copies still running."""
+        sweep, task, tid = transfer.sweep, transfer.task, transfer.ticket_id
+        if self._task_state(sweep, task) in ("done", "cancelled"):
+            shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
+            self._duplicate_result(transfer.identity, tid, sweep, task)
+            return
+        outputs = list(transfer.outputs)
+        for f in transfer.files.values():
+            final = self.results_dir / sweep / str(task) / f.name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            f.path.replace(final)
+            outputs.append(StoredOutput(f.name, f.size, None, str(final.relative_to(self.state_dir))))
+        shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
+        self.store.complete_task(sweep, task, tid, outputs)
+        ticket = self.scheduler.tickets.get(tid)
+        if ticket is not None:
+            self.scheduler.settle_success(ticket, transfer.elapsed, transfer.exit_code)
+        else:
+            # A late answer from a slave given up on: still the first valid result for this task.
+            self.store.finish_ticket(tid, "done", exit_code=transfer.exit_code, elapsed=transfer.elapsed)
+            self._unqueue(sweep, task)
+        self.progress.pop(tid, None)
+        for other in self.scheduler.siblings(sweep, task):
+            self._cancel_ticket(other, "another copy finished first")
+        self.pending_acks.setdefault(transfer.identity, []).append(tid)
+        self._finish_if_done(sweep)
+
+    def _unqueue(self, sweep: str, task: int) -> None:
+        active = self.scheduler.active.get(sweep)
+        if active is not None and task in active.queued:
+            active.queued.remove(task)
+
+    # -- failures, losses, cancellations -------------------------------------------------
+    def _fail_ticket(self, ticket: Ticket, state: str, reason: str,
+                     exit_code: int | None = None, elapsed: float | None = None) -> None:
+        self.progress.pop(ticket.id, None)
+        outcome = self.scheduler.settle_failure(ticket, state, reason, exit_code, elapsed)
+        if outcome == "queued":
+            self._dispatch_hungry()
+        self._finish_if_done(ticket.sweep)
+
+    def _lose_ticket(self, ticket: Ticket, reason: str) -> None:
+        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
+        self._fail_ticket(ticket, "lost", reason)
+
+    def _cancel_ticket(self, ticket: Ticket, reason: str) -> None:
+        session = self.by_name.get(ticket.slave)
+        if session is not None:
+            self._send(session.identity, Command.CANCEL, {"ticket": ticket.id, "reason": reason})
+        self.progress.pop(ticket.id, None)
+        self.scheduler.settle_cancelled(ticket, reason)
+
+    def _finish_if_done(self, name: str) -> None:
+        if self.scheduler.is_finished(name):
+            self.store.set_sweep_state(name, "finished")
+            self.scheduler.deactivate(name)
+            self._ticket_headers.pop(name, None)
+            log.info("sweep_finished", sweep=name)
+
+    # -- control ----------------------------------------------------------------------------
+    def on_control(self, identity: bytes, msg: Message) -> None:
+        op = msg.header.get("op")
+        try:
+            if op == "submit":
+                reply = {"ok": True, "state": self.submit(Sweep.from_json(field_of(msg, "sweep", str)))}
+            elif op == "cancel":
+                reply = {"ok": self.cancel(field_of(msg, "sweep", str))}
+            elif op == "progress":
+                buf = self.progress.get(field_of(msg, "ticket", int), b"")
+                reply = {"ok": True, "output": bytes(buf).decode(errors="replace")}
+            elif op == "status":
+                reply = {"ok": True, "sweeps": [asdict(s) for s in all_sweep_stats(self.store)]}
+            elif op == "report":
+                reply = {"ok": True, "report": format_report(self.store)}
+            elif op == "ping":
+                reply = {"ok": True, "epoch": self.epoch, "slaves": len(self.sessions)}
+            else:
+                reply = {"ok": False, "error": f"unknown control op {op!r}"}
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        self._send(identity, Command.REPLY, reply)
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Commit, tell slaves the master is going away, close the socket and the store."""
+        for session in list(self.sessions.values()):
+            self.store.slave_state(session.name, "gone")
+        self._commit_and_ack()
+        for session in list(self.sessions.values()):
+            self._send(session.identity, Command.DISCONNECT, {
+                "reason": "master shutting down", "reconnect": not self.config.slave_exit_when_done})
+        self.socket.close(linger=500)
+        self.store.close()
+
+
+def check_output_name(name: str, result_names: dict[str, str]) -> None:
+    """An output is `result` or `result/relative/path` (for globs); nothing may escape its folder."""
+    head, _, rest = name.partition("/")
+    if result_names and head not in result_names:
+        raise ProtocolError(f"RESULT: {name!r} is not a result of this sweep")
+    parts = rest.split("/") if rest else []
+    if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\x00" in name:
+        raise ProtocolError(f"RESULT: unsafe output name {name!r}")
+

@@ -1,0 +1,312 @@
+"""The master's durable state in SQLite (WAL): sweeps, tasks, tickets, results, slaves, events."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from master.spec import Sweep
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY, digest TEXT NOT NULL, spec TEXT NOT NULL, priority INTEGER NOT NULL,
+    state TEXT NOT NULL, created REAL NOT NULL, finished REAL, ntasks INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    sweep TEXT NOT NULL, idx INTEGER NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, reason TEXT, ticket INTEGER, finished REAL,
+    PRIMARY KEY (sweep, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (sweep, state);
+CREATE TABLE IF NOT EXISTS tickets (
+    id INTEGER PRIMARY KEY, sweep TEXT NOT NULL, task INTEGER NOT NULL, slave TEXT NOT NULL,
+    attempt INTEGER NOT NULL, dispatched REAL NOT NULL, finished REAL, state TEXT NOT NULL,
+    exit_code INTEGER, reason TEXT, elapsed REAL);
+CREATE INDEX IF NOT EXISTS tickets_running ON tickets (state) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS results (
+    sweep TEXT NOT NULL, task INTEGER NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+    data BLOB, path TEXT, PRIMARY KEY (sweep, task, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slaves (
+    name TEXT PRIMARY KEY, platform TEXT, slots INTEGER, version TEXT,
+    first_seen REAL, last_seen REAL, state TEXT, info TEXT);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, sweep TEXT, task INTEGER,
+    ticket INTEGER, detail TEXT);
+"""
+
+#: Terminal task states: nothing more happens to such a task.
+FINAL_TASK_STATES = ("done", "failed", "cancelled")
+
+
+@dataclass
+class SweepRow:
+    name: str
+    digest: str
+    priority: int
+    state: str
+    created: float
+    finished: float | None
+    ntasks: int
+    spec_json: str
+
+    def sweep(self) -> Sweep:
+        return Sweep.from_json(self.spec_json)
+
+
+@dataclass
+class TicketRow:
+    id: int
+    sweep: str
+    task: int
+    slave: str
+    attempt: int
+    dispatched: float
+    state: str
+
+
+@dataclass
+class StoredOutput:
+    """One named result of a task: small ones inline, large ones as a file under results/."""
+
+    name: str
+    size: int
+    data: bytes | None
+    path: str | None
+
+
+class Store:
+    """All SQL lives here. Writes join an open transaction that `commit()` ends (group commit)."""
+
+    def __init__(self, path: Path, durability: str = "full", readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            self.db.execute("PRAGMA query_only = ON")
+            return
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        self.db.executescript(SCHEMA)
+        self._in_txn = False
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- transactions -------------------------------------------------------
+    def _write(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        if not self._in_txn:
+            self.db.execute("BEGIN")
+            self._in_txn = True
+        return self.db.execute(sql, args)
+
+    def _write_many(self, sql: str, rows: Any) -> None:
+        if not self._in_txn:
+            self.db.execute("BEGIN")
+            self._in_txn = True
+        self.db.executemany(sql, rows)
+
+    @property
+    def dirty(self) -> bool:
+        return self._in_txn
+
+    def commit(self) -> None:
+        if self._in_txn:
+            self.db.execute("COMMIT")
+            self._in_txn = False
+
+    # -- master epochs: ticket ids are never reused across restarts ---------
+    def next_epoch(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        epoch = int(row[0]) + 1 if row else 1
+        self._write("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+        self.commit()
+        return epoch
+
+    # -- sweeps -------------------------------------------------------------
+    def add_sweep(self, sweep: Sweep) -> None:
+        now = time.time()
+        self._write(
+            "INSERT INTO sweeps VALUES (?, ?, ?, ?, 'active', ?, NULL, ?)",
+            (sweep.name, sweep.digest(), sweep.to_json(), sweep.priority, now, len(sweep.params)),
+        )
+        self._write_many(
+            "INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')",
+            ((sweep.name, i, json.dumps(p)) for i, p in enumerate(sweep.params)),
+        )
+        self.event("sweep_submitted", sweep=sweep.name, detail={"tasks": len(sweep.params)})
+
+    def sweep(self, name: str) -> SweepRow | None:
+        row = self.db.execute(
+            "SELECT name, digest, priority, state, created, finished, ntasks, spec FROM sweeps WHERE name = ?", (name,)
+        ).fetchone()
+        return SweepRow(*row) if row else None
+
+    def sweeps(self) -> list[SweepRow]:
+        rows = self.db.execute(
+            "SELECT name, digest, priority, state, created, finished, ntasks, spec FROM sweeps ORDER BY created"
+        ).fetchall()
+        return [SweepRow(*r) for r in rows]
+
+    def set_sweep_state(self, name: str, state: str) -> None:
+        finished = time.time() if state in ("finished", "cancelled") else None
+        self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
+        self.event(f"sweep_{state}", sweep=name)
+
+    # -- tasks ---------------------------------------------------------------
+    def tasks_in_state(self, sweep: str, state: str) -> list[int]:
+        rows = self.db.execute(
+            "SELECT idx FROM tasks WHERE sweep = ? AND state = ? ORDER BY idx", (sweep, state)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def task_counts(self, sweep: str) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, count(*) FROM tasks WHERE sweep = ? GROUP BY state", (sweep,))
+        return dict(rows.fetchall())
+
+    def task_attempts(self, sweep: str, idx: int) -> int:
+        return self.db.execute("SELECT attempts FROM tasks WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()[0]
+
+    def params(self, sweep: str, idx: int) -> dict[str, Any]:
+        row = self.db.execute("SELECT params FROM tasks WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
+        return json.loads(row[0])
+
+    def failed_tasks(self, sweep: str) -> list[tuple[int, dict[str, Any], str]]:
+        rows = self.db.execute(
+            "SELECT idx, params, reason FROM tasks WHERE sweep = ? AND state = 'failed' ORDER BY idx", (sweep,)
+        )
+        return [(i, json.loads(p), r) for i, p, r in rows]
+
+    def requeue_task(self, sweep: str, idx: int) -> None:
+        self._write("UPDATE tasks SET state = 'queued' WHERE sweep = ? AND idx = ?", (sweep, idx))
+
+    def fail_task(self, sweep: str, idx: int, reason: str) -> None:
+        self._write(
+            "UPDATE tasks SET state = 'failed', reason = ?, finished = ? WHERE sweep = ? AND idx = ?",
+            (reason, time.time(), sweep, idx),
+        )
+        self.event("task_failed", sweep=sweep, task=idx, detail={"reason": reason})
+
+    def cancel_tasks(self, sweep: str) -> None:
+        self._write(
+            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running')",
+            (sweep,),
+        )
+
+    def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
+        self._write(
+            "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?",
+            (ticket, time.time(), sweep, idx),
+        )
+        self._write_many(
+            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+            ((sweep, idx, o.name, o.size, o.data, o.path) for o in outputs),
+        )
+
+    # -- tickets -------------------------------------------------------------
+    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, attempt: int, now: float) -> None:
+        self._write(
+            "INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) VALUES (?, ?, ?, ?, ?, ?, 'running')",
+            (ticket, sweep, task, slave, attempt, now),
+        )
+        self._write(
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ?", (sweep, task)
+        )
+
+    def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
+                      reason: str | None = None, elapsed: float | None = None) -> None:
+        self._write(
+            "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?",
+            (state, exit_code, reason, elapsed, time.time(), ticket),
+        )
+
+    def ticket(self, ticket: int) -> TicketRow | None:
+        row = self.db.execute(
+            "SELECT id, sweep, task, slave, attempt, dispatched, state FROM tickets WHERE id = ?", (ticket,)
+        ).fetchone()
+        return TicketRow(*row) if row else None
+
+    def running_tickets(self) -> list[TicketRow]:
+        rows = self.db.execute(
+            "SELECT id, sweep, task, slave, attempt, dispatched, state FROM tickets WHERE state = 'running'"
+        ).fetchall()
+        return [TicketRow(*r) for r in rows]
+
+    def attempts_of(self, sweep: str, idx: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, slave, attempt, dispatched, finished, state, exit_code, reason, elapsed FROM tickets "
+            "WHERE sweep = ? AND task = ? ORDER BY id", (sweep, idx))
+        cols = ("ticket", "slave", "attempt", "dispatched", "finished", "state", "exit_code", "reason", "elapsed")
+        return [dict(zip(cols, r)) for r in rows]
+
+    # -- results ---------------------------------------------------------------
+    def done_tasks(self, sweep: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Done tasks in task order with their parameters (one row at a time, never all in memory)."""
+        cur = self.db.execute("SELECT idx, params FROM tasks WHERE sweep = ? AND state = 'done' ORDER BY idx", (sweep,))
+        for idx, params in cur:
+            yield idx, json.loads(params)
+
+    def outputs(self, sweep: str, idx: int) -> dict[str, StoredOutput]:
+        rows = self.db.execute(
+            "SELECT name, size, data, path FROM results WHERE sweep = ? AND task = ?", (sweep, idx)
+        ).fetchall()
+        return {r[0]: StoredOutput(*r) for r in rows}
+
+    def remove_results(self, sweep: str) -> list[str]:
+        """Delete a sweep's stored results; returns the result files that should be removed."""
+        paths = [r[0] for r in self.db.execute("SELECT path FROM results WHERE sweep = ? AND path IS NOT NULL", (sweep,))]
+        self._write("DELETE FROM results WHERE sweep = ?", (sweep,))
+        return paths
+
+    # -- slaves ---------------------------------------------------------------
+    def slave_seen(self, name: str, platform: str, slots: int, version: str, state: str) -> None:
+        now = time.time()
+        self._write(
+            "INSERT INTO slaves (name, platform, slots, version, first_seen, last_seen, state) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET platform = excluded.platform, slots = excluded.slots, "
+            "version = excluded.version, last_seen = excluded.last_seen, state = excluded.state",
+            (name, platform, slots, version, now, now, state),
+        )
+
+    def slave_state(self, name: str, state: str, info: dict[str, Any] | None = None) -> None:
+        if info is None:
+            self._write("UPDATE slaves SET state = ?, last_seen = ? WHERE name = ?", (state, time.time(), name))
+        else:
+            self._write("UPDATE slaves SET state = ?, last_seen = ?, info = ? WHERE name = ?",
+                        (state, time.time(), json.dumps(info), name))
+
+    def slaves(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT name, platform, slots, version, first_seen, last_seen, state, info FROM slaves")
+        cols = ("name", "platform", "slots", "version", "first_seen", "last_seen", "state", "info")
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r))
+            d["info"] = json.loads(d["info"]) if d["info"] else {}
+            out.append(d)
+        return out
+
+    def slave_ticket_counts(self) -> dict[str, dict[str, Any]]:
+        """Per slave: tickets by final state and busy seconds."""
+        out: dict[str, dict[str, Any]] = {}
+        rows = self.db.execute("SELECT slave, state, count(*), coalesce(sum(elapsed), 0) FROM tickets GROUP BY slave, state")
+        for slave, state, count, busy in rows:
+            entry = out.setdefault(slave, {"busy": 0.0})
+            entry[state] = count
+            entry["busy"] += busy
+        return out
+
+    # -- events ---------------------------------------------------------------
+    def event(self, kind: str, sweep: str | None = None, task: int | None = None,
+              ticket: int | None = None, detail: dict[str, Any] | None = None) -> None:
+        self._write(
+            "INSERT INTO events (ts, kind, sweep, task, ticket, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), kind, sweep, task, ticket, json.dumps(detail) if detail else None),
+        )
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT id, ts, kind, sweep, task, ticket, detail FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        cols = ("id", "ts", "kind", "sweep", "task", "ticket", "detail")
+        return [dict(zip(cols, r)) for r in rows]

@@ -1,0 +1,42 @@
+"""Placeholder templates (`{name}`) shared by master and slave: parsing, checking and rendering."""
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any, Callable, Iterable, Mapping
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: Placeholders every template may use besides the sweep's parameters.
+BUILTINS = ("ticket", "task", "sweep", "workdir", "attempt")
+
+
+def placeholders(template: str) -> list[str]:
+    """Names used in a template, in order of appearance."""
+    return [m.group(1) for m in _TOKEN.finditer(template) if m.group(1)]
+
+
+def check(template: str, known: Iterable[str], where: str) -> None:
+    """Raise ValueError naming `where` if the template uses an unknown placeholder."""
+    allowed = set(known) | set(BUILTINS)
+    for name in placeholders(template):
+        if name not in allowed:
+            raise ValueError(f"{where}: unknown placeholder {{{name}}} (known: {', '.join(sorted(allowed))})")
+
+
+def render(template: str, values: Mapping[str, Any], quote: Callable[[str], str] = str) -> str:
+    """Fill placeholders; `quote` is applied to each value (shlex.quote for shell command lines)."""
+
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(0) == "{{":
+            return "{"
+        if m.group(0) == "}}":
+            return "}"
+        return quote(str(values[m.group(1)]))
+
+    return _TOKEN.sub(substitute, template)
+
+
+def render_shell(template: str, values: Mapping[str, Any]) -> str:
+    """A shell command line where every value is one literal word, whatever it contains."""
+    return render(template, values, shlex.quote)

@@ -1,0 +1,57 @@
+"""The slave's settings, read once from its TOML config file."""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from master.config import ConfigError, build, load_toml
+
+
+@dataclass
+class SlaveConfig:
+    """Everything a slave needs to know; only `master` is required."""
+
+    master: str = ""
+    """ZeroMQ endpoint of the master, e.g. tcp://10.0.0.1:5555."""
+    name: str = ""
+    """Unique slave name shown in statistics (default: the host name)."""
+    slots: int = 1
+    """Workers run in parallel."""
+    prefetch: int = 1
+    """Tickets held ready beyond the free slots, so a slot never waits for a network round trip."""
+    work_root: str = "ticketfarm-work"
+    """Per-ticket working directories are <work_root>/<sweep>/<ticket>."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats (the master's WELCOME overrides it)."""
+    liveness: int = 5
+    """Heartbeat intervals of silence after which the master is presumed dead."""
+    reconnect_min: float = 1.0
+    """First back-off (s) before reconnecting to a master presumed dead; doubles each time."""
+    reconnect_max: float = 32.0
+    """Longest back-off (s) between reconnection attempts."""
+    on_master_shutdown: str = "stay"
+    """"stay" (keep reconnecting, as a service) or "exit" when the master says it is shutting down."""
+    keep_workdirs: bool = False
+    """Keep a ticket's working directory after the master has stored its result."""
+    log_json: bool = False
+    """Structured logs as JSON lines."""
+
+
+def load_slave_config(path: Path) -> SlaveConfig:
+    config = build(SlaveConfig, load_toml(path), str(path))
+    return finish(config, str(path))
+
+
+def finish(config: SlaveConfig, source: str) -> SlaveConfig:
+    """Fill derived defaults and check values, naming the field at fault."""
+    if not config.master:
+        raise ConfigError(f"{source}: field 'master' (the master's address) is required")
+    if config.slots < 1:
+        raise ConfigError(f"{source}: field 'slots' must be >= 1")
+    if config.prefetch < 0:
+        raise ConfigError(f"{source}: field 'prefetch' must be >= 0")
+    if config.on_master_shutdown not in ("stay", "exit"):
+        raise ConfigError(f"{source}: field 'on_master_shutdown' must be \"stay\" or \"exit\"")
+    config.name = config.name or socket.gethostname()
+    return config

@@ -1,0 +1,411 @@
+"""The slave daemon: DEALER connection, hello/credit/heartbeat, worker slots, outbox of unacknowledged results."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+import zmq
+
+from master import protocol
+from master.config import ConfigError
+from master.logs import configure_logging
+from master.protocol import Command, Message, ProtocolError
+from slave.config import SlaveConfig, finish, load_slave_config
+from slave.runner import MANIFEST, STDERR, STDOUT, Outcome, TicketSpec, UnsafePath, Worker, remove_workdir
+
+log = structlog.get_logger("ticketfarm.slave")
+
+VERSION = "0.1.0"
+#: Progress bytes sent per ticket per heartbeat at most.
+PROGRESS_CHUNK = 16 * 1024
+
+
+def platform_tag() -> str:
+    """e.g. linux-x86_64: selects which shipped worker binaries fit this machine."""
+    return f"{sys.platform}-{platform.machine().lower()}"
+
+
+class Slave:
+    """One slave process: runs up to `slots` workers and keeps their results until acknowledged."""
+
+    def __init__(self, config: SlaveConfig, context: zmq.Context | None = None):
+        self.config = config
+        self.work_root = Path(config.work_root).resolve()
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.context = context or zmq.Context.instance()
+        self.interval = config.heartbeat_interval
+        self.liveness = config.liveness
+        self.socket: zmq.Socket | None = None
+        self.welcomed = False
+        self.master_expiry = 0.0
+        self.last_sent = 0.0
+        self.backoff = config.reconnect_min
+        self.reconnect_at = 0.0
+        self.outstanding = 0
+        self.running: dict[int, Worker] = {}
+        self.waiting: deque[TicketSpec] = deque()
+        self.outbox: dict[int, Outcome] = self._load_outbox()
+        self.sent_at: dict[int, float] = {}
+        self.stopping = False
+        self.exit_code = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- outbox: finished tickets waiting for the master's ACK --------------------------
+    def _load_outbox(self) -> dict[int, Outcome]:
+        outbox = {}
+        for manifest in self.work_root.glob(f"*/*/{MANIFEST}"):
+            try:
+                outcome = Outcome.load(manifest)
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("bad_manifest", path=str(manifest))
+                continue
+            if outcome.slave == self.config.name:  # a shared work root may hold other slaves' results
+                outbox[outcome.ticket] = outcome
+        if outbox:
+            log.info("outbox_loaded", results=len(outbox))
+        return outbox
+
+    def workdir(self, sweep: str, ticket: int) -> Path:
+        return self.work_root / sweep / str(ticket)
+
+    # -- connection ------------------------------------------------------------------
+    def connect(self) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.config.master)
+        self.socket = sock
+        self.welcomed = False
+        self.outstanding = 0
+        self.master_expiry = time.time() + self.interval * self.liveness
+        self.say_hello()
+
+    def say_hello(self) -> None:
+        self.welcomed = False
+        self.outstanding = 0
+        self.send(Command.HELLO, {
+            "protocol": protocol.VERSION, "name": self.config.name, "platform": platform_tag(),
+            "slots": self.config.slots, "version": VERSION, "pid": os.getpid(),
+            "running": list(self.running) + [t.ticket for t in self.waiting], "held": list(self.outbox),
+        })
+
+    def disconnect(self, backoff: bool) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        self.socket = None
+        self.welcomed = False
+        if backoff:
+            self.reconnect_at = time.time() + self.backoff
+            log.warning("master_unreachable", retry_in=self.backoff)
+            self.backoff = min(self.backoff * 2, self.config.reconnect_max)
+
+    def send(self, command: Command, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
+        if self.socket is None:
+            return
+        try:
+            self.socket.send_multipart(protocol.encode(command, header, payload), zmq.NOBLOCK)
+            self.last_sent = time.time()
+        except zmq.Again:
+            log.warning("send_queue_full", command=command.name)
+
+    # -- main loop ---------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        # SIGCHLD wakes the poller the moment a worker exits: no polling latency per ticket.
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        log.info("slave_started", name=self.config.name, master=self.config.master, slots=self.config.slots)
+        try:
+            while not self.stopping:
+                self.step()
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def _on_term(self, *_: Any) -> None:
+        self.stopping = True
+
+    def step(self) -> None:
+        now = time.time()
+        if self.socket is None and now >= self.reconnect_at:
+            self.connect()
+        poller = zmq.Poller()
+        if self.socket is not None:
+            poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        ready = dict(poller.poll(self._poll_timeout_ms(now)))
+        if self._wake_r in ready:
+            self._drain_wakeups()
+        if self.socket is not None and self.socket in ready:
+            self._drain_socket()
+        self._reap_workers()
+        self._start_waiting()
+        self._kill_overdue()
+        now = time.time()
+        if self.socket is not None:
+            if now > self.master_expiry:
+                log.warning("master_silent", seconds=self.interval * self.liveness)
+                self.disconnect(backoff=True)
+            elif self.welcomed:
+                self._request_work()
+                self._resend_unacked(now)
+                if now - self.last_sent >= self.interval:
+                    self._heartbeat()
+
+    def _poll_timeout_ms(self, now: float) -> int:
+        timeout = self.interval / 2
+        if self.running:
+            nearest = min(w.deadline for w in self.running.values()) - time.monotonic()
+            timeout = min(timeout, max(nearest, 0.0))
+        if self.socket is None:
+            timeout = min(timeout, max(self.reconnect_at - now, 0.0))
+        return max(1, int(timeout * 1000))
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_socket(self) -> None:
+        assert self.socket is not None
+        while self.socket is not None:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.master_expiry = time.time() + self.interval * self.liveness
+            try:
+                self.handle(protocol.decode(frames))
+            except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.warning("dropped_message", reason=str(exc))
+
+    def handle(self, msg: Message) -> None:
+        if msg.command == Command.WELCOME:
+            self._on_welcome(msg)
+        elif msg.command == Command.TICKET:
+            self._on_ticket(msg)
+        elif msg.command == Command.ACK:
+            self._on_ack(msg)
+        elif msg.command == Command.FETCH:
+            self._on_fetch(msg)
+        elif msg.command == Command.CANCEL:
+            self._on_cancel(msg)
+        elif msg.command == Command.DISCONNECT:
+            self._on_disconnect(msg)
+        elif msg.command != Command.HEARTBEAT:
+            raise ProtocolError(f"{msg.command.name} is not a command a slave accepts")
+
+    # -- commands from the master ----------------------------------------------------------
+    def _on_welcome(self, msg: Message) -> None:
+        self.interval = float(msg.header.get("heartbeat_interval", self.interval))
+        self.liveness = int(msg.header.get("liveness", self.liveness))
+        self.master_expiry = time.time() + self.interval * self.liveness
+        self.welcomed = True
+        self.backoff = self.config.reconnect_min
+        log.info("connected", master=self.config.master, epoch=msg.header.get("epoch"))
+        for outcome in list(self.outbox.values()):
+            self._report(outcome)
+
+    def _on_ticket(self, msg: Message) -> None:
+        spec = TicketSpec.from_message(msg.header, msg.payload)
+        self.outstanding = max(0, self.outstanding - 1)
+        if spec.ticket in self.running or spec.ticket in self.outbox:
+            return
+        self.waiting.append(spec)
+        self._start_waiting()
+
+    def _on_ack(self, msg: Message) -> None:
+        for tid in msg.header.get("tickets", []):
+            outcome = self.outbox.pop(tid, None)
+            self.sent_at.pop(tid, None)
+            if outcome is not None:
+                workdir = self.workdir(outcome.sweep, outcome.ticket)
+                if self.config.keep_workdirs:
+                    (workdir / MANIFEST).unlink(missing_ok=True)
+                else:
+                    remove_workdir(workdir)
+
+    def _on_fetch(self, msg: Message) -> None:
+        tid, name = int(msg.header["ticket"]), str(msg.header["name"])
+        offset, length = int(msg.header["offset"]), int(msg.header["length"])
+        outcome = self.outbox.get(tid)
+        output = next((o for o in outcome.outputs if o.name == name), None) if outcome else None
+        if output is None or length > protocol.CHUNK_SIZE or offset < 0:
+            raise ProtocolError(f"FETCH for unknown output {name!r} of ticket {tid}")
+        with open(output.path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        self.send(Command.CHUNK, {"ticket": tid, "name": name, "offset": offset}, [data])
+
+    def _on_cancel(self, msg: Message) -> None:
+        tid = int(msg.header["ticket"])
+        reason = str(msg.header.get("reason", "cancelled"))
+        worker = self.running.pop(tid, None)
+        if worker is not None:
+            worker.kill(reason)
+            remove_workdir(worker.workdir)
+            log.info("ticket_cancelled", ticket=tid, reason=reason)
+        self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        outcome = self.outbox.pop(tid, None)
+        if outcome is not None:
+            remove_workdir(self.workdir(outcome.sweep, tid))
+
+    def _on_disconnect(self, msg: Message) -> None:
+        reason = msg.header.get("reason", "")
+        if msg.header.get("reconnect", True):
+            log.info("master_asks_hello", reason=reason)
+            self.say_hello()
+        elif self.config.on_master_shutdown == "exit" or "protocol version" in str(reason):
+            log.info("master_says_goodbye", reason=reason)
+            self.exit_code = 0 if "protocol version" not in str(reason) else 3
+            self.stopping = True
+        else:
+            log.info("master_shutting_down", reason=reason)
+            self.disconnect(backoff=True)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _start_waiting(self) -> None:
+        while self.waiting and len(self.running) < self.config.slots:
+            spec = self.waiting.popleft()
+            workdir = self.workdir(spec.sweep, spec.ticket)
+            try:
+                workdir.mkdir(parents=True, exist_ok=False)
+                self.running[spec.ticket] = Worker(spec, workdir, self.config.name)
+            except (OSError, UnsafePath, KeyError, IndexError) as exc:
+                workdir.mkdir(parents=True, exist_ok=True)
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, f"cannot start worker: {exc}",
+                                  slave=self.config.name)
+                outcome.save(workdir)
+                self._finished(outcome)
+
+    def _reap_workers(self) -> None:
+        for tid, worker in list(self.running.items()):
+            if worker.poll() is not None:
+                del self.running[tid]
+                self._finished(worker.finish())
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.running.values()):
+            if now >= worker.deadline:
+                log.info("ticket_timeout", ticket=worker.spec.ticket, timeout=worker.spec.timeout)
+                worker.kill(f"timeout after {worker.spec.timeout:g}s")
+
+    def _finished(self, outcome: Outcome) -> None:
+        self.outbox[outcome.ticket] = outcome
+        if self.welcomed:
+            self._report(outcome)
+
+    def _report(self, outcome: Outcome) -> None:
+        self.sent_at[outcome.ticket] = time.time()
+        if not outcome.ok:
+            self.send(Command.FAILURE, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
+                                        "reason": outcome.reason, "elapsed": outcome.elapsed})
+            return
+        declared, payload = [], []
+        for out in outcome.outputs:
+            inline = out.size <= protocol.INLINE_LIMIT
+            declared.append({"name": out.name, "size": out.size, "inline": inline})
+            if inline:
+                with open(out.path, "rb") as fh:
+                    payload.append(fh.read())
+        self.send(Command.RESULT, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
+                                   "elapsed": outcome.elapsed, "outputs": declared}, payload)
+
+    def _resend_unacked(self, now: float) -> None:
+        """Results not acknowledged within a few liveness periods are sent again (the master de-duplicates)."""
+        patience = self.interval * self.liveness * 3
+        for tid, sent in list(self.sent_at.items()):
+            if now - sent > patience and tid in self.outbox:
+                self._report(self.outbox[tid])
+
+    def _request_work(self) -> None:
+        capacity = self.config.slots + self.config.prefetch
+        want = capacity - len(self.running) - len(self.waiting) - self.outstanding
+        if want > 0:
+            self.outstanding += want
+            self.send(Command.REQUEST, {"credit": want})
+
+    def _heartbeat(self) -> None:
+        self._send_progress()
+        self.send(Command.HEARTBEAT, {
+            "running": list(self.running), "waiting": [t.ticket for t in self.waiting],
+            "load": os.getloadavg()[0], "memory": psutil.virtual_memory().percent,
+            "disk": psutil.disk_usage(str(self.work_root)).percent, "busy": len(self.running),
+        })
+
+    def _send_progress(self) -> None:
+        for tid, worker in self.running.items():
+            for stream in (STDOUT, STDERR):
+                path = worker.workdir / stream
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                if stream == STDOUT and size > worker.progress_sent:
+                    with open(path, "rb") as fh:
+                        fh.seek(worker.progress_sent)
+                        data = fh.read(PROGRESS_CHUNK)
+                    worker.progress_sent += len(data)
+                    self.send(Command.PROGRESS, {"ticket": tid, "stream": "stdout"}, [data])
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Kill running workers (their tickets go back to the queue) and say goodbye."""
+        for worker in self.running.values():
+            worker.kill("slave shutting down")
+            remove_workdir(worker.workdir)
+        self.running.clear()
+        self.send(Command.DISCONNECT, {"reason": "slave shutting down"})
+        if self.socket is not None:
+            self.socket.close(linger=200)
+        log.info("slave_stopped", name=self.config.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ticketfarm-slave", description="Run a ticketfarm slave daemon.")
+    parser.add_argument("--config", type=Path, help="slave TOML config file")
+    parser.add_argument("--master", help="master address (overrides the config)")
+    parser.add_argument("--name", help="slave name (overrides the config)")
+    parser.add_argument("--slots", type=int, help="parallel workers (overrides the config)")
+    parser.add_argument("--work-root", help="root of per-ticket work dirs (overrides the config)")
+    parser.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds")
+    parser.add_argument("--exit-on-shutdown", action="store_true", help="exit when the master shuts down")
+    parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
+    parser.add_argument("--log-json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = load_slave_config(args.config) if args.config else SlaveConfig()
+        for key in ("master", "name", "slots", "work_root"):
+            if getattr(args, key) is not None:
+                setattr(config, key, getattr(args, key))
+        if args.heartbeat is not None:
+            config.heartbeat_interval = args.heartbeat
+            config.reconnect_min = min(config.reconnect_min, args.heartbeat)
+        if args.exit_on_shutdown:
+            config.on_master_shutdown = "exit"
+        config = finish(config, str(args.config or "command line"))
+    except ConfigError as exc:
+        print(f"ticketfarm-slave: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, args.log_json or config.log_json)
+    return Slave(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Running one ticket: its work dir, inputs, the worker process tree, timeout, and its outputs."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from master import template
+
+STDOUT = ".tf-stdout"
+STDERR = ".tf-stderr"
+STDIN = ".tf-stdin"
+MANIFEST = ".tf-result.json"
+#: How much of stderr a failure report carries, so the user sees why a worker failed.
+STDERR_TAIL = 2000
+
+
+@dataclass
+class TicketSpec:
+    """A TICKET message as the slave uses it."""
+
+    ticket: int
+    sweep: str
+    task: int
+    attempt: int
+    timeout: float
+    params: dict[str, Any]
+    command: str | None
+    argv: list[str] | None
+    env: dict[str, str]
+    inputs: list[dict[str, Any]]
+    results: dict[str, str]
+    payload: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, header: dict[str, Any], payload: list[bytes]) -> "TicketSpec":
+        return cls(int(header["ticket"]), str(header["sweep"]), int(header["task"]), int(header["attempt"]),
+                   float(header["timeout"]), dict(header["params"]), header.get("command"), header.get("argv"),
+                   dict(header.get("env") or {}), list(header.get("inputs") or []), dict(header["results"]), payload)
+
+
+@dataclass
+class Output:
+    name: str
+    path: str
+    size: int
+
+
+@dataclass
+class Outcome:
+    """What a finished ticket left behind; written to disk as its manifest until acknowledged."""
+
+    ticket: int
+    sweep: str
+    task: int
+    ok: bool
+    exit_code: int | None
+    elapsed: float
+    reason: str = ""
+    outputs: list[Output] = field(default_factory=list)
+    slave: str = ""
+
+    def save(self, workdir: Path) -> None:
+        tmp = workdir / (MANIFEST + ".tmp")
+        data = {**self.__dict__, "outputs": [o.__dict__ for o in self.outputs]}
+        tmp.write_text(json.dumps(data))
+        tmp.replace(workdir / MANIFEST)
+
+    @classmethod
+    def load(cls, path: Path) -> "Outcome":
+        data = json.loads(path.read_text())
+        data["outputs"] = [Output(**o) for o in data["outputs"]]
+        return cls(**data)
+
+
+class Worker:
+    """A ticket's worker process tree, started in its own session so it can be killed whole."""
+
+    def __init__(self, spec: TicketSpec, workdir: Path, slave: str):
+        self.spec = spec
+        self.slave = slave
+        self.workdir = workdir
+        self.started = time.monotonic()
+        self.deadline = self.started + spec.timeout
+        self.killed_for: str | None = None
+        self.progress_sent = 0
+        self.values = {**spec.params, "ticket": spec.ticket, "task": spec.task, "sweep": spec.sweep,
+                       "workdir": str(workdir), "attempt": spec.attempt}
+        values = self.values
+        stdin = self._write_inputs(values)
+        if spec.command is not None:
+            args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
+        else:
+            args = [template.render(a, values) for a in spec.argv or []]
+        env = {**os.environ, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
+               "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
+        with open(workdir / STDOUT, "wb") as out, open(workdir / STDERR, "wb") as err:
+            stdin_fh = open(stdin, "rb") if stdin else subprocess.DEVNULL
+            try:
+                self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdin=stdin_fh, stdout=out, stderr=err,
+                                             start_new_session=True)
+            finally:
+                if stdin:
+                    stdin_fh.close()  # type: ignore[union-attr]
+
+    def _write_inputs(self, values: dict[str, Any]) -> Path | None:
+        stdin = None
+        for item in self.spec.inputs:
+            if "frame" in item:
+                data = self.spec.payload[int(item["frame"])]
+            else:
+                data = template.render(item["template"], values).encode()
+            target = self.workdir / STDIN if item["name"] == "stdin" else safe_join(self.workdir, item["name"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            if item["name"] == "stdin":
+                stdin = target
+        return stdin
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self, reason: str) -> None:
+        """Kill the whole tree: the session's process group, and any child that left it."""
+        self.killed_for = self.killed_for or reason
+        kill_tree(self.proc.pid)
+        self.proc.wait()
+
+    def finish(self) -> Outcome:
+        """Gather outputs after the process ended and write the manifest."""
+        code = self.proc.returncode
+        elapsed = time.monotonic() - self.started
+        spec = self.spec
+        if self.killed_for:
+            outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, self.killed_for)
+        elif code != 0:
+            outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed,
+                              f"exit code {code}{self._stderr_tail()}")
+        else:
+            try:
+                outputs = self._collect_outputs(code)
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, code, elapsed, outputs=outputs)
+            except ResultMissing as exc:
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, str(exc))
+        outcome.slave = self.slave
+        outcome.save(self.workdir)
+        return outcome
+
+    def _stderr_tail(self) -> str:
+        path = self.workdir / STDERR
+        size = path.stat().st_size
+        if not size:
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - STDERR_TAIL))
+            return ": " + fh.read().decode(errors="replace").strip()
+
+    def _collect_outputs(self, code: int) -> list[Output]:
+        outputs = []
+        for name, source in self.spec.results.items():
+            if source == "stdout":
+                outputs.append(self._file_output(name, self.workdir / STDOUT))
+            elif source == "stderr":
+                outputs.append(self._file_output(name, self.workdir / STDERR))
+            elif source == "exit_code":
+                path = self.workdir / f".tf-exit-{name}"
+                path.write_text(f"{code}\n")
+                outputs.append(self._file_output(name, path))
+            else:
+                outputs.extend(self._glob_outputs(name, template.render(source[5:], self.values)))
+        return outputs
+
+    def _file_output(self, name: str, path: Path) -> Output:
+        return Output(name, str(path), path.stat().st_size)
+
+    def _glob_outputs(self, name: str, pattern: str) -> list[Output]:
+        if not glob.has_magic(pattern):
+            path = safe_join(self.workdir, pattern)
+            if not path.is_file():
+                raise ResultMissing(f"result {name}: file {pattern!r} was not written")
+            return [self._file_output(name, path)]
+        outputs = []
+        for match in sorted(glob.glob(pattern, root_dir=self.workdir, recursive=True)):
+            path = safe_join(self.workdir, match)
+            if path.is_file():
+                rel = path.relative_to(self.workdir.resolve()).as_posix()
+                outputs.append(self._file_output(f"{name}/{rel}", path))
+        return outputs
+
+
+class ResultMissing(Exception):
+    """A declared result file is not there after the worker exited 0."""
+
+
+class UnsafePath(ValueError):
+    """A file name that would leave the ticket's work dir."""
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """root/name, refusing absolute names, `..` and symlinks that lead outside root."""
+    if os.path.isabs(name):
+        raise UnsafePath(f"absolute path {name!r} not allowed")
+    path = (root / name).resolve()
+    base = root.resolve()
+    if path != base and base not in path.parents:
+        raise UnsafePath(f"{name!r} leaves the work dir")
+    return path
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def remove_workdir(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
