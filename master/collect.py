@@ -70,7 +70,7 @@ def _table(store: Store, state_dir: Path, sweep: Sweep, rule: CollectRule, targe
             outputs = store.outputs(sweep.name, idx)
             row = {name: _cell(state_dir, outputs, name) for name in names}
             if writer:
-                writer.writerow([idx, *params.values(), *row.values()])
+                writer.writerow([idx, *(params.get(p) for p in sweep.param_names), *row.values()])
             else:
                 out.write(json.dumps({"task": idx, "params": params, "results": row}) + "\n")
 
@@ -123,7 +123,7 @@ def write_failed(failed: list[tuple[int, dict[str, Any], str]], param_names: lis
         writer = csv.writer(out)
         writer.writerow(["task", *param_names, "reason"])
         for idx, params, reason in failed:
-            writer.writerow([idx, *params.values(), reason])
+            writer.writerow([idx, *(params.get(p) for p in param_names), reason])
 
 
 def remove_collected(store: Store, state_dir: Path, sweep: str) -> None:

@@ -67,7 +67,7 @@ class Sweep:
             {**i, "content": None if i["content"] is None else base64.b64encode(i["content"]).decode()}
             for i in data["inputs"]
         ]
-        return json.dumps(data, sort_keys=True)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> "Sweep":
@@ -148,6 +148,9 @@ def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]
     extra = set(spec) - {"csv", "jsonl", "grid", "delimiter"}
     if extra:
         raise ConfigError(f"{source}: unknown field 'parameters.{sorted(extra)[0]}'")
+    for kind in ("csv", "jsonl"):
+        if kind in spec and not (base / str(spec[kind])).is_file():
+            raise ConfigError(f"{source}: parameters.{kind}: no such file {base / str(spec[kind])}")
     if "csv" in spec:
         rows = read_csv(base / spec["csv"], spec.get("delimiter", ","))
     elif "jsonl" in spec:

@@ -1,0 +1,156 @@
+"""Fixtures that start real masters and slaves as processes (fast heartbeats) and always clean them up."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from master.client import MasterUnreachable, control
+from master.spec import load_spec
+
+HEARTBEAT = 0.2
+LIVENESS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spec(directory: Path, text: str, name: str = "spec.toml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class MasterProcess:
+    """`ticketfarm master` in a child process, with its own state dir and port."""
+
+    state: Path
+    endpoint: str
+    extra_config: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.log = self.state / "master.log"
+        (self.state / "master.toml").write_text(
+            f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
+            f'deadline_grace = 3.0\ndurability = "normal"\n{self.extra_config}'
+        )
+
+    def start(self) -> "MasterProcess":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(self.state),
+                                          "--log-level", "info", "master"], stdout=log, stderr=log)
+        wait_for(self.alive, 10, "master to answer")
+        return self
+
+    def alive(self) -> bool:
+        try:
+            return bool(control(self.endpoint, "ping", timeout=0.5).get("ok"))
+        except MasterUnreachable:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def submit(self, spec_path: Path) -> str:
+        reply = control(self.endpoint, "submit", sweep=load_spec(spec_path).to_json())
+        assert reply["ok"], reply
+        return reply["state"]
+
+    def sweep_status(self, name: str) -> dict[str, Any] | None:
+        try:
+            reply = control(self.endpoint, "status", timeout=1.0)
+        except MasterUnreachable:
+            return None
+        return next((s for s in reply["sweeps"] if s["name"] == name), None)
+
+    def wait_finished(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.sweep_status(name)) and s["state"] == "finished" and s,
+                        timeout, f"sweep {name} to finish")
+
+
+@dataclass
+class SlaveProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    work_root: Path
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def master(tmp_path: Path):
+    """A running master process; killed at the end of the test whatever happened."""
+    m = MasterProcess(tmp_path / "state", f"tcp://127.0.0.1:{free_port()}").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def start_slave(tmp_path: Path, master: MasterProcess):
+    """start_slave(name, slots) -> a slave process connected to `master`; all stopped at the end."""
+    slaves: list[SlaveProcess] = []
+
+    def start(name: str, slots: int = 1, *extra: str) -> SlaveProcess:
+        work = tmp_path / "work" / name
+        log = open(tmp_path / f"slave-{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", master.endpoint, "--name", name,
+                                 "--slots", str(slots), "--work-root", str(work), "--heartbeat", str(HEARTBEAT),
+                                 "--log-level", "info", *extra], stdout=log, stderr=log)
+        log.close()
+        slave = SlaveProcess(name, proc, work)
+        slaves.append(slave)
+        return slave
+
+    yield start
+    for s in slaves:
+        s.stop()
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "master.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)

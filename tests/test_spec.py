@@ -1,0 +1,122 @@
+"""Sweep specs: parameter tables, templates and quoting, and errors that name file, line or field."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from master.config import ConfigError
+from master.spec import load_spec
+from master.template import render_shell
+from tests.conftest import run_cli, write_spec
+
+
+def test_csv_with_pipe_delimiter_gives_one_task_per_row(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("a|b\n1|x y\n2|z\n")
+    spec = load_spec(write_spec(tmp_path, """
+        name = "pipes"
+        command = "echo {a} {b}"
+        [parameters]
+        csv = "p.csv"
+        delimiter = "|"
+    """))
+    assert spec.params == [{"a": "1", "b": "x y"}, {"a": "2", "b": "z"}]
+
+
+def test_csv_short_row_is_reported_as_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("a|b\n1|2\n3\n4|5\n")
+    path = write_spec(tmp_path, """
+        name = "short"
+        command = "echo {a}"
+        [parameters]
+        csv = "p.csv"
+        delimiter = "|"
+    """)
+    with pytest.raises(ConfigError, match=r"p\.csv:3: expected 2 cells like the header, got 1"):
+        load_spec(path)
+
+
+def test_cli_refuses_bad_csv_and_runs_nothing(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("a,b\n1,2\n3,4,5\n")
+    write_spec(tmp_path, """
+        name = "bad"
+        command = "touch ran-{a}"
+        [parameters]
+        csv = "p.csv"
+    """)
+    result = run_cli("--state", str(tmp_path / "st"), "run", "spec.toml", "--local", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "p.csv:3" in result.stderr
+    assert not list(tmp_path.rglob("ran-*"))
+    assert not (tmp_path / "st").exists()
+
+
+def test_jsonl_parameters_and_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"n": 1, "s": "a"}\n\n{"n": 2, "s": "b"}\n')
+    spec = load_spec(write_spec(tmp_path, """
+        name = "j"
+        argv = ["echo", "{n}", "{s}"]
+        [parameters]
+        jsonl = "p.jsonl"
+    """))
+    assert spec.params == [{"n": 1, "s": "a"}, {"n": 2, "s": "b"}]
+    (tmp_path / "p.jsonl").write_text('{"n": 1}\n{"n": \n')
+    with pytest.raises(ConfigError, match=r"p\.jsonl:2: not JSON"):
+        load_spec(tmp_path / "spec.toml")
+
+
+def test_grid_is_the_product_first_axis_outermost(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, """
+        name = "g"
+        command = "echo {x} {y}"
+        [parameters.grid]
+        x = ["a", "b"]
+        y = {range = [0, 6, 2]}
+    """))
+    assert spec.params == [{"x": "a", "y": 0}, {"x": "a", "y": 2}, {"x": "a", "y": 4},
+                           {"x": "b", "y": 0}, {"x": "b", "y": 2}, {"x": "b", "y": 4}]
+
+
+@pytest.mark.parametrize("body, message", [
+    ('name = "a"\ncommand = "x"\ncomand = 1\n[parameters.grid]\nx=[1]', "unknown field 'comand'"),
+    ('name = "a"\n[parameters.grid]\nx=[1]', "exactly one of 'command'"),
+    ('name = "a"\ncommand = "echo {nope}"\n[parameters.grid]\nx=[1]', "command: unknown placeholder {nope}"),
+    ('name = "a"\ncommand = "x"\ntimeout = "soon"\n[parameters.grid]\nx=[1]', "field 'timeout' must be"),
+    ('name = "a b"\ncommand = "x"\n[parameters.grid]\nx=[1]', "field 'name' must match"),
+    ('name = "a"\ncommand = "x"\n[parameters.grid]\nx=[1]\n[results]\nr = "file:../up"', "results.r"),
+    ('name = "a"\ncommand = "x"\n[parameters.grid]\nx=[1]\n[[inputs]]\nname = "/etc/x"\ntemplate = "t"', "inputs[0].name"),
+    ('name = "a"\ncommand = "x"\n[parameters.grid]\nx=[1]\n[[collect]]\nmode = "zip"\npath = "o"', "collect[0].mode"),
+    ('name = "a"\ncommand = "x"\n[parameters]\ncsv = "missing.csv"', "missing.csv"),
+    ('name = "a"\ncommand = "x"\n[parameters.grid\n', "spec.toml"),
+])
+def test_bad_spec_names_the_field(tmp_path: Path, body: str, message: str) -> None:
+    (tmp_path / "spec.toml").write_text(body)
+    with pytest.raises(ConfigError) as err:
+        load_spec(tmp_path / "spec.toml")
+    assert message in str(err.value)
+    assert "spec.toml" in str(err.value)
+
+
+def test_shell_template_keeps_hostile_values_literal(tmp_path: Path) -> None:
+    hostile = "x; rm -rf ~ $(id) `id` 'q\" \\ \n"
+    line = render_shell("printf '%s\\n' {v}", {"v": hostile})
+    out = subprocess.run(["/bin/sh", "-c", line], capture_output=True, text=True, check=True).stdout
+    assert out == hostile + "\n"
+
+
+def test_spec_round_trips_through_json(tmp_path: Path) -> None:
+    (tmp_path / "data.bin").write_bytes(bytes(range(256)))
+    spec = load_spec(write_spec(tmp_path, """
+        name = "rt"
+        command = "cat data.bin"
+        [parameters.grid]
+        x = [1]
+        [[inputs]]
+        name = "data.bin"
+        source = "data.bin"
+    """))
+    again = type(spec).from_json(spec.to_json())
+    assert again == spec and again.digest() == spec.digest()
+    assert json.loads(spec.to_json())["name"] == "rt"
