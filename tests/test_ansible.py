@@ -129,8 +129,8 @@ class Hosts:
             return None
 
     def processes_of(self, host: str) -> list[int]:
-        """Pids of every process whose command line names this host's install or work dirs."""
-        marks = (str(self.home(host)), str(self.work_root(host)))
+        """Pids of every process whose command line names a path under the host's root (installs, work dirs)."""
+        mark = str(self.root(host)) + "/"
         found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -139,7 +139,7 @@ class Hosts:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if any(m in cmdline for m in marks):
+            if mark in cmdline:
                 found.append(int(proc.name))
         return found
 
@@ -327,18 +327,15 @@ def _tree(path: Path) -> dict[str, tuple[int, int]]:
 def test_check_mode_reports_and_changes_nothing(hosts: Hosts) -> None:
     trees = {h: _tree(hosts.home(h)) for h in HOSTS}
     pids = {h: hosts.pid(h, "slave") for h in HOSTS}
-    # a changed variable: --check must report the config change without making it
-    run = hosts.playbook("slaves.yml", "--check", "--diff", "-e", "ticketfarm_slave_slots=3")
+    # through `ticketfarm deploy --check` (which adds --diff), with one variable
+    # changed: the config change is reported on every host and made on none
+    run = hosts.deploy("--check", "-e", "ticketfarm_slave_slots=3")
     TIMINGS["--check"] = run.seconds
     assert run.ok(), run.output
     assert all(run.changed()[h] == 1 for h in HOSTS), run.output
-    assert "+slots = 3" in run.output
+    assert run.output.count("+slots = 3") == len(HOSTS), run.output
     assert {h: _tree(hosts.home(h)) for h in HOSTS} == trees
     assert {h: hosts.pid(h, "slave") for h in HOSTS} == pids
-    # and an unchanged inventory through `ticketfarm deploy --check`: nothing to do
-    run = hosts.deploy("--check")
-    assert run.ok(), run.output
-    assert all(run.changed()[h] == 0 for h in HOSTS), run.output
 
 
 # -- the cluster at work ----------------------------------------------------------------
@@ -445,6 +442,27 @@ def test_remove_leaves_nothing_behind(hosts: Hosts) -> None:
     assert not Path("/etc/systemd/system/ticketfarm-slave.service").exists()
     run = hosts.deploy("--action", "remove")
     assert run.ok() and all(run.changed()[h] == 0 for h in HOSTS), run.output
+
+
+def test_master_playbook_installs_a_running_master_and_removes_it(hosts: Hosts, tmp_path: Path) -> None:
+    # h1 doubles as the `master` group; the master binds h1's own address
+    group = tmp_path / "master-group.ini"
+    group.write_text("[master]\nh1\n")
+    endpoint = f"tcp://{NET}.11:{free_port(f'{NET}.1')}"
+    extra = ("-i", str(group), "-e", f"ticketfarm_master_bind={endpoint}")
+    run = hosts.playbook("master.yml", *extra)
+    assert run.ok() and run.changed()["h1"] > 0, run.output
+    state = hosts.root("h1") / "var" / "lib" / "ticketfarm-master"
+    assert endpoint in (state / "master.toml").read_text()
+    status = subprocess.run([sys.executable, "-m", "master.cli", "--master", endpoint, "--state", str(state),
+                             "status"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stdout + status.stderr
+    again = hosts.playbook("master.yml", *extra)
+    assert again.ok() and again.changed()["h1"] == 0, again.output
+    gone = hosts.playbook("master-remove.yml", *extra, "-e", "ticketfarm_master_remove_state=true")
+    assert gone.ok(), gone.output
+    assert not (hosts.root("h1") / "opt" / "ticketfarm-master").exists() and not state.exists()
+    assert hosts.processes_of("h1") == []
 
 
 # -- lint ----------------------------------------------------------------------------------
