@@ -200,10 +200,7 @@ def deploy(args: argparse.Namespace) -> int:
     cmd = playbook_command(source, args.inventory, args.action, check=args.check,
                            wheelhouse=wheelhouse, limit=args.limit, extra=args.extra_vars)
     print("deploy: " + " ".join(cmd), flush=True)
-    env = dict(os.environ)
-    if (source / "ansible.cfg").is_file():
-        env.setdefault("ANSIBLE_CONFIG", str(source / "ansible.cfg"))
-    return subprocess.run(cmd, cwd=source, env=env).returncode
+    return subprocess.run(cmd, cwd=source).returncode
 
 
 def add_deploy_parser(subparsers) -> argparse.ArgumentParser:

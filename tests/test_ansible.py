@@ -181,6 +181,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
     env = dict(os.environ, TH_DIR=str(hdir), TH_COUNT=str(len(HOSTS)), TH_NET=NET, TH_TAG=TAG,
                ANSIBLE_CONFIG=str(hdir / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
                ANSIBLE_DEPRECATION_WARNINGS="0", PYTHONPATH=str(ROOT))
+    if subprocess.run(["ip", "link", "show", f"{TAG}br"], capture_output=True).returncode == 0:
+        # left over by a run that was killed before its teardown: same names, so remove it
+        subprocess.run([str(TESTHOSTS), "down"], env=env, capture_output=True, timeout=120)
     up = subprocess.run([str(TESTHOSTS), "up"], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert up.returncode == 0, f"testhosts.sh up failed:\n{up.stdout}{up.stderr}"
@@ -288,6 +291,48 @@ def results_by_host(csv_path: Path) -> dict[int, str]:
             assert lines[0] == str(x), row
             seen[x] = lines[1]
     return seen
+
+
+# -- master/deploy.py without hosts -----------------------------------------------------
+
+
+def _fake_wheel(path: Path, files: dict[str, bytes]) -> Path:
+    import zipfile
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_wheelhouse_sync_changes_only_on_new_contents(tmp_path: Path) -> None:
+    from master import deploy
+    built, dest = tmp_path / "built", tmp_path / "dest"
+    built.mkdir(), dest.mkdir()
+    _fake_wheel(built / "ticketfarm-0.1.0-py3-none-any.whl", {"a.py": b"1"})
+    _fake_wheel(dest / "old-1.0-py3-none-any.whl", {"x": b""})
+    assert deploy._sync_wheels(built, dest) is True            # copied, stale wheel dropped
+    assert sorted(p.name for p in dest.glob("*.whl")) == ["ticketfarm-0.1.0-py3-none-any.whl"]
+    assert deploy._write_bundle(dest) is True
+    bundle = (dest / "wheels.tar").read_bytes()
+    _fake_wheel(built / "ticketfarm-0.1.0-py3-none-any.whl", {"a.py": b"1"})   # rebuilt, same contents
+    assert deploy._sync_wheels(built, dest) is False
+    assert deploy._write_bundle(dest) is False and (dest / "wheels.tar").read_bytes() == bundle
+    _fake_wheel(built / "ticketfarm-0.1.0-py3-none-any.whl", {"a.py": b"2"})
+    assert deploy._sync_wheels(built, dest) is True and deploy._write_bundle(dest) is True
+
+
+def test_deploy_command_line() -> None:
+    import argparse
+    from master import deploy
+    parser = argparse.ArgumentParser()
+    deploy.add_deploy_parser(parser.add_subparsers())
+    args = parser.parse_args(["deploy", "-i", "inv", "--action", "restart", "--check", "-e", "a=1"])
+    assert args.func is deploy.deploy and args.action == "restart" and args.extra_vars == ["a=1"]
+    cmd = deploy.playbook_command(ROOT, "inv", "remove", check=True, limit="h1", extra=["a=1"])
+    assert cmd == ["ansible-playbook", "-i", "inv", str(ROOT / "playbooks" / "slaves-remove.yml"),
+                   "--check", "--diff", "--limit", "h1", "-e", "a=1"]
+    assert all((ROOT / "playbooks" / name).is_file() for name in deploy.PLAYBOOKS.values())
+    assert deploy.find_source(ROOT / "playbooks") == ROOT
 
 
 # -- deploy ---------------------------------------------------------------------------
