@@ -16,8 +16,9 @@ class LocalCluster:
     """A master (in this process) and `n` local slaves (child processes), cleaned up on close()."""
 
     def __init__(self, state_dir: Path, n: int, slots: int = 1, config: MasterConfig | None = None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", slave_args: tuple[str, ...] = ()):
         self.state_dir = Path(state_dir)
+        self.slave_args = tuple(slave_args)
         if config is None:
             if not master_config_path(self.state_dir).exists():
                 write_default_master_config(self.state_dir)
@@ -34,7 +35,7 @@ class LocalCluster:
         cfg = self.master.config
         cmd = [sys.executable, "-m", "slave", "--master", self.master.endpoint, "--name", name,
                "--slots", str(slots), "--work-root", str(self.state_dir / "work" / name),
-               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level]
+               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level, *self.slave_args]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def run_until(self, done: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:

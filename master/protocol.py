@@ -44,6 +44,10 @@ class Command(enum.IntEnum):
     DISCONNECT = 0x0D  # both  go away / I am going away (reason)
     CONTROL = 0x0E     # C->M  a control operation (submit, cancel, status, ...)
     REPLY = 0x0F       # M->C  the answer to CONTROL
+    # Python-function sweeps (kind "python", see master/pysweep.py and slave/pyworker.py):
+    CODE_REQUEST = 0x10  # S->M  send me the function body with this hash (once per slave)
+    CODE = 0x11          # M->S  a cloudpickled function body, by hash (payload: the body)
+    NOTIFY = 0x12        # M->C  settled tasks of a watched sweep, pushed after commit (inline results as payload)
 
 
 class ProtocolError(ValueError):

@@ -13,6 +13,7 @@ import zmq
 from master import protocol
 from master.config import ConfigError, MasterConfig
 from master.protocol import Command, Message, ProtocolError, field_of
+from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
 from master.spec import Sweep
 from master.stats import all_sweep_stats, format_report
@@ -109,6 +110,7 @@ class Master:
             Command.DISCONNECT: self.on_disconnect,
             Command.CONTROL: self.on_control,
         }
+        self.python = PythonSweeps(self)
 
     # -- setup ----------------------------------------------------------------
     def _bind(self) -> zmq.Socket:
@@ -249,6 +251,7 @@ class Master:
         acks, self.pending_acks = self.pending_acks, {}
         for identity, tickets in acks.items():
             self._send(identity, Command.ACK, {"tickets": tickets})
+        self.python.after_commit()
 
     # -- slaves: hello, liveness, goodbye ------------------------------------------
     def on_hello(self, identity: bytes, msg: Message) -> None:
@@ -359,6 +362,9 @@ class Master:
             self._dispatch(session)
 
     def _send_ticket(self, session: SlaveSession, ticket: Ticket) -> None:
+        if self.python.owns(ticket.sweep):
+            self._send(session.identity, Command.TICKET, *self.python.ticket(ticket))
+            return
         static, payload = self._ticket_static(ticket.sweep)
         header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
                       params=self.store.params(ticket.sweep, ticket.task))
@@ -524,6 +530,7 @@ class Master:
             outputs.append(StoredOutput(f.name, f.size, None, str(final.relative_to(self.state_dir))))
         shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
         self.store.complete_task(sweep, task, tid, outputs)
+        self.python.settled(sweep, task, "done", outputs)
         ticket = self.scheduler.tickets.get(tid)
         if ticket is not None:
             self.scheduler.settle_success(ticket, transfer.elapsed, transfer.exit_code)
@@ -549,6 +556,8 @@ class Master:
         outcome = self.scheduler.settle_failure(ticket, state, reason, exit_code, elapsed)
         if outcome == "queued":
             self._dispatch_hungry()
+        elif outcome == "failed":
+            self.python.settled(ticket.sweep, ticket.task, "failed")
         self._finish_if_done(ticket.sweep)
 
     def _lose_ticket(self, ticket: Ticket, reason: str) -> None:
@@ -572,8 +581,11 @@ class Master:
     # -- control ----------------------------------------------------------------------------
     def on_control(self, identity: bytes, msg: Message) -> None:
         op = msg.header.get("op")
+        payload: list[bytes] = []
         try:
-            if op == "submit":
+            if isinstance(op, str) and op.startswith("py_"):
+                reply, payload = self.python.control(identity, op, msg)
+            elif op == "submit":
                 reply = {"ok": True, "state": self.submit(Sweep.from_json(field_of(msg, "sweep", str)))}
             elif op == "cancel":
                 reply = {"ok": self.cancel(field_of(msg, "sweep", str))}
@@ -588,9 +600,11 @@ class Master:
                 reply = {"ok": True, "epoch": self.epoch, "slaves": len(self.sessions)}
             else:
                 reply = {"ok": False, "error": f"unknown control op {op!r}"}
-        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:
             reply = {"ok": False, "error": str(exc)}
-        self._send(identity, Command.REPLY, reply)
+        if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
+            reply["rid"] = msg.header["rid"]
+        self._send(identity, Command.REPLY, reply, payload)
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:

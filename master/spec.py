@@ -56,6 +56,8 @@ class Sweep:
     inputs: list[InputFile] = field(default_factory=list)
     results: dict[str, str] = field(default_factory=lambda: {"stdout": "stdout"})
     collect: list[CollectRule] = field(default_factory=list)
+    kind: str = "command"
+    """"command" runs a program; "python" calls a cloudpickled function (params: fn hash + pickled args)."""
 
     @property
     def param_names(self) -> list[str]:

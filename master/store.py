@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS slaves (
     name TEXT PRIMARY KEY, platform TEXT, slots INTEGER, version TEXT,
     first_seen REAL, last_seen REAL, state TEXT, info TEXT);
+CREATE TABLE IF NOT EXISTS functions (hash TEXT PRIMARY KEY, body BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, sweep TEXT, task INTEGER,
     ticket INTEGER, detail TEXT);
@@ -203,6 +204,54 @@ class Store:
             "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
             ((sweep, idx, o.name, o.size, o.data, o.path) for o in outputs),
         )
+
+    # -- python sweeps: tasks appended after submission, function bodies ----------
+    def add_tasks(self, sweep: str, first: int, params: list[dict[str, Any]]) -> list[int]:
+        """Append tasks first.. to a sweep; indices it already has are skipped (a resent batch). Returns the new ones."""
+        ntasks = self.db.execute("SELECT ntasks FROM sweeps WHERE name = ?", (sweep,)).fetchone()[0]
+        new = [(sweep, first + i, json.dumps(p)) for i, p in enumerate(params) if first + i >= ntasks]
+        if not new:
+            return []
+        if new[0][1] != ntasks:
+            raise ValueError(f"sweep {sweep!r} has {ntasks} tasks; a batch starting at {new[0][1]} would leave a gap")
+        self._write_many("INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')", new)
+        self._write("UPDATE sweeps SET ntasks = ? WHERE name = ?", (new[-1][1] + 1, sweep))
+        return [r[1] for r in new]
+
+    def reopen_sweep(self, name: str) -> None:
+        self._write("UPDATE sweeps SET state = 'active', finished = NULL WHERE name = ?", (name,))
+
+    def cancel_task(self, sweep: str, idx: int) -> None:
+        self._write("UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
+                    "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
+
+    def settled_tasks(self, sweep: str) -> Iterator[tuple[int, str, str | None, list[StoredOutput]]]:
+        """Settled tasks in order: (idx, state, reason, outputs); done ones with their stored outputs."""
+        cur = self.db.execute(
+            "SELECT t.idx, t.state, t.reason, r.name, r.size, r.data, r.path FROM tasks t "
+            "LEFT JOIN results r ON r.sweep = t.sweep AND r.task = t.idx "
+            "WHERE t.sweep = ? AND t.state IN ('done', 'failed', 'cancelled') ORDER BY t.idx", (sweep,))
+        current: tuple[int, str, str | None, list[StoredOutput]] | None = None
+        for idx, state, reason, name, size, data, path in cur:
+            if current is None or current[0] != idx:
+                if current is not None:
+                    yield current
+                current = (idx, state, reason, [])
+            if name is not None:
+                current[3].append(StoredOutput(name, size, data, path))
+        if current is not None:
+            yield current
+
+    def task_reason(self, sweep: str, idx: int) -> str | None:
+        row = self.db.execute("SELECT reason FROM tasks WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
+        return row[0] if row else None
+
+    def add_function(self, digest: str, body: bytes) -> None:
+        self._write("INSERT OR IGNORE INTO functions VALUES (?, ?, ?)", (digest, body, time.time()))
+
+    def function(self, digest: str) -> bytes | None:
+        row = self.db.execute("SELECT body FROM functions WHERE hash = ?", (digest,)).fetchone()
+        return row[0] if row else None
 
     # -- tickets -------------------------------------------------------------
     def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, attempt: int, now: float) -> None:

@@ -20,6 +20,7 @@ from master.config import ConfigError
 from master.logs import configure_logging
 from master.protocol import Command, Message, ProtocolError
 from slave.config import SlaveConfig, finish, load_slave_config
+from slave.pypool import PyPool
 from slave.runner import MANIFEST, STDERR, STDOUT, Outcome, TicketSpec, UnsafePath, Worker, remove_workdir
 
 log = structlog.get_logger("ticketfarm.slave")
@@ -54,6 +55,8 @@ class Slave:
         self.running: dict[int, Worker] = {}
         self.waiting: deque[TicketSpec] = deque()
         self.outbox: dict[int, Outcome] = self._load_outbox()
+        self.pypool = PyPool(config.slots, self.work_root, config.name,
+                             lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}))
         self.sent_at: dict[int, float] = {}
         self.stopping = False
         self.exit_code = 0
@@ -146,11 +149,14 @@ class Slave:
         if self.socket is not None:
             poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        for fd in self.pypool.fds():
+            poller.register(fd, zmq.POLLIN)
         ready = dict(poller.poll(self._poll_timeout_ms(now)))
         if self._wake_r in ready:
             self._drain_wakeups()
         if self.socket is not None and self.socket in ready:
             self._drain_socket()
+        self.pypool.pump()
         self._reap_workers()
         self._start_waiting()
         self._kill_overdue()
@@ -207,6 +213,9 @@ class Slave:
             self._on_cancel(msg)
         elif msg.command == Command.DISCONNECT:
             self._on_disconnect(msg)
+        elif msg.command == Command.CODE:
+            self.pypool.on_code(str(msg.header["hash"]), msg.payload[0] if msg.payload else None,
+                                msg.header.get("error"))
         elif msg.command != Command.HEARTBEAT:
             raise ProtocolError(f"{msg.command.name} is not a command a slave accepts")
 
@@ -220,6 +229,7 @@ class Slave:
         log.info("connected", master=self.config.master, epoch=msg.header.get("epoch"))
         for outcome in list(self.outbox.values()):
             self._report(outcome)
+        self.pypool.request_missing()
 
     def _on_ticket(self, msg: Message) -> None:
         spec = TicketSpec.from_message(msg.header, msg.payload)
@@ -283,6 +293,9 @@ class Slave:
         while self.waiting and len(self.running) < self.config.slots:
             spec = self.waiting.popleft()
             workdir = self.workdir(spec.sweep, spec.ticket)
+            if spec.kind == "python":
+                self.running[spec.ticket] = self.pypool.start(spec, workdir)
+                continue
             try:
                 workdir.mkdir(parents=True, exist_ok=False)
                 self.running[spec.ticket] = Worker(spec, workdir, self.config.name)
@@ -321,7 +334,9 @@ class Slave:
         for out in outcome.outputs:
             inline = out.size <= protocol.INLINE_LIMIT
             declared.append({"name": out.name, "size": out.size, "inline": inline})
-            if inline:
+            if inline and out.data is not None:
+                payload.append(out.data)
+            elif inline:
                 with open(out.path, "rb") as fh:
                     payload.append(fh.read())
         self.send(Command.RESULT, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
@@ -371,6 +386,7 @@ class Slave:
             worker.kill("slave shutting down")
             remove_workdir(worker.workdir)
         self.running.clear()
+        self.pypool.close()
         self.send(Command.DISCONNECT, {"reason": "slave shutting down"})
         if self.socket is not None:
             self.socket.close(linger=200)
@@ -385,13 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, help="parallel workers (overrides the config)")
     parser.add_argument("--work-root", help="root of per-ticket work dirs (overrides the config)")
     parser.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds")
+    parser.add_argument("--prefetch", type=int, help="tickets held ready beyond the free slots (overrides the config)")
     parser.add_argument("--exit-on-shutdown", action="store_true", help="exit when the master shuts down")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
     try:
         config = load_slave_config(args.config) if args.config else SlaveConfig()
-        for key in ("master", "name", "slots", "work_root"):
+        for key in ("master", "name", "slots", "work_root", "prefetch"):
             if getattr(args, key) is not None:
                 setattr(config, key, getattr(args, key))
         if args.heartbeat is not None:

@@ -40,12 +40,15 @@ class TicketSpec:
     inputs: list[dict[str, Any]]
     results: dict[str, str]
     payload: list[bytes] = field(default_factory=list)
+    kind: str = "command"
+    fn: str = ""
 
     @classmethod
     def from_message(cls, header: dict[str, Any], payload: list[bytes]) -> "TicketSpec":
         return cls(int(header["ticket"]), str(header["sweep"]), int(header["task"]), int(header["attempt"]),
                    float(header["timeout"]), dict(header["params"]), header.get("command"), header.get("argv"),
-                   dict(header.get("env") or {}), list(header.get("inputs") or []), dict(header["results"]), payload)
+                   dict(header.get("env") or {}), list(header.get("inputs") or []), dict(header["results"]), payload,
+                   str(header.get("kind", "command")), str(header.get("fn", "")))
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Output:
     name: str
     path: str
     size: int
+    data: bytes | None = None  # small python results are held in memory, not written to a file
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Outcome:
 
     def save(self, workdir: Path) -> None:
         tmp = workdir / (MANIFEST + ".tmp")
-        data = {**self.__dict__, "outputs": [o.__dict__ for o in self.outputs]}
+        data = {**self.__dict__, "outputs": [{**o.__dict__, "data": None} for o in self.outputs]}
         tmp.write_text(json.dumps(data))
         tmp.replace(workdir / MANIFEST)
 

@@ -1,6 +1,7 @@
 """Fixtures that start real masters and slaves as processes (fast heartbeats) and always clean them up."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,10 @@ from master.spec import load_spec
 
 HEARTBEAT = 0.2
 LIVENESS = 5
+
+# Processes started by the tests import this checkout, wherever the package happens to be installed from.
+REPO = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def free_port() -> int:

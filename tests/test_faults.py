@@ -116,6 +116,11 @@ def test_malformed_frames_never_stop_the_master(master, start_slave, tmp_path: P
         {"name": "stdout", "size": 5, "inline": True}]}, [b"forged"]))
     attacker.send_multipart(protocol.encode(Command.RESULT, {"ticket": 5, "outputs": [
         {"name": "../../etc/passwd", "size": 1, "inline": True}]}, [b"x"]))
+    # one connection keeps order: once the ping is answered, everything above has been handled
+    attacker.send_multipart(protocol.encode(Command.CONTROL, {"op": "ping"}))
+    while attacker.poll(5000):
+        if "epoch" in protocol.decode(attacker.recv_multipart()).header:
+            break
     attacker.close()
     master.wait_finished("hostile", timeout=60)
     assert master.alive()

@@ -1,0 +1,593 @@
+"""Python functions as tickets: `Cluster` gives futures (submit, map, as_completed, attach) over a ticketfarm master.
+
+    from master import Cluster
+    with Cluster(local=2) as cluster:
+        print(list(cluster.map(pow, range(10), [2] * 10)))
+
+Functions and arguments travel cloudpickled; a function is sent once per
+cluster connection and cached by hash on the master and on each slave. One
+background thread per `Cluster` owns the ZeroMQ socket: it batches submitted
+tasks into `py_add` messages, receives the master's NOTIFY pushes (sent only
+after the results are committed) and resolves the futures. See
+docs/PYTHON-API.md; the wire ops are described in master/pysweep.py.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import reprlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from concurrent.futures import Future, as_completed
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import cloudpickle
+import zmq
+
+from master import protocol
+from master.protocol import Command
+from master.pyerrors import RemoteError, RemoteTraceback, TaskCancelled, TaskFailed
+from master.pysweep import FETCH_MAX, RESULTS
+from master.spec import Sweep
+
+__all__ = ["Cluster", "SweepHandle", "TaskFuture", "TaskFailed", "TaskCancelled", "RemoteError", "as_completed"]
+
+#: Tasks per py_add message at most (and about MAX_ADD_BYTES of arguments).
+ADD_BATCH = 2000
+MAX_ADD_BYTES = 4 * 1024 * 1024
+#: Bytes per py_fetch request for a large result, and requests kept in flight.
+FETCH_PIECE = FETCH_MAX
+FETCH_WINDOW = 4
+#: Seconds between the client's pings (they also keep its watches alive on the master).
+PING_INTERVAL = 1.0
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel = 40, 40, 2
+
+
+class TaskFuture(Future):
+    """A `concurrent.futures.Future` for one task; cancel() also stops the task on the cluster."""
+
+    def __init__(self, cluster: "Cluster", sweep: str, task: int):
+        super().__init__()
+        self.cluster, self.sweep, self.task = cluster, sweep, task
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        if super().cancel():
+            self.cluster._send_cancel(self.sweep, [self.task])
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.sweep}[{self.task}] {self._state.lower()}>"
+
+
+class _SweepState:
+    """What the client knows of one sweep: its futures by task index, and whether it is watched."""
+
+    def __init__(self, cluster: "Cluster", name: str):
+        self.cluster, self.name = cluster, name
+        self.futures: dict[int, TaskFuture] = {}
+        self.next_index = 0
+        self.watched = False
+
+    def future(self, idx: int) -> TaskFuture:
+        fut = self.futures.get(idx)
+        if fut is None:
+            fut = self.futures[idx] = TaskFuture(self.cluster, self.name, idx)
+        return fut
+
+
+class SweepHandle:
+    """A named python sweep: its futures in task order, results in order, cancel; re-attachable by name."""
+
+    def __init__(self, cluster: "Cluster", name: str, futures: list[TaskFuture]):
+        self.cluster, self.name, self.futures = cluster, name, futures
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.results()
+
+    def results(self, timeout: float | None = None) -> Iterator[Any]:
+        """Each task's value in task order; a task's exception is raised when its turn comes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in self.futures:
+            yield fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[TaskFuture]:
+        return as_completed(self.futures, timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every task has settled; True if they all did within `timeout`."""
+        _, pending = concurrent.futures.wait(self.futures, timeout)
+        return not pending
+
+    def cancel(self) -> None:
+        """Cancel the whole sweep: queued tasks dropped, running ones killed on their slaves."""
+        self.cluster.cancel(self.name)
+
+    def counts(self) -> dict[str, int]:
+        out = {"pending": 0, "done": 0, "error": 0, "cancelled": 0}
+        for f in self.futures:
+            key = "pending" if not f.done() else "cancelled" if f.cancelled() else \
+                "error" if f.exception() is not None else "done"
+            out[key] += 1
+        return out
+
+
+class Cluster:
+    """A connection to a ticketfarm master for running Python functions; or a private local cluster.
+
+    Cluster(address="tcp://host:5555")  connect to a running master (`ticketfarm master`).
+    Cluster(local=2, slots=1)           start a master and 2 local slaves in a child process
+                                        (state in `state_dir`, or a temporary dir removed at close).
+    `timeout` (s a task may run) and `max_attempts` are the defaults for submit(); map() may override them.
+    """
+
+    def __init__(self, address: str | None = None, *, local: int | None = None, slots: int = 1,
+                 state_dir: str | os.PathLike[str] | None = None, heartbeat: float = 1.0, liveness: int = 5,
+                 timeout: float = 3600.0, max_attempts: int = 3, prefetch: int = 64, durability: str = "full",
+                 connect_timeout: float = 30.0, log_level: str = "warning"):
+        if (address is None) == (local is None):
+            raise ValueError("give exactly one of address= (a running master) or local=N (start one)")
+        self.timeout, self.max_attempts = float(timeout), int(max_attempts)
+        self.session = uuid.uuid4().hex[:8]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: str | None = None
+        self.local_slaves: list[int] = []
+        if local is not None:
+            address = self._start_local(local, slots, state_dir, heartbeat, liveness, prefetch, durability,
+                                        connect_timeout, log_level)
+        assert address is not None
+        self.address = address
+        self._lock = threading.Lock()
+        self._sweeps: dict[str, _SweepState] = {}
+        self._adds: deque[tuple[str, int, str, bytes, str, Sweep]] = deque()
+        self._outgoing: deque[list[bytes]] = deque()
+        self._inflight: dict[int, list[bytes]] = {}
+        self._replies: dict[int, Callable[[dict[str, Any], list[bytes]], None]] = {}
+        self._rids = itertools.count(1)
+        self._fn_cache: "weakref.WeakKeyDictionary[Any, tuple[str, bytes]]" = weakref.WeakKeyDictionary()
+        self._fn_sent: set[str] = set()
+        self._fn_bodies: dict[str, bytes] = {}
+        self._deferred: list[list[bytes]] = []
+        self._fetches: dict[tuple[str, int], dict[str, Any]] = {}
+        self._epoch: int | None = None
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._context = zmq.Context()
+        self._thread = threading.Thread(target=self._io_loop, name="ticketfarm-client", daemon=True)
+        self._thread.start()
+        self._call("py_ping", {}, timeout=connect_timeout)
+        atexit.register(self.close)
+
+    # -- local cluster -------------------------------------------------------------------------
+    def _start_local(self, n: int, slots: int, state_dir: Any, heartbeat: float, liveness: int, prefetch: int,
+                     durability: str, connect_timeout: float, log_level: str) -> str:
+        if state_dir is None:
+            state_dir = self._tmp = tempfile.mkdtemp(prefix="ticketfarm-")
+        env = dict(os.environ)
+        # Local slaves see the modules this process sees, so functions pickled by reference import there.
+        paths = [str(Path(p or ".").resolve()) for p in sys.path if p == "" or Path(p).is_dir()]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        cmd = [sys.executable, "-m", "master.pylocal", "--state", str(state_dir), "--slaves", str(n),
+               "--slots", str(slots), "--prefetch", str(prefetch), "--heartbeat", str(heartbeat),
+               "--liveness", str(liveness), "--durability", durability, "--log-level", log_level]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait(connect_timeout)
+            raise RuntimeError(f"local ticketfarm master did not start (exit code {code})")
+        info = json.loads(line)
+        self.local_slaves = list(info["slaves"])
+        return str(info["endpoint"])
+
+    # -- public API --------------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run fn(*args, **kwargs) on the cluster; returns its future (tasks join this client's submit sweep)."""
+        spec = self._spec(f"py-{self.session}", self.timeout, self.max_attempts)
+        return self._add(spec, fn, [(args, kwargs)])[0]
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            max_attempts: int | None = None, name: str | None = None) -> Iterator[Any]:
+        """fn over the zipped iterables as one sweep; yields results in input order.
+
+        `timeout` is each task's run-time limit in seconds (not a wait limit), `max_attempts`
+        how often a task whose worker died or timed out is tried; `name` names the sweep so
+        another process can attach() to it.
+        """
+        return self.sweep(fn, *iterables, timeout=timeout, max_attempts=max_attempts, name=name).results()
+
+    def sweep(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+              max_attempts: int | None = None, name: str | None = None) -> SweepHandle:
+        """Like map(), but returns the `SweepHandle` (futures, cancel, name) instead of an iterator."""
+        name = name or f"py-{self.session}-{uuid.uuid4().hex[:6]}"
+        spec = self._spec(name, timeout if timeout is not None else self.timeout,
+                          max_attempts if max_attempts is not None else self.max_attempts)
+        futures = self._add(spec, fn, [(args, {}) for args in zip(*iterables)])
+        return SweepHandle(self, name, futures)
+
+    def attach(self, name: str, timeout: float = 30.0) -> SweepHandle:
+        """A sweep submitted earlier (by any process) by name: futures for all its tasks, settled ones resolved."""
+        state = self._state(name)
+        reply = self._call("py_watch", {"sweep": name}, timeout=timeout)
+        state.watched = True
+        with self._lock:
+            futures = [state.future(i) for i in range(int(reply["ntasks"]))]
+        return SweepHandle(self, name, futures)
+
+    @staticmethod
+    def as_completed(fs: Iterable[Future], timeout: float | None = None) -> Iterator[Future]:
+        return as_completed(fs, timeout)
+
+    def cancel(self, name: str) -> bool:
+        """Cancel a whole sweep by name."""
+        reply = self._call("py_cancel", {"sweep": name})
+        state = self._sweeps.get(name)
+        if state is not None:
+            for fut in list(state.futures.values()):
+                Future.cancel(fut)
+        return bool(reply.get("ok"))
+
+    def status(self) -> dict[str, Any]:
+        """The master's status: sweeps with their counts (as `ticketfarm status --json`)."""
+        return self._call("status", {})
+
+    def wait_for_slaves(self, n: int, timeout: float = 30.0) -> None:
+        """Block until at least n slaves are connected to the master."""
+        deadline = time.monotonic() + timeout
+        while self._call("ping", {}).get("slaves", 0) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} slaves connected after {timeout:g}s")
+            time.sleep(0.05)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the client thread once the master has stored every submitted task (at most `timeout` s).
+
+        A local cluster's master and slaves are stopped and its temporary state removed;
+        tasks on a remote master keep running and can be collected later with attach().
+        """
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        while (self._adds or self._inflight) and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        self._closed = True
+        atexit.unregister(self.close)
+        self._wake()
+        self._thread.join(5)
+        self._context.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+                self._proc.wait(5)
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting --------------------------------------------------------------------------------
+    def _spec(self, name: str, timeout: float, max_attempts: int) -> Sweep:
+        if timeout <= 0 or max_attempts < 1:
+            raise ValueError("timeout must be > 0 and max_attempts >= 1")
+        return Sweep(name=name, params=[], kind="python", timeout=float(timeout), max_attempts=int(max_attempts),
+                     results=dict(RESULTS))
+
+    def _function(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+        try:
+            cached = self._fn_cache.get(fn)
+        except TypeError:  # not weak-referenceable (a builtin): pickle it each time
+            cached = None
+        if cached is None:
+            body = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+            cached = (hashlib.sha256(body).hexdigest(), body)
+            try:
+                self._fn_cache[fn] = cached
+            except TypeError:
+                pass
+        return cached
+
+    def _add(self, spec: Sweep, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+             ) -> list[TaskFuture]:
+        if self._closed:
+            raise RuntimeError("cluster is closed")
+        digest, body = self._function(fn)
+        items = [(cloudpickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL), _short.repr(c[0])[:200]) for c in calls]
+        with self._lock:
+            state = self._state(spec.name)
+            first = state.next_index
+            state.next_index += len(items)
+            futures = [state.future(first + i) for i in range(len(items))]
+            if not state.watched:
+                state.watched = True
+                watch = True
+            else:
+                watch = False
+            for i, (args, text) in enumerate(items):
+                self._adds.append((spec.name, first + i, digest, args, text, spec))
+            self._fn_bodies[digest] = body
+        if watch:
+            # Queued after the adds (the thread flushes adds first), so the sweep exists when watched.
+            self._request_async("py_watch", {"sweep": spec.name}, defer=True)
+        self._wake()
+        return futures
+
+    def _state(self, name: str) -> _SweepState:
+        state = self._sweeps.get(name)
+        if state is None:
+            state = self._sweeps[name] = _SweepState(self, name)
+        return state
+
+    def _send_cancel(self, sweep: str, tasks: list[int]) -> None:
+        self._request_async("py_cancel", {"sweep": sweep, "tasks": tasks})
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _frames(self, op: str, header: dict[str, Any], payload: list[bytes] | None = None) -> tuple[int, list[bytes]]:
+        rid = next(self._rids)
+        return rid, protocol.encode(Command.CONTROL, {"op": op, "rid": rid, **header}, payload)
+
+    def _request_async(self, op: str, header: dict[str, Any],
+                       on_reply: Callable[[dict[str, Any], list[bytes]], None] | None = None,
+                       defer: bool = False) -> None:
+        rid, frames = self._frames(op, header)
+        with self._lock:
+            if on_reply is not None:
+                self._replies[rid] = on_reply
+            if defer:
+                self._deferred.append(frames)
+            else:
+                self._outgoing.append(frames)
+        self._wake()
+
+    def _call(self, op: str, header: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Send one request from a user thread and wait for its reply."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking call from the client thread")
+        done = threading.Event()
+        box: list[dict[str, Any]] = []
+
+        def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:
+            box.append(reply)
+            done.set()
+
+        self._request_async(op, header, on_reply)
+        if not done.wait(timeout):
+            raise TimeoutError(f"no answer from the master at {self.address} to {op!r} within {timeout:g}s")
+        reply = box[0]
+        if not reply.get("ok", False) and op not in ("py_cancel",):
+            raise RuntimeError(f"master refused {op!r}: {reply.get('error', reply)}")
+        return reply
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the client thread ---------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_ping = time.monotonic() + PING_INTERVAL
+        try:
+            while not self._closed:
+                ready = dict(poller.poll(int(PING_INTERVAL * 250)))
+                if self._wake_r in ready:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                if sock in ready:
+                    self._receive(sock)
+                self._flush(sock)
+                if time.monotonic() >= next_ping:
+                    next_ping = time.monotonic() + PING_INTERVAL
+                    self._ping()
+                    self._flush(sock)
+        finally:
+            sock.close(linger=0)
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            adds = self._take_adds()
+            outgoing, self._outgoing = self._outgoing, deque()
+            deferred, self._deferred = self._deferred, []
+        for rid, frames in adds:
+            self._inflight[rid] = frames
+            sock.send_multipart(frames)
+        for frames in itertools.chain(deferred, outgoing):
+            sock.send_multipart(frames)
+
+    def _take_adds(self) -> list[tuple[int, list[bytes]]]:
+        """Group queued tasks into py_add messages (per sweep, in order); called with the lock held."""
+        out = []
+        while self._adds:
+            name, first, _, _, _, spec = self._adds[0]
+            fns, reprs, args, size = [], [], [], 0
+            while self._adds and self._adds[0][0] == name and len(fns) < ADD_BATCH and size < MAX_ADD_BYTES:
+                _, _, digest, arg, text, _ = self._adds.popleft()
+                fns.append(digest)
+                reprs.append(text)
+                args.append(arg)
+                size += len(arg)
+            new_fns = [d for d in dict.fromkeys(fns) if d not in self._fn_sent]
+            bodies = [self._fn_bodies[d] for d in new_fns]
+            self._fn_sent.update(new_fns)
+            rid, frames = self._frames("py_add", {"sweep": name, "spec": spec.to_json(), "first": first,
+                                                  "fns": fns, "reprs": reprs, "functions": new_fns},
+                                       bodies + args)
+            self._replies[rid] = self._on_added(name, first, len(fns))
+            out.append((rid, frames))
+        return out
+
+    def _on_added(self, name: str, first: int, count: int) -> Callable[[dict[str, Any], list[bytes]], None]:
+        def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:
+            if not reply.get("ok"):
+                error = RuntimeError(f"master refused tasks of {name!r}: {reply.get('error')}")
+                state = self._sweeps[name]
+                for idx in range(first, first + count):
+                    fut = state.futures.get(idx)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(error)
+        return on_reply
+
+    def _ping(self) -> None:
+        def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:
+            epoch = reply.get("epoch")
+            if self._epoch is not None and epoch != self._epoch:
+                self._master_restarted()
+            self._epoch = epoch
+        rid, frames = self._frames("py_ping", {})
+        self._replies[rid] = on_reply
+        self._outgoing.append(frames)
+
+    def _master_restarted(self) -> None:
+        """A new master epoch: send unanswered adds again (they are idempotent) and watch again."""
+        for frames in list(self._inflight.values()):
+            self._outgoing.append(frames)
+        for state in self._sweeps.values():
+            if state.watched:
+                _, frames = self._frames("py_watch", {"sweep": state.name})
+                self._outgoing.append(frames)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except protocol.ProtocolError:
+                continue
+            if msg.command == Command.NOTIFY:
+                self._on_notify(msg)
+            elif msg.command == Command.REPLY:
+                rid = msg.header.get("rid")
+                self._inflight.pop(rid, None)
+                callback = self._replies.pop(rid, None)
+                if callback is not None:
+                    callback(msg.header, msg.payload)
+
+    def _on_notify(self, msg: protocol.Message) -> None:
+        name = str(msg.header.get("sweep"))
+        frames = iter(msg.payload)
+        with self._lock:
+            state = self._state(name)
+            pairs = [(item, state.future(int(item["task"]))) for item in msg.header.get("tasks", [])]
+        for item, fut in pairs:
+            data = next(frames) if item.get("state") == "done" and item.get("inline") else None
+            if fut.done():
+                continue
+            state_name = item.get("state")
+            if state_name == "done" and item.get("inline"):
+                _resolve(fut, item["output"], data)
+            elif state_name == "done":
+                self._start_fetch(fut, item["output"], int(item["size"]))
+            elif state_name == "cancelled":
+                Future.cancel(fut)
+            else:
+                fut.set_exception(TaskFailed(str(item.get("reason") or state_name), name, fut.task))
+
+    def _start_fetch(self, fut: TaskFuture, output: str, size: int) -> None:
+        key = (fut.sweep, fut.task)
+        if key in self._fetches:
+            return
+        self._fetches[key] = {"fut": fut, "output": output, "size": size, "buf": bytearray(size), "next": 0,
+                              "got": 0}
+        for _ in range(FETCH_WINDOW):
+            self._fetch_next(key)
+
+    def _fetch_next(self, key: tuple[str, int]) -> None:
+        f = self._fetches[key]
+        if f["next"] >= f["size"]:
+            return
+        offset = f["next"]
+        length = min(FETCH_PIECE, f["size"] - offset)
+        f["next"] += length
+        rid, frames = self._frames("py_fetch", {"sweep": key[0], "task": key[1], "name": f["output"],
+                                                "offset": offset, "length": length})
+
+        def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:
+            if key not in self._fetches:
+                return
+            if not reply.get("ok") or not payload:
+                del self._fetches[key]
+                f["fut"].set_exception(RemoteError(f"cannot fetch result: {reply.get('error')}"))
+                return
+            piece = payload[0]
+            f["buf"][offset:offset + len(piece)] = piece
+            f["got"] += len(piece)
+            if len(piece) != length:
+                del self._fetches[key]
+                f["fut"].set_exception(RemoteError(f"result of {key[0]}[{key[1]}] changed while fetched"))
+            elif f["got"] >= f["size"]:
+                del self._fetches[key]
+                buf = f.pop("buf")
+                _resolve(f["fut"], f["output"], buf)
+            else:
+                self._fetch_next(key)
+
+        self._replies[rid] = on_reply
+        self._outgoing.append(frames)
+
+
+def _resolve(fut: TaskFuture, output: str, data: bytes | bytearray) -> None:
+    """Unpickle a task's stored result (or exception) into its future."""
+    try:
+        value = cloudpickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 - e.g. a class this process cannot import
+        fut.set_exception(RemoteError(f"cannot unpickle the {output} of {fut.sweep}[{fut.task}]: {exc!r}"))
+        return
+    if output == "result":
+        fut.set_result(value)
+        return
+    exc, tb = value
+    if isinstance(exc, BaseException):
+        exc.__cause__ = RemoteTraceback(tb)
+        try:
+            exc.add_note(f"remote traceback (task {fut.sweep}[{fut.task}]):\n{tb}")
+        except AttributeError:  # pragma: no cover - Python < 3.11
+            pass
+        fut.set_exception(exc)
+    else:
+        fut.set_exception(RemoteError(f"{exc!r}\n{tb}"))

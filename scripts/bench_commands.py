@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Benchmark: 1,000 `/bin/true` and 1,000 `sleep 0.01` with 2 slots through ticketfarm --local, xargs -P2
+and GNU parallel -j2, in one run, printing wall times and ratios against xargs.
+
+ticketfarm is timed from submit to the last result on an already started local cluster (2 slaves x 1 slot);
+its start-up time is reported separately. Usage: python3 scripts/bench_commands.py [--tasks 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from master.config import MasterConfig
+from master.local import LocalCluster
+from master.spec import Sweep
+
+
+def time_shell(cmd: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def time_ticketfarm(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> float:
+    sweep = Sweep(name=name, params=[{"i": i} for i in range(tasks)], argv=argv, timeout=60,
+                  results={"code": "exit_code"})
+    sweep.collect = []
+    started = time.perf_counter()
+    cluster.master.submit(sweep)
+    cluster.run_until(lambda: cluster.master.sweep_done(name))
+    elapsed = time.perf_counter() - started
+    counts = cluster.master.store.task_counts(name)
+    assert counts.get("done") == tasks, counts
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--durability", default="full", choices=["full", "normal"])
+    args = parser.parse_args()
+    n = args.tasks
+    have_parallel = shutil.which("parallel") is not None
+    workloads = {"/bin/true": (["/bin/true"], "/bin/true"), "sleep 0.01": (["sleep", "0.01"], "sleep 0.01")}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = MasterConfig(heartbeat_interval=1.0, durability=args.durability)
+        t0 = time.perf_counter()
+        cluster = LocalCluster(Path(tmp) / "state", 2, slots=1, config=config)
+        cluster.run_until(lambda: len(cluster.master.sessions) == 2)
+        startup = time.perf_counter() - t0
+        try:
+            for label, (argv, shell_cmd) in workloads.items():
+                xargs = time_shell(f"seq {n} | xargs -P2 -I{{}} {shell_cmd}")
+                parallel = time_shell(f"seq {n} | parallel -j2 {shell_cmd} >/dev/null") if have_parallel else None
+                tf = time_ticketfarm(cluster, f"bench-{label.replace(' ', '-').replace('/', '')}", argv, n)
+                rows.append((label, xargs, parallel, tf))
+        finally:
+            cluster.close()
+    print(f"ticketfarm local cluster start-up (master + 2 slaves connected): {startup:.2f} s")
+    print(f"{n} tasks, 2 slots, durability={args.durability}")
+    print(f"{'workload':<12} {'xargs -P2':>10} {'parallel -j2':>13} {'ticketfarm':>11} {'tf/xargs':>9} {'parallel/tf':>12}")
+    for label, xargs, parallel, tf in rows:
+        par = f"{parallel:.2f} s" if parallel is not None else "n/a"
+        par_ratio = f"{parallel / tf:.1f}x" if parallel is not None else "n/a"
+        print(f"{label:<12} {xargs:>8.2f} s {par:>13} {tf:>9.2f} s {tf / xargs:>8.2f}x {par_ratio:>12}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Benchmark: Python function tasks through ticketfarm vs Dask distributed, ipyparallel and a process pool.
+
+    python scripts/bench_python.py [--noop 10000] [--sleep 2000] [--only ticketfarm,dask,ipyparallel,pool]
+
+Each runner gets 2 local workers on this machine: ticketfarm `Cluster(local=2)` (durable store,
+synchronous=FULL), Dask `LocalCluster(n_workers=2, threads_per_worker=1)`, ipyparallel with 2
+engines (load-balanced view), and `ProcessPoolExecutor(2)` as the no-network, no-durability
+reference. A peer that is not installed is skipped with a message. Prints tasks/s per workload
+and the ratio ticketfarm/peer; for the ~10 ms tasks also the fraction of the ideal rate (2 / 10 ms).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SLEEP = 0.010
+WORKERS = 2
+
+
+def noop(x: Any) -> Any:
+    return x
+
+
+def sleepy(x: Any) -> Any:
+    import time  # ipyparallel ships __main__ functions without their module globals
+
+    time.sleep(0.010)
+    return x
+
+
+def timed(run: Callable[[Callable[[Any], Any], int], list[Any]], fn: Callable[[Any], Any], n: int) -> float:
+    started = time.perf_counter()
+    out = run(fn, n)
+    elapsed = time.perf_counter() - started
+    assert list(out) == list(range(n)), "wrong results"
+    return n / elapsed
+
+
+def bench_ticketfarm(args: argparse.Namespace) -> dict[str, float]:
+    from master import Cluster
+
+    with Cluster(local=WORKERS, durability=args.durability) as cluster:
+        cluster.wait_for_slaves(WORKERS)
+        list(cluster.map(noop, range(200)))  # warm: workers started, function cached on both slaves
+        latencies = []
+        for i in range(200):
+            started = time.perf_counter()
+            cluster.submit(noop, i).result()
+            latencies.append(time.perf_counter() - started)
+        out = {"latency_ms": statistics.median(latencies) * 1000}
+        out["noop"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), noop, args.noop)
+        out["sleep"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), sleepy, args.sleep)
+    return out
+
+
+def bench_dask(args: argparse.Namespace) -> dict[str, float]:
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+            Client(lc) as client:
+        client.gather(client.map(noop, range(200), pure=False))
+
+        def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
+            return client.gather(client.map(fn, range(n), pure=False))
+
+        latencies = []
+        for i in range(100):
+            started = time.perf_counter()
+            client.submit(noop, i, pure=False).result()
+            latencies.append(time.perf_counter() - started)
+        return {"latency_ms": statistics.median(latencies) * 1000,
+                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+
+
+def bench_ipyparallel(args: argparse.Namespace) -> dict[str, float]:
+    import ipyparallel as ipp
+
+    cluster = ipp.Cluster(n=WORKERS, log_level=40)
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(WORKERS, timeout=120)
+        view = rc.load_balanced_view()
+        view.map_sync(noop, range(50))
+
+        def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
+            return list(view.map_sync(fn, range(n)))
+
+        latencies = []
+        for i in range(100):
+            started = time.perf_counter()
+            view.apply_sync(noop, i)
+            latencies.append(time.perf_counter() - started)
+        return {"latency_ms": statistics.median(latencies) * 1000,
+                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+
+
+def bench_pool(args: argparse.Namespace) -> dict[str, float]:
+    with ProcessPoolExecutor(WORKERS) as pool:
+        list(pool.map(noop, range(100)))
+
+        def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
+            return list(pool.map(fn, range(n)))
+
+        latencies = []
+        for i in range(100):
+            started = time.perf_counter()
+            pool.submit(noop, i).result()
+            latencies.append(time.perf_counter() - started)
+        return {"latency_ms": statistics.median(latencies) * 1000,
+                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+
+
+RUNNERS = {"ticketfarm": bench_ticketfarm, "dask": bench_dask, "ipyparallel": bench_ipyparallel,
+           "pool": bench_pool}
+NEEDS = {"dask": "distributed", "ipyparallel": "ipyparallel"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks per runner")
+    parser.add_argument("--sleep", type=int, default=2_000, help="~10 ms tasks per runner")
+    parser.add_argument("--only", default=",".join(RUNNERS), help="comma-separated runners")
+    parser.add_argument("--durability", choices=("full", "normal"), default="full",
+                        help="ticketfarm's SQLite synchronous mode")
+    args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
+    for name in args.only.split(","):
+        module = NEEDS.get(name)
+        if module is not None:
+            try:
+                __import__(module)
+            except ImportError:
+                print(f"skipping {name}: `{module}` is not installed (pip install {module})", flush=True)
+                continue
+        print(f"running {name} ...", flush=True)
+        try:
+            results[name] = RUNNERS[name](args)
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not lose the others' figures
+            print(f"  {name} failed: {exc!r}", flush=True)
+            continue
+        print("  " + ", ".join(f"{k} {v:,.2f}" for k, v in results[name].items()), flush=True)
+    ideal = WORKERS / SLEEP
+    print()
+    print(f"{'runner':<12} {'no-op tasks/s':>14} {'10 ms tasks/s':>14} {'of ideal':>9} {'median rtt ms':>14}")
+    for name, r in results.items():
+        print(f"{name:<12} {r['noop']:>14,.0f} {r['sleep']:>14,.1f} {r['sleep'] / ideal:>9.2f} {r['latency_ms']:>14.2f}")
+    tf = results.get("ticketfarm")
+    if tf:
+        print()
+        for name, r in results.items():
+            if name != "ticketfarm":
+                print(f"ticketfarm/{name}: no-op x{tf['noop'] / r['noop']:.2f}, 10 ms x{tf['sleep'] / r['sleep']:.2f}, "
+                      f"round trip x{tf['latency_ms'] / r['latency_ms']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""A warm Python worker process (one per slot): calls cloudpickled functions its slave sends over a pipe.
+
+Started by slave/pypool.py as `python -m slave.pyworker READ_FD WRITE_FD`. Each request is a pickled
+`(ticket, fn_hash, fn_body_or_None, pickled_args, result_dir)`; functions are cached by hash, so a
+body crosses the pipe once per worker. Each answer is a pickled
+`(ticket, "result"|"error", data_or_None, path_or_None, size, elapsed)`: a value larger than
+INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the pipe.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+
+from master.protocol import INLINE_LIMIT
+from master.pyerrors import RemoteError
+
+
+def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | None, args: bytes) -> tuple[str, bytes]:
+    """Run one task; ("result", pickled value) or ("error", pickled (exception, traceback text))."""
+    try:
+        if body is not None and digest not in functions:
+            functions[digest] = cloudpickle.loads(body)
+        fn = functions[digest]
+        posargs, kwargs = cloudpickle.loads(args)
+        value = fn(*posargs, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a task is the task's error, not ours
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            return "error", cloudpickle.dumps((exc, tb))
+        except Exception:  # noqa: BLE001 - an exception that cannot be pickled still reports its text
+            return "error", cloudpickle.dumps((RemoteError(f"{type(exc).__qualname__}: {exc}"), tb))
+    try:
+        return "result", cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001
+        tb = "".join(traceback.format_exception(exc))
+        return "error", cloudpickle.dumps((RemoteError(f"result cannot be pickled: {exc}"), tb))
+
+
+def serve(rx: Connection, tx: Connection) -> int:
+    functions: dict[str, Callable[..., Any]] = {}
+    while True:
+        try:
+            raw = rx.recv_bytes()
+        except EOFError:  # the slave went away
+            return 0
+        ticket, digest, body, args, result_dir = pickle.loads(raw)
+        started = time.perf_counter()
+        name, data = call(functions, digest, body, args)
+        elapsed = time.perf_counter() - started
+        size = len(data)
+        if size > INLINE_LIMIT:
+            path = Path(result_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            del data
+            tx.send_bytes(pickle.dumps((ticket, name, None, str(path), size, elapsed)))
+        else:
+            tx.send_bytes(pickle.dumps((ticket, name, data, None, size, elapsed)))
+
+
+def main(argv: list[str]) -> int:
+    rx = Connection(int(argv[0]), writable=False)
+    tx = Connection(int(argv[1]), readable=False)
+    return serve(rx, tx)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

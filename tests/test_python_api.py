@@ -1,0 +1,129 @@
+"""The Python API for real: a master and slaves as processes, cloudpickled functions, futures (issue 7)."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from master import Cluster, TaskFailed
+from master.pyerrors import RemoteTraceback
+from tests import fixtures_tasks as tasks
+from tests.conftest import HEARTBEAT, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One master and two local slaves (one slot each) shared by the tests that leave them intact."""
+    with Cluster(local=2, heartbeat=HEARTBEAT, durability="normal", max_attempts=2) as c:
+        c.wait_for_slaves(2, timeout=20)
+        yield c
+
+
+def test_map_over_1000_items_returns_results_in_input_order(cluster):
+    results = list(cluster.map(tasks.square, range(1000)))
+    assert results == [x * x for x in range(1000)]
+
+
+def test_submit_with_kwargs_closures_and_as_completed(cluster):
+    offset = 100
+    futures = [cluster.submit(tasks.add, i, 1, offset=offset) for i in range(20)]
+    futures.append(cluster.submit(lambda: offset * 2))  # a closure travels by value
+    done = list(concurrent.futures.as_completed(futures, timeout=30))
+    assert len(done) == 21
+    assert [f.result() for f in futures] == [i + 1 + offset for i in range(20)] + [200]
+
+
+def test_exception_is_reraised_with_the_remote_traceback(cluster):
+    future = cluster.submit(tasks.fail_with, "no good")
+    with pytest.raises(ValueError, match="no good") as info:
+        future.result(timeout=30)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "inner_helper_that_raises" in cause.tb and "fixtures_tasks.py" in cause.tb
+    assert any("remote traceback" in note for note in info.value.__notes__)
+
+
+def test_worker_that_exits_is_retried_then_failed_with_the_reason(cluster):
+    handle = cluster.sweep(tasks.exit_hard, [3], max_attempts=2)
+    with pytest.raises(TaskFailed) as info:
+        list(handle)
+    assert "python worker died: exit code 3" in info.value.reason
+    assert "after 2 attempts" in info.value.reason
+    # The warm worker was replaced: the next task runs normally.
+    assert cluster.submit(tasks.square, 12).result(timeout=30) == 144
+
+
+def test_timeout_kills_the_task_and_the_pool_recovers(cluster):
+    handle = cluster.sweep(tasks.sleep_for, [30.0], timeout=0.5, max_attempts=1)
+    with pytest.raises(TaskFailed, match="timeout"):
+        handle.futures[0].result(timeout=30)
+    assert cluster.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_cancel_a_running_task_and_a_queued_one(cluster):
+    running = [cluster.submit(tasks.sleep_for, 20.0) for _ in range(2)]
+    queued = cluster.submit(tasks.sleep_for, 20.0)
+    time.sleep(0.5)
+    assert all(f.cancel() for f in [*running, queued])
+    with pytest.raises(concurrent.futures.CancelledError):
+        queued.result()
+    # Both slots are free again well before the 20 s tasks would have ended.
+    assert cluster.submit(tasks.square, 5).result(timeout=10) == 25
+
+
+def test_50_mb_bytes_result_round_trips(cluster):
+    size = 50 * 1024 * 1024 + 7
+    value = cluster.submit(tasks.blob, size).result(timeout=120)
+    assert value == tasks.blob(size)
+
+
+def test_slave_killed_mid_map_the_map_completes():
+    with Cluster(local=2, heartbeat=HEARTBEAT, durability="normal", prefetch=8) as c:
+        c.wait_for_slaves(2, timeout=20)
+        handle = c.sweep(tasks.slow_square, range(200))
+        wait_for(lambda: sum(f.done() for f in handle.futures) >= 20, 30, "first results")
+        os.kill(c.local_slaves[0], signal.SIGKILL)
+        assert list(handle.results(timeout=60)) == [x * x for x in range(200)]
+
+
+FIRST = """
+import sys
+from master import Cluster
+from tests import fixtures_tasks as tasks
+c = Cluster(address=sys.argv[1])
+handle = c.sweep(tasks.slow_square, range(40), name="keep-me")
+print(len(handle), flush=True)
+c.close()  # returns once the master has stored the tasks; they run on without this process
+"""
+
+SECOND = """
+import json, sys
+from master import Cluster
+with Cluster(address=sys.argv[1]) as c:
+    print(json.dumps(list(c.attach("keep-me").results(timeout=60))))
+"""
+
+
+def test_reattach_by_name_from_a_second_process(master, start_slave):
+    start_slave("py-1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run([sys.executable, "-c", textwrap.dedent(FIRST), master.endpoint], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "40"
+    status = master.sweep_status("keep-me")
+    assert status is not None and status["state"] != "finished"  # the first process left before the end
+    second = subprocess.run([sys.executable, "-c", textwrap.dedent(SECOND), master.endpoint], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=90)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == [x * x for x in range(40)]
