@@ -38,6 +38,7 @@ import cloudpickle
 import zmq
 
 from master import protocol
+from master.keys import client_keys_for
 from master.protocol import Command
 from master.pyerrors import RemoteError, RemoteTraceback, TaskCancelled, TaskFailed
 from master.pysweep import FETCH_MAX, RESULTS
@@ -135,7 +136,9 @@ class SweepHandle:
 class Cluster:
     """A connection to a ticketfarm master for running Python functions; or a private local cluster.
 
-    Cluster(address="tcp://host:5555")  connect to a running master (`ticketfarm master`).
+    Cluster(address="tcp://host:5555")  connect to a running master (`ticketfarm master`); CURVE keys from
+                                        `keys=DIR` (master.key + client.key_secret), $TICKETFARM_KEYS,
+                                        or $TICKETFARM_STATE/keys (plain TCP when none: insecure masters).
     Cluster(local=2, slots=1)           start a master and 2 local slaves in a child process
                                         (state in `state_dir`, or a temporary dir removed at close).
     `timeout` (s a task may run) and `max_attempts` are the defaults for submit(); map() may override them.
@@ -144,7 +147,8 @@ class Cluster:
     def __init__(self, address: str | None = None, *, local: int | None = None, slots: int = 1,
                  state_dir: str | os.PathLike[str] | None = None, heartbeat: float = 1.0, liveness: int = 5,
                  timeout: float = 3600.0, max_attempts: int = 3, prefetch: int = 64, durability: str = "full",
-                 connect_timeout: float = 30.0, log_level: str = "warning"):
+                 connect_timeout: float = 30.0, log_level: str = "warning",
+                 keys: str | os.PathLike[str] | None = None):
         if (address is None) == (local is None):
             raise ValueError("give exactly one of address= (a running master) or local=N (start one)")
         self.timeout, self.max_attempts = float(timeout), int(max_attempts)
@@ -153,8 +157,11 @@ class Cluster:
         self._tmp: str | None = None
         self.local_slaves: list[int] = []
         if local is not None:
-            address = self._start_local(local, slots, state_dir, heartbeat, liveness, prefetch, durability,
-                                        connect_timeout, log_level)
+            address, keys = self._start_local(local, slots, state_dir, heartbeat, liveness, prefetch, durability,
+                                              connect_timeout, log_level)
+            self._keys = client_keys_for(None, keys) if keys else None
+        else:
+            self._keys = client_keys_for(Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm")), keys)
         assert address is not None
         self.address = address
         self._lock = threading.Lock()
@@ -182,7 +189,7 @@ class Cluster:
 
     # -- local cluster -------------------------------------------------------------------------
     def _start_local(self, n: int, slots: int, state_dir: Any, heartbeat: float, liveness: int, prefetch: int,
-                     durability: str, connect_timeout: float, log_level: str) -> str:
+                     durability: str, connect_timeout: float, log_level: str) -> tuple[str, str | None]:
         if state_dir is None:
             state_dir = self._tmp = tempfile.mkdtemp(prefix="ticketfarm-")
         env = dict(os.environ)
@@ -200,7 +207,7 @@ class Cluster:
             raise RuntimeError(f"local ticketfarm master did not start (exit code {code})")
         info = json.loads(line)
         self.local_slaves = list(info["slaves"])
-        return str(info["endpoint"])
+        return str(info["endpoint"]), info.get("keys")
 
     # -- public API --------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -402,6 +409,8 @@ class Cluster:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self._keys is not None:
+            self._keys.apply(sock)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from master import cli_http
+from master import cli_http, keys
 from master.client import MasterUnreachable, client_endpoint, control
 from master.collect import collect, remove_collected
 from master.config import ConfigError, load_master_config, master_config_path, write_default_master_config
@@ -46,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http", default=os.environ.get("TICKETFARM_HTTP"), metavar="URL",
                         help="use this master's HTTP API (default: $TICKETFARM_HTTP, or http_bind of the config)")
     parser.add_argument("--token", help="HTTP API token (default: $TICKETFARM_TOKEN, or STATE/http.token)")
+    parser.add_argument("--keys", type=Path, default=None,
+                        help="dir with master.key and client.key_secret for CURVE (default: $TICKETFARM_KEYS, "
+                             "or STATE/keys)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", help="write a default master config to review")
+    p = sub.add_parser("init", help="write a default master config and fresh CURVE keys to review")
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("keys", help="CURVE keys: add-slave NAME, authorize, revoke, list")
+    keys.add_arguments(p)
+    p.set_defaults(func=keys.run)
     p = sub.add_parser("master", help="run the master in the foreground")
     p.set_defaults(func=cmd_master)
     p = sub.add_parser("run", help="run a sweep to the end with a progress bar")
@@ -94,11 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands -------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     path = master_config_path(args.state)
+    made = keys.init_state_keys(args.state)
+    for key in made:
+        print(f"wrote {key}")
     if path.exists():
         print(f"{path} exists; not overwritten")
         return 0
     write_default_master_config(args.state)
-    print(f"wrote {path}: review it, then start `ticketfarm master`")
+    print(f"wrote {path}: review it, then start `ticketfarm master`\n"
+          f"slaves need {keys.keys_dir(args.state) / 'master.key'} and a secret key: the shared "
+          f"{keys.keys_dir(args.state) / 'slave.key_secret'}, or one per host (`ticketfarm keys add-slave HOST`)")
     return 0
 
 
@@ -164,13 +175,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
     endpoint = _endpoint(args)
-    reply = control(endpoint, "submit", sweep=sweep.to_json())
+    reply = control(endpoint, "submit", keys=_keys(args), sweep=sweep.to_json())
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
     bar = ProgressBar()
     started = time.time()
     while True:
-        status = control(endpoint, "status")
+        status = control(endpoint, "status", keys=_keys(args))
         mine = [SweepStats(**s) for s in status["sweeps"] if s["name"] == sweep.name]
         if mine:
             bar.show(mine[0])
@@ -202,7 +213,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.callback:
         raise ConfigError("--callback needs the master's HTTP API (set http_bind, or pass --http URL)")
     sweep = load_spec(args.spec)
-    reply = control(_endpoint(args), "submit", sweep=sweep.to_json())
+    reply = control(_endpoint(args), "submit", keys=_keys(args), sweep=sweep.to_json())
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
     print(f"{sweep.name}: {reply['state']} ({len(sweep.params)} tasks)")
@@ -267,7 +278,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     if (api := cli_http.http_api(args)) is not None:
         return cli_http.cancel(api, args.sweep)
-    reply = control(_endpoint(args), "cancel", sweep=args.sweep)
+    reply = control(_endpoint(args), "cancel", keys=_keys(args), sweep=args.sweep)
     print(f"{args.sweep}: {'cancelled' if reply.get('ok') else 'not active'}")
     return 0 if reply.get("ok") else 1
 
@@ -277,6 +288,16 @@ def _endpoint(args: argparse.Namespace) -> str:
     if args.master:
         return args.master
     return client_endpoint(load_master_config(args.state).bind)
+
+
+def _keys(args: argparse.Namespace) -> keys.ClientKeys | None:
+    """The client's CURVE keys: --keys, $TICKETFARM_KEYS or STATE/keys; None for an insecure master."""
+    if not args.keys and master_config_path(args.state).exists() and load_master_config(args.state).insecure:
+        return None
+    try:
+        return keys.client_keys_for(args.state, args.keys)
+    except keys.KeyFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class _open_store:
@@ -299,7 +320,7 @@ def _live_or_stored(args: argparse.Namespace, op: str, from_store: Any) -> Any:
     """Ask the running master; without one, read the store directly."""
     if args.master or master_config_path(args.state).exists():
         try:
-            reply = control(_endpoint(args), op, timeout=2.0)
+            reply = control(_endpoint(args), op, timeout=2.0, keys=_keys(args))
             if reply.get("ok"):
                 return reply
         except MasterUnreachable:

@@ -6,6 +6,7 @@ from typing import Any
 import zmq
 
 from master import protocol
+from master.keys import ClientKeys
 from master.protocol import Command
 
 
@@ -13,16 +14,20 @@ class MasterUnreachable(ConnectionError):
     """No master answered at the given address in time."""
 
 
-def control(endpoint: str, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
-    """Send one CONTROL operation and wait for its REPLY."""
+def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | None = None,
+            **fields: Any) -> dict[str, Any]:
+    """Send one CONTROL operation and wait for its REPLY (CURVE-encrypted with `keys`, else plain TCP)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            keys.apply(sock)
         sock.connect(endpoint)
         sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
         if not sock.poll(int(timeout * 1000)):
-            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s")
+            hint = "" if keys is not None else " (no client keys given: a CURVE master ignores plain TCP; see --keys)"
+            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s{hint}")
         msg = protocol.decode(sock.recv_multipart())
         if msg.command != Command.REPLY:
             raise MasterUnreachable(f"unexpected answer {msg.command.name} from {endpoint}")

@@ -31,6 +31,16 @@ class MasterConfig:
     """Seconds added to a ticket's timeout before the master gives up on it (the slave kills at the timeout)."""
     commit_interval: float = 0.02
     """Longest time (s) a finished result waits for its group commit while messages keep arriving."""
+    insecure: bool = False
+    """Plain TCP with no authentication: only for a trusted network. The master warns at every start."""
+    secret_key: str = "keys/master.key_secret"
+    """The master's CURVE secret key file (relative paths: to the state dir); made at first start if missing."""
+    authorized_slaves: str = "authorized/slaves"
+    """Directory of slave public keys (*.key) the master accepts; edits take effect without a restart."""
+    authorized_clients: str = "authorized/clients"
+    """Directory of control-client public keys (*.key): only these may submit sweeps and Python functions."""
+    keys_reload_interval: float = 1.0
+    """Seconds between checks of the authorised-key directories (a revoked key is dropped within this time)."""
     max_message_size: int = 8 * 1024 * 1024
     """Largest message (bytes) the master accepts; larger ones are dropped by ZeroMQ."""
     durability: str = "full"
@@ -47,6 +57,10 @@ class MasterConfig:
     """HOST:PORT of the HTTP API and dashboard (e.g. "127.0.0.1:8080"; port 0 picks one); empty = no HTTP server."""
     http_token_hash: str = ""
     """SHA-256 hex digests of accepted API tokens, comma-separated (`ticketfarm token` makes one); tokens are never stored."""
+    http_tls_cert: str = ""
+    """PEM certificate (chain) file: with http_tls_key, the HTTP API speaks HTTPS only (relative: to the state dir)."""
+    http_tls_key: str = ""
+    """PEM private key file of http_tls_cert."""
     http_open_reads: bool = True
     """Read-only endpoints need no token when bound to loopback (any other bind always requires one)."""
     http_cache_ttl: float = 0.5

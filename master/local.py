@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from master import keys
 from master.config import MasterConfig, load_master_config, master_config_path, write_default_master_config
 from master.server import Master
 
@@ -37,8 +38,16 @@ class LocalCluster:
         cfg = self.master.config
         cmd = [sys.executable, "-m", "slave", "--master", self.master.endpoint, "--name", name,
                "--slots", str(slots), "--work-root", str(self.state_dir / "work" / name),
-               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level, *self.slave_args]
+               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level,
+               *self.security_args(), *self.slave_args]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def security_args(self) -> list[str]:
+        """Local slaves use the state dir's shared slave key (CURVE even on loopback), or --insecure."""
+        if self.master.config.insecure:
+            return ["--insecure"]
+        kdir = keys.keys_dir(self.state_dir)
+        return ["--master-key", str(kdir / "master.key"), "--secret-key", str(kdir / "slave.key_secret")]
 
     def run_until(self, done: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:
         """Serve until `done()`; a slave process that dies is reported, the sweep goes on without it."""

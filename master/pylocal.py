@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         master.stop()
 
     threading.Thread(target=watch_parent, daemon=True).start()
-    print(json.dumps({"endpoint": master.endpoint, "slaves": [p.pid for p in cluster.slaves]}), flush=True)
+    keys = None if config.insecure else str(cluster.state_dir / "keys")
+    print(json.dumps({"endpoint": master.endpoint, "slaves": [p.pid for p in cluster.slaves], "keys": keys}),
+          flush=True)
     try:
         master.serve()
     finally:

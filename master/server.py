@@ -10,10 +10,11 @@ from typing import Any, Callable
 import structlog
 import zmq
 
-from master import ops, protocol
+from master import keys, ops, protocol
 from master.callbacks import CallbackSender
 from master.config import ConfigError, MasterConfig
 from master.events import EventBatch
+from master.keys import KeyRing, Peer, ZapHandler
 from master.metrics import Metrics
 from master.protocol import Command, Message, ProtocolError, field_of
 from master.pysweep import PythonSweeps
@@ -28,6 +29,8 @@ log = structlog.get_logger("ticketfarm.master")
 FETCH_WINDOW = 4
 #: Messages handled between two group commits at most.
 DRAIN_LIMIT = 2000
+#: Who sent a message on the inproc endpoint (the master's own HTTP threads), or anything when insecure.
+LOCAL_PEER = Peer(keys.LOCAL, "local")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class SlaveSession:
     info: dict[str, Any] = field(default_factory=dict)
     info_saved: float = 0.0
     last_heartbeat: float = 0.0
+    key: bytes = b""  # the CURVE public key (z85) it authenticated with; empty when insecure
 
 
 @dataclass
@@ -100,7 +104,12 @@ class Master:
         self._ticket_headers: dict[str, tuple[dict[str, Any], list[bytes]]] = {}
         self._stopping = False
         self._next_housekeeping = 0.0
-        self.context = context or zmq.Context.instance()
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.keyring, self.zap = self._security()
+        self._peer: Peer | None = LOCAL_PEER
+        self._refused_peers: set[bytes] = set()
+        self._next_key_check = 0.0
         self.socket = self._bind()
         self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
@@ -133,9 +142,40 @@ class Master:
         self.python = PythonSweeps(self)
 
     # -- setup ----------------------------------------------------------------
+    def _security(self) -> tuple[KeyRing | None, ZapHandler | None]:
+        """CURVE keys and the ZAP handler (before the socket binds), or a loud warning when insecure."""
+        cfg = self.config
+        if cfg.insecure:
+            log.warning("insecure_transport", bind=cfg.bind,
+                        detail="insecure = true: plain TCP, any peer may act as slave or submit work; "
+                               "use only on a trusted network")
+            return None, None
+        secret = self.state_dir / cfg.secret_key
+        if not secret.exists():
+            if cfg.secret_key != MasterConfig.secret_key:
+                raise ConfigError(f"secret_key {str(secret)!r}: no such file")
+            for path in keys.init_state_keys(self.state_dir):
+                log.info("key_created", path=str(path))
+        try:
+            self._public_key, self._secret_key = keys.load_keypair(secret)
+        except keys.KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
+        ring = KeyRing(self.state_dir / cfg.authorized_slaves, self.state_dir / cfg.authorized_clients)
+        try:
+            zap = ZapHandler(self.context, ring)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot start the CURVE authenticator in this ZeroMQ context: {exc}") from None
+        return ring, zap
+
     def _bind(self) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keyring is not None:
+            sock.curve_server = True
+            sock.curve_publickey = self._public_key
+            sock.curve_secretkey = self._secret_key
+            sock.zap_domain = keys.ZAP_DOMAIN
+            self._recv = self._recv_authenticated
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -214,6 +254,8 @@ class Master:
             self._expire_tickets(now)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
+            if self.keyring is not None and now >= self._next_key_check:
+                self._check_keys(now)
             self._commit_and_ack()
             if tick and now >= next_tick:
                 tick()
@@ -223,12 +265,29 @@ class Master:
         self._pass_started = time.time()
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._recv()
             except zmq.Again:
                 return
             self.handle(frames)
             if self.store.dirty and self._commit_due():
                 self._commit_and_ack()
+
+    def _recv(self) -> list[bytes]:
+        """One message, routing id first (insecure: every peer is trusted)."""
+        return self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+
+    def _recv_authenticated(self) -> list[bytes]:
+        """One message; sets self._peer to the sender's authorised key (None: revoked since it connected)."""
+        first = self.socket.recv(zmq.NOBLOCK, copy=False)
+        try:
+            user = first.get("User-Id")
+        except zmq.ZMQError:  # inproc: the master's own HTTP threads, no CURVE there
+            self._peer = LOCAL_PEER
+        else:
+            self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
+        if not first.more:
+            return [first.bytes]
+        return [first.bytes, *self.socket.recv_multipart()]
 
     def _commit_due(self) -> bool:
         return sum(len(v) for v in self.pending_acks.values()) >= 512
@@ -244,6 +303,8 @@ class Master:
             handler = self._handlers.get(msg.command)
             if handler is None:
                 raise ProtocolError(f"{msg.command.name} is not a command a master accepts")
+            if self._peer is not LOCAL_PEER and not self._permitted(identity, msg):
+                return
             session = self.sessions.get(identity)
             if session is not None:
                 session.expiry = time.time() + self._liveness_window()
@@ -256,6 +317,46 @@ class Master:
             log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
         except Exception:  # noqa: BLE001 - one bad message must never take the master down
             log.exception("message_handler_failed", peer=identity.hex())
+
+    def _permitted(self, identity: bytes, msg: Message) -> bool:
+        """Roles: a client key may send CONTROL, a slave key may register as a slave; a revoked key nothing."""
+        peer = self._peer
+        if peer is None:
+            session = self.sessions.get(identity)
+            if session is not None:
+                self._revoke_session(session)
+            elif identity not in self._refused_peers:
+                self._refused_peers.add(identity)
+                log.warning("revoked_key_refused", peer=identity.hex(), command=msg.command.name)
+            return False
+        if msg.command == Command.CONTROL and peer.role != keys.CLIENT and msg.header.get("op") != "ping":
+            log.warning("control_refused", peer=identity.hex(), key_name=peer.name, op=str(msg.header.get("op")))
+            reply: dict[str, Any] = {"ok": False, "code": "forbidden",
+                                     "error": "control operations need an authorised client key"}
+            if "rid" in msg.header:
+                reply["rid"] = msg.header["rid"]
+            self._send(identity, Command.REPLY, reply)
+            return False
+        if msg.command == Command.HELLO and peer.role != keys.SLAVE:
+            self._send(identity, Command.DISCONNECT, {"reason": "this key is not a slave key", "reconnect": False})
+            log.warning("slave_refused", peer=identity.hex(), key_name=peer.name, reason="not a slave key")
+            return False
+        return True
+
+    def _check_keys(self, now: float) -> None:
+        """Reload the authorised keys when they changed; slaves whose key was revoked are dropped."""
+        self._next_key_check = now + self.config.keys_reload_interval
+        if self.keyring is None or not self.keyring.refresh():
+            return
+        self._refused_peers.clear()
+        for session in list(self.sessions.values()):
+            if session.key and self.keyring.lookup(session.key) is None:
+                self._revoke_session(session)
+
+    def _revoke_session(self, session: SlaveSession) -> None:
+        log.warning("slave_revoked", slave=session.name, peer=session.identity.hex())
+        self._send(session.identity, Command.DISCONNECT, {"reason": "key revoked", "reconnect": False})
+        self._drop_session(session, reason="key revoked", lose_tickets=True)
 
     def _send(self, identity: bytes, command: Command, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
         try:
@@ -288,6 +389,13 @@ class Master:
         slots = field_of(msg, "slots", int)
         if not name or slots < 1:
             raise ProtocolError("HELLO: name must be non-empty and slots >= 1")
+        peer = self._peer
+        if peer is not None and peer is not LOCAL_PEER and not peer.may_be_slave(name):
+            self._send(identity, Command.DISCONNECT, {"reason": f"key {peer.name!r} may not act as slave {name!r}",
+                                                      "reconnect": False})
+            log.warning("slave_refused", peer=identity.hex(), slave=name, key_name=peer.name,
+                        reason="name not allowed for this key")
+            return
         held = {int(t) for t in msg.header.get("running", []) + msg.header.get("held", [])}
         old = self.by_name.get(name)
         if old is not None and old.identity != identity:
@@ -295,6 +403,8 @@ class Master:
         now = time.time()
         session = SlaveSession(identity, name, str(msg.header.get("platform", "")), slots,
                                str(msg.header.get("version", "")), now + self._liveness_window())
+        if peer is not None and peer is not LOCAL_PEER:
+            session.key = peer.key
         self.sessions[identity] = session
         self.by_name[name] = session
         self.store.slave_seen(name, session.platform, slots, session.version,
@@ -660,6 +770,10 @@ class Master:
             self._send(session.identity, Command.DISCONNECT, {
                 "reason": "master shutting down", "reconnect": not self.config.slave_exit_when_done})
         self.socket.close(linger=500)
+        if self.zap is not None:
+            self.zap.stop()
+        if self._own_context:
+            self.context.destroy(linger=0)
         self.store.close()
 
 

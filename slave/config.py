@@ -14,6 +14,12 @@ class SlaveConfig:
 
     master: str = ""
     """ZeroMQ endpoint of the master, e.g. tcp://10.0.0.1:5555."""
+    master_key: str = ""
+    """The master's CURVE public key file (master.key); required unless insecure."""
+    secret_key: str = ""
+    """This slave's CURVE secret key file (NAME.key_secret); required unless insecure."""
+    insecure: bool = False
+    """Plain TCP to a master configured with insecure = true (trusted networks only)."""
     name: str = ""
     """Unique slave name shown in statistics (default: the host name)."""
     slots: int = 1
@@ -53,5 +59,8 @@ def finish(config: SlaveConfig, source: str) -> SlaveConfig:
         raise ConfigError(f"{source}: field 'prefetch' must be >= 0")
     if config.on_master_shutdown not in ("stay", "exit"):
         raise ConfigError(f"{source}: field 'on_master_shutdown' must be \"stay\" or \"exit\"")
+    if not config.insecure and not (config.master_key and config.secret_key):
+        raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
+                          "unless insecure = true")
     config.name = config.name or socket.gethostname()
     return config

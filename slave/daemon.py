@@ -17,6 +17,7 @@ import zmq
 
 from master import protocol
 from master.config import ConfigError
+from master.keys import ClientKeys, KeyFileError
 from master.logs import configure_logging
 from master.protocol import Command, Message, ProtocolError
 from slave.config import SlaveConfig, finish, load_slave_config
@@ -43,6 +44,7 @@ class Slave:
         self.work_root = Path(config.work_root).resolve()
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.context = context or zmq.Context.instance()
+        self.keys = None if config.insecure else ClientKeys.load(config.master_key, config.secret_key)
         self.interval = config.heartbeat_interval
         self.liveness = config.liveness
         self.socket: zmq.Socket | None = None
@@ -88,6 +90,8 @@ class Slave:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.config.master)
         self.socket = sock
         self.welcomed = False
@@ -402,13 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-root", help="root of per-ticket work dirs (overrides the config)")
     parser.add_argument("--heartbeat", type=float, help="heartbeat interval in seconds")
     parser.add_argument("--prefetch", type=int, help="tickets held ready beyond the free slots (overrides the config)")
+    parser.add_argument("--master-key", help="the master's CURVE public key file (overrides the config)")
+    parser.add_argument("--secret-key", help="this slave's CURVE secret key file (overrides the config)")
+    parser.add_argument("--insecure", action="store_true", help="plain TCP (a master with insecure = true)")
     parser.add_argument("--exit-on-shutdown", action="store_true", help="exit when the master shuts down")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
     try:
         config = load_slave_config(args.config) if args.config else SlaveConfig()
-        for key in ("master", "name", "slots", "work_root", "prefetch"):
+        for key in ("master", "name", "slots", "work_root", "prefetch", "master_key", "secret_key"):
             if getattr(args, key) is not None:
                 setattr(config, key, getattr(args, key))
         if args.heartbeat is not None:
@@ -416,12 +423,15 @@ def main(argv: list[str] | None = None) -> int:
             config.reconnect_min = min(config.reconnect_min, args.heartbeat)
         if args.exit_on_shutdown:
             config.on_master_shutdown = "exit"
+        if args.insecure:
+            config.insecure = True
         config = finish(config, str(args.config or "command line"))
-    except ConfigError as exc:
+        configure_logging(args.log_level, args.log_json or config.log_json)
+        slave = Slave(config)
+    except (ConfigError, KeyFileError) as exc:
         print(f"ticketfarm-slave: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, args.log_json or config.log_json)
-    return Slave(config).run()
+    return slave.run()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
+from master import keys
 from master.client import MasterUnreachable, control
 from master.spec import load_spec
 
@@ -46,19 +47,33 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def slave_key_args(state: Path, insecure: bool = False, name: str = "slave") -> list[str]:
+    """Command-line options giving a slave the master's public key and a secret key of STATE/keys."""
+    if insecure:
+        return ["--insecure"]
+    kdir = keys.keys_dir(state)
+    secret = kdir / f"{name}.key_secret" if name == "slave" else kdir / "slaves" / f"{name}.key_secret"
+    return ["--master-key", str(kdir / "master.key"), "--secret-key", str(secret)]
+
+
 @dataclass
 class MasterProcess:
-    """`ticketfarm master` in a child process, with its own state dir and port."""
+    """`ticketfarm master` in a child process, with its own state dir, port and CURVE keys (unless insecure)."""
 
     state: Path
     endpoint: str
     extra_config: str = ""
+    insecure: bool = False
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         self.log = self.state / "master.log"
+        if self.insecure:
+            self.extra_config += "\ninsecure = true\n"
+        else:
+            keys.init_state_keys(self.state)  # what `ticketfarm init` does; slaves start with these keys
         (self.state / "master.toml").write_text(
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
             f'deadline_grace = 3.0\ndurability = "normal"\n{self.extra_config}'
@@ -71,9 +86,23 @@ class MasterProcess:
         wait_for(self.alive, 10, "master to answer")
         return self
 
+    @property
+    def keys(self) -> keys.ClientKeys | None:
+        """The control client's keys (None when insecure)."""
+        return None if self.insecure else keys.ClientKeys.from_dir(keys.keys_dir(self.state))
+
+    def slave_keys(self, name: str = "slave") -> keys.ClientKeys:
+        """A slave's keys (the shared slave key, or keys/slaves/NAME) for hand-made DEALER sockets."""
+        kdir = keys.keys_dir(self.state)
+        return keys.ClientKeys.load(kdir / "master.key", kdir / f"{name}.key_secret" if name == "slave"
+                                    else kdir / "slaves" / f"{name}.key_secret")
+
+    def control(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        return control(self.endpoint, op, timeout=timeout, keys=self.keys, **fields)
+
     def alive(self) -> bool:
         try:
-            return bool(control(self.endpoint, "ping", timeout=0.5).get("ok"))
+            return bool(self.control("ping", timeout=0.5).get("ok"))
         except MasterUnreachable:
             return False
 
@@ -91,13 +120,13 @@ class MasterProcess:
                 self.kill()
 
     def submit(self, spec_path: Path) -> str:
-        reply = control(self.endpoint, "submit", sweep=load_spec(spec_path).to_json())
+        reply = self.control("submit", sweep=load_spec(spec_path).to_json())
         assert reply["ok"], reply
         return reply["state"]
 
     def sweep_status(self, name: str) -> dict[str, Any] | None:
         try:
-            reply = control(self.endpoint, "status", timeout=1.0)
+            reply = self.control("status", timeout=1.0)
         except MasterUnreachable:
             return None
         return next((s for s in reply["sweeps"] if s["name"] == name), None)
@@ -145,7 +174,8 @@ def start_slave(tmp_path: Path, master: MasterProcess):
         log = open(tmp_path / f"slave-{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", master.endpoint, "--name", name,
                                  "--slots", str(slots), "--work-root", str(work), "--heartbeat", str(HEARTBEAT),
-                                 "--log-level", "info", *extra], stdout=log, stderr=log)
+                                 "--log-level", "info", *slave_key_args(master.state, master.insecure), *extra],
+                                stdout=log, stderr=log)
         log.close()
         slave = SlaveProcess(name, proc, work)
         slaves.append(slave)

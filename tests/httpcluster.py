@@ -60,6 +60,9 @@ class HttpCluster:
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = 5\ndeadline_grace = 2.0\n'
             f'http_bind = "127.0.0.1:{hport}"\nhttp_token_hash = "{hash_token(TOKEN)}"\n'
             f'callback_secret = "{CALLBACK_SECRET}"\ncallback_backoff = 0.1\ndurability = "normal"\n' + extra_config)
+        from master.keys import init_state_keys
+
+        init_state_keys(state)  # before the slaves start: they need the master's public key
         self.log = open(state / "master.log", "wb")
         self.master = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(state), "master"],
                                        env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
@@ -70,7 +73,9 @@ class HttpCluster:
     def start_slave(self, name: str, slots: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "slave", "--master", self.endpoint, "--name", name, "--slots", str(slots),
-             "--work-root", str(self.state / "work" / name), "--heartbeat", str(HEARTBEAT)],
+             "--work-root", str(self.state / "work" / name), "--heartbeat", str(HEARTBEAT),
+             "--master-key", str(self.state / "keys" / "master.key"),
+             "--secret-key", str(self.state / "keys" / "slave.key_secret")],
             env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     # -- HTTP --------------------------------------------------------------------------------------

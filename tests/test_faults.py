@@ -94,6 +94,7 @@ def test_malformed_frames_never_stop_the_master(master, start_slave, tmp_path: P
     ctx = zmq.Context.instance()
     attacker = ctx.socket(zmq.DEALER)
     attacker.setsockopt(zmq.LINGER, 0)
+    master.slave_keys().apply(attacker)  # the worst case: hostile frames over an authorised key
     attacker.connect(master.endpoint)
     garbage = [
         [b""], [b"junk"], [protocol.PROTOCOL], [protocol.PROTOCOL, b"\x99", b"{}"],
@@ -159,6 +160,7 @@ def test_unknown_command_from_known_slave_is_dropped(master: MasterProcess) -> N
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    master.slave_keys().apply(sock)
     sock.connect(master.endpoint)
     sock.send_multipart(protocol.encode(Command.HELLO, {"protocol": 1, "name": "odd", "slots": 1}))
     assert sock.poll(3000)

@@ -116,7 +116,7 @@ with Cluster(address=sys.argv[1]) as c:
 
 def test_reattach_by_name_from_a_second_process(master, start_slave):
     start_slave("py-1")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TICKETFARM_KEYS": str(master.state / "keys")}
     first = subprocess.run([sys.executable, "-c", textwrap.dedent(FIRST), master.endpoint], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
