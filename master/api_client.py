@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,11 +29,14 @@ class ApiRefused(ConfigError):
 class ApiClient:
     """Talks to one master's HTTP API; never uses an HTTP proxy (the master is usually on loopback)."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0):
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0, cafile: str | None = None):
         self.base = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]
+        if cafile:  # trust this certificate (e.g. the master's own self-signed one) for HTTPS
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def _open(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
         headers = {"Accept": "application/json"}
@@ -79,7 +83,8 @@ def api_url_from_config(config: MasterConfig) -> str | None:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    scheme = "https" if config.http_tls_cert else "http"
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def find_token(state_dir: Path, explicit: str | None) -> str | None:

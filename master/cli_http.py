@@ -22,14 +22,19 @@ API = "/api/v1"
 def http_api(args: argparse.Namespace) -> ApiClient | None:
     """The API client the CLI should use: --http, $TICKETFARM_HTTP, or the config's http_bind; None if none."""
     url = getattr(args, "http", None)
-    if not url and master_config_path(args.state).exists():
+    cafile = None
+    if master_config_path(args.state).exists():
         try:
-            url = api_url_from_config(load_master_config(args.state))
+            config = load_master_config(args.state)
         except ConfigError:
-            url = None
+            config = None
+        if config is not None:
+            url = url or api_url_from_config(config)
+            # HTTPS with the master's own certificate: trust it (a self-signed one works too)
+            cafile = str(args.state / config.http_tls_cert) if config.http_tls_cert else None
     if not url:
         return None
-    return ApiClient(url, find_token(args.state, getattr(args, "token", None)))
+    return ApiClient(url, find_token(args.state, getattr(args, "token", None)), cafile=cafile)
 
 
 def status(api: ApiClient) -> int:

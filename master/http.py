@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import re
+import ssl
 import sys
 import tempfile
 import threading
@@ -49,6 +50,8 @@ SSE_POLL = 0.2
 SSE_KEEPALIVE = 10.0
 #: Seconds the API waits for the master's loop to answer a CONTROL message.
 CONTROL_TIMEOUT = 10.0
+#: Seconds a client has to finish the TLS handshake (HTTPS only).
+TLS_HANDSHAKE_TIMEOUT = 10.0
 #: GIL switch interval (s) of a master serving HTTP (Python's default is 0.005).
 SWITCH_INTERVAL = 0.0005
 #: HTTP status of each error code the master's operations return.
@@ -219,6 +222,7 @@ class HttpApi:
         self._cache_lock = threading.Lock()
         self.server = _Server((host, port), Handler)
         self.server.api = self
+        self.server.tls = tls_context(config, state_dir)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="ticketfarm-http", daemon=True)
 
@@ -236,7 +240,8 @@ class HttpApi:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        scheme = "https" if self.server.tls is not None else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def stop(self) -> None:
         self.stopping.set()
@@ -292,6 +297,34 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     api: HttpApi
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake runs in the request's own thread (a slow client never blocks accept)."""
+        if self.tls is not None:
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            try:
+                request = self.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("tls_handshake_failed", peer=str(client_address[0]), error=str(exc))
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+
+def tls_context(config: MasterConfig, state_dir: Path) -> ssl.SSLContext | None:
+    """HTTPS when http_tls_cert and http_tls_key are set (paths relative to the state dir)."""
+    if not config.http_tls_cert and not config.http_tls_key:
+        return None
+    if not (config.http_tls_cert and config.http_tls_key):
+        raise ConfigError("http_tls_cert and http_tls_key go together: set both or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(state_dir / config.http_tls_cert, state_dir / config.http_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"http_tls_cert/http_tls_key: cannot load: {exc}") from None
+    return ctx
 
 
 class Request:

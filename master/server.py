@@ -779,10 +779,9 @@ class Master:
 
 def check_output_name(name: str, result_names: dict[str, str]) -> None:
     """An output is `result` or `result/relative/path` (for globs); nothing may escape its folder."""
-    head, _, rest = name.partition("/")
+    head = name.partition("/")[0]
     if result_names and head not in result_names:
         raise ProtocolError(f"RESULT: {name!r} is not a result of this sweep")
-    parts = rest.split("/") if rest else []
-    if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\x00" in name:
+    if any(p in ("", ".", "..") for p in name.split("/")) or "\\" in name or "\x00" in name:
         raise ProtocolError(f"RESULT: unsafe output name {name!r}")
 

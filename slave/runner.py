@@ -155,6 +155,8 @@ class Worker:
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, code, elapsed, outputs=outputs)
             except ResultMissing as exc:
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, str(exc))
+            except UnsafePath as exc:  # a symlink or a name leading out of the work dir: never sent
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, f"result refused: {exc}")
         outcome.slave = self.slave
         outcome.save(self.workdir)
         return outcome
