@@ -163,11 +163,13 @@ def _sync_wheels(built: Path, dest: Path) -> bool:
 
 def playbook_command(source: Path, inventory: str, action: str, *, check: bool = False,
                      wheelhouse: Path | None = None, limit: str | None = None,
-                     extra: list[str] | None = None) -> list[str]:
+                     extra: list[str] | None = None, keys_state: Path | None = None) -> list[str]:
     """The ansible-playbook command line for one `ticketfarm deploy` action."""
     cmd = ["ansible-playbook", "-i", inventory, str(source / "playbooks" / PLAYBOOKS[action])]
     if wheelhouse is not None:
         cmd += ["-e", f"ticketfarm_wheelhouse={wheelhouse}", "-e", "ticketfarm_build_wheelhouse=false"]
+    if keys_state is not None:  # the CURVE keys live in the master's state dir (--state); -e below may override
+        cmd += ["-e", f"ticketfarm_keys_state={keys_state}"]
     if check:
         cmd += ["--check", "--diff"]
     if limit:
@@ -198,7 +200,8 @@ def deploy(args: argparse.Namespace) -> int:
               "(or ansible-core)", file=sys.stderr)
         return 1
     cmd = playbook_command(source, args.inventory, args.action, check=args.check,
-                           wheelhouse=wheelhouse, limit=args.limit, extra=args.extra_vars)
+                           wheelhouse=wheelhouse, limit=args.limit, extra=args.extra_vars,
+                           keys_state=Path(args.state).resolve() if getattr(args, "state", None) else None)
     print("deploy: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=source).returncode
 

@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import json
 import re
+import socket
 import ssl
 import sys
 import tempfile
@@ -310,6 +311,21 @@ class _Server(ThreadingHTTPServer):
                 return
             request.settimeout(None)
         super().finish_request(request, client_address)
+        if self.tls is not None:
+            _close_gently(request)
+
+
+def _close_gently(sock: Any) -> None:
+    """Half-close, then read what the client still sends (e.g. the unread body of a refused request) until
+    it closes: closing with unread bytes would reset the connection and lose the answer already sent."""
+    try:
+        sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + TLS_HANDSHAKE_TIMEOUT
+        while sock.recv(65536) and time.monotonic() < deadline:
+            pass
+    except (OSError, ValueError):
+        pass
 
 
 def tls_context(config: MasterConfig, state_dir: Path) -> ssl.SSLContext | None:

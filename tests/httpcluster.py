@@ -48,14 +48,16 @@ class Reply:
 class HttpCluster:
     """Master subprocess (ZeroMQ + HTTP on free loopback ports) and `n` slave subprocesses."""
 
-    def __init__(self, state: Path, n: int = 2, slots: int = 2, extra_config: str = ""):
+    def __init__(self, state: Path, n: int = 2, slots: int = 2, extra_config: str = "", cafile: Path | None = None):
         from master.http import hash_token
 
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
         zport, hport = free_port(), free_port()
         self.endpoint = f"tcp://127.0.0.1:{zport}"
-        self.url = f"http://127.0.0.1:{hport}"
+        # cafile: the master serves HTTPS (extra_config sets http_tls_*) with this certificate
+        self.cafile = cafile
+        self.url = f"{'https' if cafile else 'http'}://127.0.0.1:{hport}"
         (state / "master.toml").write_text(
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = 5\ndeadline_grace = 2.0\n'
             f'http_bind = "127.0.0.1:{hport}"\nhttp_token_hash = "{hash_token(TOKEN)}"\n'
@@ -89,7 +91,12 @@ class HttpCluster:
         if token:
             h["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + path, data=data, headers=h, method=method)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]
+        if self.cafile:
+            import ssl
+
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.cafile))))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(req, timeout=timeout) as r:
                 return Reply(r.status, r.headers, r.read())

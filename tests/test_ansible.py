@@ -99,6 +99,7 @@ class Hosts:
     vars_file: Path
     wheelhouse: Path
     master_endpoint: str
+    master_state: Path
 
     def sh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(TESTHOSTS), *args], env=self.env, capture_output=True, text=True,
@@ -190,15 +191,18 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Any:
         port = free_port(f"{NET}.1")
         endpoint = f"tcp://{NET}.1:{port}"
         wheelhouse = base / "wheelhouse"
+        # the master's state dir on the controller: the playbooks make and authorise the keys there
+        master_state = base / "master-state"
         vars_file = base / "vars.yml"
         vars_file.write_text(textwrap.dedent(f"""\
             ticketfarm_master: "{endpoint}"
             ticketfarm_wheelhouse: "{wheelhouse}"
+            ticketfarm_keys_state: "{master_state}"
             ticketfarm_slave_heartbeat_interval: {HEARTBEAT}
             ticketfarm_slave_liveness: {LIVENESS}
             ticketfarm_slave_extra_config: {{reconnect_min: 0.2, reconnect_max: 1.0}}
             """))
-        yield Hosts(hdir, env, vars_file, wheelhouse, endpoint)
+        yield Hosts(hdir, env, vars_file, wheelhouse, endpoint, master_state)
     finally:
         down = subprocess.run([str(TESTHOSTS), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
@@ -245,7 +249,8 @@ class Master:
 
 @pytest.fixture(scope="module")
 def master(hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    state = tmp_path_factory.mktemp("master-state")
+    state = hosts.master_state
+    state.mkdir(exist_ok=True)
     (state / "master.toml").write_text(
         f'bind = "{hosts.master_endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
         'deadline_grace = 3.0\ndurability = "normal"\n')
@@ -353,6 +358,14 @@ def test_deploy_installs_and_starts_a_slave_on_every_host(hosts: Hosts) -> None:
         assert f'name = "{h}"' in config and hosts.master_endpoint in config
         assert f'work_root = "{hosts.work_root(h)}"' in config
         assert "running" in hosts.ssh(h, f"{hosts.home(h)}/bin/ticketfarm-slavectl status")
+        # CURVE: the host holds the master's public key and its own secret key, nothing more, all 0600
+        key_dir = hosts.home(h) / "keys"
+        assert sorted(p.name for p in key_dir.iterdir()) == ["master.key", "slave.key_secret"]
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in key_dir.iterdir())
+        assert (key_dir / "slave.key_secret").read_bytes() == \
+            (hosts.master_state / "keys" / "slaves" / f"{h}.key_secret").read_bytes()
+        assert (hosts.master_state / "authorized" / "slaves" / f"{h}.key").exists()
+        assert 'secret_key = "' in config and "insecure" not in config
 
 
 def test_second_run_changes_nothing(hosts: Hosts) -> None:

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Benchmark: the throughput cost of CURVE versus plain TCP on a 1,000-task sweep.
+
+Two local clusters (a master in this process, 2 slaves x 1 slot on loopback), one with CURVE (the default)
+and one with `insecure = true`, run the same sweeps in alternating rounds; the median wall time of each
+(from submit to the last stored result) is printed with the ratio. Workloads: `/bin/true` (small messages:
+the per-message cost) and a 60 KiB stdout per task (the encryption cost per byte, still inline).
+Usage: python3 scripts/bench_curve.py [--tasks 1000] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from master.config import MasterConfig
+from master.local import LocalCluster
+from master.spec import Sweep
+
+WORKLOADS = {
+    "/bin/true": ["/bin/true"],
+    "60 KiB stdout": ["head", "-c", "61440", "/dev/zero"],
+}
+
+
+def run_sweep(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> float:
+    sweep = Sweep(name=name, params=[{"i": i} for i in range(tasks)], argv=argv, timeout=60)
+    started = time.perf_counter()
+    cluster.master.submit(sweep)
+    cluster.run_until(lambda: cluster.master.sweep_done(name))
+    elapsed = time.perf_counter() - started
+    counts = cluster.master.store.task_counts(name)
+    assert counts.get("done") == tasks, counts
+    return elapsed
+
+
+def start(state: Path, insecure: bool) -> LocalCluster:
+    config = MasterConfig(heartbeat_interval=1.0, durability="normal", insecure=insecure)
+    cluster = LocalCluster(state, 2, slots=1, config=config)
+    cluster.run_until(lambda: len(cluster.master.sessions) == 2)
+    return cluster
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    times: dict[tuple[str, bool], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        clusters = {False: start(Path(tmp) / "curve", False), True: start(Path(tmp) / "plain", True)}
+        try:
+            for r in range(args.rounds):
+                for label, argv in WORKLOADS.items():
+                    for insecure in (False, True) if r % 2 == 0 else (True, False):
+                        name = f"b{r}-{label.replace(' ', '').replace('/', '')}"
+                        times.setdefault((label, insecure), []).append(
+                            run_sweep(clusters[insecure], name, argv, args.tasks))
+        finally:
+            for c in clusters.values():
+                c.close()
+    print(f"{args.tasks} tasks, 2 local slaves x 1 slot, median of {args.rounds} rounds, durability=normal")
+    print(f"{'workload':<14} {'plain TCP':>10} {'CURVE':>10} {'CURVE/plain':>12} {'tasks/s plain':>14} {'tasks/s CURVE':>14}")
+    for label in WORKLOADS:
+        plain = statistics.median(times[(label, True)])
+        curve = statistics.median(times[(label, False)])
+        print(f"{label:<14} {plain:>8.2f} s {curve:>8.2f} s {curve / plain:>11.3f}x {args.tasks / plain:>14.0f} "
+              f"{args.tasks / curve:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
