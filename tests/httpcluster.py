@@ -68,9 +68,14 @@ class HttpCluster:
         self.log = open(state / "master.log", "wb")
         self.master = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(state), "master"],
                                        env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self.slaves = [self.start_slave(f"s{i}", slots) for i in range(1, n + 1)]
-        self.wait_for(lambda: len([s for s in self.get("/api/v1/slaves").json()["slaves"] if s["connected"]]) == n,
-                      what=f"{n} slaves connected")
+        self.slaves: list[subprocess.Popen[bytes]] = []
+        try:
+            self.slaves = [self.start_slave(f"s{i}", slots) for i in range(1, n + 1)]
+            self.wait_for(lambda: len([s for s in self.get("/api/v1/slaves").json()["slaves"] if s["connected"]]) == n,
+                          what=f"{n} slaves connected")
+        except BaseException:
+            self.close()  # a cluster that never came up leaves no processes behind
+            raise
 
     def start_slave(self, name: str, slots: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
