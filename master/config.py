@@ -36,7 +36,11 @@ class MasterConfig:
     durability: str = "full"
     """SQLite synchronous mode: "full" survives power loss, "normal" survives a killed master process."""
     keep_days: float = 30.0
-    """Uncollected results are kept this many days."""
+    """Uncollected results are kept this many days (then pruned, with events older than that)."""
+    prune_every_hours: float = 6.0
+    """Hours between two prunings of expired results (the first runs a few seconds after start)."""
+    validate_workers: int = 2
+    """Threads that run result validators, off the master's event loop."""
     progress_bytes: int = 64 * 1024
     """How much of each running ticket's recent output the master keeps for progress views."""
     slave_exit_when_done: bool = False

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ticketfarm.http")
 
 API = "/api/v1"
-TASK_STATES = ("queued", "running", "done", "failed", "cancelled")
+TASK_STATES = ("queued", "paused", "running", "done", "failed", "cancelled")
 #: Largest page of tasks one request returns.
 MAX_PAGE = 1000
 #: Seconds between two reads of the events table by one event stream.

@@ -14,6 +14,7 @@ from master import ops, protocol
 from master.callbacks import CallbackSender
 from master.config import ConfigError, MasterConfig
 from master.events import EventBatch
+from master.housekeeping import Housekeeping
 from master.metrics import Metrics
 from master.protocol import Command, Message, ProtocolError, field_of
 from master.pysweep import PythonSweeps
@@ -21,6 +22,9 @@ from master.scheduler import Scheduler, Ticket
 from master.spec import Sweep
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, StoredOutput, Store
+from master.stragglers import Stragglers
+from master.validate import Validator
+from master.workers import Placement
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -131,6 +135,11 @@ class Master:
             Command.CONTROL: self.on_control,
         }
         self.python = PythonSweeps(self)
+        # Sweep semantics beyond the hot path (issue 6): where a sweep may run, validation, stragglers, chores.
+        self.placement = Placement(self)
+        self.validator = Validator(self, config.validate_workers)
+        self.stragglers = Stragglers(self)
+        self.housekeeping = Housekeeping(self)
 
     # -- setup ----------------------------------------------------------------
     def _bind(self) -> zmq.Socket:
@@ -153,6 +162,7 @@ class Master:
             if row.state in ("active", "paused"):
                 active = self.scheduler.activate(row.sweep(), row.created, self.store.tasks_in_state(row.name, "queued"))
                 active.paused = row.state == "paused"
+                active.held.update(self.store.tasks_in_state(row.name, "paused"))
         now = time.time()
         # Slaves get one liveness period (plus grace) to come back and claim what they hold.
         reclaim = now + self._liveness_window() * 2
@@ -205,11 +215,13 @@ class Master:
         """Run until stop() (or until `until()` is true); `tick` is called about every heartbeat/4."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.validator.wake_r, zmq.POLLIN)
         next_tick = 0.0
         while not self._stopping and not (until and until()):
             timeout_ms = max(1, int(self.config.heartbeat_interval * 250))
             if poller.poll(timeout_ms):
                 self._drain()
+                self.validator.pump()
             now = time.time()
             self._expire_tickets(now)
             if now >= self._next_housekeeping:
@@ -297,6 +309,7 @@ class Master:
                                str(msg.header.get("version", "")), now + self._liveness_window())
         self.sessions[identity] = session
         self.by_name[name] = session
+        self.placement.on_hello(session, msg)
         self.store.slave_seen(name, session.platform, slots, session.version,
                               "draining" if name in self.draining else "alive")
         # Tickets the master thinks this slave holds but the slave does not know are lost.
@@ -354,6 +367,8 @@ class Master:
         for session in self.sessions.values():
             if now - session.last_sent >= self.config.heartbeat_interval:
                 self._send(session.identity, Command.HEARTBEAT, {})
+        self.stragglers.tick(now)
+        self.housekeeping.tick(now)
 
     def _expire_tickets(self, now: float) -> None:
         for ticket in self.scheduler.expired(now):
@@ -416,7 +431,8 @@ class Master:
                 else:
                     inputs.append({"name": inp.name, "template": inp.template})
             header = {"sweep": name, "command": sweep.command, "argv": sweep.argv, "env": sweep.env,
-                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results}
+                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results,
+                      **Placement.ticket_fields(sweep)}
             cached = self._ticket_headers[name] = (header, payload)
         return cached
 
@@ -555,6 +571,8 @@ class Master:
             shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
             self._duplicate_result(transfer.identity, tid, sweep, task)
             return
+        if self.validator.intercept(transfer):
+            return  # back here from Validator.pump() once accepted
         outputs = list(transfer.outputs)
         for f in transfer.files.values():
             final = self.results_dir / sweep / str(task) / f.name
@@ -653,6 +671,7 @@ class Master:
         if self.http is not None:
             self.http.stop()
         self.callbacks.stop()
+        self.validator.close()
         for session in list(self.sessions.values()):
             self.store.slave_state(session.name, "gone")
         self._commit_and_ack()

@@ -88,6 +88,7 @@ class Store:
             self.db.execute("PRAGMA query_only = ON")
             return
         self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
@@ -192,7 +193,7 @@ class Store:
 
     def cancel_tasks(self, sweep: str) -> None:
         self._write(
-            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running')",
+            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running', 'paused')",
             (sweep,),
         )
 
@@ -200,10 +201,16 @@ class Store:
         """Cancel one queued or running task; False when it had already settled."""
         cur = self._write(
             "UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
-            "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
+            "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running', 'paused')", (time.time(), sweep, idx))
         if cur.rowcount:
             self.event("task_cancelled", sweep=sweep, task=idx)
         return cur.rowcount > 0
+
+    def hold_task(self, sweep: str, idx: int, refund: bool) -> None:
+        """Pause a task (state 'paused'); a killed running attempt is not counted against max_attempts."""
+        self._write(f"UPDATE tasks SET state = 'paused'{', attempts = max(attempts - 1, 0)' if refund else ''} "
+                    "WHERE sweep = ? AND idx = ?", (sweep, idx))
+        self.event("task_paused", sweep=sweep, task=idx)
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
         self._write(
@@ -233,7 +240,7 @@ class Store:
 
     def cancel_task(self, sweep: str, idx: int) -> None:
         self._write("UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
-                    "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
+                    "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running', 'paused')", (time.time(), sweep, idx))
 
     def settled_tasks(self, sweep: str) -> Iterator[tuple[int, str, str | None, list[StoredOutput]]]:
         """Settled tasks in order: (idx, state, reason, outputs); done ones with their stored outputs."""

@@ -42,6 +42,12 @@ class TicketSpec:
     payload: list[bytes] = field(default_factory=list)
     kind: str = "command"
     fn: str = ""
+    worker: str = ""
+    """Local path of the shipped worker executable (the `{worker}` placeholder), set by the slave's cache."""
+    memory: int = 0
+    """The task's memory limit in MiB (0 = none): the slave kills a worker tree using more."""
+    workers: dict[str, Any] | None = None
+    """The TICKET's worker executables by platform: {name, sha256, size}."""
 
     @classmethod
     def from_message(cls, header: dict[str, Any], payload: list[bytes]) -> "TicketSpec":
@@ -99,6 +105,8 @@ class Worker:
         self.progress_sent = 0
         self.values = {**spec.params, "ticket": spec.ticket, "task": spec.task, "sweep": spec.sweep,
                        "workdir": str(workdir), "attempt": spec.attempt}
+        if spec.worker:
+            self.values["worker"] = spec.worker
         values = self.values
         stdin = self._write_inputs(values)
         if spec.command is not None:
