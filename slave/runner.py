@@ -111,7 +111,7 @@ class Worker:
             stdin_fh = open(stdin, "rb") if stdin else subprocess.DEVNULL
             try:
                 self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdin=stdin_fh, stdout=out, stderr=err,
-                                             process_group=0)
+                                             start_new_session=True)
             finally:
                 if stdin:
                     stdin_fh.close()  # type: ignore[union-attr]
