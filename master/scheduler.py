@@ -5,7 +5,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 
@@ -26,6 +26,8 @@ class Ticket:
     attempt: int
     dispatched: float
     deadline: float
+    params: dict[str, Any] | None = None
+    """The task's parameters, known at dispatch (for the TICKET message); None for adopted tickets."""
 
 
 @dataclass
@@ -119,10 +121,9 @@ class Scheduler:
         return self._issue(active, ticket.task, slave, now)
 
     def _issue(self, active: ActiveSweep, idx: int, slave: str, now: float) -> Ticket:
-        attempt = self.store.task_attempts(active.name, idx) + 1
-        ticket = Ticket(next(self._ids), active.name, idx, slave, attempt, now,
-                        now + active.sweep.timeout + self.grace)
-        self.store.start_ticket(ticket.id, ticket.sweep, idx, slave, attempt, now)
+        tid = next(self._ids)
+        attempt, params = self.store.start_ticket(tid, active.name, idx, slave, now)
+        ticket = Ticket(tid, active.name, idx, slave, attempt, now, now + active.sweep.timeout + self.grace, params)
         self._track(ticket)
         active.running += 1
         return ticket

@@ -218,15 +218,15 @@ class Master:
         poller.register(self.validator.wake_r, zmq.POLLIN)
         next_tick = 0.0
         while not self._stopping and not (until and until()):
-            timeout_ms = max(1, int(self.config.heartbeat_interval * 250))
-            if poller.poll(timeout_ms):
+            if poller.poll(self._poll_timeout_ms()):
                 self._drain()
                 self.validator.pump()
             now = time.time()
             self._expire_tickets(now)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
-            self._commit_and_ack()
+            if self._commit_due():
+                self._commit_and_ack()
             if tick and now >= next_tick:
                 tick()
                 next_tick = now + self.config.heartbeat_interval / 4
@@ -239,11 +239,21 @@ class Master:
             except zmq.Again:
                 return
             self.handle(frames)
-            if self.store.dirty and self._commit_due():
+            if self._commit_due():
                 self._commit_and_ack()
 
     def _commit_due(self) -> bool:
-        return sum(len(v) for v in self.pending_acks.values()) >= 512
+        """Group commit: one commit per `commit_interval` (or per 512 results), not one per message."""
+        if not self.store.dirty:
+            return False
+        return (time.monotonic() - self.store.txn_started >= self.config.commit_interval
+                or sum(len(v) for v in self.pending_acks.values()) >= 512)
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = self.config.heartbeat_interval / 4
+        if self.store.dirty:
+            timeout = min(timeout, self.store.txn_started + self.config.commit_interval - time.monotonic())
+        return max(1, int(timeout * 1000))
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode and route one message; anything malformed is logged and dropped."""
@@ -412,8 +422,8 @@ class Master:
             self._send(session.identity, Command.TICKET, *self.python.ticket(ticket))
             return
         static, payload = self._ticket_static(ticket.sweep)
-        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
-                      params=self.store.params(ticket.sweep, ticket.task))
+        params = ticket.params if ticket.params is not None else self.store.params(ticket.sweep, ticket.task)
+        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt, params=params)
         self._send(session.identity, Command.TICKET, header, payload)
         self.events.dispatched(ticket.sweep, ticket.id, ticket.task, session.name)
         self.metrics.tickets_dispatched.inc()
@@ -468,12 +478,13 @@ class Master:
         tid = field_of(msg, "ticket", int)
         if tid in self.transfers:
             return  # already being fetched (the slave re-sent it after a reconnect)
-        row = self.store.ticket(tid)
+        row = self.scheduler.tickets.get(tid) or self.store.ticket(tid)
         if row is None or row.slave != session.name:
             log.warning("foreign_ticket", slave=session.name, ticket=tid, command="RESULT")
             self.pending_acks.setdefault(identity, []).append(tid)  # the slave may forget it: it can never count
             return
-        if self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
+        # A ticket still in flight belongs to an unsettled task; only late answers need the store's word.
+        if tid not in self.scheduler.tickets and self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
             self._duplicate_result(identity, tid, row.sweep, row.task)
             return
         outputs, files = self._parse_outputs(msg, row.sweep, row.task, tid)
@@ -567,7 +578,7 @@ class Master:
     def _accept(self, transfer: Transfer) -> None:
         """Store a complete result as the task's one result; cancel any other copies still running."""
         sweep, task, tid = transfer.sweep, transfer.task, transfer.ticket_id
-        if self._task_state(sweep, task) in ("done", "cancelled"):
+        if tid not in self.scheduler.tickets and self._task_state(sweep, task) in ("done", "cancelled"):
             shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
             self._duplicate_result(transfer.identity, tid, sweep, task)
             return
@@ -663,6 +674,8 @@ class Master:
             reply = {"ok": False, "error": str(exc)}
         if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
             reply["rid"] = msg.header["rid"]
+        # Read-your-writes: whoever asked reads the store next (HTTP, CLI), so commit before answering.
+        self._commit_and_ack()
         self._send(identity, Command.REPLY, reply, payload)
 
     # -- shutdown ------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class Store:
         self.db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
         self._in_txn = False
+        self.txn_started = 0.0
 
     def close(self) -> None:
         self.db.close()
@@ -102,12 +103,14 @@ class Store:
         if not self._in_txn:
             self.db.execute("BEGIN")
             self._in_txn = True
+            self.txn_started = time.monotonic()
         return self.db.execute(sql, args)
 
     def _write_many(self, sql: str, rows: Any) -> None:
         if not self._in_txn:
             self.db.execute("BEGIN")
             self._in_txn = True
+            self.txn_started = time.monotonic()
         self.db.executemany(sql, rows)
 
     @property
@@ -271,14 +274,16 @@ class Store:
         return row[0] if row else None
 
     # -- tickets -------------------------------------------------------------
-    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, attempt: int, now: float) -> None:
+    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, now: float) -> tuple[int, dict[str, Any]]:
+        """Record a dispatched ticket; returns the task's attempt number and its parameters."""
+        attempt, params = self._write(
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ? "
+            "RETURNING attempts, params", (sweep, task)).fetchone()
         self._write(
             "INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) VALUES (?, ?, ?, ?, ?, ?, 'running')",
             (ticket, sweep, task, slave, attempt, now),
         )
-        self._write(
-            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ?", (sweep, task)
-        )
+        return attempt, json.loads(params)
 
     def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
                       reason: str | None = None, elapsed: float | None = None) -> None:

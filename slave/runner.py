@@ -93,9 +93,9 @@ class Outcome:
 
 
 class Worker:
-    """A ticket's worker process tree, started in its own session so it can be killed whole."""
+    """A ticket's worker process tree, started in its own process group so it can be killed whole."""
 
-    def __init__(self, spec: TicketSpec, workdir: Path, slave: str):
+    def __init__(self, spec: TicketSpec, workdir: Path, slave: str, base_env: dict[str, str]):
         self.spec = spec
         self.slave = slave
         self.workdir = workdir
@@ -113,7 +113,7 @@ class Worker:
             args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
         else:
             args = [template.render(a, values) for a in spec.argv or []]
-        env = {**os.environ, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
+        env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
                "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
         with open(workdir / STDOUT, "wb") as out, open(workdir / STDERR, "wb") as err:
             stdin_fh = open(stdin, "rb") if stdin else subprocess.DEVNULL
