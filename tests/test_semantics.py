@@ -170,6 +170,28 @@ def test_validator_rejections_are_retried_and_never_collected(master, start_slav
     assert len(lines) == 9  # each task once, only valid results
 
 
+def test_slow_validators_do_not_block_the_master(master, start_slave, tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name = "slowcheck"
+        command = "echo {n}"
+        validate = "sleep 1.5"
+        [parameters.grid]
+        n = {range = [2]}
+    """)
+    start_slave("sv", 2)
+    started = time.time()
+    master.submit(tmp_path / "spec.toml")
+    worst = 0.0
+    while master.sweep_status("slowcheck")["state"] != "finished" and time.time() - started < 20:
+        sent = time.time()
+        assert control(master.endpoint, "ping")["ok"]
+        worst = max(worst, time.time() - sent)
+        time.sleep(0.05)
+    took = time.time() - started
+    assert 1.5 <= took < 2.9  # both validations ran at once, in the pool
+    assert worst < 0.3, f"the master took {worst:.3f}s to answer while validating"
+
+
 # -- stragglers ------------------------------------------------------------------------------------------
 def run_straggler_sweep(master, tmp_path: Path, name: str, speculate: float) -> float:
     marker = tmp_path / f"{name}.slow-once"
