@@ -419,6 +419,10 @@ def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
     text = None
     if module.endswith(".py"):
         text = _read_bytes(base / module, f"{source}: validate.python").decode()
+        try:
+            compile(text, module, "exec")
+        except SyntaxError as exc:
+            raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}") from None
     return Validation(python=target, source=text, timeout=float(timeout))
 
 

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import psutil
 
+import pytest
+
 from master.client import control
+from master.config import ConfigError
+from master.spec import parse_spec
 from master.store import Store
 from slave.daemon import platform_tag
 from tests.conftest import HEARTBEAT, run_cli, wait_for, write_spec
@@ -64,6 +68,38 @@ def shipped_worker_spec(tmp_path: Path, name: str, tasks: int, platforms: list[s
     """, f"{name}.toml")
 
 
+# -- spec fields ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, error", [
+    ({"workers": {"Linux x86": "sim.sh"}}, "workers.Linux x86: a platform tag looks like linux-x86_64"),
+    ({"workers": {"linux-x86_64": "missing.sh"}}, "workers.linux-x86_64: cannot read"),
+    ({"memory": "lots"}, "field 'memory' must be MiB"),
+    ({"max_concurrent": -1}, "field 'max_concurrent' must be >= 0"),
+    ({"validate": {"python": "bad.py:validate"}}, "validate.python: bad.py:1:"),
+    ({"validate": {"command": "x", "shell": "bash"}}, "unknown field 'validate.shell'"),
+    ({"validate": "test {nope}"}, "validate.command: unknown placeholder {nope}"),
+    ({"command": "{worker} 1"}, "unknown placeholder {worker}"),
+])
+def test_new_spec_fields_are_checked_by_name(tmp_path: Path, extra: dict, error: str) -> None:
+    (tmp_path / "sim.sh").write_text(WORKER_SCRIPT)
+    (tmp_path / "bad.py").write_text("def validate(:\n")
+    data = {"name": "s", "command": "echo {n}", "parameters": {"grid": {"n": [1]}}, **extra}
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_spec(data, tmp_path, "spec.toml")
+    assert error in str(info.value)
+
+
+def test_new_spec_fields_parse_and_survive_the_store(tmp_path: Path) -> None:
+    from master.spec import Sweep
+
+    (tmp_path / "sim.sh").write_text(WORKER_SCRIPT)
+    sweep = parse_spec({"name": "s", "command": "{worker} {n}", "parameters": {"grid": {"n": [1]}},
+                        "workers": {"linux-x86_64": "sim.sh"}, "memory": "2G", "cpus": 2, "speculate": 3,
+                        "max_concurrent": 5, "validate": {"command": "test -s {results}/stdout", "timeout": 5}},
+                       tmp_path, "spec.toml")
+    assert sweep.memory == 2048 and sweep.workers["linux-x86_64"].sha256 == hashlib.sha256(WORKER_SCRIPT.encode()).hexdigest()
+    assert Sweep.from_json(sweep.to_json()) == sweep
+
+
 # -- shipped workers ---------------------------------------------------------------------------------
 def test_fake_platform_is_refused_and_a_wrong_cached_copy_is_replaced(master, start_slave, tmp_path: Path) -> None:
     spec = shipped_worker_spec(tmp_path, "shipped", 6, [platform_tag()])
@@ -73,6 +109,7 @@ def test_fake_platform_is_refused_and_a_wrong_cached_copy_is_replaced(master, st
     (cache / sha / "sim.sh").write_text("#!/bin/sh\necho stale copy\n")  # a wrong copy under the right hash
     fake = start_slave("fake", 2, "--platform", "linux-fake")
     start_slave("real", 2, "--cache-dir", str(cache))
+    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
     master.submit(spec)
     master.wait_finished("shipped", timeout=30)
     store = open_store(master)
@@ -107,6 +144,7 @@ def test_four_slaves_sharing_one_cache_fetch_the_worker_once(master, start_slave
 def test_slave_exits_when_told_there_is_no_more_work_and_deletes_its_worker(master, start_slave, tmp_path: Path) -> None:
     leaver = start_slave("leaver", 2, "--exit-when-done", "--delete-workers")
     stayer = start_slave("stayer", 1, "--cache-dir", str(tmp_path / "stayer-cache"))
+    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
     master.submit(shipped_worker_spec(tmp_path, "short", 6, [platform_tag()]))
     master.wait_finished("short", timeout=30)
     assert wait_for(lambda: leaver.proc.poll() is not None, 10, "the leaver to exit") is not None
@@ -313,7 +351,7 @@ def test_pause_and_resume_a_sweep_and_a_task_from_the_cli(master, start_slave, t
     assert again.returncode == 0 and "resumed" in again.stdout
     master.wait_finished("pausable", timeout=20)
     wrong = run_cli("--state", state, "resume", "pausable", "--task", "5", cwd=tmp_path)
-    assert wrong.returncode == 1 and "finished" in wrong.stderr or "done" in wrong.stderr
+    assert wrong.returncode == 1 and "is done" in wrong.stderr, wrong.stderr
 
 
 # -- housekeeping -----------------------------------------------------------------------------------------------
