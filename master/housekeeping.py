@@ -45,7 +45,7 @@ class Housekeeping:
             self.told_no_work.clear()
             return
         if not self._had_sweeps:
-            self._had_sweeps = master.store.db.execute("SELECT 1 FROM sweeps LIMIT 1").fetchone() is not None
+            self._had_sweeps = master.store.has_sweeps()
             if not self._had_sweeps:
                 return
         for identity, session in list(master.hungry.items()):
@@ -64,27 +64,22 @@ class Housekeeping:
         master._commit_and_ack()
         pruned: dict[str, int] = {}
         while True:
-            rows = store.db.execute(
-                "SELECT r.sweep, r.task, r.name, r.path FROM results r JOIN tasks t ON t.sweep = r.sweep AND t.idx = r.task "
-                "WHERE t.finished < ? LIMIT ?", (cutoff, PRUNE_BATCH)).fetchall()
+            rows = store.expired_results(cutoff, PRUNE_BATCH)
             if not rows:
                 break
-            store._write_many("DELETE FROM results WHERE sweep = ? AND task = ? AND name = ?",
-                              [(s, t, n) for s, t, n, _ in rows])
+            store.delete_results([(s, t, n) for s, t, n, _ in rows])
             for sweep, task, _name, path in rows:
                 pruned[sweep] = pruned.get(sweep, 0) + 1
                 if path:
                     (master.state_dir / path).unlink(missing_ok=True)
             store.commit()
         for sweep, count in pruned.items():
-            if not store.db.execute("SELECT 1 FROM results WHERE sweep = ? AND path IS NOT NULL LIMIT 1",
-                                    (sweep,)).fetchone():
+            if not store.has_result_files(sweep):
                 shutil.rmtree(master.results_dir / sweep, ignore_errors=True)
             store.event("results_pruned", sweep=sweep, detail={"results": count, "keep_days": keep})
             log.info("results_pruned", sweep=sweep, results=count, keep_days=keep)
-        events = store._write("DELETE FROM events WHERE ts < ? AND kind != 'sweep_submitted'", (cutoff,)).rowcount
+        events = store.prune_events(cutoff)
         store.commit()
         if pruned or events:
-            store.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            store.db.execute("PRAGMA incremental_vacuum(2000)").fetchall()
+            store.reclaim_space()
         return {"results": sum(pruned.values()), "sweeps": sorted(pruned), "events": events}

@@ -330,6 +330,41 @@ class Store:
         self._write("DELETE FROM results WHERE sweep = ?", (sweep,))
         return paths
 
+    # -- housekeeping (master/housekeeping.py, master/stragglers.py) ------------------
+    def expired_results(self, cutoff: float, limit: int) -> list[tuple[str, int, str, str | None]]:
+        """(sweep, task, name, path) of results whose task settled before `cutoff`, at most `limit`."""
+        return self.db.execute(
+            "SELECT r.sweep, r.task, r.name, r.path FROM results r JOIN tasks t ON t.sweep = r.sweep AND t.idx = r.task "
+            "WHERE t.finished < ? LIMIT ?", (cutoff, limit)).fetchall()
+
+    def delete_results(self, keys: list[tuple[str, int, str]]) -> None:
+        self._write_many("DELETE FROM results WHERE sweep = ? AND task = ? AND name = ?", keys)
+
+    def has_result_files(self, sweep: str) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE sweep = ? AND path IS NOT NULL LIMIT 1",
+                               (sweep,)).fetchone() is not None
+
+    def prune_events(self, cutoff: float) -> int:
+        """Delete events older than `cutoff` (a sweep's submission event stays); returns how many."""
+        return self._write("DELETE FROM events WHERE ts < ? AND kind != 'sweep_submitted'", (cutoff,)).rowcount
+
+    def reclaim_space(self) -> None:
+        """After a prune: checkpoint the WAL and hand free pages back (databases with incremental auto_vacuum)."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.db.execute("PRAGMA incremental_vacuum(2000)").fetchall()
+
+    def has_sweeps(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sweeps LIMIT 1").fetchone() is not None
+
+    def median_elapsed(self, sweep: str) -> float | None:
+        """Median run time of a sweep's successful tickets (None before the first)."""
+        count = self.db.execute("SELECT count(*) FROM tickets WHERE sweep = ? AND state = 'done' "
+                                "AND elapsed IS NOT NULL", (sweep,)).fetchone()[0]
+        if not count:
+            return None
+        return self.db.execute("SELECT elapsed FROM tickets WHERE sweep = ? AND state = 'done' AND elapsed IS NOT NULL "
+                               "ORDER BY elapsed LIMIT 1 OFFSET ?", (sweep, count // 2)).fetchone()[0]
+
     # -- slaves ---------------------------------------------------------------
     def slave_seen(self, name: str, platform: str, slots: int, version: str, state: str) -> None:
         now = time.time()

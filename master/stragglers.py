@@ -70,12 +70,6 @@ class Stragglers:
         cached = self._medians.get(sweep)
         if cached is not None and now - cached[0] < MEDIAN_TTL:
             return cached[1]
-        db = self.master.store.db
-        count = db.execute("SELECT count(*) FROM tickets WHERE sweep = ? AND state = 'done' AND elapsed IS NOT NULL",
-                           (sweep,)).fetchone()[0]
-        value = None
-        if count:
-            value = db.execute("SELECT elapsed FROM tickets WHERE sweep = ? AND state = 'done' AND elapsed IS NOT NULL "
-                               "ORDER BY elapsed LIMIT 1 OFFSET ?", (sweep, count // 2)).fetchone()[0]
+        value = self.master.store.median_elapsed(sweep)
         self._medians[sweep] = (time.time(), value)
         return value
