@@ -35,7 +35,7 @@ from master.store import FINAL_TASK_STATES, StoredOutput
 
 if TYPE_CHECKING:
     from master.scheduler import Ticket
-    from master.server import Master, SlaveSession
+    from master.server import Master
 
 log = structlog.get_logger("ticketfarm.pysweep")
 
