@@ -24,7 +24,7 @@ import structlog
 import zmq
 
 from master import protocol
-from master.collect import _outputs_of, output_chunks
+from master.collect import output_chunks
 from master.config import ConfigError, MasterConfig
 from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
@@ -397,7 +397,6 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http_request", peer=self.client_address[0], line=format % args)
 
     def _serve(self, method: str) -> None:
-        api = self.server.api
         url = urlsplit(self.path)
         request = None
         try:

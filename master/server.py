@@ -237,6 +237,9 @@ class Master:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
+                if self.python.pending:
+                    # A client is blocked on these results: commit now that the queue is empty.
+                    self._commit_and_ack()
                 return
             self.handle(frames)
             if self._commit_due():

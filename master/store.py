@@ -241,10 +241,6 @@ class Store:
     def reopen_sweep(self, name: str) -> None:
         self._write("UPDATE sweeps SET state = 'active', finished = NULL WHERE name = ?", (name,))
 
-    def cancel_task(self, sweep: str, idx: int) -> None:
-        self._write("UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
-                    "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running', 'paused')", (time.time(), sweep, idx))
-
     def settled_tasks(self, sweep: str) -> Iterator[tuple[int, str, str | None, list[StoredOutput]]]:
         """Settled tasks in order: (idx, state, reason, outputs); done ones with their stored outputs."""
         cur = self.db.execute(

@@ -440,19 +440,21 @@ class Slave:
         })
 
     def _send_progress(self) -> None:
+        """New stdout/stderr of each running worker since the last heartbeat, a bounded piece per stream."""
         for tid, worker in self.running.items():
-            for stream in (STDOUT, STDERR):
+            for stream, name in ((STDOUT, "stdout"), (STDERR, "stderr")):
                 path = worker.workdir / stream
+                sent = worker.progress_sent.get(name, 0)
                 try:
-                    size = path.stat().st_size
+                    if path.stat().st_size <= sent:
+                        continue
+                    with open(path, "rb") as fh:
+                        fh.seek(sent)
+                        data = fh.read(PROGRESS_CHUNK)
                 except OSError:
                     continue
-                if stream == STDOUT and size > worker.progress_sent:
-                    with open(path, "rb") as fh:
-                        fh.seek(worker.progress_sent)
-                        data = fh.read(PROGRESS_CHUNK)
-                    worker.progress_sent += len(data)
-                    self.send(Command.PROGRESS, {"ticket": tid, "stream": "stdout"}, [data])
+                worker.progress_sent[name] = sent + len(data)
+                self.send(Command.PROGRESS, {"ticket": tid, "stream": name}, [data])
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -102,7 +102,7 @@ class Worker:
         self.started = time.monotonic()
         self.deadline = self.started + spec.timeout
         self.killed_for: str | None = None
-        self.progress_sent = 0
+        self.progress_sent: dict[str, int] = {}
         self.values = {**spec.params, "ticket": spec.ticket, "task": spec.task, "sweep": spec.sweep,
                        "workdir": str(workdir), "attempt": spec.attempt}
         if spec.worker:
