@@ -37,6 +37,15 @@ class Housekeeping:
             self.next_prune = now + max(master.config.prune_every_hours, 0.001) * 3600
             self.prune(now)
 
+    def slave_policy(self) -> dict[str, Any]:
+        """End-of-work settings the master imposes on slaves at WELCOME (seed 004's DeleteWorker; none by default)."""
+        config, policy = self.master.config, {}
+        if config.slave_on_no_work in ("stay", "exit"):
+            policy["on_no_work"] = config.slave_on_no_work
+        if config.slave_delete_workers in ("yes", "no"):
+            policy["delete_workers"] = config.slave_delete_workers == "yes"
+        return {"policy": policy} if policy else {}
+
     # -- end of work -----------------------------------------------------------------------------
     def _tell_no_work(self) -> None:
         """Every sweep is over: say so once to each idle slave (it stays or exits per its own config)."""

@@ -335,6 +335,7 @@ class Master:
             "heartbeat_interval": self.config.heartbeat_interval,
             "liveness": self.config.liveness,
             "epoch": self.epoch,
+            **self.housekeeping.slave_policy(),
         })
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 

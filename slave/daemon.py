@@ -247,6 +247,11 @@ class Slave:
         self.welcomed = True
         self.backoff = self.config.reconnect_min
         log.info("connected", master=self.config.master, epoch=msg.header.get("epoch"))
+        policy = msg.header.get("policy") or {}
+        if policy.get("on_no_work") in ("stay", "exit"):
+            self.config.on_no_work = policy["on_no_work"]
+        if isinstance(policy.get("delete_workers"), bool):
+            self.config.delete_workers = policy["delete_workers"]
         for outcome in list(self.outbox.values()):
             self._report(outcome)
         self.pypool.request_missing()

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from master.config import ConfigError
 from master.spec import parse_spec
 from master.store import Store
 from slave.daemon import platform_tag
-from tests.conftest import HEARTBEAT, run_cli, wait_for, write_spec
+from tests.conftest import HEARTBEAT, MasterProcess, free_port, run_cli, wait_for, write_spec
 
 WORKER_SCRIPT = "#!/bin/sh\necho \"simulated $1\"\n"
 
@@ -152,6 +154,24 @@ def test_slave_exits_when_told_there_is_no_more_work_and_deletes_its_worker(mast
     assert not [p for p in (leaver.work_root / ".workers").rglob("*") if p.is_file()]  # fetched worker deleted
     time.sleep(3 * HEARTBEAT)
     assert stayer.proc.poll() is None  # "stay" is the default: a service waits for the next sweep
+
+
+def test_the_master_can_tell_slaves_to_exit_when_done(tmp_path: Path) -> None:
+    m = MasterProcess(tmp_path / "policy-state", f"tcp://127.0.0.1:{free_port()}",
+                      extra_config='slave_on_no_work = "exit"\nslave_delete_workers = "yes"\n').start()
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", m.endpoint, "--name", "obedient",
+                                 "--work-root", str(tmp_path / "w"), "--heartbeat", str(HEARTBEAT)])
+        wait_for(lambda: control(m.endpoint, "ping")["slaves"] == 1, 10, "the slave")
+        m.submit(shipped_worker_spec(tmp_path, "policy", 3, [platform_tag()]))
+        m.wait_finished("policy", timeout=30)
+        assert proc.wait(timeout=10) == 0  # its own config says "stay": the master's policy won
+        assert not [p for p in (tmp_path / "w" / ".workers").rglob("*") if p.is_file()]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        m.stop()
 
 
 # -- validation ----------------------------------------------------------------------------------------
