@@ -387,10 +387,12 @@ class Slave:
             self.stopping = True
 
     def _reap_workers(self) -> None:
-        for tid, worker in list(self.running.items()):
-            if worker.poll() is not None:
-                del self.running[tid]
-                self._finished(worker.finish())
+        exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
+        finished = [self.running.pop(tid) for tid in exited]
+        # The next ticket starts before the finished ones' outputs are gathered: a slot never waits on bookkeeping.
+        self._start_waiting()
+        for worker in finished:
+            self._finished(worker.finish())
 
     def _kill_overdue(self) -> None:
         now = time.monotonic()
