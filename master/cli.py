@@ -82,9 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"))
     p.add_argument("--remove", action="store_true", help="remove the results from the master afterwards")
     p.set_defaults(func=cmd_collect)
-    p = sub.add_parser("cancel", help="cancel a sweep (running tickets are killed)")
+    p = sub.add_parser("cancel", help="cancel a sweep or one task (running tickets are killed)")
     p.add_argument("sweep")
+    p.add_argument("--task", type=int, help="only this task (its index)")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("pause", help="pause a sweep (running tickets finish) or one task (its running ticket is killed)")
+    p.add_argument("sweep")
+    p.add_argument("--task", type=int, help="only this task (its index)")
+    p.set_defaults(func=lambda args: cmd_pause(args, True))
+    p = sub.add_parser("resume", help="resume a paused sweep or task")
+    p.add_argument("sweep")
+    p.add_argument("--task", type=int, help="only this task (its index)")
+    p.set_defaults(func=lambda args: cmd_pause(args, False))
+    p = sub.add_parser("prune", help="remove expired uncollected results now (see keep_days)")
+    p.add_argument("--keep-days", type=float, help="instead of the configured keep_days")
+    p.set_defaults(func=cmd_prune)
     p = sub.add_parser("token", help="make an HTTP API token (printed once; only its hash is configured)")
     p.add_argument("--write", action="store_true", help="save it as STATE/http.token and add its hash to master.toml")
     p.set_defaults(func=lambda args: cli_http.make_token(args.state, args.write))
@@ -276,11 +288,41 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return _control_verb(args, "cancel_task", "cancelled", sweep=args.sweep, task=args.task)
     if (api := cli_http.http_api(args)) is not None:
         return cli_http.cancel(api, args.sweep)
     reply = control(_endpoint(args), "cancel", keys=_keys(args), sweep=args.sweep)
     print(f"{args.sweep}: {'cancelled' if reply.get('ok') else 'not active'}")
     return 0 if reply.get("ok") else 1
+
+
+def cmd_pause(args: argparse.Namespace, paused: bool) -> int:
+    verb = "pause" if paused else "resume"
+    if args.task is not None:
+        return _control_verb(args, f"{verb}_task", f"{verb}d", sweep=args.sweep, task=args.task)
+    return _control_verb(args, verb, f"{verb}d", sweep=args.sweep)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    fields = {} if args.keep_days is None else {"keep_days": args.keep_days}
+    reply = control(_endpoint(args), "prune", **fields)
+    if not reply.get("ok"):
+        print(f"ticketfarm: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"pruned {reply['results']} results of {len(reply['sweeps'])} sweeps, {reply['events']} events")
+    return 0
+
+
+def _control_verb(args: argparse.Namespace, op: str, done: str, **fields: Any) -> int:
+    """One control op on the running master; prints what happened or why not."""
+    reply = control(_endpoint(args), op, **fields)
+    what = args.sweep if args.task is None else f"{args.sweep} task {args.task}"
+    if not reply.get("ok"):
+        print(f"ticketfarm: {what}: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    print(f"{what}: {done}")
+    return 0
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -46,7 +46,15 @@ class MasterConfig:
     durability: str = "full"
     """SQLite synchronous mode: "full" survives power loss, "normal" survives a killed master process."""
     keep_days: float = 30.0
-    """Uncollected results are kept this many days."""
+    """Uncollected results are kept this many days (then pruned, with events older than that)."""
+    prune_every_hours: float = 6.0
+    """Hours between two prunings of expired results (the first runs a few seconds after start)."""
+    validate_workers: int = 2
+    """Threads that run result validators, off the master's event loop."""
+    slave_on_no_work: str = ""
+    """Told to slaves at WELCOME: "stay" or "exit" when every sweep is over ("" = each slave's own on_no_work)."""
+    slave_delete_workers: str = ""
+    """Told to slaves at WELCOME: "yes" or "no", delete fetched worker executables on exit ("" = the slave's own)."""
     progress_bytes: int = 64 * 1024
     """How much of each running ticket's recent output the master keeps for progress views."""
     slave_exit_when_done: bool = False
@@ -148,4 +156,8 @@ def write_default_master_config(state_dir: Path) -> Path:
 
 def load_master_config(state_dir: Path) -> MasterConfig:
     path = master_config_path(state_dir)
-    return build(MasterConfig, load_toml(path), str(path))
+    config = build(MasterConfig, load_toml(path), str(path))
+    for key, allowed in (("slave_on_no_work", ("", "stay", "exit")), ("slave_delete_workers", ("", "yes", "no"))):
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}")
+    return config

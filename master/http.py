@@ -26,7 +26,7 @@ import structlog
 import zmq
 
 from master import protocol
-from master.collect import _outputs_of, output_chunks
+from master.collect import output_chunks
 from master.config import ConfigError, MasterConfig
 from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ticketfarm.http")
 
 API = "/api/v1"
-TASK_STATES = ("queued", "running", "done", "failed", "cancelled")
+TASK_STATES = ("queued", "paused", "running", "done", "failed", "cancelled")
 #: Largest page of tasks one request returns.
 MAX_PAGE = 1000
 #: Seconds between two reads of the events table by one event stream.
@@ -446,7 +446,6 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http_request", peer=self.client_address[0], line=format % args)
 
     def _serve(self, method: str) -> None:
-        api = self.server.api
         url = urlsplit(self.path)
         request = None
         try:

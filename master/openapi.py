@@ -100,7 +100,7 @@ def _paths() -> dict[str, Any]:
             "200": ok, **_errors(401, 404, 409, 503)}, params=[SWEEP], write=True)},
         f"{API}/sweeps/{{sweep}}/tasks": {"get": _op("Tasks of a sweep, optionally of one state, paginated", {
             "200": _json(_ref("TaskPage")), **_errors(400, 401, 404)}, params=[
-            SWEEP, _query("state", {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+            SWEEP, _query("state", {"type": "string", "enum": ["queued", "paused", "running", "done", "failed", "cancelled"]},
                           "Only tasks in this state"),
             _query("offset", {"type": "integer", "minimum": 0, "default": 0}, "Skip this many tasks"),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size")])},

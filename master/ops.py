@@ -83,14 +83,58 @@ def cancel_task(master: "Master", header: dict[str, Any]) -> Reply:
     row = master.store.task(name, task)
     if row is None:
         return _fail("not_found", f"sweep {name!r} has no task {task}")
-    if row["state"] not in ("queued", "running"):
+    if row["state"] not in ("queued", "running", "paused"):
         return _fail("conflict", f"task {task} of {name!r} is {row['state']}: nothing to cancel")
     master._unqueue(name, task)
+    if (active := master.scheduler.active.get(name)) is not None:
+        active.held.discard(task)
     for ticket in master.scheduler.siblings(name, task):
         master._cancel_ticket(ticket, "task cancelled")
     master.store.cancel_task(name, task)
     master._finish_if_done(name)
     return {"ok": True, "state": "cancelled"}
+
+
+def _task_arg(header: dict[str, Any]) -> int:
+    task = header.get("task")
+    if not isinstance(task, int) or isinstance(task, bool):
+        raise ValueError("field 'task' missing or not an integer")
+    return task
+
+
+def set_task_paused(master: "Master", header: dict[str, Any], paused: bool) -> Reply:
+    """Pause one task (held back; a running attempt is killed and not counted) or resume it (queued again, first)."""
+    name, task = _str(header, "sweep"), _task_arg(header)
+    row = master.store.task(name, task)
+    if row is None:
+        return _fail("not_found", f"sweep {name!r} has no task {task}")
+    active = master.scheduler.active.get(name)
+    wanted = ("queued", "running") if paused else ("paused",)
+    if active is None or row["state"] not in wanted:
+        return _fail("conflict", f"task {task} of {name!r} is {row['state']}: only a "
+                                 f"{' or '.join(wanted)} task can be {'paused' if paused else 'resumed'}")
+    if paused:
+        master._unqueue(name, task)
+        running = master.scheduler.siblings(name, task)
+        for ticket in running:
+            master._cancel_ticket(ticket, "task paused")
+        master.store.hold_task(name, task, refund=bool(running))
+        active.held.add(task)
+        return {"ok": True, "state": "paused"}
+    active.held.discard(task)
+    master.store.requeue_task(name, task)
+    master.store.event("task_resumed", sweep=name, task=task)
+    active.queued.appendleft(task)
+    master._dispatch_hungry()
+    return {"ok": True, "state": "queued"}
+
+
+def prune(master: "Master", header: dict[str, Any]) -> Reply:
+    """Prune expired results now (optionally with another keep_days than the configured one)."""
+    keep = header.get("keep_days")
+    if keep is not None and (not isinstance(keep, (int, float)) or isinstance(keep, bool) or keep < 0):
+        raise ValueError("field 'keep_days' must be a number >= 0")
+    return {"ok": True, **master.housekeeping.prune(time.time(), keep)}
 
 
 def set_draining(master: "Master", header: dict[str, Any], draining: bool) -> Reply:
@@ -141,6 +185,9 @@ OPS: dict[str, Callable[["Master", dict[str, Any]], Reply]] = {
     "pause": lambda m, h: set_paused(m, h, True),
     "resume": lambda m, h: set_paused(m, h, False),
     "cancel_task": cancel_task,
+    "pause_task": lambda m, h: set_task_paused(m, h, True),
+    "resume_task": lambda m, h: set_task_paused(m, h, False),
+    "prune": prune,
     "drain": lambda m, h: set_draining(m, h, True),
     "undrain": lambda m, h: set_draining(m, h, False),
     "forget_results": forget_results,

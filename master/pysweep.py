@@ -35,7 +35,7 @@ from master.store import FINAL_TASK_STATES, StoredOutput
 
 if TYPE_CHECKING:
     from master.scheduler import Ticket
-    from master.server import Master, SlaveSession
+    from master.server import Master
 
 log = structlog.get_logger("ticketfarm.pysweep")
 
@@ -77,7 +77,7 @@ class PythonSweeps:
     def ticket(self, ticket: "Ticket") -> tuple[dict[str, Any], list[bytes]]:
         """Header and payload of a TICKET for a python task: the function's hash and the pickled arguments."""
         sweep = self.master.scheduler.active[ticket.sweep].sweep
-        params = self.master.store.params(ticket.sweep, ticket.task)
+        params = ticket.params if ticket.params is not None else self.master.store.params(ticket.sweep, ticket.task)
         header = {"sweep": ticket.sweep, "ticket": ticket.id, "task": ticket.task, "attempt": ticket.attempt,
                   "kind": "python", "fn": params["fn"], "timeout": sweep.timeout, "params": {}, "results": RESULTS}
         return header, [base64.b64decode(params["args"])]

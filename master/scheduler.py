@@ -5,6 +5,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import structlog
 
@@ -25,6 +26,8 @@ class Ticket:
     attempt: int
     dispatched: float
     deadline: float
+    params: dict[str, Any] | None = None
+    """The task's parameters, known at dispatch (for the TICKET message); None for adopted tickets."""
 
 
 @dataclass
@@ -36,6 +39,8 @@ class ActiveSweep:
     queued: deque[int] = field(default_factory=deque)
     running: int = 0
     paused: bool = False
+    held: set[int] = field(default_factory=set)
+    """Paused tasks: neither queued nor running until resumed."""
 
     @property
     def name(self) -> str:
@@ -57,6 +62,10 @@ class Scheduler:
         self.tickets: dict[int, Ticket] = {}
         self._by_task: dict[tuple[str, int], set[int]] = {}
         self._deadlines: list[tuple[float, int]] = []
+        #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/workers.py).
+        self.slave_fits: Callable[[ActiveSweep, str], bool] = lambda active, slave: True
+        #: Slaves a task should not go back to (they returned a rejected result), while others can take it.
+        self.avoid: dict[tuple[str, int], set[str]] = {}
 
     # -- sweeps -----------------------------------------------------------------
     def activate(self, sweep: Sweep, created: float, queued: list[int]) -> ActiveSweep:
@@ -71,7 +80,7 @@ class Scheduler:
 
     def is_finished(self, name: str) -> bool:
         active = self.active.get(name)
-        return active is not None and not active.queued and active.running == 0
+        return active is not None and not active.queued and active.running == 0 and not active.held
 
     def has_queued(self) -> bool:
         return any(a.queued and not a.paused for a in self._order)
@@ -81,15 +90,40 @@ class Scheduler:
         """Take the first queued task of the highest-priority sweep and issue a ticket for it."""
         for active in self._order:
             if active.queued and not active.paused:
-                idx = active.queued.popleft()
+                if active.sweep.restricted and not self.admits(active, slave):
+                    continue
+                idx = self._take(active, slave) if self.avoid else active.queued.popleft()
                 return self._issue(active, idx, slave, now)
         return None
 
+    def admits(self, active: ActiveSweep, slave: str) -> bool:
+        """Whether one more ticket of this sweep may go to this slave now (max_concurrent, platform, resources)."""
+        limit = active.sweep.max_concurrent
+        if limit and active.running >= limit:
+            return False
+        return self.slave_fits(active, slave)
+
+    def _take(self, active: ActiveSweep, slave: str, scan: int = 32) -> int:
+        """The first queued task this slave is not to avoid (among the next few); else the first one."""
+        for pos, idx in enumerate(active.queued):
+            if pos >= scan:
+                break
+            if slave not in self.avoid.get((active.name, idx), ()):
+                del active.queued[pos]
+                return idx
+        return active.queued.popleft()
+
+    def duplicate(self, ticket: Ticket, slave: str, now: float) -> Ticket | None:
+        """A speculative copy of a running ticket for another slave (the first valid result wins)."""
+        active = self.active.get(ticket.sweep)
+        if active is None or slave == ticket.slave or not self.admits(active, slave):
+            return None
+        return self._issue(active, ticket.task, slave, now)
+
     def _issue(self, active: ActiveSweep, idx: int, slave: str, now: float) -> Ticket:
-        attempt = self.store.task_attempts(active.name, idx) + 1
-        ticket = Ticket(next(self._ids), active.name, idx, slave, attempt, now,
-                        now + active.sweep.timeout + self.grace)
-        self.store.start_ticket(ticket.id, ticket.sweep, idx, slave, attempt, now)
+        tid = next(self._ids)
+        attempt, params = self.store.start_ticket(tid, active.name, idx, slave, now)
+        ticket = Ticket(tid, active.name, idx, slave, attempt, now, now + active.sweep.timeout + self.grace, params)
         self._track(ticket)
         active.running += 1
         return ticket
@@ -143,6 +177,8 @@ class Scheduler:
     def settle_success(self, ticket: Ticket, elapsed: float | None, exit_code: int | None) -> None:
         self.store.finish_ticket(ticket.id, "done", exit_code=exit_code, elapsed=elapsed)
         self._untrack(ticket)
+        if self.avoid:
+            self.avoid.pop((ticket.sweep, ticket.task), None)
 
     def settle_failure(self, ticket: Ticket, state: str, reason: str,
                        exit_code: int | None = None, elapsed: float | None = None) -> str:
@@ -162,6 +198,7 @@ class Scheduler:
         if attempts >= active.sweep.max_attempts:
             self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
             log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
+            self.avoid.pop((ticket.sweep, ticket.task), None)
             return "failed"
         self.store.requeue_task(ticket.sweep, ticket.task)
         # Retries go first: a failing parameter set surfaces early, not at the end of a long sweep.

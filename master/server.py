@@ -14,6 +14,7 @@ from master import keys, ops, protocol
 from master.callbacks import CallbackSender
 from master.config import ConfigError, MasterConfig
 from master.events import EventBatch
+from master.housekeeping import Housekeeping
 from master.keys import KeyRing, Peer, ZapHandler
 from master.metrics import Metrics
 from master.protocol import Command, Message, ProtocolError, field_of
@@ -22,6 +23,9 @@ from master.scheduler import Scheduler, Ticket
 from master.spec import Sweep
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, StoredOutput, Store
+from master.stragglers import Stragglers
+from master.validate import Validator
+from master.workers import Placement
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -140,6 +144,11 @@ class Master:
             Command.CONTROL: self.on_control,
         }
         self.python = PythonSweeps(self)
+        # Sweep semantics beyond the hot path (issue 6): where a sweep may run, validation, stragglers, chores.
+        self.placement = Placement(self)
+        self.validator = Validator(self, config.validate_workers)
+        self.stragglers = Stragglers(self)
+        self.housekeeping = Housekeeping(self)
 
     # -- setup ----------------------------------------------------------------
     def _security(self) -> tuple[KeyRing | None, ZapHandler | None]:
@@ -193,6 +202,7 @@ class Master:
             if row.state in ("active", "paused"):
                 active = self.scheduler.activate(row.sweep(), row.created, self.store.tasks_in_state(row.name, "queued"))
                 active.paused = row.state == "paused"
+                active.held.update(self.store.tasks_in_state(row.name, "paused"))
         now = time.time()
         # Slaves get one liveness period (plus grace) to come back and claim what they hold.
         reclaim = now + self._liveness_window() * 2
@@ -245,18 +255,20 @@ class Master:
         """Run until stop() (or until `until()` is true); `tick` is called about every heartbeat/4."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.validator.wake_r, zmq.POLLIN)
         next_tick = 0.0
         while not self._stopping and not (until and until()):
-            timeout_ms = max(1, int(self.config.heartbeat_interval * 250))
-            if poller.poll(timeout_ms):
+            if poller.poll(self._poll_timeout_ms()):
                 self._drain()
+                self.validator.pump()
             now = time.time()
             self._expire_tickets(now)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if self.keyring is not None and now >= self._next_key_check:
                 self._check_keys(now)
-            self._commit_and_ack()
+            if self._commit_due():
+                self._commit_and_ack()
             if tick and now >= next_tick:
                 tick()
                 next_tick = now + self.config.heartbeat_interval / 4
@@ -267,9 +279,12 @@ class Master:
             try:
                 frames = self._recv()
             except zmq.Again:
+                if self.python.pending:
+                    # A client is blocked on these results: commit now that the queue is empty.
+                    self._commit_and_ack()
                 return
             self.handle(frames)
-            if self.store.dirty and self._commit_due():
+            if self._commit_due():
                 self._commit_and_ack()
 
     def _recv(self) -> list[bytes]:
@@ -290,7 +305,17 @@ class Master:
         return [first.bytes, *self.socket.recv_multipart()]
 
     def _commit_due(self) -> bool:
-        return sum(len(v) for v in self.pending_acks.values()) >= 512
+        """Group commit: one commit per `commit_interval` (or per 512 results), not one per message."""
+        if not self.store.dirty:
+            return False
+        return (time.monotonic() - self.store.txn_started >= self.config.commit_interval
+                or sum(len(v) for v in self.pending_acks.values()) >= 512)
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = self.config.heartbeat_interval / 4
+        if self.store.dirty:
+            timeout = min(timeout, self.store.txn_started + self.config.commit_interval - time.monotonic())
+        return max(1, int(timeout * 1000))
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode and route one message; anything malformed is logged and dropped."""
@@ -407,6 +432,7 @@ class Master:
             session.key = peer.key
         self.sessions[identity] = session
         self.by_name[name] = session
+        self.placement.on_hello(session, msg)
         self.store.slave_seen(name, session.platform, slots, session.version,
                               "draining" if name in self.draining else "alive")
         # Tickets the master thinks this slave holds but the slave does not know are lost.
@@ -419,6 +445,7 @@ class Master:
             "heartbeat_interval": self.config.heartbeat_interval,
             "liveness": self.config.liveness,
             "epoch": self.epoch,
+            **self.housekeeping.slave_policy(),
         })
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
@@ -464,6 +491,8 @@ class Master:
         for session in self.sessions.values():
             if now - session.last_sent >= self.config.heartbeat_interval:
                 self._send(session.identity, Command.HEARTBEAT, {})
+        self.stragglers.tick(now)
+        self.housekeeping.tick(now)
 
     def _expire_tickets(self, now: float) -> None:
         for ticket in self.scheduler.expired(now):
@@ -507,8 +536,8 @@ class Master:
             self._send(session.identity, Command.TICKET, *self.python.ticket(ticket))
             return
         static, payload = self._ticket_static(ticket.sweep)
-        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt,
-                      params=self.store.params(ticket.sweep, ticket.task))
+        params = ticket.params if ticket.params is not None else self.store.params(ticket.sweep, ticket.task)
+        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt, params=params)
         self._send(session.identity, Command.TICKET, header, payload)
         self.events.dispatched(ticket.sweep, ticket.id, ticket.task, session.name)
         self.metrics.tickets_dispatched.inc()
@@ -526,7 +555,8 @@ class Master:
                 else:
                     inputs.append({"name": inp.name, "template": inp.template})
             header = {"sweep": name, "command": sweep.command, "argv": sweep.argv, "env": sweep.env,
-                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results}
+                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results,
+                      **Placement.ticket_fields(sweep)}
             cached = self._ticket_headers[name] = (header, payload)
         return cached
 
@@ -562,12 +592,13 @@ class Master:
         tid = field_of(msg, "ticket", int)
         if tid in self.transfers:
             return  # already being fetched (the slave re-sent it after a reconnect)
-        row = self.store.ticket(tid)
+        row = self.scheduler.tickets.get(tid) or self.store.ticket(tid)
         if row is None or row.slave != session.name:
             log.warning("foreign_ticket", slave=session.name, ticket=tid, command="RESULT")
             self.pending_acks.setdefault(identity, []).append(tid)  # the slave may forget it: it can never count
             return
-        if self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
+        # A ticket still in flight belongs to an unsettled task; only late answers need the store's word.
+        if tid not in self.scheduler.tickets and self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
             self._duplicate_result(identity, tid, row.sweep, row.task)
             return
         outputs, files = self._parse_outputs(msg, row.sweep, row.task, tid)
@@ -661,10 +692,12 @@ class Master:
     def _accept(self, transfer: Transfer) -> None:
         """Store a complete result as the task's one result; cancel any other copies still running."""
         sweep, task, tid = transfer.sweep, transfer.task, transfer.ticket_id
-        if self._task_state(sweep, task) in ("done", "cancelled"):
+        if tid not in self.scheduler.tickets and self._task_state(sweep, task) in ("done", "cancelled"):
             shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
             self._duplicate_result(transfer.identity, tid, sweep, task)
             return
+        if self.validator.intercept(transfer):
+            return  # back here from Validator.pump() once accepted
         outputs = list(transfer.outputs)
         for f in transfer.files.values():
             final = self.results_dir / sweep / str(task) / f.name
@@ -755,6 +788,8 @@ class Master:
             reply = {"ok": False, "error": str(exc)}
         if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
             reply["rid"] = msg.header["rid"]
+        # Read-your-writes: whoever asked reads the store next (HTTP, CLI), so commit before answering.
+        self._commit_and_ack()
         self._send(identity, Command.REPLY, reply, payload)
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -763,6 +798,7 @@ class Master:
         if self.http is not None:
             self.http.stop()
         self.callbacks.stop()
+        self.validator.close()
         for session in list(self.sessions.values()):
             self.store.slave_state(session.name, "gone")
         self._commit_and_ack()

@@ -19,7 +19,10 @@ RESULT_SOURCES = ("stdout", "stderr", "exit_code")
 COLLECT_MODES = ("concat", "blockwise", "table", "folders")
 TABLE_FORMATS = ("csv", "jsonl")
 SPEC_KEYS = {"name", "command", "argv", "timeout", "max_attempts", "priority", "env",
-             "parameters", "inputs", "results", "collect"}
+             "parameters", "inputs", "results", "collect",
+             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory"}
+#: Platform tags look like `linux-x86_64`: the slave's sys.platform and machine, lower case.
+PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_.]+$")
 
 
 @dataclass
@@ -29,6 +32,26 @@ class InputFile:
     name: str
     content: bytes | None = None
     template: str | None = None
+
+
+@dataclass
+class ShippedWorker:
+    """The worker executable for one platform, shipped by the master and cached by slaves by SHA-256."""
+
+    name: str
+    sha256: str
+    content: bytes
+
+
+@dataclass
+class Validation:
+    """How results are checked on the master: a shell command, or a Python callable (module or embedded file)."""
+
+    command: str | None = None
+    python: str | None = None
+    """`module:function` importable on the master, or `file.py:function` (the file travels in `source`)."""
+    source: str | None = None
+    timeout: float = 60.0
 
 
 @dataclass
@@ -58,6 +81,22 @@ class Sweep:
     collect: list[CollectRule] = field(default_factory=list)
     kind: str = "command"
     """"command" runs a program; "python" calls a cloudpickled function (params: fn hash + pickled args)."""
+    workers: dict[str, ShippedWorker] = field(default_factory=dict)
+    """Worker executable per platform tag (`{worker}` in the command is its cached path on the slave)."""
+    validate: Validation | None = None
+    speculate: float = 0.0
+    """Duplicate a ticket running longer than this many times the sweep's median task time (0 = off)."""
+    max_concurrent: int = 0
+    """Tickets of this sweep out at once at most (0 = no limit)."""
+    cpus: int = 0
+    """CPUs one task needs: a slave takes it only while that many of its CPUs are free (0 = no claim)."""
+    memory: int = 0
+    """MiB one task may use: a slave takes it only with that much free, and kills a worker using more (0 = no limit)."""
+
+    @property
+    def restricted(self) -> bool:
+        """Whether the scheduler must ask, per slave, if this sweep may run there."""
+        return bool(self.workers or self.max_concurrent or self.cpus or self.memory)
 
     @property
     def param_names(self) -> list[str]:
@@ -69,6 +108,8 @@ class Sweep:
             {**i, "content": None if i["content"] is None else base64.b64encode(i["content"]).decode()}
             for i in data["inputs"]
         ]
+        data["workers"] = {p: {**w, "content": base64.b64encode(w["content"]).decode()}
+                           for p, w in data["workers"].items()}
         return json.dumps(data)
 
     @classmethod
@@ -79,6 +120,10 @@ class Sweep:
             for i in data["inputs"]
         ]
         data["collect"] = [CollectRule(**c) for c in data["collect"]]
+        data["workers"] = {p: ShippedWorker(w["name"], w["sha256"], base64.b64decode(w["content"]))
+                           for p, w in data.get("workers", {}).items()}
+        if data.get("validate") is not None:
+            data["validate"] = Validation(**data["validate"])
         return cls(**data)
 
     def digest(self) -> str:
@@ -121,6 +166,15 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
         results=_load_results(data.get("results", {"stdout": "stdout"}), source),
     )
     sweep.collect = _load_collect(data.get("collect"), sweep, source)
+    sweep.workers = _load_workers(data.get("workers"), base, source)
+    sweep.validate = _load_validation(data.get("validate"), base, source)
+    sweep.speculate = float(_get(data, "speculate", (int, float), source, 0.0))
+    sweep.max_concurrent = _get(data, "max_concurrent", int, source, 0)
+    sweep.cpus = _get(data, "cpus", int, source, 0)
+    sweep.memory = _load_memory(data.get("memory", 0), source)
+    for key in ("speculate", "max_concurrent", "cpus"):
+        if getattr(sweep, key) < 0:
+            raise ConfigError(f"{source}: field {key!r} must be >= 0")
     if sweep.timeout <= 0:
         raise ConfigError(f"{source}: field 'timeout' must be > 0")
     if sweep.max_attempts < 1:
@@ -318,10 +372,75 @@ def _load_collect(rules: Any, sweep: Sweep, source: str) -> list[CollectRule]:
     return out
 
 
+def _load_workers(spec: Any, base: Path, source: str) -> dict[str, ShippedWorker]:
+    """[workers]: platform tag = path of the executable for that platform (read and hashed now)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"{source}: [workers] must map platform tags (e.g. linux-x86_64) to executable paths")
+    out = {}
+    for tag, rel in spec.items():
+        if not PLATFORM_RE.match(tag):
+            raise ConfigError(f"{source}: workers.{tag}: a platform tag looks like linux-x86_64")
+        if not isinstance(rel, str) or not rel:
+            raise ConfigError(f"{source}: workers.{tag} must be the path of an executable")
+        content = _read_bytes(base / rel, f"{source}: workers.{tag}")
+        name = Path(rel).name
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{source}: workers.{tag}: file name {name!r} must match {NAME_RE.pattern}")
+        out[tag] = ShippedWorker(name, hashlib.sha256(content).hexdigest(), content)
+    return out
+
+
+def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
+    """validate = "shell command" or {command = ..., timeout = ...} or {python = "file.py:fn" | "module:fn"}."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        spec = {"command": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: 'validate' must be a command string or a table")
+    extra = set(spec) - {"command", "python", "timeout"}
+    if extra:
+        raise ConfigError(f"{source}: unknown field 'validate.{sorted(extra)[0]}'")
+    if ("command" in spec) == ("python" in spec):
+        raise ConfigError(f"{source}: validate needs exactly one of 'command' or 'python'")
+    timeout = spec.get("timeout", 60.0)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError(f"{source}: validate.timeout must be a number > 0")
+    if "command" in spec:
+        if not isinstance(spec["command"], str) or not spec["command"].strip():
+            raise ConfigError(f"{source}: validate.command must be a non-empty string")
+        return Validation(command=spec["command"], timeout=float(timeout))
+    target = spec["python"]
+    if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+        raise ConfigError(f"{source}: validate.python must be \"module:function\" or \"file.py:function\"")
+    module, _ = target.split(":")
+    text = None
+    if module.endswith(".py"):
+        text = _read_bytes(base / module, f"{source}: validate.python").decode()
+        try:
+            compile(text, module, "exec")
+        except SyntaxError as exc:
+            raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}") from None
+    return Validation(python=target, source=text, timeout=float(timeout))
+
+
+def _load_memory(value: Any, source: str) -> int:
+    """memory = MiB as an integer, or a string with a unit: "512M", "2G"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([MmGg])i?[Bb]?\s*", value)
+        if m:
+            return int(m.group(1)) * (1024 if m.group(2) in "Gg" else 1)
+    raise ConfigError(f"{source}: field 'memory' must be MiB (an integer >= 0) or a size like \"512M\" or \"2G\"")
+
+
 def _check_templates(sweep: Sweep, source: str) -> None:
-    known = sweep.param_names
+    known = sweep.param_names + (["worker"] if sweep.workers else [])
     for row_no, row in enumerate(sweep.params[:1]):
-        clash = set(row) & set(template.BUILTINS)
+        clash = set(row) & (set(template.BUILTINS) | ({"worker"} if sweep.workers else set()))
         if clash:
             raise ConfigError(f"{source}: parameter name {sorted(clash)[0]!r} is reserved")
     try:
@@ -334,5 +453,7 @@ def _check_templates(sweep: Sweep, source: str) -> None:
                 template.check(inp.template, known, f"{source}: inputs[{n}].template")
         for name, src in sweep.results.items():
             template.check(src, known, f"{source}: results.{name}")
+        if sweep.validate is not None and sweep.validate.command is not None:
+            template.check(sweep.validate.command, [*known, "results"], f"{source}: validate.command")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -53,10 +53,10 @@ def sweep_stats(store: Store, name: str) -> SweepStats | None:
     end = row.finished or time.time()
     elapsed = max(end - row.created, 1e-9)
     throughput = done / elapsed
-    remaining = counts.get("queued", 0) + counts.get("running", 0)
+    remaining = counts.get("queued", 0) + counts.get("running", 0) + counts.get("paused", 0)
     eta = remaining / throughput if throughput > 0 and remaining else (0.0 if not remaining else None)
     return SweepStats(name, row.state, row.priority, row.ntasks, done, counts.get("running", 0),
-                      counts.get("queued", 0), counts.get("failed", 0), counts.get("cancelled", 0),
+                      counts.get("queued", 0) + counts.get("paused", 0), counts.get("failed", 0), counts.get("cancelled", 0),
                       elapsed, throughput, eta)
 
 

@@ -88,10 +88,12 @@ class Store:
             self.db.execute("PRAGMA query_only = ON")
             return
         self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
         self.db.executescript(SCHEMA)
         self._in_txn = False
+        self.txn_started = 0.0
 
     def close(self) -> None:
         self.db.close()
@@ -101,12 +103,14 @@ class Store:
         if not self._in_txn:
             self.db.execute("BEGIN")
             self._in_txn = True
+            self.txn_started = time.monotonic()
         return self.db.execute(sql, args)
 
     def _write_many(self, sql: str, rows: Any) -> None:
         if not self._in_txn:
             self.db.execute("BEGIN")
             self._in_txn = True
+            self.txn_started = time.monotonic()
         self.db.executemany(sql, rows)
 
     @property
@@ -192,7 +196,7 @@ class Store:
 
     def cancel_tasks(self, sweep: str) -> None:
         self._write(
-            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running')",
+            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled' WHERE sweep = ? AND state IN ('queued', 'running', 'paused')",
             (sweep,),
         )
 
@@ -200,10 +204,16 @@ class Store:
         """Cancel one queued or running task; False when it had already settled."""
         cur = self._write(
             "UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
-            "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
+            "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running', 'paused')", (time.time(), sweep, idx))
         if cur.rowcount:
             self.event("task_cancelled", sweep=sweep, task=idx)
         return cur.rowcount > 0
+
+    def hold_task(self, sweep: str, idx: int, refund: bool) -> None:
+        """Pause a task (state 'paused'); a killed running attempt is not counted against max_attempts."""
+        self._write(f"UPDATE tasks SET state = 'paused'{', attempts = max(attempts - 1, 0)' if refund else ''} "
+                    "WHERE sweep = ? AND idx = ?", (sweep, idx))
+        self.event("task_paused", sweep=sweep, task=idx)
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
         self._write(
@@ -230,10 +240,6 @@ class Store:
 
     def reopen_sweep(self, name: str) -> None:
         self._write("UPDATE sweeps SET state = 'active', finished = NULL WHERE name = ?", (name,))
-
-    def cancel_task(self, sweep: str, idx: int) -> None:
-        self._write("UPDATE tasks SET state = 'cancelled', reason = 'cancelled', finished = ? "
-                    "WHERE sweep = ? AND idx = ? AND state IN ('queued', 'running')", (time.time(), sweep, idx))
 
     def settled_tasks(self, sweep: str) -> Iterator[tuple[int, str, str | None, list[StoredOutput]]]:
         """Settled tasks in order: (idx, state, reason, outputs); done ones with their stored outputs."""
@@ -264,14 +270,16 @@ class Store:
         return row[0] if row else None
 
     # -- tickets -------------------------------------------------------------
-    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, attempt: int, now: float) -> None:
+    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, now: float) -> tuple[int, dict[str, Any]]:
+        """Record a dispatched ticket; returns the task's attempt number and its parameters."""
+        attempt, params = self._write(
+            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ? "
+            "RETURNING attempts, params", (sweep, task)).fetchone()
         self._write(
             "INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) VALUES (?, ?, ?, ?, ?, ?, 'running')",
             (ticket, sweep, task, slave, attempt, now),
         )
-        self._write(
-            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ?", (sweep, task)
-        )
+        return attempt, json.loads(params)
 
     def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
                       reason: str | None = None, elapsed: float | None = None) -> None:
@@ -317,6 +325,41 @@ class Store:
         paths = [r[0] for r in self.db.execute("SELECT path FROM results WHERE sweep = ? AND path IS NOT NULL", (sweep,))]
         self._write("DELETE FROM results WHERE sweep = ?", (sweep,))
         return paths
+
+    # -- housekeeping (master/housekeeping.py, master/stragglers.py) ------------------
+    def expired_results(self, cutoff: float, limit: int) -> list[tuple[str, int, str, str | None]]:
+        """(sweep, task, name, path) of results whose task settled before `cutoff`, at most `limit`."""
+        return self.db.execute(
+            "SELECT r.sweep, r.task, r.name, r.path FROM results r JOIN tasks t ON t.sweep = r.sweep AND t.idx = r.task "
+            "WHERE t.finished < ? LIMIT ?", (cutoff, limit)).fetchall()
+
+    def delete_results(self, keys: list[tuple[str, int, str]]) -> None:
+        self._write_many("DELETE FROM results WHERE sweep = ? AND task = ? AND name = ?", keys)
+
+    def has_result_files(self, sweep: str) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE sweep = ? AND path IS NOT NULL LIMIT 1",
+                               (sweep,)).fetchone() is not None
+
+    def prune_events(self, cutoff: float) -> int:
+        """Delete events older than `cutoff` (a sweep's submission event stays); returns how many."""
+        return self._write("DELETE FROM events WHERE ts < ? AND kind != 'sweep_submitted'", (cutoff,)).rowcount
+
+    def reclaim_space(self) -> None:
+        """After a prune: checkpoint the WAL and hand free pages back (databases with incremental auto_vacuum)."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.db.execute("PRAGMA incremental_vacuum(2000)").fetchall()
+
+    def has_sweeps(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sweeps LIMIT 1").fetchone() is not None
+
+    def median_elapsed(self, sweep: str) -> float | None:
+        """Median run time of a sweep's successful tickets (None before the first)."""
+        count = self.db.execute("SELECT count(*) FROM tickets WHERE sweep = ? AND state = 'done' "
+                                "AND elapsed IS NOT NULL", (sweep,)).fetchone()[0]
+        if not count:
+            return None
+        return self.db.execute("SELECT elapsed FROM tickets WHERE sweep = ? AND state = 'done' AND elapsed IS NOT NULL "
+                               "ORDER BY elapsed LIMIT 1 OFFSET ?", (sweep, count // 2)).fetchone()[0]
 
     # -- slaves ---------------------------------------------------------------
     def slave_seen(self, name: str, platform: str, slots: int, version: str, state: str) -> None:

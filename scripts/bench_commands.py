@@ -16,6 +16,7 @@ from pathlib import Path
 
 from master.config import MasterConfig
 from master.local import LocalCluster
+from master.logs import configure_logging
 from master.spec import Sweep
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--durability", default="full", choices=["full", "normal"])
     args = parser.parse_args()
+    configure_logging("warning")
     n = args.tasks
     have_parallel = shutil.which("parallel") is not None
     workloads = {"/bin/true": (["/bin/true"], "/bin/true"), "sleep 0.01": (["sleep", "0.01"], "sleep 0.01")}

@@ -39,7 +39,21 @@ class SlaveConfig:
     on_master_shutdown: str = "stay"
     """"stay" (keep reconnecting, as a service) or "exit" when the master says it is shutting down."""
     keep_workdirs: bool = False
-    """Keep a ticket's working directory after the master has stored its result."""
+    """Keep a ticket's working directory after the master has stored its result (or cancelled the ticket)."""
+    on_no_work: str = "stay"
+    """"stay" (as a service) or "exit" once the master says every sweep is over and all results are acknowledged."""
+    delete_workers: bool = False
+    """On exit, delete the worker executables this slave fetched into the cache."""
+    cache_dir: str = ""
+    """Cache of shipped worker executables, by SHA-256; may be shared by several slaves (default: <work_root>/.workers)."""
+    lock_stale: float = 30.0
+    """Seconds after which a cache lock nobody touches is taken to be left by a dead slave, and broken."""
+    platform: str = ""
+    """Platform tag told to the master, which picks the worker executable (default: detected, e.g. linux-x86_64)."""
+    cpus: int = 0
+    """CPUs offered to tasks that claim CPUs (0 = all of this machine's)."""
+    memory_mb: int = 0
+    """MiB offered to tasks that claim memory (0 = all of this machine's)."""
     log_json: bool = False
     """Structured logs as JSON lines."""
 
@@ -59,6 +73,10 @@ def finish(config: SlaveConfig, source: str) -> SlaveConfig:
         raise ConfigError(f"{source}: field 'prefetch' must be >= 0")
     if config.on_master_shutdown not in ("stay", "exit"):
         raise ConfigError(f"{source}: field 'on_master_shutdown' must be \"stay\" or \"exit\"")
+    if config.on_no_work not in ("stay", "exit"):
+        raise ConfigError(f"{source}: field 'on_no_work' must be \"stay\" or \"exit\"")
+    if config.cpus < 0 or config.memory_mb < 0:
+        raise ConfigError(f"{source}: fields 'cpus' and 'memory_mb' must be >= 0")
     if not config.insecure and not (config.master_key and config.secret_key):
         raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
                           "unless insecure = true")

@@ -20,6 +20,8 @@ from master.config import ConfigError
 from master.keys import ClientKeys, KeyFileError
 from master.logs import configure_logging
 from master.protocol import Command, Message, ProtocolError
+from slave import resources
+from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool
 from slave.runner import MANIFEST, STDERR, STDOUT, Outcome, TicketSpec, UnsafePath, Worker, remove_workdir
@@ -57,11 +59,20 @@ class Slave:
         self.running: dict[int, Worker] = {}
         self.waiting: deque[TicketSpec] = deque()
         self.outbox: dict[int, Outcome] = self._load_outbox()
+        # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
+        self.base_env = dict(os.environ)
         self.pypool = PyPool(config.slots, self.work_root, config.name,
                              lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}))
         self.sent_at: dict[int, float] = {}
         self.stopping = False
         self.exit_code = 0
+        self.platform = config.platform or platform_tag()
+        self.cpus, self.memory_mb = resources.capacity(config.cpus, config.memory_mb)
+        self.cache = WorkerCache(Path(config.cache_dir).resolve() if config.cache_dir else self.work_root / ".workers",
+                                 config.name, lambda fields: self.send(Command.WORKER_REQUEST, fields),
+                                 config.lock_stale)
+        self.memory_watch = resources.MemoryWatch(min(config.heartbeat_interval / 2, 0.5))
+        self.no_work = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -103,7 +114,8 @@ class Slave:
         self.welcomed = False
         self.outstanding = 0
         self.send(Command.HELLO, {
-            "protocol": protocol.VERSION, "name": self.config.name, "platform": platform_tag(),
+            "protocol": protocol.VERSION, "name": self.config.name, "platform": self.platform,
+            "cpus": self.cpus, "memory_mb": self.memory_mb,
             "slots": self.config.slots, "version": VERSION, "pid": os.getpid(),
             "running": list(self.running) + [t.ticket for t in self.waiting], "held": list(self.outbox),
         })
@@ -164,6 +176,7 @@ class Slave:
         self._reap_workers()
         self._start_waiting()
         self._kill_overdue()
+        self._semantics_step()
         now = time.time()
         if self.socket is not None:
             if now > self.master_expiry:
@@ -220,6 +233,13 @@ class Slave:
         elif msg.command == Command.CODE:
             self.pypool.on_code(str(msg.header["hash"]), msg.payload[0] if msg.payload else None,
                                 msg.header.get("error"))
+        elif msg.command == Command.WORKER:
+            self._on_worker_chunk(msg)
+        elif msg.command == Command.REFUSED:
+            log.warning("sweep_refused", sweep=msg.header.get("sweep"), reason=msg.header.get("reason"))
+        elif msg.command == Command.NO_WORK:
+            log.info("master_has_no_work", reason=msg.header.get("reason"))
+            self.no_work = True
         elif msg.command != Command.HEARTBEAT:
             raise ProtocolError(f"{msg.command.name} is not a command a slave accepts")
 
@@ -231,13 +251,22 @@ class Slave:
         self.welcomed = True
         self.backoff = self.config.reconnect_min
         log.info("connected", master=self.config.master, epoch=msg.header.get("epoch"))
+        policy = msg.header.get("policy") or {}
+        if policy.get("on_no_work") in ("stay", "exit"):
+            self.config.on_no_work = policy["on_no_work"]
+        if isinstance(policy.get("delete_workers"), bool):
+            self.config.delete_workers = policy["delete_workers"]
         for outcome in list(self.outbox.values()):
             self._report(outcome)
         self.pypool.request_missing()
+        self.cache.reset()
 
     def _on_ticket(self, msg: Message) -> None:
         spec = TicketSpec.from_message(msg.header, msg.payload)
         self.outstanding = max(0, self.outstanding - 1)
+        self.no_work = False
+        spec.memory = int(msg.header.get("memory") or 0)
+        spec.workers = msg.header.get("workers") or None  # resolved from the cache when the ticket starts
         if spec.ticket in self.running or spec.ticket in self.outbox:
             return
         self.waiting.append(spec)
@@ -272,11 +301,14 @@ class Slave:
         worker = self.running.pop(tid, None)
         if worker is not None:
             worker.kill(reason)
-            remove_workdir(worker.workdir)
+            if not self.config.keep_workdirs:
+                remove_workdir(worker.workdir)
             log.info("ticket_cancelled", ticket=tid, reason=reason)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        for fetch in self.cache.fetches.values():
+            fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
-        if outcome is not None:
+        if outcome is not None and not self.config.keep_workdirs:
             remove_workdir(self.workdir(outcome.sweep, tid))
 
     def _on_disconnect(self, msg: Message) -> None:
@@ -295,14 +327,18 @@ class Slave:
     # -- workers ------------------------------------------------------------------------------
     def _start_waiting(self) -> None:
         while self.waiting and len(self.running) < self.config.slots:
+            if not resources.fits_now(self.waiting[0].memory, len(self.running)):
+                return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
             workdir = self.workdir(spec.sweep, spec.ticket)
             if spec.kind == "python":
                 self.running[spec.ticket] = self.pypool.start(spec, workdir)
                 continue
+            if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
+                continue
             try:
                 workdir.mkdir(parents=True, exist_ok=False)
-                self.running[spec.ticket] = Worker(spec, workdir, self.config.name)
+                self.running[spec.ticket] = Worker(spec, workdir, self.config.name, self.base_env)
             except (OSError, UnsafePath, KeyError, IndexError) as exc:
                 workdir.mkdir(parents=True, exist_ok=True)
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, f"cannot start worker: {exc}",
@@ -310,11 +346,57 @@ class Slave:
                 outcome.save(workdir)
                 self._finished(outcome)
 
+    # -- shipped workers, memory limits, end of work (issue 6) -----------------------------------------
+    def _resolve_worker(self, spec: TicketSpec, workdir: Path) -> bool:
+        """Point the ticket at its cached worker; False when it was parked (fetching) or failed."""
+        entry = (spec.workers or {}).get(self.platform)
+        try:
+            path = None if entry is None else self.cache.resolve(entry, spec)
+        except (OSError, ValueError, KeyError) as exc:
+            self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
+            return False
+        if entry is None:
+            self._fail_to_start(spec, workdir, f"cannot start worker: none shipped for platform {self.platform}")
+            return False
+        if path is None:
+            return False
+        spec.worker = str(path)
+        return True
+
+    def _fail_to_start(self, spec: TicketSpec, workdir: Path, reason: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, reason, slave=self.config.name)
+        outcome.save(workdir)
+        self._finished(outcome)
+
+    def _on_worker_chunk(self, msg: Message) -> None:
+        ready, failed, reason = self.cache.on_chunk(msg.header, msg.payload)
+        self._unpark(ready, failed, reason)
+
+    def _unpark(self, ready: list[TicketSpec], failed: list[TicketSpec], reason: str) -> None:
+        for spec in failed:
+            self._fail_to_start(spec, self.workdir(spec.sweep, spec.ticket), reason)
+        self.waiting.extendleft(reversed(ready))
+        if ready:
+            self._start_waiting()
+
+    def _semantics_step(self) -> None:
+        if self.cache.fetches:
+            self._unpark(self.cache.poll(), [], "")
+        if self.running:
+            self.memory_watch.check(self.running)
+        if (self.no_work and self.config.on_no_work == "exit" and not self.running and not self.waiting
+                and not self.outbox and not self.cache.fetches):
+            log.info("no_more_work_exiting")
+            self.stopping = True
+
     def _reap_workers(self) -> None:
-        for tid, worker in list(self.running.items()):
-            if worker.poll() is not None:
-                del self.running[tid]
-                self._finished(worker.finish())
+        exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
+        finished = [self.running.pop(tid) for tid in exited]
+        # The next ticket starts before the finished ones' outputs are gathered: a slot never waits on bookkeeping.
+        self._start_waiting()
+        for worker in finished:
+            self._finished(worker.finish())
 
     def _kill_overdue(self) -> None:
         now = time.monotonic()
@@ -369,19 +451,21 @@ class Slave:
         })
 
     def _send_progress(self) -> None:
+        """New stdout/stderr of each running worker since the last heartbeat, a bounded piece per stream."""
         for tid, worker in self.running.items():
-            for stream in (STDOUT, STDERR):
+            for stream, name in ((STDOUT, "stdout"), (STDERR, "stderr")):
                 path = worker.workdir / stream
+                sent = worker.progress_sent.get(name, 0)
                 try:
-                    size = path.stat().st_size
+                    if path.stat().st_size <= sent:
+                        continue
+                    with open(path, "rb") as fh:
+                        fh.seek(sent)
+                        data = fh.read(PROGRESS_CHUNK)
                 except OSError:
                     continue
-                if stream == STDOUT and size > worker.progress_sent:
-                    with open(path, "rb") as fh:
-                        fh.seek(worker.progress_sent)
-                        data = fh.read(PROGRESS_CHUNK)
-                    worker.progress_sent += len(data)
-                    self.send(Command.PROGRESS, {"ticket": tid, "stream": "stdout"}, [data])
+                worker.progress_sent[name] = sent + len(data)
+                self.send(Command.PROGRESS, {"ticket": tid, "stream": name}, [data])
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -391,6 +475,8 @@ class Slave:
             remove_workdir(worker.workdir)
         self.running.clear()
         self.pypool.close()
+        if self.config.delete_workers:
+            self.cache.delete_fetched()
         self.send(Command.DISCONNECT, {"reason": "slave shutting down"})
         if self.socket is not None:
             self.socket.close(linger=200)
@@ -410,12 +496,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-key", help="this slave's CURVE secret key file (overrides the config)")
     parser.add_argument("--insecure", action="store_true", help="plain TCP (a master with insecure = true)")
     parser.add_argument("--exit-on-shutdown", action="store_true", help="exit when the master shuts down")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="exit when the master says every sweep is over (on_no_work = \"exit\")")
+    parser.add_argument("--delete-workers", action="store_true", help="delete fetched worker executables on exit")
+    parser.add_argument("--cache-dir", help="cache of shipped worker executables (overrides the config)")
+    parser.add_argument("--platform", help="platform tag told to the master (overrides detection)")
+    parser.add_argument("--cpus", type=int, help="CPUs offered to tasks that claim CPUs (overrides the config)")
+    parser.add_argument("--memory-mb", type=int, help="MiB offered to tasks that claim memory (overrides the config)")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
     try:
         config = load_slave_config(args.config) if args.config else SlaveConfig()
-        for key in ("master", "name", "slots", "work_root", "prefetch", "master_key", "secret_key"):
+        for key in ("master", "name", "slots", "work_root", "prefetch", "cache_dir", "platform", "cpus", "memory_mb",
+                    "master_key", "secret_key"):
             if getattr(args, key) is not None:
                 setattr(config, key, getattr(args, key))
         if args.heartbeat is not None:
@@ -425,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             config.on_master_shutdown = "exit"
         if args.insecure:
             config.insecure = True
+        if args.exit_when_done:
+            config.on_no_work = "exit"
+        if args.delete_workers:
+            config.delete_workers = True
         config = finish(config, str(args.config or "command line"))
         configure_logging(args.log_level, args.log_json or config.log_json)
         slave = Slave(config)

@@ -94,7 +94,7 @@ class PyTask:
         self.started = time.monotonic()
         self.deadline = self.started + spec.timeout
         self.killed_for: str | None = None
-        self.progress_sent = 0
+        self.progress_sent: dict[str, int] = {}
         self.worker: WarmWorker | None = None
         self.outcome: Outcome | None = None
 

@@ -8,7 +8,6 @@ INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the
 """
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 import time

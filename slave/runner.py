@@ -42,6 +42,12 @@ class TicketSpec:
     payload: list[bytes] = field(default_factory=list)
     kind: str = "command"
     fn: str = ""
+    worker: str = ""
+    """Local path of the shipped worker executable (the `{worker}` placeholder), set by the slave's cache."""
+    memory: int = 0
+    """The task's memory limit in MiB (0 = none): the slave kills a worker tree using more."""
+    workers: dict[str, Any] | None = None
+    """The TICKET's worker executables by platform: {name, sha256, size}."""
 
     @classmethod
     def from_message(cls, header: dict[str, Any], payload: list[bytes]) -> "TicketSpec":
@@ -87,25 +93,27 @@ class Outcome:
 
 
 class Worker:
-    """A ticket's worker process tree, started in its own session so it can be killed whole."""
+    """A ticket's worker process tree, started in its own process group so it can be killed whole."""
 
-    def __init__(self, spec: TicketSpec, workdir: Path, slave: str):
+    def __init__(self, spec: TicketSpec, workdir: Path, slave: str, base_env: dict[str, str]):
         self.spec = spec
         self.slave = slave
         self.workdir = workdir
         self.started = time.monotonic()
         self.deadline = self.started + spec.timeout
         self.killed_for: str | None = None
-        self.progress_sent = 0
+        self.progress_sent: dict[str, int] = {}
         self.values = {**spec.params, "ticket": spec.ticket, "task": spec.task, "sweep": spec.sweep,
                        "workdir": str(workdir), "attempt": spec.attempt}
+        if spec.worker:
+            self.values["worker"] = spec.worker
         values = self.values
         stdin = self._write_inputs(values)
         if spec.command is not None:
             args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
         else:
             args = [template.render(a, values) for a in spec.argv or []]
-        env = {**os.environ, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
+        env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
                "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
         with open(workdir / STDOUT, "wb") as out, open(workdir / STDERR, "wb") as err:
             stdin_fh = open(stdin, "rb") if stdin else subprocess.DEVNULL

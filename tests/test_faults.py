@@ -77,8 +77,8 @@ def test_results_finished_while_master_is_down_are_delivered(tmp_path: Path, sta
     spec = slow_spec(tmp_path, "while-down", 4, 1.5)
     start_slave("keeper", 4)
     master.submit(spec)
-    wait_for(lambda: len((tmp_path / "executions.log").read_text().split()) == 4
-             if (tmp_path / "executions.log").exists() else False, 10, "all 4 started")
+    # once the master reports them running, the 4 tickets are committed (control replies follow a commit)
+    wait_for(lambda: (s := master.sweep_status("while-down")) and s["running"] == 4, 10, "all 4 running")
     master.kill()
     time.sleep(2.5)  # the workers finish while no master is listening
     master.start()

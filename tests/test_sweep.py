@@ -190,3 +190,22 @@ def test_slave_workdirs_are_per_ticket_and_removed_after_ack(master, start_slave
     assert len(set(dirs)) == 5
     assert all(d.startswith(str(slave.work_root / "wd")) for d in dirs)
     wait_for(lambda: not any(os.path.exists(d) for d in dirs), 5, "work dirs removed after ACK")
+
+
+def test_running_ticket_streams_stdout_and_stderr_progress(master, start_slave, tmp_path: Path) -> None:
+    from master.client import control
+    write_spec(tmp_path, """
+        name = "chatty"
+        command = "echo to-stdout; echo to-stderr >&2; sleep 3"
+        [parameters.grid]
+        n = [1]
+    """)
+    start_slave("talker", 1)
+    master.submit(tmp_path / "spec.toml")
+    store = Store(master.state / "state.db", readonly=True)
+    ticket = wait_for(lambda: [t.id for t in store.running_tickets()], 10, "a running ticket")[0]
+
+    def output() -> str:
+        return control(master.endpoint, "progress", ticket=ticket)["output"]
+
+    wait_for(lambda: "to-stdout" in output() and "to-stderr" in output(), 5, "both streams in the progress view")
