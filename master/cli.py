@@ -306,7 +306,7 @@ def cmd_pause(args: argparse.Namespace, paused: bool) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     fields = {} if args.keep_days is None else {"keep_days": args.keep_days}
-    reply = control(_endpoint(args), "prune", **fields)
+    reply = control(_endpoint(args), "prune", keys=_keys(args), **fields)
     if not reply.get("ok"):
         print(f"ticketfarm: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -316,7 +316,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def _control_verb(args: argparse.Namespace, op: str, done: str, **fields: Any) -> int:
     """One control op on the running master; prints what happened or why not."""
-    reply = control(_endpoint(args), op, **fields)
+    reply = control(_endpoint(args), op, keys=_keys(args), **fields)
     what = args.sweep if args.task is None else f"{args.sweep} task {args.task}"
     if not reply.get("ok"):
         print(f"ticketfarm: {what}: {reply.get('error', 'refused')}", file=sys.stderr)

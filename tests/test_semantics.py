@@ -14,12 +14,11 @@ import psutil
 
 import pytest
 
-from master.client import control
 from master.config import ConfigError
 from master.spec import parse_spec
 from master.store import Store
 from slave.daemon import platform_tag
-from tests.conftest import HEARTBEAT, MasterProcess, free_port, run_cli, wait_for, write_spec
+from tests.conftest import HEARTBEAT, MasterProcess, free_port, run_cli, slave_key_args, wait_for, write_spec
 
 WORKER_SCRIPT = "#!/bin/sh\necho \"simulated $1\"\n"
 
@@ -111,7 +110,7 @@ def test_fake_platform_is_refused_and_a_wrong_cached_copy_is_replaced(master, st
     (cache / sha / "sim.sh").write_text("#!/bin/sh\necho stale copy\n")  # a wrong copy under the right hash
     fake = start_slave("fake", 2, "--platform", "linux-fake")
     start_slave("real", 2, "--cache-dir", str(cache))
-    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
+    wait_for(lambda: master.control("ping")["slaves"] == 2, 10, "2 slaves")
     master.submit(spec)
     master.wait_finished("shipped", timeout=30)
     store = open_store(master)
@@ -133,7 +132,7 @@ def test_four_slaves_sharing_one_cache_fetch_the_worker_once(master, start_slave
     cache = tmp_path / "shared-cache"
     for i in range(4):
         start_slave(f"nfs{i}", 1, "--cache-dir", str(cache))
-    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 4, 10, "4 slaves")
+    wait_for(lambda: master.control("ping")["slaves"] == 4, 10, "4 slaves")
     master.submit(shipped_worker_spec(tmp_path, "shared", 12, [platform_tag(), "linux-aarch64"]))
     master.wait_finished("shared", timeout=30)
     fetched = events(master, "worker_fetched")
@@ -146,7 +145,7 @@ def test_four_slaves_sharing_one_cache_fetch_the_worker_once(master, start_slave
 def test_slave_exits_when_told_there_is_no_more_work_and_deletes_its_worker(master, start_slave, tmp_path: Path) -> None:
     leaver = start_slave("leaver", 2, "--exit-when-done", "--delete-workers")
     stayer = start_slave("stayer", 1, "--cache-dir", str(tmp_path / "stayer-cache"))
-    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
+    wait_for(lambda: master.control("ping")["slaves"] == 2, 10, "2 slaves")
     master.submit(shipped_worker_spec(tmp_path, "short", 6, [platform_tag()]))
     master.wait_finished("short", timeout=30)
     assert wait_for(lambda: leaver.proc.poll() is not None, 10, "the leaver to exit") is not None
@@ -162,8 +161,9 @@ def test_the_master_can_tell_slaves_to_exit_when_done(tmp_path: Path) -> None:
     proc = None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", m.endpoint, "--name", "obedient",
-                                 "--work-root", str(tmp_path / "w"), "--heartbeat", str(HEARTBEAT)])
-        wait_for(lambda: control(m.endpoint, "ping")["slaves"] == 1, 10, "the slave")
+                                 "--work-root", str(tmp_path / "w"), "--heartbeat", str(HEARTBEAT),
+                                 *slave_key_args(m.state)])
+        wait_for(lambda: m.control("ping")["slaves"] == 1, 10, "the slave")
         m.submit(shipped_worker_spec(tmp_path, "policy", 3, [platform_tag()]))
         m.wait_finished("policy", timeout=30)
         assert proc.wait(timeout=10) == 0  # its own config says "stay": the master's policy won
@@ -242,7 +242,7 @@ def test_slow_validators_do_not_block_the_master(master, start_slave, tmp_path: 
     worst = 0.0
     while master.sweep_status("slowcheck")["state"] != "finished" and time.time() - started < 20:
         sent = time.time()
-        assert control(master.endpoint, "ping")["ok"]
+        assert master.control("ping")["ok"]
         worst = max(worst, time.time() - sent)
         time.sleep(0.05)
     took = time.time() - started
@@ -275,7 +275,7 @@ def run_straggler_sweep(master, tmp_path: Path, name: str, speculate: float) -> 
 def test_a_straggler_is_duplicated_and_the_sweep_finishes_early(master, start_slave, tmp_path: Path) -> None:
     start_slave("fast", 1)
     start_slave("slow", 1)
-    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
+    wait_for(lambda: master.control("ping")["slaves"] == 2, 10, "2 slaves")
     plain = run_straggler_sweep(master, tmp_path, "plain", 0)
     speculative = run_straggler_sweep(master, tmp_path, "speculative", 3)
     print(f"\nstraggler sweep: {plain:.2f}s without duplication, {speculative:.2f}s with it")
@@ -312,7 +312,7 @@ def test_priorities_dispatch_first_and_max_concurrent_is_respected(master, start
         n = {range = [8]}
     """, "limited.toml")
     start_slave("two", 2)
-    wait_for(lambda: control(master.endpoint, "ping")["slaves"] == 2, 10, "2 slaves")
+    wait_for(lambda: master.control("ping")["slaves"] == 2, 10, "2 slaves")
     master.submit(tmp_path / "limited.toml")
     master.wait_finished("limited", timeout=30)
     assert max_overlap(tickets(master, "limited")) == 2  # 3 slots free, never more than 2 out

@@ -193,7 +193,6 @@ def test_slave_workdirs_are_per_ticket_and_removed_after_ack(master, start_slave
 
 
 def test_running_ticket_streams_stdout_and_stderr_progress(master, start_slave, tmp_path: Path) -> None:
-    from master.client import control
     write_spec(tmp_path, """
         name = "chatty"
         command = "echo to-stdout; echo to-stderr >&2; sleep 3"
@@ -206,6 +205,6 @@ def test_running_ticket_streams_stdout_and_stderr_progress(master, start_slave, 
     ticket = wait_for(lambda: [t.id for t in store.running_tickets()], 10, "a running ticket")[0]
 
     def output() -> str:
-        return control(master.endpoint, "progress", ticket=ticket)["output"]
+        return master.control("progress", ticket=ticket)["output"]
 
     wait_for(lambda: "to-stdout" in output() and "to-stderr" in output(), 5, "both streams in the progress view")
