@@ -17,6 +17,7 @@ from pathlib import Path
 
 from master.config import MasterConfig
 from master.local import LocalCluster
+from master.logs import configure_logging
 from master.spec import Sweep
 
 WORKLOADS = {
@@ -37,6 +38,7 @@ def run_sweep(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> 
 
 
 def start(state: Path, insecure: bool) -> LocalCluster:
+    """A local cluster; `insecure` = plain TCP (its warning at start is expected here)."""
     config = MasterConfig(heartbeat_interval=1.0, durability="normal", insecure=insecure)
     cluster = LocalCluster(state, 2, slots=1, config=config)
     cluster.run_until(lambda: len(cluster.master.sessions) == 2)
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    configure_logging("warning", False)
     times: dict[tuple[str, bool], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         clusters = {False: start(Path(tmp) / "curve", False), True: start(Path(tmp) / "plain", True)}
@@ -61,13 +64,15 @@ def main() -> None:
         finally:
             for c in clusters.values():
                 c.close()
-    print(f"{args.tasks} tasks, 2 local slaves x 1 slot, median of {args.rounds} rounds, durability=normal")
-    print(f"{'workload':<14} {'plain TCP':>10} {'CURVE':>10} {'CURVE/plain':>12} {'tasks/s plain':>14} {'tasks/s CURVE':>14}")
+    print(f"{args.tasks} tasks, 2 local slaves x 1 slot, {args.rounds} alternating rounds, durability=normal")
+    print("best = fastest round (least disturbed by other load), median = middle round")
+    print(f"{'workload':<14} {'':>6} {'plain TCP':>10} {'CURVE':>10} {'CURVE/plain':>12} {'tasks/s plain':>14} "
+          f"{'tasks/s CURVE':>14}")
     for label in WORKLOADS:
-        plain = statistics.median(times[(label, True)])
-        curve = statistics.median(times[(label, False)])
-        print(f"{label:<14} {plain:>8.2f} s {curve:>8.2f} s {curve / plain:>11.3f}x {args.tasks / plain:>14.0f} "
-              f"{args.tasks / curve:>14.0f}")
+        for stat, fn in (("best", min), ("median", statistics.median)):
+            plain, curve = fn(times[(label, True)]), fn(times[(label, False)])
+            print(f"{label:<14} {stat:>6} {plain:>8.2f} s {curve:>8.2f} s {curve / plain:>11.3f}x "
+                  f"{args.tasks / plain:>14.0f} {args.tasks / curve:>14.0f}")
 
 
 if __name__ == "__main__":
