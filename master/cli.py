@@ -13,7 +13,7 @@ from typing import Any
 from master import cli_http, keys
 from master.client import MasterUnreachable, client_endpoint, control
 from master.collect import collect, remove_collected
-from master.config import ConfigError, load_master_config, master_config_path, write_default_master_config
+from master.config import ConfigError, MasterConfig, load_master_config, master_config_path, write_default_master_config
 from master.local import LocalCluster, default_state_dir
 from master.logs import configure_logging
 from master.progress import ProgressBar
@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
     endpoint = _endpoint(args)
-    reply = control(endpoint, "submit", keys=_keys(args), sweep=sweep.to_json())
+    reply = _submit(args, endpoint, sweep)
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
     bar = ProgressBar()
@@ -225,7 +225,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.callback:
         raise ConfigError("--callback needs the master's HTTP API (set http_bind, or pass --http URL)")
     sweep = load_spec(args.spec)
-    reply = control(_endpoint(args), "submit", keys=_keys(args), sweep=sweep.to_json())
+    reply = _submit(args, _endpoint(args), sweep)
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
     print(f"{sweep.name}: {reply['state']} ({len(sweep.params)} tasks)")
@@ -330,6 +330,18 @@ def _endpoint(args: argparse.Namespace) -> str:
     if args.master:
         return args.master
     return client_endpoint(load_master_config(args.state).bind)
+
+
+def _submit(args: argparse.Namespace, endpoint: str, sweep: Any) -> dict[str, Any]:
+    """CONTROL submit; a sweep too large for one message is refused here, not dropped by the master unseen."""
+    body = sweep.to_json()
+    limit = MasterConfig.max_message_size
+    if master_config_path(args.state).exists():
+        limit = load_master_config(args.state).max_message_size
+    if len(body) + 1024 > limit:
+        raise ConfigError(f"sweep {sweep.name!r} is {len(body)} bytes as a message, over the master's "
+                          f"max_message_size ({limit}): raise it in master.toml, or submit through the HTTP API")
+    return control(endpoint, "submit", keys=_keys(args), sweep=body)
 
 
 def _keys(args: argparse.Namespace) -> keys.ClientKeys | None:

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESULT_SOURCES = ("stdout", "stderr", "exit_code")
 COLLECT_MODES = ("concat", "blockwise", "table", "folders")
 TABLE_FORMATS = ("csv", "jsonl")
+#: Most tasks one sweep may have (a grid is counted before it is expanded).
+MAX_TASKS = 5_000_000
+#: Largest parameter file (CSV or JSON lines) read, in bytes.
+MAX_PARAMETER_FILE = 512 * 1024 * 1024
 SPEC_KEYS = {"name", "command", "argv", "timeout", "max_attempts", "priority", "env",
              "parameters", "inputs", "results", "collect",
              "workers", "validate", "speculate", "max_concurrent", "cpus", "memory"}
@@ -207,6 +212,9 @@ def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]
     for kind in ("csv", "jsonl"):
         if kind in spec and not (base / str(spec[kind])).is_file():
             raise ConfigError(f"{source}: parameters.{kind}: no such file {base / str(spec[kind])}")
+        if kind in spec and (size := (base / str(spec[kind])).stat().st_size) > MAX_PARAMETER_FILE:
+            raise ConfigError(f"{source}: parameters.{kind}: {base / str(spec[kind])} is {size} bytes, over the "
+                              f"limit of {MAX_PARAMETER_FILE} (split the sweep)")
     if "csv" in spec:
         rows = read_csv(base / spec["csv"], spec.get("delimiter", ","))
     elif "jsonl" in spec:
@@ -215,6 +223,8 @@ def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]
         rows = expand_grid(spec["grid"], source)
     if not rows:
         raise ConfigError(f"{source}: [parameters] yields no tasks")
+    if len(rows) > MAX_TASKS:
+        raise ConfigError(f"{source}: [parameters] has {len(rows)} tasks, over the limit of {MAX_TASKS}")
     return rows
 
 
@@ -279,11 +289,17 @@ def expand_grid(grid: Any, source: str) -> list[dict[str, Any]]:
             bounds = axis["range"]
             if not (isinstance(bounds, list) and 1 <= len(bounds) <= 3 and all(isinstance(b, int) for b in bounds)):
                 raise ConfigError(f"{source}: parameters.grid.{key}.range must be [stop], [start, stop] or [start, stop, step]")
-            axes[key] = list(range(*bounds))
+            try:
+                axes[key] = range(*bounds)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: parameters.grid.{key}.range: {exc}") from None
         elif isinstance(axis, list) and axis:
             axes[key] = axis
         else:
             raise ConfigError(f"{source}: parameters.grid.{key} must be a non-empty list or {{range = [...]}}")
+    total = math.prod(len(a) for a in axes.values())
+    if total > MAX_TASKS:
+        raise ConfigError(f"{source}: [parameters.grid] makes {total} tasks, over the limit of {MAX_TASKS}")
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -552,3 +553,33 @@ def test_keys_survive_hand_edits_of_the_authorised_dir(tmp_path: Path) -> None:
     keys.init_state_keys(state)
     assert not (keys.authorized_dir(state, keys.SLAVE) / "slave.key").exists()
     assert os.stat(keys.keys_dir(state) / "master.key_secret").st_mode & 0o777 == 0o600
+
+
+def test_oversized_parameters_are_refused_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from master import spec as spec_module
+    from master.config import ConfigError
+
+    def parse(text: str) -> None:
+        spec_module.parse_spec(tomllib.loads(text), tmp_path, "s.toml")
+
+    with pytest.raises(ConfigError, match="over the limit"):
+        parse('name = "huge"\ncommand = "true"\n[parameters.grid]\nx = {range = [1000000]}\ny = {range = [1000]}\n')
+    with pytest.raises(ConfigError, match="range"):
+        parse('name = "zero"\ncommand = "true"\n[parameters.grid]\nx = {range = [0, 10, 0]}\n')
+    (tmp_path / "p.csv").write_text("x\n" + "1\n" * 100)
+    monkeypatch.setattr(spec_module, "MAX_PARAMETER_FILE", 100)
+    with pytest.raises(ConfigError, match="p.csv is 202 bytes"):
+        parse('name = "file"\ncommand = "true"\n[parameters]\ncsv = "p.csv"\n')
+
+
+def test_a_sweep_too_large_for_one_message_is_refused_by_the_client(tmp_path: Path) -> None:
+    master = MasterProcess(tmp_path / "state", f"tcp://127.0.0.1:{free_port()}",
+                           extra_config="max_message_size = 65536\n").start()
+    try:
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps({"v": "x" * 100}) + "\n" for _ in range(1000)))
+        spec = write_spec(tmp_path, 'name = "big"\ncommand = "echo {v}"\n[parameters]\njsonl = "p.jsonl"\n')
+        r = run_cli("--state", str(master.state), "submit", str(spec), cwd=tmp_path, timeout=30)
+        assert r.returncode == 2 and "max_message_size" in r.stderr, r.stderr
+        assert master.alive()
+    finally:
+        master.stop()
