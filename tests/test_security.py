@@ -326,6 +326,7 @@ def test_fuzzed_frames_never_crash_the_master_and_every_result_is_right(master: 
     finally:
         fuzzer.close()
         client.close()
+    print(f"fuzz: {sent[0]} hostile messages sent")
     assert sent[0] >= 1000, sent
     master.wait_finished("fuzz-victim-7f3a", timeout=60)
     assert master.alive() and master.proc.poll() is None
