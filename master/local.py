@@ -11,6 +11,7 @@ from typing import Callable
 from master import keys
 from master.config import MasterConfig, load_master_config, master_config_path, write_default_master_config
 from master.server import Master
+from master.spec import Sweep
 
 
 class LocalCluster:
@@ -52,6 +53,12 @@ class LocalCluster:
     def run_until(self, done: Callable[[], bool], tick: Callable[[], None] | None = None) -> None:
         """Serve until `done()`; a slave process that dies is reported, the sweep goes on without it."""
         self.master.serve(until=done, tick=tick)
+
+    def run_sweep(self, sweep: Sweep) -> dict[str, int]:
+        """Submit (or resume) a sweep, serve until it is over, and return its task counts by state."""
+        self.master.submit(sweep)
+        self.run_until(lambda: self.master.sweep_done(sweep.name))
+        return self.master.store.task_counts(sweep.name)
 
     def close(self) -> None:
         self.master.close()

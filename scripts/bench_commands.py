@@ -31,10 +31,8 @@ def time_ticketfarm(cluster: LocalCluster, name: str, argv: list[str], tasks: in
                   results={"code": "exit_code"})
     sweep.collect = []
     started = time.perf_counter()
-    cluster.master.submit(sweep)
-    cluster.run_until(lambda: cluster.master.sweep_done(name))
+    counts = cluster.run_sweep(sweep)
     elapsed = time.perf_counter() - started
-    counts = cluster.master.store.task_counts(name)
     assert counts.get("done") == tasks, counts
     return elapsed
 

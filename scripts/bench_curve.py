@@ -31,10 +31,8 @@ WORKLOADS = {
 def run_sweep(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> float:
     sweep = Sweep(name=name, params=[{"i": i} for i in range(tasks)], argv=argv, timeout=60)
     started = time.perf_counter()
-    cluster.master.submit(sweep)
-    cluster.run_until(lambda: cluster.master.sweep_done(name))
+    counts = cluster.run_sweep(sweep)
     elapsed = time.perf_counter() - started
-    counts = cluster.master.store.task_counts(name)
     assert counts.get("done") == tasks, counts
     return elapsed
 
