@@ -38,7 +38,7 @@ import cloudpickle
 import zmq
 
 from master import protocol
-from master.keys import client_keys_for
+from master.keys import client_keys_for, dealer
 from master.protocol import Command
 from master.pyerrors import RemoteError, RemoteTraceback, TaskCancelled, TaskFailed
 from master.pysweep import FETCH_MAX, RESULTS
@@ -405,13 +405,7 @@ class Cluster:
 
     # -- the client thread ---------------------------------------------------------------------------
     def _io_loop(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        if self._keys is not None:
-            self._keys.apply(sock)
-        sock.connect(self.address)
+        sock = dealer(self._context, self.address, self._keys, hwm=0)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)

@@ -6,7 +6,7 @@ from typing import Any
 import zmq
 
 from master import protocol
-from master.keys import ClientKeys
+from master.keys import ClientKeys, dealer
 from master.protocol import Command
 
 
@@ -18,12 +18,8 @@ def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | Non
             **fields: Any) -> dict[str, Any]:
     """Send one CONTROL operation and wait for its REPLY (CURVE-encrypted with `keys`, else plain TCP)."""
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = dealer(ctx, endpoint, keys)
     try:
-        if keys is not None:
-            keys.apply(sock)
-        sock.connect(endpoint)
         sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
         if not sock.poll(int(timeout * 1000)):
             hint = "" if keys is not None else " (no client keys given: a CURVE master ignores plain TCP; see --keys)"

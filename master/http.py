@@ -30,6 +30,7 @@ from master.collect import output_chunks
 from master.config import ConfigError, MasterConfig
 from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
+from master.keys import dealer
 from master.metrics import Metrics
 from master.protocol import Command
 from master.spec import parse_spec
@@ -260,10 +261,8 @@ class HttpApi:
 
     def control(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one CONTROL message to the master's loop and wait for its REPLY."""
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = dealer(self.context, self.control_endpoint, None)
         try:
-            sock.connect(self.control_endpoint)
             sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
             if not sock.poll(int(CONTROL_TIMEOUT * 1000)):
                 raise ApiError("unavailable", f"the master did not answer {op!r} within {CONTROL_TIMEOUT:g}s")

@@ -398,3 +398,15 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def dealer(context: zmq.Context, endpoint: str, keys: ClientKeys | None, hwm: int = 1000) -> zmq.Socket:
+    """A DEALER connected to a master: CURVE with `keys`, plain TCP (or inproc) without; LINGER 0."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(endpoint)
+    return sock

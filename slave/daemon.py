@@ -17,7 +17,7 @@ import zmq
 
 from master import protocol
 from master.config import ConfigError
-from master.keys import ClientKeys, KeyFileError
+from master.keys import ClientKeys, KeyFileError, dealer
 from master.logs import configure_logging
 from master.protocol import Command, Message, ProtocolError
 from slave import resources
@@ -97,14 +97,7 @@ class Slave:
 
     # -- connection ------------------------------------------------------------------
     def connect(self) -> None:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.connect(self.config.master)
-        self.socket = sock
+        self.socket = dealer(self.context, self.config.master, self.keys, hwm=100_000)
         self.welcomed = False
         self.outstanding = 0
         self.master_expiry = time.time() + self.interval * self.liveness
