@@ -704,7 +704,8 @@ class Master:
             final.parent.mkdir(parents=True, exist_ok=True)
             f.path.replace(final)
             outputs.append(StoredOutput(f.name, f.size, None, str(final.relative_to(self.state_dir))))
-        shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
+        if transfer.files:  # only fetched outputs ever had an incoming dir
+            shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
         self.store.complete_task(sweep, task, tid, outputs)
         self.events.done(sweep, task)
         self.metrics.tickets_finished.labels("done").inc()
