@@ -8,6 +8,9 @@ synchronous=FULL), Dask `LocalCluster(n_workers=2, threads_per_worker=1)`, ipypa
 engines (load-balanced view), and `ProcessPoolExecutor(2)` as the no-network, no-durability
 reference. A peer that is not installed is skipped with a message. Prints tasks/s per workload
 and the ratio ticketfarm/peer; for the ~10 ms tasks also the fraction of the ideal rate (2 / 10 ms).
+On the idle cluster it also takes two medians: the round trip `submit(noop).result()`, and
+submit->start, from `time.time()` just before submit to `time.time()` when the task starts
+(same machine, same clock).
 """
 from __future__ import annotations
 
@@ -36,6 +39,27 @@ def sleepy(x: Any) -> Any:
     return x
 
 
+def started_at(x: Any) -> float:
+    import time
+
+    return time.time()
+
+
+def idle_latencies(call: Callable[[Callable[[Any], Any], Any], Any], n: int) -> dict[str, float]:
+    """Medians over n one-at-a-time tasks on an idle cluster; `call(fn, x)` submits fn(x) and waits for it."""
+    for i in range(10):  # warm: started_at's body reaches every worker before it is timed
+        call(started_at, i)
+    round_trips, starts = [], []
+    for i in range(n):
+        started = time.perf_counter()
+        call(noop, i)
+        round_trips.append(time.perf_counter() - started)
+    for i in range(n):
+        submitted = time.time()
+        starts.append(call(started_at, i) - submitted)
+    return {"latency_ms": statistics.median(round_trips) * 1000, "start_ms": statistics.median(starts) * 1000}
+
+
 def timed(run: Callable[[Callable[[Any], Any], int], list[Any]], fn: Callable[[Any], Any], n: int) -> float:
     started = time.perf_counter()
     out = run(fn, n)
@@ -50,12 +74,7 @@ def bench_ticketfarm(args: argparse.Namespace) -> dict[str, float]:
     with Cluster(local=WORKERS, durability=args.durability) as cluster:
         cluster.wait_for_slaves(WORKERS)
         list(cluster.map(noop, range(200)))  # warm: workers started, function cached on both slaves
-        latencies = []
-        for i in range(200):
-            started = time.perf_counter()
-            cluster.submit(noop, i).result()
-            latencies.append(time.perf_counter() - started)
-        out = {"latency_ms": statistics.median(latencies) * 1000}
+        out = idle_latencies(lambda fn, x: cluster.submit(fn, x).result(), 200)
         out["noop"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), noop, args.noop)
         out["sleep"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), sleepy, args.sleep)
     return out
@@ -71,13 +90,8 @@ def bench_dask(args: argparse.Namespace) -> dict[str, float]:
         def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
             return client.gather(client.map(fn, range(n), pure=False))
 
-        latencies = []
-        for i in range(100):
-            started = time.perf_counter()
-            client.submit(noop, i, pure=False).result()
-            latencies.append(time.perf_counter() - started)
-        return {"latency_ms": statistics.median(latencies) * 1000,
-                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        out = idle_latencies(lambda fn, x: client.submit(fn, x, pure=False).result(), 100)
+        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
 
 
 def bench_ipyparallel(args: argparse.Namespace) -> dict[str, float]:
@@ -93,13 +107,8 @@ def bench_ipyparallel(args: argparse.Namespace) -> dict[str, float]:
         def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
             return list(view.map_sync(fn, range(n)))
 
-        latencies = []
-        for i in range(100):
-            started = time.perf_counter()
-            view.apply_sync(noop, i)
-            latencies.append(time.perf_counter() - started)
-        return {"latency_ms": statistics.median(latencies) * 1000,
-                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        out = idle_latencies(view.apply_sync, 100)
+        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -112,13 +121,8 @@ def bench_pool(args: argparse.Namespace) -> dict[str, float]:
         def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
             return list(pool.map(fn, range(n)))
 
-        latencies = []
-        for i in range(100):
-            started = time.perf_counter()
-            pool.submit(noop, i).result()
-            latencies.append(time.perf_counter() - started)
-        return {"latency_ms": statistics.median(latencies) * 1000,
-                "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        out = idle_latencies(lambda fn, x: pool.submit(fn, x).result(), 100)
+        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
 
 
 RUNNERS = {"ticketfarm": bench_ticketfarm, "dask": bench_dask, "ipyparallel": bench_ipyparallel,
@@ -152,16 +156,19 @@ def main() -> int:
         print("  " + ", ".join(f"{k} {v:,.2f}" for k, v in results[name].items()), flush=True)
     ideal = WORKERS / SLEEP
     print()
-    print(f"{'runner':<12} {'no-op tasks/s':>14} {'10 ms tasks/s':>14} {'of ideal':>9} {'median rtt ms':>14}")
+    print(f"{'runner':<12} {'no-op tasks/s':>14} {'10 ms tasks/s':>14} {'of ideal':>9} {'median rtt ms':>14} "
+          f"{'submit->start ms':>17}")
     for name, r in results.items():
-        print(f"{name:<12} {r['noop']:>14,.0f} {r['sleep']:>14,.1f} {r['sleep'] / ideal:>9.2f} {r['latency_ms']:>14.2f}")
+        print(f"{name:<12} {r['noop']:>14,.0f} {r['sleep']:>14,.1f} {r['sleep'] / ideal:>9.2f} {r['latency_ms']:>14.2f} "
+              f"{r['start_ms']:>17.2f}")
     tf = results.get("ticketfarm")
     if tf:
         print()
         for name, r in results.items():
             if name != "ticketfarm":
                 print(f"ticketfarm/{name}: no-op x{tf['noop'] / r['noop']:.2f}, 10 ms x{tf['sleep'] / r['sleep']:.2f}, "
-                      f"round trip x{tf['latency_ms'] / r['latency_ms']:.2f}")
+                      f"round trip x{tf['latency_ms'] / r['latency_ms']:.2f}, "
+                      f"submit->start x{tf['start_ms'] / r['start_ms']:.2f}")
     return 0
 
 
