@@ -456,8 +456,9 @@ class Cluster:
             bodies = [self._fn_bodies[d] for d in new_fns]
             self._fn_sent.update(new_fns)
             rid, frames = self._frames("py_add", {"sweep": name, "spec": spec.to_json(), "first": first,
-                                                  "fns": fns, "reprs": reprs, "functions": new_fns},
-                                       bodies + args)
+                                                  "fns": fns, "reprs": reprs, "functions": new_fns,
+                                                  "sizes": [len(a) for a in args]},
+                                       [*bodies, b"".join(args)])
             self._replies[rid] = self._on_added(name, first, len(fns))
             out.append((rid, frames))
         return out

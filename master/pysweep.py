@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from master.protocol import Command, Message, ProtocolError, field_of
+from master.protocol import Command, Message, ProtocolError, field_of, split_frame
 from master.spec import NAME_RE, Sweep
 from master.store import FINAL_TASK_STATES, StoredOutput
 
@@ -135,12 +135,12 @@ class PythonSweeps:
         fns = field_of(msg, "fns", list)
         reprs = msg.header.get("reprs") or [""] * len(fns)
         functions = field_of(msg, "functions", list)
-        if len(msg.payload) != len(functions) + len(fns) or len(reprs) != len(fns):
-            raise ProtocolError("py_add: payload must hold each new function body, then each task's arguments")
+        if len(msg.payload) != len(functions) + 1 or len(reprs) != len(fns):
+            raise ProtocolError("py_add: payload must hold each new function body, then one frame of arguments")
+        args = _task_args(msg, len(fns))
         for digest, body in zip(functions, msg.payload):
             self.functions[str(digest)] = body
             self.master.store.add_function(str(digest), body)
-        args = msg.payload[len(functions):]
         row = self.master.store.sweep(name)
         if row is None:
             sweep = Sweep.from_json(field_of(msg, "spec", str))
@@ -270,3 +270,11 @@ class PythonSweeps:
                     item["reason"] = reason
                 items.append(item)
             self.master._send(identity, Command.NOTIFY, {"sweep": sweep, "tasks": items}, payload)
+
+
+def _task_args(msg: Message, count: int) -> list[bytes]:
+    """Each task's pickled arguments of a py_add, cut from its last payload frame by the header's `sizes`."""
+    sizes = field_of(msg, "sizes", list)
+    if len(sizes) != count:
+        raise ProtocolError(f"py_add: field 'sizes' has {len(sizes)} entries for {count} tasks")
+    return split_frame(msg.payload[-1], sizes, "py_add: field 'sizes'")

@@ -12,9 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
-from master import Cluster, TaskFailed
+from master import Cluster, TaskFailed, protocol
+from master.keys import dealer
+from master.protocol import Command
 from master.pyerrors import RemoteTraceback
+from master.pysweep import RESULTS
+from master.spec import Sweep
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT, wait_for
 
@@ -127,3 +132,27 @@ def test_reattach_by_name_from_a_second_process(master, start_slave):
                             capture_output=True, text=True, timeout=90)
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout) == [x * x for x in range(40)]
+
+
+def _py_add(sock: zmq.Socket, rid: int, sizes: list[int], args: bytes) -> dict:
+    """Send a hand-made py_add of two tasks (no function body: nothing runs them) and return the REPLY header."""
+    spec = Sweep(name="hand-made", params=[], kind="python", timeout=30.0, max_attempts=1, results=dict(RESULTS))
+    header = {"op": "py_add", "rid": rid, "sweep": spec.name, "spec": spec.to_json(), "first": 0,
+              "fns": ["0" * 64] * 2, "reprs": ["a", "b"], "functions": [], "sizes": sizes}
+    sock.send_multipart(protocol.encode(Command.CONTROL, header, [args]))
+    assert sock.poll(5000), "no REPLY to py_add"
+    reply = protocol.decode(sock.recv_multipart())
+    assert reply.command == Command.REPLY and reply.header["rid"] == rid
+    return reply.header
+
+
+def test_py_add_whose_sizes_do_not_match_its_frame_is_refused_and_the_master_keeps_serving(master):
+    sock = dealer(zmq.Context.instance(), master.endpoint, master.keys)
+    try:
+        refused = _py_add(sock, 1, [3, 4], b"abcdef")  # 7 bytes announced, 6 sent
+        assert refused["ok"] is False and "sizes" in refused["error"], refused
+        assert master.sweep_status("hand-made") is None  # nothing of the refused add was stored
+        accepted = _py_add(sock, 2, [3, 3], b"abcdef")
+        assert accepted["ok"] is True and accepted["added"] == 2, accepted
+    finally:
+        sock.close()
