@@ -31,6 +31,7 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -514,23 +515,24 @@ class Cluster:
 
     def _on_notify(self, msg: protocol.Message) -> None:
         name = str(msg.header.get("sweep"))
-        frames = iter(msg.payload)
+        try:
+            settled = _notified(msg)
+        except protocol.ProtocolError:
+            return  # malformed: resolving from it could give a future another task's bytes, so it is dropped whole
         with self._lock:
             state = self._state(name)
-            pairs = [(item, state.future(int(item["task"]))) for item in msg.header.get("tasks", [])]
-        for item, fut in pairs:
-            data = next(frames) if item.get("state") == "done" and item.get("inline") else None
+            pairs = [(task, state.future(task.task)) for task in settled]
+        for task, fut in pairs:
             if fut.done():
                 continue
-            state_name = item.get("state")
-            if state_name == "done" and item.get("inline"):
-                _resolve(fut, item["output"], data)
-            elif state_name == "done":
-                self._start_fetch(fut, item["output"], int(item["size"]))
-            elif state_name == "cancelled":
+            if task.data is not None:
+                _resolve(fut, task.output, task.data)
+            elif task.state == "done":
+                self._start_fetch(fut, task.output, task.size)
+            elif task.state == "cancelled":
                 Future.cancel(fut)
             else:
-                fut.set_exception(TaskFailed(str(item.get("reason") or state_name), name, fut.task))
+                fut.set_exception(TaskFailed(task.reason or task.state, name, fut.task))
 
     def _start_fetch(self, fut: TaskFuture, output: str, size: int) -> None:
         key = (fut.sweep, fut.task)
@@ -573,6 +575,44 @@ class Cluster:
 
         self._replies[rid] = on_reply
         self._outgoing.append(frames)
+
+
+@dataclass
+class _Settled:
+    """One task of a NOTIFY: its final state, and for a done one its result's name, size and inline bytes."""
+
+    task: int
+    state: str
+    output: str = ""
+    size: int = 0
+    inline: bool = False
+    reason: str = ""
+    data: bytes | None = None
+
+    @classmethod
+    def from_item(cls, item: Any) -> "_Settled":
+        if not isinstance(item, dict) or not isinstance(item.get("task"), int) or \
+                not isinstance(item.get("state"), str):
+            raise protocol.ProtocolError("NOTIFY: each task needs an int 'task' and a 'state'")
+        if item["state"] != "done":
+            return cls(item["task"], item["state"], reason=str(item.get("reason") or ""))
+        output, size = item.get("output"), item.get("size")
+        if not isinstance(output, str) or not isinstance(size, int) or size < 0:
+            raise protocol.ProtocolError("NOTIFY: a done task needs an 'output' and a 'size'")
+        return cls(item["task"], "done", output, size, bool(item.get("inline")))
+
+
+def _notified(msg: protocol.Message) -> list[_Settled]:
+    """The tasks of a NOTIFY, inline results cut from its one payload frame by their sizes, in item order."""
+    items = msg.header.get("tasks")
+    if not isinstance(items, list) or len(msg.payload) != 1:
+        raise protocol.ProtocolError("NOTIFY: needs a list 'tasks' and exactly one payload frame")
+    settled = [_Settled.from_item(item) for item in items]
+    inline = [task for task in settled if task.inline]
+    pieces = protocol.split_frame(msg.payload[0], [task.size for task in inline], "NOTIFY: inline sizes")
+    for task, data in zip(inline, pieces):
+        task.data = data
+    return settled
 
 
 def _resolve(fut: TaskFuture, output: str, data: bytes | bytearray) -> None:

@@ -269,7 +269,7 @@ class PythonSweeps:
                 else:
                     item["reason"] = reason
                 items.append(item)
-            self.master._send(identity, Command.NOTIFY, {"sweep": sweep, "tasks": items}, payload)
+            self.master._send(identity, Command.NOTIFY, {"sweep": sweep, "tasks": items}, [b"".join(payload)])
 
 
 def _task_args(msg: Message, count: int) -> list[bytes]:
