@@ -164,7 +164,7 @@ class PythonSweeps:
                 self.master.scheduler.activate(row.sweep(), row.created, new)
             else:
                 active.queued.extend(new)
-        self.master.store.commit()
+        # Dispatch before the fsync: the REPLY waits for on_control's commit, and a crash in between only re-runs tasks.
         self.master._dispatch_hungry()
         return {"added": len(new), "ntasks": first + len(fns)}, []
 
