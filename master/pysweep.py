@@ -9,8 +9,10 @@ once per slave, not once per task.
 API clients (master/api.py) speak CONTROL ops named `py_*` on the master's
 ROUTER socket, each answered by a REPLY echoing the client's `rid`:
 
-    py_add     header {sweep, spec, first, fns, reprs, functions}, payload [function bodies..., args...]
-               append tasks first..first+n-1 (idempotent: indices already there are skipped)
+    py_add     header {sweep, spec, first, fns, reprs, functions, sizes}; payload: one frame per new function
+               body (in `functions` order), then ONE frame with every task's pickled (args, kwargs) back to
+               back, task i's being sizes[i] bytes (len(sizes) == len(fns), sum(sizes) == that frame's length);
+               appends tasks first..first+len(fns)-1 (idempotent: indices already there are skipped)
     py_watch   header {sweep}: REPLY {ntasks, state}, then NOTIFY with every settled task so far,
                and from then on a NOTIFY after each group commit that settled tasks of the sweep
     py_unwatch header {sweep}
@@ -18,8 +20,9 @@ ROUTER socket, each answered by a REPLY echoing the client's `rid`:
     py_cancel  header {sweep, tasks?}: cancel those tasks (or the whole sweep)
     py_ping    REPLY {epoch}: a client notices a restarted master and watches again
 
-NOTIFY header {sweep, tasks: [{task, state, output?, size?, inline?, reason?}]}; the inline
-outputs' bytes follow as payload frames in the same order.
+NOTIFY header {sweep, tasks: [{task, state, output?, size?, inline?, reason?}]}, and one payload
+frame: the inline outputs' bytes back to back in item order (empty when none is inline), cut by their
+`size`s. One frame, not one per task: each frame costs several µs (CURVE encrypts frame by frame).
 """
 from __future__ import annotations
 
