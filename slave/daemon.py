@@ -283,7 +283,7 @@ class Slave:
         for tid in msg.header.get("tickets", []):
             outcome = self.outbox.pop(tid, None)
             self.sent_at.pop(tid, None)
-            if outcome is not None:
+            if outcome is not None and not outcome.in_memory:
                 workdir = self.workdir(outcome.sweep, outcome.ticket)
                 if self.config.keep_workdirs:
                     (workdir / MANIFEST).unlink(missing_ok=True)

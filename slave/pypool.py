@@ -290,7 +290,8 @@ class PyPool:
             if task.outcome is None:
                 spec = task.spec
                 task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed,
-                                       outputs=[Output(name, path or "", size, data)], slave=self.slave_name)
+                                       outputs=[Output(name, path or "", size, data)], slave=self.slave_name,
+                                       in_memory=path is None)
                 if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
                     task.outcome.save(task.workdir)
         worker.head_started = time.monotonic()

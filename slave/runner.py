@@ -98,6 +98,8 @@ class Outcome:
     reason: str = ""
     outputs: list[Output] = field(default_factory=list)
     slave: str = ""
+    in_memory: bool = False
+    """Nothing of it is on disk (a small python result): no work dir to remove after the ACK."""
 
     def save(self, workdir: Path) -> None:
         tmp = workdir / (MANIFEST + ".tmp")
