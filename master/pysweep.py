@@ -44,6 +44,9 @@ log = structlog.get_logger("ticketfarm.pysweep")
 
 #: Result names of a python task: the pickled return value, or the pickled exception and remote traceback.
 RESULTS = {"result": "python", "error": "python"}
+#: Python tickets per TICKET message at most, and about this many bytes of arguments.
+TICKET_BATCH = 256
+TICKET_BYTES = 1024 * 1024
 #: Settled tasks per NOTIFY message at most.
 NOTIFY_BATCH = 1000
 #: Largest piece of a large result one py_fetch returns.
@@ -77,13 +80,31 @@ class PythonSweeps:
             self.kinds[sweep] = kind
         return kind
 
-    def ticket(self, ticket: "Ticket") -> tuple[dict[str, Any], list[bytes]]:
-        """Header and payload of a TICKET for a python task: the function's hash and the pickled arguments."""
-        sweep = self.master.scheduler.active[ticket.sweep].sweep
-        params = ticket.params if ticket.params is not None else self.master.store.params(ticket.sweep, ticket.task)
-        header = {"sweep": ticket.sweep, "ticket": ticket.id, "task": ticket.task, "attempt": ticket.attempt,
-                  "kind": "python", "fn": params["fn"], "timeout": sweep.timeout, "params": {}, "results": RESULTS}
-        return header, [base64.b64decode(params["args"])]
+    def ticket_messages(self, tickets: list["Ticket"]) -> list[tuple[dict[str, Any], list[bytes]]]:
+        """TICKET messages (header, payload) for python tickets of one sweep: each names its function by
+        hash and its pickled arguments' `size`; the arguments follow concatenated in one payload frame."""
+        name = tickets[0].sweep
+        sweep = self.master.scheduler.active[name].sweep
+        messages, batch, args, size = [], [], [], 0
+        for ticket in tickets:
+            params = ticket.params if ticket.params is not None else self.master.store.params(name, ticket.task)
+            data = base64.b64decode(params["args"])
+            batch.append({"ticket": ticket.id, "task": ticket.task, "attempt": ticket.attempt,
+                          "fn": params["fn"], "size": len(data)})
+            args.append(data)
+            size += len(data)
+            if len(batch) >= TICKET_BATCH or size >= TICKET_BYTES:
+                messages.append(self._ticket_message(name, sweep.timeout, batch, args))
+                batch, args, size = [], [], 0
+        if batch:
+            messages.append(self._ticket_message(name, sweep.timeout, batch, args))
+        return messages
+
+    @staticmethod
+    def _ticket_message(name: str, timeout: float, batch: list[dict[str, Any]],
+                        args: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        header = {"sweep": name, "kind": "python", "timeout": timeout, "results": RESULTS, "tickets": batch}
+        return header, [b"".join(args)]
 
     def settled(self, sweep: str, task: int, state: str, outputs: list[StoredOutput] | None = None) -> None:
         """A task reached a final state; watchers hear about it after the next commit."""

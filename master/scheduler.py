@@ -86,14 +86,25 @@ class Scheduler:
         return any(a.queued and not a.paused for a in self._order)
 
     # -- dispatch -----------------------------------------------------------------
-    def next_ticket(self, slave: str, now: float) -> Ticket | None:
-        """Take the first queued task of the highest-priority sweep and issue a ticket for it."""
+    def next_tickets(self, slave: str, limit: int, now: float) -> list[Ticket]:
+        """Up to `limit` tickets for a slave: queued tasks of the highest-priority sweep first, FIFO within it."""
+        out: list[Ticket] = []
+        while len(out) < limit:
+            active = self._first_open(slave)
+            if active is None:
+                break
+            # A restricted sweep is re-checked per ticket: each one changes what the slave may still take.
+            take = 1 if active.sweep.restricted else min(limit - len(out), len(active.queued))
+            idxs = [self._take(active, slave) if self.avoid else active.queued.popleft() for _ in range(take)]
+            out.extend(self._issue(active, idxs, slave, now))
+        return out
+
+    def _first_open(self, slave: str) -> ActiveSweep | None:
         for active in self._order:
             if active.queued and not active.paused:
                 if active.sweep.restricted and not self.admits(active, slave):
                     continue
-                idx = self._take(active, slave) if self.avoid else active.queued.popleft()
-                return self._issue(active, idx, slave, now)
+                return active
         return None
 
     def admits(self, active: ActiveSweep, slave: str) -> bool:
@@ -118,15 +129,18 @@ class Scheduler:
         active = self.active.get(ticket.sweep)
         if active is None or slave == ticket.slave or not self.admits(active, slave):
             return None
-        return self._issue(active, ticket.task, slave, now)
+        return self._issue(active, [ticket.task], slave, now)[0]
 
-    def _issue(self, active: ActiveSweep, idx: int, slave: str, now: float) -> Ticket:
-        tid = next(self._ids)
-        attempt, params = self.store.start_ticket(tid, active.name, idx, slave, now)
-        ticket = Ticket(tid, active.name, idx, slave, attempt, now, now + active.sweep.timeout + self.grace, params)
-        self._track(ticket)
-        active.running += 1
-        return ticket
+    def _issue(self, active: ActiveSweep, idxs: list[int], slave: str, now: float) -> list[Ticket]:
+        ids = [(next(self._ids), idx) for idx in idxs]
+        started = self.store.start_tickets(active.name, ids, slave, now)
+        deadline = now + active.sweep.timeout + self.grace
+        tickets = [Ticket(tid, active.name, idx, slave, attempt, now, deadline, params)
+                   for (tid, idx), (attempt, params) in zip(ids, started)]
+        for ticket in tickets:
+            self._track(ticket)
+        active.running += len(tickets)
+        return tickets
 
     def _track(self, ticket: Ticket) -> None:
         self.tickets[ticket.id] = ticket

@@ -1,6 +1,7 @@
 """The master process: ROUTER socket, slave sessions and liveness, dispatch, result intake, group commit."""
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ log = structlog.get_logger("ticketfarm.master")
 FETCH_WINDOW = 4
 #: Messages handled between two group commits at most.
 DRAIN_LIMIT = 2000
+#: Tickets of a command sweep per TICKET message at most.
+TICKET_BATCH = 256
 #: Who sent a message on the inproc endpoint (the master's own HTTP threads), or anything when insecure.
 LOCAL_PEER = Peer(keys.LOCAL, "local")
 
@@ -512,35 +515,45 @@ class Master:
         self._dispatch(session, since=self._pass_started)
 
     def _dispatch(self, session: SlaveSession, since: float = 0.0) -> None:
-        now = time.time()
         if session.name in self.draining:
             self.hungry.pop(session.identity, None)
             return
-        while session.credit > 0:
-            ticket = self.scheduler.next_ticket(session.name, now)
-            if ticket is None:
-                self.hungry[session.identity] = session
-                return
-            session.credit -= 1
-            self._send_ticket(session, ticket)
-            if since:
-                self.metrics.dispatch_latency.observe(time.time() - since)
-        self.hungry.pop(session.identity, None)
+        if session.credit > 0:
+            tickets = self.scheduler.next_tickets(session.name, session.credit, time.time())
+            if tickets:
+                session.credit -= len(tickets)
+                self._send_tickets(session, tickets)
+                if since:
+                    self.metrics.dispatch_latency.observe(time.time() - since)
+        if session.credit > 0:
+            self.hungry[session.identity] = session  # nothing queued for it now: served when work appears
+        else:
+            self.hungry.pop(session.identity, None)
 
     def _dispatch_hungry(self) -> None:
         for session in list(self.hungry.values()):
             self._dispatch(session)
 
-    def _send_ticket(self, session: SlaveSession, ticket: Ticket) -> None:
-        if self.python.owns(ticket.sweep):
-            self._send(session.identity, Command.TICKET, *self.python.ticket(ticket))
-            return
-        static, payload = self._ticket_static(ticket.sweep)
-        params = ticket.params if ticket.params is not None else self.store.params(ticket.sweep, ticket.task)
-        header = dict(static, ticket=ticket.id, task=ticket.task, attempt=ticket.attempt, params=params)
-        self._send(session.identity, Command.TICKET, header, payload)
-        self.events.dispatched(ticket.sweep, ticket.id, ticket.task, session.name)
-        self.metrics.tickets_dispatched.inc()
+    def _send_tickets(self, session: SlaveSession, tickets: list[Ticket]) -> None:
+        """TICKET messages for a slave: one per sweep and batch (tickets of one sweep share their static part)."""
+        for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
+            batch = list(group)
+            if self.python.owns(sweep):
+                messages = self.python.ticket_messages(batch)
+            else:
+                messages = [self._command_tickets(sweep, batch[i:i + TICKET_BATCH])
+                            for i in range(0, len(batch), TICKET_BATCH)]
+            for header, payload in messages:
+                self._send(session.identity, Command.TICKET, header, payload)
+            for ticket in batch:
+                self.events.dispatched(sweep, ticket.id, ticket.task, session.name)
+            self.metrics.tickets_dispatched.inc(len(batch))
+
+    def _command_tickets(self, sweep: str, batch: list[Ticket]) -> tuple[dict[str, Any], list[bytes]]:
+        static, payload = self._ticket_static(sweep)
+        tickets = [{"ticket": t.id, "task": t.task, "attempt": t.attempt,
+                    "params": t.params if t.params is not None else self.store.params(sweep, t.task)} for t in batch]
+        return dict(static, tickets=tickets), payload
 
     def _ticket_static(self, name: str) -> tuple[dict[str, Any], list[bytes]]:
         """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""
@@ -588,8 +601,16 @@ class Master:
         self.pending_acks.setdefault(identity, []).append(tid)
 
     def on_result(self, identity: bytes, msg: Message) -> None:
+        """A batch of finished tickets; a malformed entry is dropped, the others are taken."""
+        for entry, inline in split_results(msg):
+            try:
+                self._take_result(identity, entry, inline)
+            except ProtocolError as exc:
+                log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
+
+    def _take_result(self, identity: bytes, entry: ResultEntry, inline: bytes) -> None:
         session = self.sessions[identity]
-        tid = field_of(msg, "ticket", int)
+        tid = entry.ticket
         if tid in self.transfers:
             return  # already being fetched (the slave re-sent it after a reconnect)
         row = self.scheduler.tickets.get(tid) or self.store.ticket(tid)
@@ -601,9 +622,8 @@ class Master:
         if tid not in self.scheduler.tickets and self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
             self._duplicate_result(identity, tid, row.sweep, row.task)
             return
-        outputs, files = self._parse_outputs(msg, row.sweep, row.task, tid)
-        transfer = Transfer(tid, row.sweep, row.task, identity, msg.header.get("exit_code"),
-                            msg.header.get("elapsed"), outputs, files)
+        outputs, files = self._parse_outputs(entry, inline, row.sweep, tid)
+        transfer = Transfer(tid, row.sweep, row.task, identity, entry.exit_code, entry.elapsed, outputs, files)
         if files:
             self.transfers[tid] = transfer
             for f in files.values():
@@ -621,27 +641,19 @@ class Master:
             self.scheduler.settle_cancelled(ticket, "duplicate: task already settled")
         self.pending_acks.setdefault(identity, []).append(tid)
 
-    def _parse_outputs(self, msg: Message, sweep: str, task: int, tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
-        declared = msg.header.get("outputs")
-        if not isinstance(declared, list):
-            raise ProtocolError("RESULT: field 'outputs' must be a list")
+    def _parse_outputs(self, entry: ResultEntry, inline: bytes, sweep: str,
+                       tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
         result_names = self.scheduler.active[sweep].sweep.results if sweep in self.scheduler.active else {}
-        inline_frames = iter(msg.payload)
         outputs: list[StoredOutput] = []
         files: dict[str, IncomingFile] = {}
-        for item in declared:
-            name, size, inline = item.get("name"), item.get("size"), item.get("inline")
-            if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-                raise ProtocolError("RESULT: each output needs a name and a size")
+        offset = 0
+        for name, size, is_inline in entry.outputs:
             check_output_name(name, result_names)
-            if inline:
-                data = next(inline_frames, None)
-                if data is None or len(data) != size:
-                    raise ProtocolError(f"RESULT: inline output {name!r} does not match its size")
-                outputs.append(StoredOutput(name, size, data, None))
+            if is_inline:
+                outputs.append(StoredOutput(name, size, inline[offset:offset + size], None))
+                offset += size
             else:
-                path = self.incoming_dir / str(tid) / name
-                files[name] = IncomingFile(name, size, path)
+                files[name] = IncomingFile(name, size, self.incoming_dir / str(tid) / name)
         return outputs, files
 
     def _request_chunks(self, transfer: Transfer, f: IncomingFile) -> None:
@@ -812,6 +824,44 @@ class Master:
         if self._own_context:
             self.context.destroy(linger=0)
         self.store.close()
+
+
+@dataclass
+class ResultEntry:
+    """One finished ticket of a RESULT message: its outputs as (name, size, inline)."""
+
+    ticket: int
+    exit_code: int | None
+    elapsed: float | None
+    outputs: list[tuple[str, int, bool]]
+
+
+def split_results(msg: Message) -> list[tuple[ResultEntry, bytes]]:
+    """The entries of a RESULT, each with its inline bytes; ProtocolError if the message does not add up."""
+    entries = field_of(msg, "results", list)
+    if len(msg.payload) > 1:
+        raise ProtocolError("RESULT: inline outputs travel in one payload frame")
+    data = msg.payload[0] if msg.payload else b""
+    out, offset = [], 0
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
+                or not isinstance(item.get("outputs"), list):
+            raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
+        outputs = []
+        for o in item["outputs"]:
+            name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
+            if not isinstance(name, str) or not isinstance(size, int) or size < 0:
+                raise ProtocolError("RESULT: each output needs a name and a size")
+            outputs.append((name, size, bool(o.get("inline"))))
+        length = sum(size for _, size, inline in outputs if inline)
+        exit_code, elapsed = item.get("exit_code"), item.get("elapsed")
+        out.append((ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
+                                elapsed if isinstance(elapsed, (int, float)) else None, outputs),
+                    data[offset:offset + length]))
+        offset += length
+    if offset != len(data):
+        raise ProtocolError(f"RESULT: inline outputs declare {offset} bytes, the payload frame has {len(data)}")
+    return out
 
 
 def check_output_name(name: str, result_names: dict[str, str]) -> None:

@@ -84,42 +84,75 @@ class Store:
     def __init__(self, path: Path, durability: str = "full", readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-            self.db.execute("PRAGMA query_only = ON")
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            self._conn.execute("PRAGMA query_only = ON")
+            self._batched = {}
             return
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
-        self.db.execute("PRAGMA journal_mode = WAL")
-        self.db.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
-        self.db.executescript(SCHEMA)
+        self._conn = sqlite3.connect(self.path, isolation_level=None)
+        self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        self._conn.executescript(SCHEMA)
         self._in_txn = False
         self.txn_started = 0.0
+        self._batched: dict[str, list[tuple[Any, ...]]] = {}
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, with every batched row written first: whoever reads or writes sees them."""
+        if self._batched:
+            self._write_batched()
+        return self._conn
 
     def close(self) -> None:
         self.db.close()
 
     # -- transactions -------------------------------------------------------
-    def _write(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+    def _begin(self) -> None:
         if not self._in_txn:
-            self.db.execute("BEGIN")
+            self._conn.execute("BEGIN")
             self._in_txn = True
-            self.txn_started = time.monotonic()
-        return self.db.execute(sql, args)
+            if not self._batched:  # else the transaction began with the first batched row
+                self.txn_started = time.monotonic()
+
+    def _write(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        db = self.db
+        self._begin()
+        return db.execute(sql, args)
 
     def _write_many(self, sql: str, rows: Any) -> None:
-        if not self._in_txn:
-            self.db.execute("BEGIN")
-            self._in_txn = True
-            self.txn_started = time.monotonic()
-        self.db.executemany(sql, rows)
+        db = self.db
+        self._begin()
+        db.executemany(sql, rows)
+
+    def _batch(self, sql: str, row: tuple[Any, ...]) -> None:
+        """Queue a row for `sql`, written with one executemany per statement at the next use of the connection.
+
+        The hot path (a result per ticket) costs one executemany row instead of one execute
+        per statement; ordering is kept because any other read or write flushes first.
+        """
+        rows = self._batched.get(sql)
+        if rows is None:
+            rows = self._batched[sql] = []
+            if not self._in_txn and len(self._batched) == 1:
+                self.txn_started = time.monotonic()
+        rows.append(row)
+
+    def _write_batched(self) -> None:
+        self._begin()
+        batched, self._batched = self._batched, {}
+        for sql, rows in batched.items():
+            self._conn.executemany(sql, rows)
 
     @property
     def dirty(self) -> bool:
-        return self._in_txn
+        return self._in_txn or bool(self._batched)
 
     def commit(self) -> None:
+        if self._batched:
+            self._write_batched()
         if self._in_txn:
-            self.db.execute("COMMIT")
+            self._conn.execute("COMMIT")
             self._in_txn = False
 
     # -- master epochs: ticket ids are never reused across restarts ---------
@@ -216,14 +249,9 @@ class Store:
         self.event("task_paused", sweep=sweep, task=idx)
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
-        self._write(
-            "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?",
-            (ticket, time.time(), sweep, idx),
-        )
-        self._write_many(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-            ((sweep, idx, o.name, o.size, o.data, o.path) for o in outputs),
-        )
+        self._batch(_COMPLETE_TASK, (ticket, time.time(), sweep, idx))
+        for o in outputs:
+            self._batch(_STORE_RESULT, (sweep, idx, o.name, o.size, o.data, o.path))
 
     # -- python sweeps: tasks appended after submission, function bodies ----------
     def add_tasks(self, sweep: str, first: int, params: list[dict[str, Any]]) -> list[int]:
@@ -270,23 +298,23 @@ class Store:
         return row[0] if row else None
 
     # -- tickets -------------------------------------------------------------
-    def start_ticket(self, ticket: int, sweep: str, task: int, slave: str, now: float) -> tuple[int, dict[str, Any]]:
-        """Record a dispatched ticket; returns the task's attempt number and its parameters."""
-        attempt, params = self._write(
-            "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ? "
-            "RETURNING attempts, params", (sweep, task)).fetchone()
-        self._write(
-            "INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) VALUES (?, ?, ?, ?, ?, ?, 'running')",
-            (ticket, sweep, task, slave, attempt, now),
-        )
-        return attempt, json.loads(params)
+    def start_tickets(self, sweep: str, tickets: list[tuple[int, int]], slave: str,
+                      now: float) -> list[tuple[int, dict[str, Any]]]:
+        """Record dispatched tickets `(ticket id, task)` of one sweep; returns each task's attempt number and params."""
+        found: dict[int, tuple[int, str]] = {}
+        for start in range(0, len(tickets), _MAX_IN):
+            idxs = [task for _, task in tickets[start:start + _MAX_IN]]
+            rows = self._write(
+                f"UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? "
+                f"AND idx IN ({','.join('?' * len(idxs))}) RETURNING idx, attempts, params", (sweep, *idxs))
+            found.update((idx, (attempts, params)) for idx, attempts, params in rows)
+        # Not batched: a ticket's row must exist before the batched UPDATE that finishes it.
+        self._write_many(_START_TICKET, [(tid, sweep, task, slave, found[task][0], now) for tid, task in tickets])
+        return [(found[task][0], json.loads(found[task][1])) for _, task in tickets]
 
     def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
                       reason: str | None = None, elapsed: float | None = None) -> None:
-        self._write(
-            "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?",
-            (state, exit_code, reason, elapsed, time.time(), ticket),
-        )
+        self._batch(_FINISH_TICKET, (state, exit_code, reason, elapsed, time.time(), ticket))
 
     def ticket(self, ticket: int) -> TicketRow | None:
         row = self.db.execute(
@@ -464,6 +492,15 @@ class Store:
             e["detail"] = json.loads(e["detail"]) if e["detail"] else {}
         return out
 
+
+#: Hot-path statements written in batches (see Store._batch): each is the only batched one on its table.
+_COMPLETE_TASK = "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?"
+_STORE_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)"
+_START_TICKET = ("INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) "
+                 "VALUES (?, ?, ?, ?, ?, ?, 'running')")
+_FINISH_TICKET = "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?"
+#: Task indices per `IN (...)` list (SQLite limits the number of bound variables).
+_MAX_IN = 500
 
 #: A task's winning ticket, or while it runs the ticket out for it (found through the running-tickets index).
 _TASK_TICKET = ("coalesce(ticket, (SELECT max(id) FROM tickets WHERE state = 'running' "

@@ -50,7 +50,7 @@ class Stragglers:
             session.credit -= 1
             if session.credit <= 0:
                 self.master.hungry.pop(session.identity, None)
-            self.master._send_ticket(session, copy)
+            self.master._send_tickets(session, [copy])
             self.master.store.event("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, ticket=copy.id,
                                     detail={"of": ticket.id, "slave": session.name, "running_for":
                                             round(now - ticket.dispatched, 3), "median": round(median, 3)})

@@ -23,12 +23,15 @@ from master.protocol import Command, Message, ProtocolError
 from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
-from slave.pypool import PyPool
+from slave.pypool import PyPool, PyTask
 from slave.runner import MANIFEST, STDERR, STDOUT, Outcome, TicketSpec, UnsafePath, Worker, remove_workdir
 
 log = structlog.get_logger("ticketfarm.slave")
 
 VERSION = "0.1.0"
+#: Results per RESULT message at most, and about this many bytes of inline outputs.
+RESULT_BATCH = 256
+RESULT_BYTES = 1024 * 1024
 #: Progress bytes sent per ticket per heartbeat at most.
 PROGRESS_CHUNK = 16 * 1024
 
@@ -56,13 +59,19 @@ class Slave:
         self.backoff = config.reconnect_min
         self.reconnect_at = 0.0
         self.outstanding = 0
-        self.running: dict[int, Worker] = {}
+        self.running: dict[int, Worker | PyTask] = {}
+        """Tickets held: command workers, and python tasks (queued in the pool or running in a warm worker)."""
+        self.commands = 0
+        """How many of `running` are command workers (python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = dict(os.environ)
         self.pypool = PyPool(config.slots, self.work_root, config.name,
-                             lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}))
+                             lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}),
+                             lambda: self.config.slots - self.commands)
+        self.reports: list[Outcome] = []
+        """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
         self.stopping = False
         self.exit_code = 0
@@ -170,6 +179,8 @@ class Slave:
         self._start_waiting()
         self._kill_overdue()
         self._semantics_step()
+        if self.reports:
+            self._send_reports()
         now = time.time()
         if self.socket is not None:
             if now > self.master_expiry:
@@ -184,8 +195,8 @@ class Slave:
     def _poll_timeout_ms(self, now: float) -> int:
         timeout = self.interval / 2
         if self.running:
-            nearest = min(w.deadline for w in self.running.values()) - time.monotonic()
-            timeout = min(timeout, max(nearest, 0.0))
+            nearest = min(min(w.deadline for w in self.running.values()), self.pypool.next_deadline())
+            timeout = min(timeout, max(nearest - time.monotonic(), 0.0))
         if self.socket is None:
             timeout = min(timeout, max(self.reconnect_at - now, 0.0))
         return max(1, int(timeout * 1000))
@@ -255,21 +266,24 @@ class Slave:
         self.cache.reset()
 
     def _on_ticket(self, msg: Message) -> None:
-        spec = TicketSpec.from_message(msg.header, msg.payload)
-        self.outstanding = max(0, self.outstanding - 1)
+        specs = TicketSpec.batch(msg.header, msg.payload)
+        self.outstanding = max(0, self.outstanding - len(specs))
         self.no_work = False
-        spec.memory = int(msg.header.get("memory") or 0)
-        spec.workers = msg.header.get("workers") or None  # resolved from the cache when the ticket starts
-        if spec.ticket in self.running or spec.ticket in self.outbox:
-            return
-        self.waiting.append(spec)
+        for spec in specs:
+            if spec.ticket in self.running or spec.ticket in self.outbox:
+                continue
+            if spec.kind == "python":  # the pool queues them and runs them on its warm workers
+                self.running[spec.ticket] = self.pypool.start(spec, self.workdir(spec.sweep, spec.ticket))
+            else:
+                self.waiting.append(spec)
+        self.pypool.assign()
         self._start_waiting()
 
     def _on_ack(self, msg: Message) -> None:
         for tid in msg.header.get("tickets", []):
             outcome = self.outbox.pop(tid, None)
             self.sent_at.pop(tid, None)
-            if outcome is not None:
+            if outcome is not None and not outcome.in_memory:
                 workdir = self.workdir(outcome.sweep, outcome.ticket)
                 if self.config.keep_workdirs:
                     (workdir / MANIFEST).unlink(missing_ok=True)
@@ -291,7 +305,7 @@ class Slave:
     def _on_cancel(self, msg: Message) -> None:
         tid = int(msg.header["ticket"])
         reason = str(msg.header.get("reason", "cancelled"))
-        worker = self.running.pop(tid, None)
+        worker = self._forget(tid)
         if worker is not None:
             worker.kill(reason)
             if not self.config.keep_workdirs:
@@ -318,20 +332,28 @@ class Slave:
             self.disconnect(backoff=True)
 
     # -- workers ------------------------------------------------------------------------------
+    def _busy_slots(self) -> int:
+        return self.commands + self.pypool.busy()
+
+    def _forget(self, tid: int) -> Worker | PyTask | None:
+        """Take a ticket out of `running` (finished, cancelled)."""
+        worker = self.running.pop(tid, None)
+        if isinstance(worker, Worker):
+            self.commands -= 1
+        return worker
+
     def _start_waiting(self) -> None:
-        while self.waiting and len(self.running) < self.config.slots:
-            if not resources.fits_now(self.waiting[0].memory, len(self.running)):
+        while self.waiting and self._busy_slots() < self.config.slots:
+            if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
             workdir = self.workdir(spec.sweep, spec.ticket)
-            if spec.kind == "python":
-                self.running[spec.ticket] = self.pypool.start(spec, workdir)
-                continue
             if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
                 continue
             try:
                 workdir.mkdir(parents=True, exist_ok=False)
                 self.running[spec.ticket] = Worker(spec, workdir, self.config.name, self.base_env)
+                self.commands += 1
             except (OSError, UnsafePath, KeyError, IndexError) as exc:
                 workdir.mkdir(parents=True, exist_ok=True)
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, f"cannot start worker: {exc}",
@@ -385,11 +407,11 @@ class Slave:
 
     def _reap_workers(self) -> None:
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
-        finished = [self.running.pop(tid) for tid in exited]
+        finished = [self._forget(tid) for tid in exited]
         # The next ticket starts before the finished ones' outputs are gathered: a slot never waits on bookkeeping.
         self._start_waiting()
         for worker in finished:
-            self._finished(worker.finish())
+            self._finished(worker.finish())  # type: ignore[union-attr]
 
     def _kill_overdue(self) -> None:
         now = time.monotonic()
@@ -408,18 +430,34 @@ class Slave:
         if not outcome.ok:
             self.send(Command.FAILURE, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
                                         "reason": outcome.reason, "elapsed": outcome.elapsed})
-            return
-        declared, payload = [], []
-        for out in outcome.outputs:
-            inline = out.size <= protocol.INLINE_LIMIT
-            declared.append({"name": out.name, "size": out.size, "inline": inline})
-            if inline and out.data is not None:
-                payload.append(out.data)
-            elif inline:
-                with open(out.path, "rb") as fh:
-                    payload.append(fh.read())
-        self.send(Command.RESULT, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
-                                   "elapsed": outcome.elapsed, "outputs": declared}, payload)
+        else:
+            self.reports.append(outcome)
+
+    def _send_reports(self) -> None:
+        """The results finished in this step, as few RESULT messages as their size allows."""
+        reports, self.reports = self.reports, []
+        entries: list[dict[str, Any]] = []
+        inline: list[bytes] = []
+        size = 0
+        for outcome in reports:
+            declared = []
+            for out in outcome.outputs:
+                is_inline = out.size <= protocol.INLINE_LIMIT
+                declared.append({"name": out.name, "size": out.size, "inline": is_inline})
+                if is_inline:
+                    data = out.data if out.data is not None else Path(out.path).read_bytes()
+                    inline.append(data)
+                    size += len(data)
+            entries.append({"ticket": outcome.ticket, "exit_code": outcome.exit_code,
+                            "elapsed": outcome.elapsed, "outputs": declared})
+            if len(entries) >= RESULT_BATCH or size >= RESULT_BYTES:
+                self._send_results(entries, inline)
+                entries, inline, size = [], [], 0
+        if entries:
+            self._send_results(entries, inline)
+
+    def _send_results(self, entries: list[dict[str, Any]], inline: list[bytes]) -> None:
+        self.send(Command.RESULT, {"results": entries}, [b"".join(inline)] if inline else [])
 
     def _resend_unacked(self, now: float) -> None:
         """Results not acknowledged within a few liveness periods are sent again (the master de-duplicates)."""
@@ -438,9 +476,9 @@ class Slave:
     def _heartbeat(self) -> None:
         self._send_progress()
         self.send(Command.HEARTBEAT, {
-            "running": list(self.running), "waiting": [t.ticket for t in self.waiting],
+            "running": list(self.running), "waiting": [t.ticket for t in self.waiting] + self.pypool.not_started(),
             "load": os.getloadavg()[0], "memory": psutil.virtual_memory().percent,
-            "disk": psutil.disk_usage(str(self.work_root)).percent, "busy": len(self.running),
+            "disk": psutil.disk_usage(str(self.work_root)).percent, "busy": self._busy_slots(),
         })
 
     def _send_progress(self) -> None:
@@ -467,6 +505,7 @@ class Slave:
             worker.kill("slave shutting down")
             remove_workdir(worker.workdir)
         self.running.clear()
+        self.commands = 0
         self.pypool.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()

@@ -7,6 +7,13 @@ warm worker (slave/pyworker.py) and turns the worker's answer into an
 fails that ticket with the reason and is started again; so is a worker killed
 for a timeout or a cancel.
 
+Tasks of a function known to be fast go to a worker in batches (one pipe write for many
+tasks; see BATCH_SECONDS); a slow or new function's tasks go one at a time. The pool owns
+python deadlines: the first unanswered task of a worker has been running since the
+worker's previous answer. A worker lost (died, or killed at a deadline) with exactly one
+unanswered task fails that task with the reason; with several, it cannot say which task
+was to blame, so each of them runs again alone ("solo") and only a solo task is failed.
+
 Small results stay in memory until the master acknowledges them (a slave that
 dies re-runs them elsewhere: execution is at-least-once anyway); a result larger
 than INLINE_LIMIT is a file in the ticket's work dir with a manifest, like any
@@ -14,6 +21,7 @@ command ticket's output, and is fetched in chunks.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -32,9 +40,14 @@ from slave.runner import Outcome, Output, TicketSpec, kill_tree
 
 log = structlog.get_logger("ticketfarm.pypool")
 
+#: A batch for one worker holds about this many seconds of a function's tasks (by their recent run time) ...
+BATCH_SECONDS = 0.002
+#: ... and never more than this many tasks.
+MAX_BATCH = 64
+
 
 class WarmWorker:
-    """One `python -m slave.pyworker` process with a request pipe and an answer pipe."""
+    """One `python -m slave.pyworker` process with a request pipe, an answer pipe and its unanswered tasks."""
 
     def __init__(self, slot: int, directory: Path):
         self.slot = slot
@@ -55,14 +68,27 @@ class WarmWorker:
         self.tx = Connection(to_child_w, readable=False)
         self.rx = Connection(from_child_r, writable=False)
         self.known: set[str] = set()
-        self.task: PyTask | None = None
+        self.queue: deque[PyTask] = deque()
+        self.head_started = 0.0
 
-    def send(self, task: "PyTask", body: bytes | None, result_dir: Path) -> None:
-        spec = task.spec
-        self.tx.send_bytes(pickle.dumps((spec.ticket, spec.fn, body, spec.payload[0], str(result_dir)),
-                                        protocol=pickle.HIGHEST_PROTOCOL))
-        self.known.add(spec.fn)
-        self.task = task
+    def send(self, tasks: list["PyTask"], bodies: dict[str, bytes]) -> None:
+        """One pipe write for a batch of tasks; each function body goes along the first time only."""
+        requests = []
+        for task in tasks:
+            spec = task.spec
+            body = None if spec.fn in self.known else bodies[spec.fn]
+            self.known.add(spec.fn)
+            requests.append((spec.ticket, spec.fn, body, spec.payload[0], str(task.workdir)))
+        self.tx.send_bytes(pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL))
+        if not self.queue:
+            self.head_started = time.monotonic()
+        for task in tasks:
+            task.worker = self
+        self.queue.extend(tasks)
+
+    def deadline(self) -> float:
+        """When the task it is running now overruns (infinity when idle)."""
+        return self.head_started + self.queue[0].spec.timeout if self.queue else math.inf
 
     def death_reason(self) -> str:
         code = self.proc.wait()
@@ -85,18 +111,23 @@ class WarmWorker:
 
 
 class PyTask:
-    """A python ticket as the daemon sees it; behaves like runner.Worker (poll, kill, finish, deadline)."""
+    """A python ticket as the daemon sees it; behaves like runner.Worker (poll, kill, finish, deadline).
+
+    Its `deadline` is infinite for the daemon: the pool enforces python timeouts itself.
+    """
+
+    deadline = math.inf
+    killed_for: str | None = None
 
     def __init__(self, pool: "PyPool", spec: TicketSpec, workdir: Path):
         self.pool = pool
         self.spec = spec
         self.workdir = workdir
-        self.started = time.monotonic()
-        self.deadline = self.started + spec.timeout
-        self.killed_for: str | None = None
+        self.arrived = time.monotonic()
         self.progress_sent: dict[str, int] = {}
         self.worker: WarmWorker | None = None
         self.outcome: Outcome | None = None
+        self.solo = False
 
     def poll(self) -> int | None:
         if self.outcome is None:
@@ -106,7 +137,7 @@ class PyTask:
     def kill(self, reason: str) -> None:
         if self.outcome is None:
             self.killed_for = reason
-            self.pool.abort(self, reason)
+            self.pool.cancel(self, reason)
 
     def finish(self) -> Outcome:
         assert self.outcome is not None
@@ -115,22 +146,27 @@ class PyTask:
     def fail(self, reason: str, exit_code: int | None = None) -> None:
         spec = self.spec
         self.outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, exit_code,
-                               time.monotonic() - self.started, reason, slave=self.pool.slave_name)
+                               time.monotonic() - self.arrived, reason, slave=self.pool.slave_name)
 
 
 class PyPool:
     """Warm workers for one slave's slots, started on the first python ticket."""
 
-    def __init__(self, slots: int, work_root: Path, slave_name: str, request_code: Callable[[str], None]):
+    def __init__(self, slots: int, work_root: Path, slave_name: str, request_code: Callable[[str], None],
+                 free_slots: Callable[[], int] | None = None):
         self.slots = slots
         self.directory = work_root / ".pyworkers"
         self.slave_name = slave_name
         self.request_code = request_code
+        #: Slots python tasks may use now (the slave's command tickets share the slots).
+        self.free_slots = free_slots or (lambda: slots)
         self.workers: list[WarmWorker | None] = [None] * slots
         self.bodies: dict[str, bytes] = {}
         self.requested: set[str] = set()
         self.blocked: dict[str, list[PyTask]] = {}
         self.ready: deque[PyTask] = deque()
+        self.run_time: dict[str, float] = {}
+        """Recent run time of each function's tasks (seconds, moving average): sets its batch size."""
 
     # -- tickets in -------------------------------------------------------------------------
     def start(self, spec: TicketSpec, workdir: Path) -> PyTask:
@@ -139,7 +175,6 @@ class PyPool:
             task.fail("python ticket without arguments payload")
         elif spec.fn in self.bodies:
             self.ready.append(task)
-            self._assign()
         else:
             self.blocked.setdefault(spec.fn, []).append(task)
             if spec.fn not in self.requested:
@@ -157,7 +192,7 @@ class PyPool:
             return
         self.bodies[digest] = body
         self.ready.extend(t for t in waiting if t.outcome is None)
-        self._assign()
+        self.assign()
 
     def request_missing(self) -> None:
         """After a reconnect: ask again for every body that tickets still wait for."""
@@ -165,65 +200,127 @@ class PyPool:
             self.requested.add(digest)
             self.request_code(digest)
 
-    def _assign(self) -> None:
-        while self.ready:
-            slot = next((i for i, w in enumerate(self.workers) if w is None or w.task is None), None)
-            if slot is None:
+    def busy(self) -> int:
+        """Slots in use by python tasks."""
+        return sum(1 for w in self.workers if w is not None and w.queue)
+
+    def not_started(self) -> list[int]:
+        """Tickets held but not running yet: queued here, or behind the running task in a worker's batch."""
+        out = [t.spec.ticket for t in self.ready]
+        out += [t.spec.ticket for tasks in self.blocked.values() for t in tasks]
+        out += [t.spec.ticket for w in self.workers if w is not None for t in list(w.queue)[1:]]
+        return out
+
+    def assign(self) -> None:
+        """Hand ready tasks to idle workers, in batches for functions known to be fast."""
+        idle = [i for i, w in enumerate(self.workers) if w is None or not w.queue]
+        room = self.free_slots() - (self.slots - len(idle))
+        for slot in idle[:max(room, 0)]:
+            batch = self._next_batch(len(idle))
+            if not batch:
                 return
-            task = self.ready.popleft()
-            if task.outcome is not None:
-                continue
             worker = self.workers[slot]
             if worker is None:
                 worker = self.workers[slot] = WarmWorker(slot, self.directory / f"slot-{slot}")
-            body = None if task.spec.fn in worker.known else self.bodies[task.spec.fn]
-            task.worker = worker
             try:
-                worker.send(task, body, task.workdir)
-            except OSError:  # it died between tasks: start a fresh one and try again
+                worker.send(batch, self.bodies)
+            except OSError:  # it died between tasks: start a fresh one next time round
                 self._replace(worker)
-                task.worker = None
-                self.ready.appendleft(task)
+                for task in batch:
+                    task.worker = None
+                self.ready.extendleft(reversed(batch))
+                return
+
+    def _next_batch(self, workers: int) -> list[PyTask]:
+        while self.ready and self.ready[0].outcome is not None:
+            self.ready.popleft()
+        if not self.ready:
+            return []
+        first = self.ready.popleft()
+        if first.solo:
+            return [first]
+        seconds = self.run_time.get(first.spec.fn)
+        size = 1 if seconds is None else max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(seconds, 1e-6))))
+        # Idle workers share what is ready: none of them waits while another holds a long batch.
+        size = min(size, math.ceil((len(self.ready) + 1) / workers))
+        batch = [first]
+        while self.ready and len(batch) < size and not self.ready[0].solo:
+            task = self.ready.popleft()
+            if task.outcome is None:
+                batch.append(task)
+        return batch
 
     # -- answers out -------------------------------------------------------------------------
     def fds(self) -> list[int]:
-        return [w.rx.fileno() for w in self.workers if w is not None and w.task is not None]
+        return [w.rx.fileno() for w in self.workers if w is not None and w.queue]
+
+    def next_deadline(self) -> float:
+        return min((w.deadline() for w in self.workers if w is not None), default=math.inf)
 
     def pump(self) -> None:
-        """Read every answer that has arrived; a closed pipe means the worker died with its task."""
+        """Read every answer that has arrived, enforce deadlines, refill idle workers."""
         for worker in list(self.workers):
-            while worker is not None and worker.task is not None:
+            while worker is not None and worker.queue:
                 try:
                     if not worker.rx.poll(0):
                         break
                     raw = worker.rx.recv_bytes()
                 except (EOFError, OSError):
-                    task = worker.task
-                    reason = worker.death_reason()
-                    log.warning("python_worker_died", slot=worker.slot, ticket=task.spec.ticket, reason=reason)
-                    task.fail(reason, exit_code=worker.proc.returncode)
-                    self._replace(worker)
+                    self._lost(worker, worker.death_reason())
                     break
-                self._answer(worker, pickle.loads(raw))
-        self._assign()
+                self._answers(worker, pickle.loads(raw))
+        now = time.monotonic()
+        for worker in list(self.workers):
+            if worker is not None and now >= worker.deadline():
+                head = worker.queue[0]
+                log.info("ticket_timeout", ticket=head.spec.ticket, timeout=head.spec.timeout)
+                self._lost(worker, f"timeout after {head.spec.timeout:g}s")
+        self.assign()
 
-    def _answer(self, worker: WarmWorker, answer: tuple) -> None:
-        ticket, name, data, path, size, elapsed = answer
-        task = worker.task
-        worker.task = None
-        if task is None or task.spec.ticket != ticket or task.outcome is not None:
+    def _answers(self, worker: WarmWorker, answers: list[tuple]) -> None:
+        for ticket, name, data, path, size, elapsed in answers:
+            task = worker.queue.popleft()
+            if task.spec.ticket != ticket:  # cannot happen with an honest worker: start afresh
+                worker.queue.appendleft(task)
+                self._lost(worker, "python worker answered out of order")
+                return
+            fn = task.spec.fn
+            previous = self.run_time.get(fn)
+            self.run_time[fn] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+            if task.outcome is None:
+                spec = task.spec
+                task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed,
+                                       outputs=[Output(name, path or "", size, data)], slave=self.slave_name,
+                                       in_memory=path is None)
+                if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
+                    task.outcome.save(task.workdir)
+        worker.head_started = time.monotonic()
+
+    def _lost(self, worker: WarmWorker, reason: str) -> None:
+        """A worker gone with tasks unanswered: one alone is to blame; several run again, each alone."""
+        unanswered = [t for t in worker.queue if t.outcome is None]
+        alone = len(worker.queue) == 1
+        self._replace(worker)
+        if not unanswered:
             return
-        spec = task.spec
-        output = Output(name, path or "", size, data)
-        task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed, outputs=[output],
-                               slave=self.slave_name)
-        if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
-            task.outcome.save(task.workdir)
+        if alone:
+            task = unanswered[0]
+            log.warning("python_worker_lost", slot=worker.slot, ticket=task.spec.ticket, reason=reason)
+            task.fail(reason, exit_code=worker.proc.returncode if reason.startswith("python worker died") else None)
+            return
+        log.warning("python_worker_lost", slot=worker.slot, tickets=len(unanswered), reason=reason,
+                    detail="running each of its tasks again alone")
+        for task in unanswered:
+            task.solo, task.worker = True, None
+        self.ready.extendleft(reversed(unanswered))
 
-    def abort(self, task: PyTask, reason: str) -> None:
-        """Kill the worker running `task` (timeout, cancel, shutdown) and start a fresh one in its place."""
-        if task.worker is not None and task.worker.task is task:
-            self._replace(task.worker)
+    def cancel(self, task: PyTask, reason: str) -> None:
+        """Stop `task` (cancelled, or the slave is shutting down); a worker running it alone is killed."""
+        worker = task.worker
+        if worker is not None and task in worker.queue:
+            if len(worker.queue) == 1:
+                self._replace(worker)
+            # else: the worker runs it anyway and its answer is ignored (batched tasks are short ones)
         else:
             self.ready = deque(t for t in self.ready if t is not task)
             for waiting in self.blocked.values():
@@ -233,7 +330,7 @@ class PyPool:
 
     def _replace(self, worker: WarmWorker) -> None:
         worker.close()
-        worker.task = None
+        worker.queue.clear()
         self.workers[worker.slot] = None  # started again lazily by the next ticket
 
     def close(self) -> None:

@@ -1,10 +1,12 @@
 """A warm Python worker process (one per slot): calls cloudpickled functions its slave sends over a pipe.
 
 Started by slave/pypool.py as `python -m slave.pyworker READ_FD WRITE_FD`. Each request is a pickled
-`(ticket, fn_hash, fn_body_or_None, pickled_args, result_dir)`; functions are cached by hash, so a
-body crosses the pipe once per worker. Each answer is a pickled
-`(ticket, "result"|"error", data_or_None, path_or_None, size, elapsed)`: a value larger than
-INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the pipe.
+list of tasks `(ticket, fn_hash, fn_body_or_None, pickled_args, result_dir)`, run in order; functions
+are cached by hash, so a body crosses the pipe once per worker. Answers go back as pickled lists of
+`(ticket, "result"|"error", data_or_None, path_or_None, size, elapsed)`, in task order: a value larger
+than INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the pipe.
+Answers are sent when the request's last task is done, or as soon as FLUSH_AFTER seconds have passed
+since the last answer, so a slow task's answer never waits for the tasks behind it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ import cloudpickle
 
 from master.protocol import INLINE_LIMIT
 from master.pyerrors import RemoteError
+
+#: Answers are held back at most this long while more tasks of the same request run.
+FLUSH_AFTER = 0.001
+
+Answer = tuple[int, str, "bytes | None", "str | None", int, float]
 
 
 def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | None, args: bytes) -> tuple[str, bytes]:
@@ -43,6 +50,20 @@ def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | No
         return "error", cloudpickle.dumps((RemoteError(f"result cannot be pickled: {exc}"), tb))
 
 
+def run_one(functions: dict[str, Callable[..., Any]], task: tuple[int, str, bytes | None, bytes, str]) -> Answer:
+    ticket, digest, body, args, result_dir = task
+    started = time.perf_counter()
+    name, data = call(functions, digest, body, args)
+    elapsed = time.perf_counter() - started
+    size = len(data)
+    if size <= INLINE_LIMIT:
+        return ticket, name, data, None, size, elapsed
+    path = Path(result_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return ticket, name, None, str(path), size, elapsed
+
+
 def serve(rx: Connection, tx: Connection) -> int:
     functions: dict[str, Callable[..., Any]] = {}
     while True:
@@ -50,19 +71,15 @@ def serve(rx: Connection, tx: Connection) -> int:
             raw = rx.recv_bytes()
         except EOFError:  # the slave went away
             return 0
-        ticket, digest, body, args, result_dir = pickle.loads(raw)
-        started = time.perf_counter()
-        name, data = call(functions, digest, body, args)
-        elapsed = time.perf_counter() - started
-        size = len(data)
-        if size > INLINE_LIMIT:
-            path = Path(result_dir) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            del data
-            tx.send_bytes(pickle.dumps((ticket, name, None, str(path), size, elapsed)))
-        else:
-            tx.send_bytes(pickle.dumps((ticket, name, data, None, size, elapsed)))
+        answers: list[Answer] = []
+        last_sent = time.monotonic()
+        for task in pickle.loads(raw):
+            answers.append(run_one(functions, task))
+            if time.monotonic() - last_sent >= FLUSH_AFTER:
+                tx.send_bytes(pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL))
+                answers, last_sent = [], time.monotonic()
+        if answers:
+            tx.send_bytes(pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def main(argv: list[str]) -> int:

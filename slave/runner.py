@@ -26,7 +26,7 @@ STDERR_TAIL = 2000
 
 @dataclass
 class TicketSpec:
-    """A TICKET message as the slave uses it."""
+    """One ticket of a TICKET message as the slave uses it (fields shared by a batch are shared objects: read only)."""
 
     ticket: int
     sweep: str
@@ -50,11 +50,31 @@ class TicketSpec:
     """The TICKET's worker executables by platform: {name, sha256, size}."""
 
     @classmethod
-    def from_message(cls, header: dict[str, Any], payload: list[bytes]) -> "TicketSpec":
-        return cls(int(header["ticket"]), str(header["sweep"]), int(header["task"]), int(header["attempt"]),
-                   float(header["timeout"]), dict(header["params"]), header.get("command"), header.get("argv"),
-                   dict(header.get("env") or {}), list(header.get("inputs") or []), dict(header["results"]), payload,
-                   str(header.get("kind", "command")), str(header.get("fn", "")))
+    def batch(cls, header: dict[str, Any], payload: list[bytes]) -> list["TicketSpec"]:
+        """The tickets of one TICKET message: shared fields in the header, per-ticket ones in `tickets`.
+
+        A command ticket's literal inputs are the shared payload frames; a python ticket's
+        pickled arguments are its `size` bytes of the one payload frame, in ticket order.
+        """
+        kind = str(header.get("kind", "command"))
+        shared = dict(sweep=str(header["sweep"]), timeout=float(header["timeout"]), command=header.get("command"),
+                      argv=header.get("argv"), env=dict(header.get("env") or {}),
+                      inputs=list(header.get("inputs") or []), results=dict(header["results"]), kind=kind,
+                      memory=int(header.get("memory") or 0), workers=header.get("workers") or None)
+        specs, offset = [], 0
+        args = payload[0] if kind == "python" and payload else b""
+        for t in header["tickets"]:
+            if kind == "python":
+                size = int(t["size"])
+                if offset + size > len(args):
+                    raise ValueError(f"TICKET: arguments of ticket {t['ticket']} run past the payload")
+                own, offset = [args[offset:offset + size]], offset + size
+                params, fn = {}, str(t["fn"])
+            else:
+                own, params, fn = payload, dict(t["params"]), ""
+            specs.append(cls(ticket=int(t["ticket"]), task=int(t["task"]), attempt=int(t["attempt"]),
+                             params=params, payload=own, fn=fn, **shared))
+        return specs
 
 
 @dataclass
@@ -78,6 +98,8 @@ class Outcome:
     reason: str = ""
     outputs: list[Output] = field(default_factory=list)
     slave: str = ""
+    in_memory: bool = False
+    """Nothing of it is on disk (a small python result): no work dir to remove after the ACK."""
 
     def save(self, workdir: Path) -> None:
         tmp = workdir / (MANIFEST + ".tmp")

@@ -41,3 +41,18 @@ def blob(size: int) -> bytes:
 
 def pid_of_worker(_: object = None) -> int:
     return os.getpid()
+
+
+def square_or_exit(x: int, bad: int, runs: str) -> int:
+    """Squares x, noting each run in `runs`/x; the worker process dies on x == bad."""
+    with open(os.path.join(runs, str(x)), "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    if x == bad:
+        os._exit(3)
+    return x * x
+
+
+def square_or_hang(x: int, bad: int) -> int:
+    if x == bad:
+        time.sleep(60)
+    return x * x

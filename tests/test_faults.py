@@ -113,10 +113,12 @@ def test_malformed_frames_never_stop_the_master(master, start_slave, tmp_path: P
             attacker.send_multipart(frames)
     # a "slave" that says hello properly, then sends a result for a ticket it never held
     attacker.send_multipart(protocol.encode(Command.HELLO, {"protocol": 1, "name": "intruder", "slots": 1}))
-    attacker.send_multipart(protocol.encode(Command.RESULT, {"ticket": (1 << 32) + 1, "outputs": [
-        {"name": "stdout", "size": 5, "inline": True}]}, [b"forged"]))
-    attacker.send_multipart(protocol.encode(Command.RESULT, {"ticket": 5, "outputs": [
-        {"name": "../../etc/passwd", "size": 1, "inline": True}]}, [b"x"]))
+    attacker.send_multipart(protocol.encode(Command.RESULT, {"results": [{"ticket": (1 << 32) + 1, "outputs": [
+        {"name": "stdout", "size": 6, "inline": True}]}]}, [b"forged"]))
+    attacker.send_multipart(protocol.encode(Command.RESULT, {"results": [{"ticket": 5, "outputs": [
+        {"name": "../../etc/passwd", "size": 1, "inline": True}]}]}, [b"x"]))
+    attacker.send_multipart(protocol.encode(Command.RESULT, {"results": [{"ticket": 5, "outputs": [
+        {"name": "stdout", "size": 99, "inline": True}]}]}, [b"short"]))  # sizes do not add up
     # one connection keeps order: once the ping is answered, everything above has been handled
     attacker.send_multipart(protocol.encode(Command.CONTROL, {"op": "ping"}))
     while attacker.poll(5000):

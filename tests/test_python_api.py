@@ -75,6 +75,34 @@ def test_timeout_kills_the_task_and_the_pool_recovers(cluster):
     assert cluster.submit(tasks.square, 3).result(timeout=30) == 9
 
 
+def test_a_task_that_kills_its_worker_inside_a_batch_fails_alone(cluster, tmp_path):
+    # Fast tasks travel to warm workers in batches; a death there cannot be pinned on one task,
+    # so the batch's unanswered tasks run again one by one and only the culprit fails.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert list(cluster.map(tasks.square_or_exit, range(300), [-1] * 300, [str(runs)] * 300)) == \
+        [x * x for x in range(300)]  # teaches the slaves that this function is fast
+    handle = cluster.sweep(tasks.square_or_exit, range(2000), [1234] * 2000, [str(runs)] * 2000, max_attempts=1)
+    assert handle.wait(60)
+    for i, fut in enumerate(handle.futures):
+        if i == 1234:
+            assert isinstance(fut.exception(), TaskFailed) and "exit code 3" in fut.exception().reason
+        else:
+            assert fut.result() == i * i
+    reruns = [p.name for p in runs.iterdir() if len(p.read_text().split()) > 1 and p.name != "1234"]
+    assert reruns, "the death happened in a batch, so some innocent task ran again"
+
+
+def test_a_task_that_hangs_inside_a_batch_times_out_alone(cluster):
+    assert list(cluster.map(tasks.square_or_hang, range(300), [-1] * 300)) == [x * x for x in range(300)]
+    handle = cluster.sweep(tasks.square_or_hang, range(1000), [700] * 1000, timeout=1.0, max_attempts=1)
+    assert handle.wait(60)
+    failed = [i for i, fut in enumerate(handle.futures) if fut.exception() is not None]
+    assert failed == [700]
+    assert "timeout after 1s" in handle.futures[700].exception().reason
+    assert all(fut.result() == i * i for i, fut in enumerate(handle.futures) if i != 700)
+
+
 def test_cancel_a_running_task_and_a_queued_one(cluster):
     running = [cluster.submit(tasks.sleep_for, 20.0) for _ in range(2)]
     queued = cluster.submit(tasks.sleep_for, 20.0)

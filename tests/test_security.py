@@ -346,9 +346,9 @@ def _take_a_ticket(master: MasterProcess, name: str) -> tuple[zmq.Socket, protoc
 
 
 def _result(tid: int, data: bytes, name: str = "stdout", inline: bool = True) -> list[bytes]:
-    return protocol.encode(Command.RESULT, {"ticket": tid, "exit_code": 0, "elapsed": 0.1,
-                                            "outputs": [{"name": name, "size": len(data), "inline": inline}]},
-                           [data] if inline else [])
+    entry = {"ticket": tid, "exit_code": 0, "elapsed": 0.1,
+             "outputs": [{"name": name, "size": len(data), "inline": inline}]}
+    return protocol.encode(Command.RESULT, {"results": [entry]}, [data] if inline else [])
 
 
 def _sync(sock: zmq.Socket) -> None:
@@ -361,7 +361,7 @@ def test_forged_replayed_and_traversing_results_are_refused(master: MasterProces
                                                              tmp_path: Path) -> None:
     master.submit(echo_spec(tmp_path, "forgery", 2))
     hand, ticket = _take_a_ticket(master, "hand")
-    tid, task = ticket.header["ticket"], ticket.header["task"]
+    tid, task = ticket.header["tickets"][0]["ticket"], ticket.header["tickets"][0]["task"]
     evil = [
         _result(tid, b"x", "../../../../tmp/evil"),
         _result(tid, b"x", "/etc/passwd"),
