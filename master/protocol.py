@@ -110,9 +110,9 @@ def split_frame(frame: bytes, sizes: list[Any], what: str) -> list[bytes]:
     (CURVE encrypts frame by frame, one send call each), far more than copying a few bytes.
     """
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
-        raise ProtocolError(f"{what} must be non-negative integers")
+        raise ProtocolError(f"{what}: each must be a non-negative integer")
     if sum(sizes) != len(frame):
-        raise ProtocolError(f"{what} add up to {sum(sizes)} bytes but the frame holds {len(frame)}")
+        raise ProtocolError(f"{what}: {sum(sizes)} bytes in all, but the frame holds {len(frame)}")
     pieces, offset = [], 0
     for n in sizes:
         pieces.append(frame[offset:offset + n])
