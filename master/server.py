@@ -602,13 +602,13 @@ class Master:
 
     def on_result(self, identity: bytes, msg: Message) -> None:
         """A batch of finished tickets; a malformed entry is dropped, the others are taken."""
-        for entry, inline in split_results(msg):
+        for entry in split_results(msg):
             try:
-                self._take_result(identity, entry, inline)
+                self._take_result(identity, entry)
             except ProtocolError as exc:
                 log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
 
-    def _take_result(self, identity: bytes, entry: ResultEntry, inline: bytes) -> None:
+    def _take_result(self, identity: bytes, entry: ResultEntry) -> None:
         session = self.sessions[identity]
         tid = entry.ticket
         if tid in self.transfers:
@@ -622,7 +622,7 @@ class Master:
         if tid not in self.scheduler.tickets and self._task_state(row.sweep, row.task) in FINAL_TASK_STATES:
             self._duplicate_result(identity, tid, row.sweep, row.task)
             return
-        outputs, files = self._parse_outputs(entry, inline, row.sweep, tid)
+        outputs, files = self._parse_outputs(entry, row.sweep, tid)
         transfer = Transfer(tid, row.sweep, row.task, identity, entry.exit_code, entry.elapsed, outputs, files)
         if files:
             self.transfers[tid] = transfer
@@ -641,17 +641,15 @@ class Master:
             self.scheduler.settle_cancelled(ticket, "duplicate: task already settled")
         self.pending_acks.setdefault(identity, []).append(tid)
 
-    def _parse_outputs(self, entry: ResultEntry, inline: bytes, sweep: str,
+    def _parse_outputs(self, entry: ResultEntry, sweep: str,
                        tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
         result_names = self.scheduler.active[sweep].sweep.results if sweep in self.scheduler.active else {}
         outputs: list[StoredOutput] = []
         files: dict[str, IncomingFile] = {}
-        offset = 0
-        for name, size, is_inline in entry.outputs:
+        for name, size, data in entry.outputs:
             check_output_name(name, result_names)
-            if is_inline:
-                outputs.append(StoredOutput(name, size, inline[offset:offset + size], None))
-                offset += size
+            if data is not None:
+                outputs.append(StoredOutput(name, size, data, None))
             else:
                 files[name] = IncomingFile(name, size, self.incoming_dir / str(tid) / name)
         return outputs, files
@@ -828,39 +826,39 @@ class Master:
 
 @dataclass
 class ResultEntry:
-    """One finished ticket of a RESULT message: its outputs as (name, size, inline)."""
+    """One finished ticket of a RESULT message: its outputs as (name, size, inline bytes or None)."""
 
     ticket: int
     exit_code: int | None
     elapsed: float | None
-    outputs: list[tuple[str, int, bool]]
+    outputs: list[tuple[str, int, bytes | None]]
 
 
-def split_results(msg: Message) -> list[tuple[ResultEntry, bytes]]:
-    """The entries of a RESULT, each with its inline bytes; ProtocolError if the message does not add up."""
+def split_results(msg: Message) -> list[ResultEntry]:
+    """The entries of a RESULT with their inline bytes; ProtocolError if the message does not add up."""
     entries = field_of(msg, "results", list)
-    if len(msg.payload) > 1:
-        raise ProtocolError("RESULT: inline outputs travel in one payload frame")
-    data = msg.payload[0] if msg.payload else b""
-    out, offset = [], 0
+    if len(msg.payload) != 1:
+        raise ProtocolError("RESULT: inline outputs travel in exactly one payload frame")
+    declared = []
     for item in entries:
         if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
                 or not isinstance(item.get("outputs"), list):
             raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
-        outputs = []
         for o in item["outputs"]:
             name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
             if not isinstance(name, str) or not isinstance(size, int) or size < 0:
                 raise ProtocolError("RESULT: each output needs a name and a size")
-            outputs.append((name, size, bool(o.get("inline"))))
-        length = sum(size for _, size, inline in outputs if inline)
+            declared.append((name, size, bool(o.get("inline"))))
+    pieces = iter(protocol.split_frame(msg.payload[0],
+                                       [size for _, size, inline in declared if inline], "RESULT inline outputs"))
+    outputs = iter(declared)
+    out = []
+    for item in entries:
         exit_code, elapsed = item.get("exit_code"), item.get("elapsed")
-        out.append((ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
-                                elapsed if isinstance(elapsed, (int, float)) else None, outputs),
-                    data[offset:offset + length]))
-        offset += length
-    if offset != len(data):
-        raise ProtocolError(f"RESULT: inline outputs declare {offset} bytes, the payload frame has {len(data)}")
+        out.append(ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
+                               elapsed if isinstance(elapsed, (int, float)) else None,
+                               [(name, size, next(pieces) if inline else None)
+                                for name, size, inline in itertools.islice(outputs, len(item["outputs"]))]))
     return out
 
 

@@ -457,7 +457,7 @@ class Slave:
             self._send_results(entries, inline)
 
     def _send_results(self, entries: list[dict[str, Any]], inline: list[bytes]) -> None:
-        self.send(Command.RESULT, {"results": entries}, [b"".join(inline)] if inline else [])
+        self.send(Command.RESULT, {"results": entries}, [b"".join(inline)])
 
     def _resend_unacked(self, now: float) -> None:
         """Results not acknowledged within a few liveness periods are sent again (the master de-duplicates)."""

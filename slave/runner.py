@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from master import template
+from master.protocol import ProtocolError, split_frame
 
 STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
@@ -61,15 +62,15 @@ class TicketSpec:
                       argv=header.get("argv"), env=dict(header.get("env") or {}),
                       inputs=list(header.get("inputs") or []), results=dict(header["results"]), kind=kind,
                       memory=int(header.get("memory") or 0), workers=header.get("workers") or None)
-        specs, offset = [], 0
-        args = payload[0] if kind == "python" and payload else b""
-        for t in header["tickets"]:
+        tickets = header["tickets"]
+        if kind == "python":
+            if len(payload) != 1:
+                raise ProtocolError("TICKET: python arguments travel in exactly one payload frame")
+            args = iter(split_frame(payload[0], [t.get("size") for t in tickets], "TICKET argument sizes"))
+        specs = []
+        for t in tickets:
             if kind == "python":
-                size = int(t["size"])
-                if offset + size > len(args):
-                    raise ValueError(f"TICKET: arguments of ticket {t['ticket']} run past the payload")
-                own, offset = [args[offset:offset + size]], offset + size
-                params, fn = {}, str(t["fn"])
+                own, params, fn = [next(args)], {}, str(t["fn"])
             else:
                 own, params, fn = payload, dict(t["params"]), ""
             specs.append(cls(ticket=int(t["ticket"]), task=int(t["task"]), attempt=int(t["attempt"]),

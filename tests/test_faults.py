@@ -104,6 +104,7 @@ def test_malformed_frames_never_stop_the_master(master, start_slave, tmp_path: P
         protocol.encode(Command.HELLO, {"protocol": 99, "name": "x", "slots": 1}),
         protocol.encode(Command.HELLO, {"protocol": 1, "name": "", "slots": "many"}),
         protocol.encode(Command.RESULT, {"ticket": 1, "outputs": []}),
+        protocol.encode(Command.RESULT, {"results": [{"ticket": 1, "outputs": []}]}),  # no payload frame
         protocol.encode(Command.ACK, {"tickets": [1]}),
         protocol.encode(Command.CONTROL, {"op": "explode"}),
         protocol.encode(Command.CONTROL, {"op": "submit", "sweep": "{broken"}),

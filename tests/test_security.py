@@ -348,7 +348,7 @@ def _take_a_ticket(master: MasterProcess, name: str) -> tuple[zmq.Socket, protoc
 def _result(tid: int, data: bytes, name: str = "stdout", inline: bool = True) -> list[bytes]:
     entry = {"ticket": tid, "exit_code": 0, "elapsed": 0.1,
              "outputs": [{"name": name, "size": len(data), "inline": inline}]}
-    return protocol.encode(Command.RESULT, {"results": [entry]}, [data] if inline else [])
+    return protocol.encode(Command.RESULT, {"results": [entry]}, [data if inline else b""])
 
 
 def _sync(sock: zmq.Socket) -> None:
