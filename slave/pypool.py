@@ -266,7 +266,7 @@ class PyPool:
                         break
                     raw = worker.rx.recv_bytes()
                 except (EOFError, OSError):
-                    self._lost(worker, worker.death_reason())
+                    self._lost(worker, worker.death_reason(), worker.proc.returncode)
                     break
                 self._answers(worker, pickle.loads(raw))
         now = time.monotonic()
@@ -279,11 +279,10 @@ class PyPool:
 
     def _answers(self, worker: WarmWorker, answers: list[tuple]) -> None:
         for ticket, name, data, path, size, elapsed in answers:
-            task = worker.queue.popleft()
-            if task.spec.ticket != ticket:  # cannot happen with an honest worker: start afresh
-                worker.queue.appendleft(task)
+            if not worker.queue or worker.queue[0].spec.ticket != ticket:  # not from an honest worker: start afresh
                 self._lost(worker, "python worker answered out of order")
                 return
+            task = worker.queue.popleft()
             fn = task.spec.fn
             previous = self.run_time.get(fn)
             self.run_time[fn] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
@@ -296,7 +295,7 @@ class PyPool:
                     task.outcome.save(task.workdir)
         worker.head_started = time.monotonic()
 
-    def _lost(self, worker: WarmWorker, reason: str) -> None:
+    def _lost(self, worker: WarmWorker, reason: str, exit_code: int | None = None) -> None:
         """A worker gone with tasks unanswered: one alone is to blame; several run again, each alone."""
         unanswered = [t for t in worker.queue if t.outcome is None]
         alone = len(worker.queue) == 1
@@ -306,7 +305,7 @@ class PyPool:
         if alone:
             task = unanswered[0]
             log.warning("python_worker_lost", slot=worker.slot, ticket=task.spec.ticket, reason=reason)
-            task.fail(reason, exit_code=worker.proc.returncode if reason.startswith("python worker died") else None)
+            task.fail(reason, exit_code)
             return
         log.warning("python_worker_lost", slot=worker.slot, tickets=len(unanswered), reason=reason,
                     detail="running each of its tasks again alone")
