@@ -460,3 +460,26 @@ def test_internal_error_answers_500_with_an_id(tmp_path: Path, monkeypatch: pyte
     finally:
         box["m"].stop()
         t.join(10)
+
+
+# -- python sweeps are seen like command sweeps --------------------------------------------------------------
+def test_a_python_sweep_is_visible_over_http_like_a_command_sweep(cluster: HttpCluster) -> None:
+    from master import Cluster
+    from tests import fixtures_tasks as tasks
+
+    with Cluster(address=cluster.endpoint, keys=cluster.state / "keys") as client:
+        handle = client.sweep(tasks.square, range(30), name="py-visible")
+        assert list(handle.results(timeout=30)) == [x * x for x in range(30)]
+    sweep = cluster.wait_state("py-visible", "finished")
+    assert (sweep["done"], sweep["failed"], sweep["total"], sweep["progress"]) == (30, 0, 30, 1.0)
+    task = cluster.get(f"{API}/sweeps/py-visible/tasks/4").json()
+    assert task["state"] == "done" and task["params"]["fn"]
+    (attempt,) = task["attempts_list"]
+    assert attempt["slave"] in ("s1", "s2") and attempt["state"] == "done"
+    events: list[dict[str, Any]] = []
+    ended = threading.Event()
+    read_sse(f"{cluster.url}{API}/events?sweep=py-visible&until_end=1", events, ended)
+    dispatched = sorted(t[1] for e in events if e["event"] == "tickets_dispatched" for t in e["data"]["detail"]["tickets"])
+    done = sorted(t for e in events if e["event"] == "tasks_done" for t in e["data"]["detail"]["tasks"])
+    assert dispatched == done == list(range(30))
+    assert events[-1]["event"] == "sweep_finished"
