@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from master.protocol import Command, Message, ProtocolError, field_of, split_frame
-from master.spec import NAME_RE, Sweep
+from master.spec import NAME_RE, CollectRule, Sweep
 from master.store import FINAL_TASK_STATES, StoredOutput
 
 if TYPE_CHECKING:
@@ -171,6 +171,9 @@ class PythonSweeps:
             if sweep.kind != "python" or sweep.name != name or not NAME_RE.match(name):
                 raise ValueError(f"py_add: {name!r} needs a python sweep spec with that name")
             sweep.params, sweep.results = [], dict(RESULTS)
+            # `ticketfarm collect` writes a folder per task: params.json (the call) and the pickled result or error.
+            # The master never unpickles them: a result's pickle may run code wherever it is loaded.
+            sweep.collect = [CollectRule("folders", name)]
             self.master.store.add_sweep(sweep)
             row = self.master.store.sweep(name)
         elif not self.owns(name):

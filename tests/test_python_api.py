@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from master.pyerrors import RemoteTraceback
 from master.pysweep import RESULTS
 from master.spec import Sweep
 from tests import fixtures_tasks as tasks
-from tests.conftest import HEARTBEAT, wait_for
+from tests.conftest import HEARTBEAT, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,3 +185,24 @@ def test_py_add_whose_sizes_do_not_match_its_frame_is_refused_and_the_master_kee
         assert accepted["ok"] is True and accepted["added"] == 2, accepted
     finally:
         sock.close()
+
+
+def test_ticketfarm_collect_writes_a_python_sweeps_pickles_and_failures(master, start_slave, tmp_path):
+    start_slave("py-c")
+    with Cluster(address=master.endpoint, keys=master.state / "keys") as c:
+        handle = c.sweep(tasks.square, range(5), name="to-collect", max_attempts=1)
+        assert list(handle.results(timeout=30)) == [0, 1, 4, 9, 16]
+        raised = c.sweep(tasks.fail_with, ["bad input"], name="to-collect-errors", max_attempts=1)
+        died = c.sweep(tasks.exit_hard, [3], name="to-collect-deaths", max_attempts=1)
+        assert raised.wait(30) and died.wait(30)
+    for name in ("to-collect", "to-collect-errors", "to-collect-deaths"):
+        done = run_cli("--state", str(master.state), "collect", name, "--out", "out", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    values = [pickle.loads((out / "to-collect" / str(i) / "result").read_bytes()) for i in range(5)]
+    assert values == [0, 1, 4, 9, 16]
+    assert json.loads((out / "to-collect" / "3" / "params.json").read_text())["repr"] == "(3,)"
+    error, tb = pickle.loads((out / "to-collect-errors" / "0" / "error").read_bytes())
+    assert isinstance(error, ValueError) and "inner_helper_that_raises" in tb
+    failed = (out / "to-collect-deaths-failed.csv").read_text()
+    assert "python worker died: exit code 3" in failed
