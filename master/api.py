@@ -185,7 +185,8 @@ class Cluster:
         self._context = zmq.Context()
         self._thread = threading.Thread(target=self._io_loop, name="ticketfarm-client", daemon=True)
         self._thread.start()
-        self._call("py_ping", {}, timeout=connect_timeout)
+        # The epoch is known from the start: a master restarted before the first periodic ping is noticed too.
+        self._epoch = self._call("py_ping", {}, timeout=connect_timeout).get("epoch")
         atexit.register(self.close)
 
     # -- local cluster -------------------------------------------------------------------------

@@ -206,3 +206,17 @@ def test_ticketfarm_collect_writes_a_python_sweeps_pickles_and_failures(master, 
     assert isinstance(error, ValueError) and "inner_helper_that_raises" in tb
     failed = (out / "to-collect-deaths-failed.csv").read_text()
     assert "python worker died: exit code 3" in failed
+
+
+def test_master_killed_mid_map_the_map_completes_each_result_once(master, start_slave):
+    start_slave("py-k1")
+    start_slave("py-k2")
+    with Cluster(address=master.endpoint, keys=master.state / "keys") as c:
+        handle = c.sweep(tasks.slow_square, range(300), name="survives")
+        wait_for(lambda: sum(f.done() for f in handle.futures) >= 30, 30, "first results")
+        master.kill()  # SIGKILL: whatever was not committed is gone; the slaves hold their results
+        time.sleep(HEARTBEAT * 2)
+        master.start()
+        assert list(handle.results(timeout=90)) == [x * x for x in range(300)]
+    counts = master.sweep_status("survives")
+    assert (counts["state"], counts["done"], counts["total"]) == ("finished", 300, 300)
