@@ -321,8 +321,11 @@ class Slave:
     def _on_disconnect(self, msg: Message) -> None:
         reason = msg.header.get("reason", "")
         if msg.header.get("reconnect", True):
-            log.info("master_asks_hello", reason=reason)
-            self.say_hello()
+            # Not yet welcomed: our HELLO is on its way, and the other messages queued before it each drew a
+            # DISCONNECT from a restarted master; answering each would replay the outbox once per message.
+            if self.welcomed:
+                log.info("master_asks_hello", reason=reason)
+                self.say_hello()
         elif self.config.on_master_shutdown == "exit" or "protocol version" in str(reason):
             log.info("master_says_goodbye", reason=reason)
             self.exit_code = 0 if "protocol version" not in str(reason) else 3
