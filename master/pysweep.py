@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ticketfarm.pysweep")
 
-#: Result names of a python task: the pickled return value, or the pickled exception and remote traceback.
-RESULTS = {"result": "python", "error": "python"}
+#: A python task's value: the pickled return value, or the pickled exception and remote traceback.
+VALUE_OUTPUTS = ("result", "error")
+#: Result names of a python sweep: its value, and what the function printed (when it printed anything).
+RESULTS = {"result": "python", "error": "python", "stdout": "python", "stderr": "python"}
 #: Python tickets per TICKET message at most, and about this many bytes of arguments.
 TICKET_BATCH = 256
 TICKET_BYTES = 1024 * 1024
@@ -94,16 +96,18 @@ class PythonSweeps:
             args.append(data)
             size += len(data)
             if len(batch) >= TICKET_BATCH or size >= TICKET_BYTES:
-                messages.append(self._ticket_message(name, sweep.timeout, batch, args))
+                messages.append(self._ticket_message(sweep, batch, args))
                 batch, args, size = [], [], 0
         if batch:
-            messages.append(self._ticket_message(name, sweep.timeout, batch, args))
+            messages.append(self._ticket_message(sweep, batch, args))
         return messages
 
     @staticmethod
-    def _ticket_message(name: str, timeout: float, batch: list[dict[str, Any]],
+    def _ticket_message(sweep: Sweep, batch: list[dict[str, Any]],
                         args: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        header = {"sweep": name, "kind": "python", "timeout": timeout, "results": RESULTS, "tickets": batch}
+        # The sweep's own result names: a sweep stored before printed output was kept does not get it.
+        header = {"sweep": sweep.name, "kind": "python", "timeout": sweep.timeout, "results": sweep.results,
+                  "tickets": batch}
         return header, [b"".join(args)]
 
     def settled(self, sweep: str, task: int, state: str, outputs: list[StoredOutput] | None = None) -> None:
@@ -286,7 +290,7 @@ class PythonSweeps:
             for task, state, reason, outputs in entries[start:start + NOTIFY_BATCH]:
                 item: dict[str, Any] = {"task": task, "state": state}
                 if state == "done":
-                    out = next((o for o in outputs if o.name in RESULTS), None)
+                    out = next((o for o in outputs if o.name in VALUE_OUTPUTS), None)
                     if out is None:
                         item.update(state="failed", reason="no result stored")
                     else:

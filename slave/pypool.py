@@ -278,7 +278,7 @@ class PyPool:
         self.assign()
 
     def _answers(self, worker: WarmWorker, answers: list[tuple]) -> None:
-        for ticket, name, data, path, size, elapsed in answers:
+        for ticket, name, data, path, size, elapsed, printed in answers:
             if not worker.queue or worker.queue[0].spec.ticket != ticket:  # not from an honest worker: start afresh
                 self._lost(worker, "python worker answered out of order")
                 return
@@ -288,10 +288,14 @@ class PyPool:
             self.run_time[fn] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
             if task.outcome is None:
                 spec = task.spec
-                task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed,
-                                       outputs=[Output(name, path or "", size, data)], slave=self.slave_name,
-                                       in_memory=path is None)
+                outputs = [Output(name, path or "", size, data)]
+                outputs += [Output(s, "", len(text), text) for s, text in printed.items() if s in spec.results]
+                task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed, outputs=outputs,
+                                       slave=self.slave_name, in_memory=path is None)
                 if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
+                    for out in outputs[1:]:
+                        out.path = str(task.workdir / out.name)
+                        Path(out.path).write_bytes(out.data or b"")
                     task.outcome.save(task.workdir)
         worker.head_started = time.monotonic()
 

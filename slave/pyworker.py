@@ -3,13 +3,16 @@
 Started by slave/pypool.py as `python -m slave.pyworker READ_FD WRITE_FD`. Each request is a pickled
 list of tasks `(ticket, fn_hash, fn_body_or_None, pickled_args, result_dir)`, run in order; functions
 are cached by hash, so a body crosses the pipe once per worker. Answers go back as pickled lists of
-`(ticket, "result"|"error", data_or_None, path_or_None, size, elapsed)`, in task order: a value larger
-than INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the pipe.
+`(ticket, "result"|"error", data_or_None, path_or_None, size, elapsed, printed)`, in task order: a value
+larger than INLINE_LIMIT is written to `result_dir/<name>` instead of travelling through the pipe;
+`printed` maps "stdout"/"stderr" to what the task wrote to sys.stdout/sys.stderr (only streams it wrote
+to, the last PRINTED_LIMIT bytes of each).
 Answers are sent when the request's last task is done, or as soon as FLUSH_AFTER seconds have passed
 since the last answer, so a slow task's answer never waits for the tasks behind it.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import sys
 import time
@@ -25,8 +28,11 @@ from master.pyerrors import RemoteError
 
 #: Answers are held back at most this long while more tasks of the same request run.
 FLUSH_AFTER = 0.001
+#: What a task printed is kept up to this size per stream (the end of it: that is where errors are),
+#: small enough to travel inline in a RESULT.
+PRINTED_LIMIT = INLINE_LIMIT - 1024
 
-Answer = tuple[int, str, "bytes | None", "str | None", int, float]
+Answer = tuple[int, str, "bytes | None", "str | None", int, float, dict[str, bytes]]
 
 
 def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | None, args: bytes) -> tuple[str, bytes]:
@@ -52,16 +58,31 @@ def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | No
 
 def run_one(functions: dict[str, Callable[..., Any]], task: tuple[int, str, bytes | None, bytes, str]) -> Answer:
     ticket, digest, body, args, result_dir = task
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
     started = time.perf_counter()
-    name, data = call(functions, digest, body, args)
+    try:
+        name, data = call(functions, digest, body, args)
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     elapsed = time.perf_counter() - started
+    printed = {stream: tail(buf.getvalue()) for stream, buf in (("stdout", out), ("stderr", err)) if buf.tell()}
     size = len(data)
     if size <= INLINE_LIMIT:
-        return ticket, name, data, None, size, elapsed
+        return ticket, name, data, None, size, elapsed, printed
     path = Path(result_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return ticket, name, None, str(path), size, elapsed
+    return ticket, name, None, str(path), size, elapsed, printed
+
+
+def tail(text: str) -> bytes:
+    """A stream's text as UTF-8, cut to its last PRINTED_LIMIT bytes with a note of what was cut."""
+    data = text.encode(errors="replace")
+    if len(data) <= PRINTED_LIMIT:
+        return data
+    cut = len(data) - PRINTED_LIMIT
+    return f"[... {cut} bytes cut ...]\n".encode() + data[cut:]
 
 
 def serve(rx: Connection, tx: Connection) -> int:

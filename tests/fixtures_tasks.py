@@ -56,3 +56,11 @@ def square_or_hang(x: int, bad: int) -> int:
     if x == bad:
         time.sleep(60)
     return x * x
+
+
+def chatty(x: int) -> int:
+    import sys
+
+    print(f"working on {x}")
+    print(f"warning about {x}", file=sys.stderr)
+    return x + 1

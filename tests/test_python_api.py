@@ -21,6 +21,7 @@ from master.protocol import Command
 from master.pyerrors import RemoteTraceback
 from master.pysweep import RESULTS
 from master.spec import Sweep
+from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT, run_cli, wait_for
 
@@ -206,6 +207,22 @@ def test_ticketfarm_collect_writes_a_python_sweeps_pickles_and_failures(master, 
     assert isinstance(error, ValueError) and "inner_helper_that_raises" in tb
     failed = (out / "to-collect-deaths-failed.csv").read_text()
     assert "python worker died: exit code 3" in failed
+
+
+def test_what_a_task_prints_is_kept_with_its_result(master, start_slave, tmp_path):
+    start_slave("py-p")
+    with Cluster(address=master.endpoint, keys=master.state / "keys") as c:
+        assert list(c.map(tasks.chatty, range(3), name="chatty")) == [1, 2, 3]
+        assert c.submit(tasks.square, 4).result(timeout=30) == 16  # printed nothing: no stdout kept
+    done = run_cli("--state", str(master.state), "collect", "chatty", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    task = tmp_path / "out" / "chatty" / "2"
+    assert (task / "stdout").read_text() == "working on 2\n"
+    assert (task / "stderr").read_text() == "warning about 2\n"
+    store = Store(master.state / "state.db", readonly=True)
+    quiet = store.db.execute("SELECT name FROM sweeps WHERE name LIKE 'py-%'").fetchone()[0]
+    assert set(store.outputs(quiet, 0)) == {"result"}
+    store.close()
 
 
 def test_master_killed_mid_map_the_map_completes_each_result_once(master, start_slave):
