@@ -73,6 +73,9 @@ class Slave:
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
+        self.trash: list[Path] = []
+        """Work dirs of acknowledged results, removed at the end of a step: never between a worker's exit and the
+        next worker's start (rmdir is slow on a disk with online discard)."""
         self.stopping = False
         self.exit_code = 0
         self.platform = config.platform or platform_tag()
@@ -191,6 +194,7 @@ class Slave:
                 self._resend_unacked(now)
                 if now - self.last_sent >= self.interval:
                     self._heartbeat()
+        self._empty_trash()
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout = self.interval / 2
@@ -284,11 +288,11 @@ class Slave:
             outcome = self.outbox.pop(tid, None)
             self.sent_at.pop(tid, None)
             if outcome is not None and not outcome.in_memory:
+                # Without its manifest a restarted slave never reports the result again: the ACK is done here.
                 workdir = self.workdir(outcome.sweep, outcome.ticket)
-                if self.config.keep_workdirs:
-                    (workdir / MANIFEST).unlink(missing_ok=True)
-                else:
-                    remove_workdir(workdir)
+                (workdir / MANIFEST).unlink(missing_ok=True)
+                if not self.config.keep_workdirs:
+                    self.trash.append(workdir)
 
     def _on_fetch(self, msg: Message) -> None:
         tid, name = int(msg.header["ticket"]), str(msg.header["name"])
@@ -413,6 +417,11 @@ class Slave:
         for worker in finished:
             self._finished(worker.finish())  # type: ignore[union-attr]
 
+    def _empty_trash(self) -> None:
+        for workdir in self.trash:
+            remove_workdir(workdir)
+        self.trash.clear()
+
     def _kill_overdue(self) -> None:
         now = time.monotonic()
         for worker in list(self.running.values()):
@@ -506,6 +515,7 @@ class Slave:
             remove_workdir(worker.workdir)
         self.running.clear()
         self.commands = 0
+        self._empty_trash()
         self.pypool.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
