@@ -412,8 +412,11 @@ class Slave:
     def _reap_workers(self) -> None:
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
         finished = [self._forget(tid) for tid in exited]
-        # The next ticket starts before the finished ones' outputs are gathered: a slot never waits on bookkeeping.
+        # The next ticket starts, and the one after is asked for, before the finished ones' outputs are gathered:
+        # a slot never waits on bookkeeping, and the master answers while it is done.
         self._start_waiting()
+        if finished:
+            self._request_work()
         for worker in finished:
             self._finished(worker.finish())  # type: ignore[union-attr]
 
@@ -476,6 +479,8 @@ class Slave:
                 self._report(self.outbox[tid])
 
     def _request_work(self) -> None:
+        if not self.welcomed:
+            return
         capacity = self.config.slots + self.config.prefetch
         want = capacity - len(self.running) - len(self.waiting) - self.outstanding
         if want > 0:
