@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import signal
@@ -64,6 +65,8 @@ class Slave:
         self.commands = 0
         """How many of `running` are command workers (python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
+        self.prepared: dict[int, Worker] = {}
+        """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = dict(os.environ)
@@ -194,6 +197,7 @@ class Slave:
                 self._resend_unacked(now)
                 if now - self.last_sent >= self.interval:
                     self._heartbeat()
+        self._prepare_waiting()
         self._empty_trash()
 
     def _poll_timeout_ms(self, now: float) -> int:
@@ -316,6 +320,7 @@ class Slave:
                 remove_workdir(worker.workdir)
             log.info("ticket_cancelled", ticket=tid, reason=reason)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        self._drop_prepared(tid)
         for fetch in self.cache.fetches.values():
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
@@ -351,19 +356,47 @@ class Slave:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
-            workdir = self.workdir(spec.sweep, spec.ticket)
-            if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
+            worker = self.prepared.pop(spec.ticket, None) or self._prepare(spec)
+            if worker is None:
                 continue
             try:
-                workdir.mkdir(parents=True, exist_ok=False)
-                self.running[spec.ticket] = Worker(spec, workdir, self.config.name, self.base_env)
-                self.commands += 1
-            except (OSError, UnsafePath, KeyError, IndexError) as exc:
-                workdir.mkdir(parents=True, exist_ok=True)
-                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, f"cannot start worker: {exc}",
-                                  slave=self.config.name)
-                outcome.save(workdir)
-                self._finished(outcome)
+                worker.start()
+            except OSError as exc:
+                self._fail_to_start(spec, worker.workdir, f"cannot start worker: {exc}")
+                continue
+            self.running[spec.ticket] = worker
+            self.commands += 1
+
+    def _prepare(self, spec: TicketSpec) -> Worker | None:
+        """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
+        fetched (parked) or it failed (reported)."""
+        workdir = self.workdir(spec.sweep, spec.ticket)
+        if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
+            return None
+        try:
+            workdir.mkdir(parents=True, exist_ok=False)
+            return Worker(spec, workdir, self.config.name, self.base_env)
+        except (OSError, UnsafePath, KeyError, IndexError) as exc:
+            self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
+            return None
+
+    def _prepare_waiting(self) -> None:
+        """Prepare the tickets next in line while the slots are busy: a slot that frees up only spawns a process."""
+        for spec in list(itertools.islice(self.waiting, self.config.slots)):
+            if spec.ticket in self.prepared or (spec.workers and not spec.worker):
+                continue  # a shipped worker is resolved when the ticket starts: it may have to be fetched first
+            worker = self._prepare(spec)
+            if worker is None:
+                self.waiting.remove(spec)
+            else:
+                self.prepared[spec.ticket] = worker
+
+    def _drop_prepared(self, tid: int) -> None:
+        worker = self.prepared.pop(tid, None)
+        if worker is not None:
+            worker.files.close()
+            if not self.config.keep_workdirs:
+                remove_workdir(worker.workdir)
 
     # -- shipped workers, memory limits, end of work (issue 6) -----------------------------------------
     def _resolve_worker(self, spec: TicketSpec, workdir: Path) -> bool:
@@ -520,6 +553,8 @@ class Slave:
             remove_workdir(worker.workdir)
         self.running.clear()
         self.commands = 0
+        for tid in list(self.prepared):
+            self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
         if self.config.delete_workers:
