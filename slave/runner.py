@@ -84,7 +84,7 @@ class Output:
     name: str
     path: str
     size: int
-    data: bytes | None = None  # small python results are held in memory, not written to a file
+    data: bytes | None = None  # held in memory: small python results (no file at all), exit codes (not read back)
 
 
 @dataclass
@@ -221,9 +221,10 @@ class Worker:
             elif source == "stderr":
                 outputs.append(self._file_output(name, self.workdir / STDERR))
             elif source == "exit_code":
+                data = f"{code}\n".encode()
                 path = self.workdir / f".tf-exit-{name}"
-                path.write_text(f"{code}\n")
-                outputs.append(self._file_output(name, path))
+                path.write_bytes(data)  # for a restarted slave, which has only the manifest and the files
+                outputs.append(Output(name, str(path), len(data), data))
             else:
                 outputs.extend(self._glob_outputs(name, template.render(source[5:], self.values)))
         return outputs
