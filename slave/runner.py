@@ -154,6 +154,8 @@ class Worker:
         self.started = time.monotonic()
         self.deadline = self.started + self.spec.timeout
         try:
+            # A session, not just a process group (process_group=0 spawns a little faster): a worker of a slave
+            # started from a shell must not reach that terminal, e.g. ssh prompting on /dev/tty.
             self.proc = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdin=self.stdin,
                                          stdout=self.stdout, stderr=self.stderr, start_new_session=True)
         finally:
