@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import signal
@@ -64,6 +65,8 @@ class Slave:
         self.commands = 0
         """How many of `running` are command workers (python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
+        self.prepared: dict[int, Worker] = {}
+        """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = dict(os.environ)
@@ -73,6 +76,9 @@ class Slave:
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
+        self.trash: list[Path] = []
+        """Work dirs of acknowledged results, removed at the end of a step: never between a worker's exit and the
+        next worker's start (rmdir is slow on a disk with online discard)."""
         self.stopping = False
         self.exit_code = 0
         self.platform = config.platform or platform_tag()
@@ -191,6 +197,8 @@ class Slave:
                 self._resend_unacked(now)
                 if now - self.last_sent >= self.interval:
                     self._heartbeat()
+        self._prepare_waiting()
+        self._empty_trash()
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout = self.interval / 2
@@ -284,11 +292,11 @@ class Slave:
             outcome = self.outbox.pop(tid, None)
             self.sent_at.pop(tid, None)
             if outcome is not None and not outcome.in_memory:
+                # Without its manifest a restarted slave never reports the result again: the ACK is done here.
                 workdir = self.workdir(outcome.sweep, outcome.ticket)
-                if self.config.keep_workdirs:
-                    (workdir / MANIFEST).unlink(missing_ok=True)
-                else:
-                    remove_workdir(workdir)
+                (workdir / MANIFEST).unlink(missing_ok=True)
+                if not self.config.keep_workdirs:
+                    self.trash.append(workdir)
 
     def _on_fetch(self, msg: Message) -> None:
         tid, name = int(msg.header["ticket"]), str(msg.header["name"])
@@ -312,6 +320,7 @@ class Slave:
                 remove_workdir(worker.workdir)
             log.info("ticket_cancelled", ticket=tid, reason=reason)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        self._drop_prepared(tid)
         for fetch in self.cache.fetches.values():
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
@@ -350,19 +359,47 @@ class Slave:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
-            workdir = self.workdir(spec.sweep, spec.ticket)
-            if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
+            worker = self.prepared.pop(spec.ticket, None) or self._prepare(spec)
+            if worker is None:
                 continue
             try:
-                workdir.mkdir(parents=True, exist_ok=False)
-                self.running[spec.ticket] = Worker(spec, workdir, self.config.name, self.base_env)
-                self.commands += 1
-            except (OSError, UnsafePath, KeyError, IndexError) as exc:
-                workdir.mkdir(parents=True, exist_ok=True)
-                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, f"cannot start worker: {exc}",
-                                  slave=self.config.name)
-                outcome.save(workdir)
-                self._finished(outcome)
+                worker.start()
+            except OSError as exc:
+                self._fail_to_start(spec, worker.workdir, f"cannot start worker: {exc}")
+                continue
+            self.running[spec.ticket] = worker
+            self.commands += 1
+
+    def _prepare(self, spec: TicketSpec) -> Worker | None:
+        """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
+        fetched (parked) or it failed (reported)."""
+        workdir = self.workdir(spec.sweep, spec.ticket)
+        if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
+            return None
+        try:
+            workdir.mkdir(parents=True, exist_ok=False)
+            return Worker(spec, workdir, self.config.name, self.base_env)
+        except (OSError, UnsafePath, KeyError, IndexError) as exc:
+            self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
+            return None
+
+    def _prepare_waiting(self) -> None:
+        """Prepare the tickets next in line while the slots are busy: a slot that frees up only spawns a process."""
+        for spec in list(itertools.islice(self.waiting, self.config.slots)):
+            if spec.ticket in self.prepared or (spec.workers and not spec.worker):
+                continue  # a shipped worker is resolved when the ticket starts: it may have to be fetched first
+            worker = self._prepare(spec)
+            if worker is None:
+                self.waiting.remove(spec)
+            else:
+                self.prepared[spec.ticket] = worker
+
+    def _drop_prepared(self, tid: int) -> None:
+        worker = self.prepared.pop(tid, None)
+        if worker is not None:
+            worker.files.close()
+            if not self.config.keep_workdirs:
+                remove_workdir(worker.workdir)
 
     # -- shipped workers, memory limits, end of work (issue 6) -----------------------------------------
     def _resolve_worker(self, spec: TicketSpec, workdir: Path) -> bool:
@@ -411,10 +448,18 @@ class Slave:
     def _reap_workers(self) -> None:
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
         finished = [self._forget(tid) for tid in exited]
-        # The next ticket starts before the finished ones' outputs are gathered: a slot never waits on bookkeeping.
+        # The next ticket starts, and the one after is asked for, before the finished ones' outputs are gathered:
+        # a slot never waits on bookkeeping, and the master answers while it is done.
         self._start_waiting()
+        if finished:
+            self._request_work()
         for worker in finished:
             self._finished(worker.finish())  # type: ignore[union-attr]
+
+    def _empty_trash(self) -> None:
+        for workdir in self.trash:
+            remove_workdir(workdir)
+        self.trash.clear()
 
     def _kill_overdue(self) -> None:
         now = time.monotonic()
@@ -470,6 +515,8 @@ class Slave:
                 self._report(self.outbox[tid])
 
     def _request_work(self) -> None:
+        if not self.welcomed:
+            return
         capacity = self.config.slots + self.config.prefetch
         want = capacity - len(self.running) - len(self.waiting) - self.outstanding
         if want > 0:
@@ -509,6 +556,9 @@ class Slave:
             remove_workdir(worker.workdir)
         self.running.clear()
         self.commands = 0
+        for tid in list(self.prepared):
+            self._drop_prepared(tid)
+        self._empty_trash()
         self.pypool.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ class Output:
     name: str
     path: str
     size: int
-    data: bytes | None = None  # small python results are held in memory, not written to a file
+    data: bytes | None = None  # held in memory: small python results (no file at all), exit codes (not read back)
 
 
 @dataclass
@@ -116,14 +117,18 @@ class Outcome:
 
 
 class Worker:
-    """A ticket's worker process tree, started in its own process group so it can be killed whole."""
+    """A ticket's worker process tree, started in its own process group so it can be killed whole.
+
+    Made in two steps: the work dir, inputs and output files first (while the slots are still busy), so that a
+    slot that frees up only has to spawn the process (`start`).
+    """
 
     def __init__(self, spec: TicketSpec, workdir: Path, slave: str, base_env: dict[str, str]):
         self.spec = spec
         self.slave = slave
         self.workdir = workdir
-        self.started = time.monotonic()
-        self.deadline = self.started + spec.timeout
+        self.started = 0.0
+        self.deadline = 0.0
         self.killed_for: str | None = None
         self.progress_sent: dict[str, int] = {}
         self.values = {**spec.params, "ticket": spec.ticket, "task": spec.task, "sweep": spec.sweep,
@@ -133,19 +138,28 @@ class Worker:
         values = self.values
         stdin = self._write_inputs(values)
         if spec.command is not None:
-            args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
+            self.args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
         else:
-            args = [template.render(a, values) for a in spec.argv or []]
-        env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
-               "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
-        with open(workdir / STDOUT, "wb") as out, open(workdir / STDERR, "wb") as err:
-            stdin_fh = open(stdin, "rb") if stdin else subprocess.DEVNULL
-            try:
-                self.proc = subprocess.Popen(args, cwd=workdir, env=env, stdin=stdin_fh, stdout=out, stderr=err,
-                                             start_new_session=True)
-            finally:
-                if stdin:
-                    stdin_fh.close()  # type: ignore[union-attr]
+            self.args = [template.render(a, values) for a in spec.argv or []]
+        self.env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
+                    "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
+        with ExitStack() as stack:
+            self.stdout = stack.enter_context(open(workdir / STDOUT, "wb"))
+            self.stderr = stack.enter_context(open(workdir / STDERR, "wb"))
+            self.stdin = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
+            self.files = stack.pop_all()
+            """The parent's copies of the worker's stdin/stdout/stderr, closed once the worker has its own."""
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + self.spec.timeout
+        try:
+            # A session, not just a process group (process_group=0 spawns a little faster): a worker of a slave
+            # started from a shell must not reach that terminal, e.g. ssh prompting on /dev/tty.
+            self.proc = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdin=self.stdin,
+                                         stdout=self.stdout, stderr=self.stderr, start_new_session=True)
+        finally:
+            self.files.close()
 
     def _write_inputs(self, values: dict[str, Any]) -> Path | None:
         stdin = None
@@ -209,9 +223,10 @@ class Worker:
             elif source == "stderr":
                 outputs.append(self._file_output(name, self.workdir / STDERR))
             elif source == "exit_code":
+                data = f"{code}\n".encode()
                 path = self.workdir / f".tf-exit-{name}"
-                path.write_text(f"{code}\n")
-                outputs.append(self._file_output(name, path))
+                path.write_bytes(data)  # for a restarted slave, which has only the manifest and the files
+                outputs.append(Output(name, str(path), len(data), data))
             else:
                 outputs.extend(self._glob_outputs(name, template.render(source[5:], self.values)))
         return outputs
