@@ -56,24 +56,44 @@ def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | No
         return "error", cloudpickle.dumps((RemoteError(f"result cannot be pickled: {exc}"), tb))
 
 
-def run_one(functions: dict[str, Callable[..., Any]], task: tuple[int, str, bytes | None, bytes, str]) -> Answer:
-    ticket, digest, body, args, result_dir = task
-    out, err = io.StringIO(), io.StringIO()
-    sys.stdout, sys.stderr = out, err
-    started = time.perf_counter()
-    try:
-        name, data = call(functions, digest, body, args)
-    finally:
+class Printed:
+    """sys.stdout and sys.stderr while a task runs, into buffers reused from task to task."""
+
+    def __init__(self) -> None:
+        self.streams = (("stdout", io.StringIO()), ("stderr", io.StringIO()))
+
+    def __enter__(self) -> "Printed":
+        sys.stdout, sys.stderr = self.streams[0][1], self.streams[1][1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def take(self) -> dict[str, bytes]:
+        """What the task printed, per stream it wrote to; the buffers are empty again."""
+        out = {}
+        for name, buf in self.streams:
+            if buf.tell():
+                out[name] = tail(buf.getvalue())
+                buf.seek(0)
+                buf.truncate()
+        return out
+
+
+def run_one(functions: dict[str, Callable[..., Any]], printed: Printed,
+            task: tuple[int, str, bytes | None, bytes, str]) -> Answer:
+    ticket, digest, body, args, result_dir = task
+    started = time.perf_counter()
+    with printed:
+        name, data = call(functions, digest, body, args)
     elapsed = time.perf_counter() - started
-    printed = {stream: tail(buf.getvalue()) for stream, buf in (("stdout", out), ("stderr", err)) if buf.tell()}
     size = len(data)
     if size <= INLINE_LIMIT:
-        return ticket, name, data, None, size, elapsed, printed
+        return ticket, name, data, None, size, elapsed, printed.take()
     path = Path(result_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return ticket, name, None, str(path), size, elapsed, printed
+    return ticket, name, None, str(path), size, elapsed, printed.take()
 
 
 def tail(text: str) -> bytes:
@@ -87,6 +107,7 @@ def tail(text: str) -> bytes:
 
 def serve(rx: Connection, tx: Connection) -> int:
     functions: dict[str, Callable[..., Any]] = {}
+    printed = Printed()
     while True:
         try:
             raw = rx.recv_bytes()
@@ -95,7 +116,7 @@ def serve(rx: Connection, tx: Connection) -> int:
         answers: list[Answer] = []
         last_sent = time.monotonic()
         for task in pickle.loads(raw):
-            answers.append(run_one(functions, task))
+            answers.append(run_one(functions, printed, task))
             if time.monotonic() - last_sent >= FLUSH_AFTER:
                 tx.send_bytes(pickle.dumps(answers, protocol=pickle.HIGHEST_PROTOCOL))
                 answers, last_sent = [], time.monotonic()
