@@ -839,27 +839,30 @@ def split_results(msg: Message) -> list[ResultEntry]:
     entries = field_of(msg, "results", list)
     if len(msg.payload) != 1:
         raise ProtocolError("RESULT: inline outputs travel in exactly one payload frame")
-    declared = []
-    for item in entries:
-        if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
-                or not isinstance(item.get("outputs"), list):
-            raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
-        for o in item["outputs"]:
-            name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
-            if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-                raise ProtocolError("RESULT: each output needs a name and a size")
-            declared.append((name, size, bool(o.get("inline"))))
-    pieces = iter(protocol.split_frame(msg.payload[0],
-                                       [size for _, size, inline in declared if inline], "RESULT inline outputs"))
-    outputs = iter(declared)
+    declared = [_declared_outputs(item) for item in entries]
+    sizes = [size for outputs in declared for _, size, inline in outputs if inline]
+    pieces = iter(protocol.split_frame(msg.payload[0], sizes, "RESULT inline outputs"))
     out = []
-    for item in entries:
+    for item, outputs in zip(entries, declared):
         exit_code, elapsed = item.get("exit_code"), item.get("elapsed")
         out.append(ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
                                elapsed if isinstance(elapsed, (int, float)) else None,
-                               [(name, size, next(pieces) if inline else None)
-                                for name, size, inline in itertools.islice(outputs, len(item["outputs"]))]))
+                               [(name, size, next(pieces) if inline else None) for name, size, inline in outputs]))
     return out
+
+
+def _declared_outputs(item: Any) -> list[tuple[str, int, bool]]:
+    """One RESULT entry's outputs as (name, size, inline), checked for shape."""
+    if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
+            or not isinstance(item.get("outputs"), list):
+        raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
+    outputs = []
+    for o in item["outputs"]:
+        name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(size, int) or size < 0:
+            raise ProtocolError("RESULT: each output needs a name and a size")
+        outputs.append((name, size, bool(o.get("inline"))))
+    return outputs
 
 
 def check_output_name(name: str, result_names: dict[str, str]) -> None:

@@ -105,7 +105,7 @@ class Store:
         return self._conn
 
     def close(self) -> None:
-        self.db.close()
+        self._conn.close()  # rows still batched were never committed: they go, like the open transaction
 
     # -- transactions -------------------------------------------------------
     def _begin(self) -> None:
