@@ -30,6 +30,7 @@ from slave.runner import (
     Worker,
     remove_workdir,
 )
+from slave.watchdog import Watchdog
 from ticketfarm import protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
 from ticketfarm.keys import ClientKeys, dealer
@@ -57,6 +58,7 @@ class Slave:
         self.config = config
         self.work_root = Path(config.work_root).resolve()
         self.work_root.mkdir(parents=True, exist_ok=True)
+        self.watchdog = Watchdog.start(self.work_root, config.keep_workdirs)
         self.context = context or zmq.Context.instance()
         self.keys = None if config.insecure else ClientKeys.load(config.master_key, config.secret_key)
         self.interval = config.heartbeat_interval
@@ -80,7 +82,7 @@ class Slave:
         self.base_env = dict(os.environ)
         self.pypool = PyPool(config.slots, self.work_root, config.name,
                              lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}),
-                             lambda: self.config.slots - self.commands)
+                             lambda: self.config.slots - self.commands, self.watchdog)
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
@@ -360,6 +362,7 @@ class Slave:
         worker = self.running.pop(tid, None)
         if isinstance(worker, Worker):
             self.commands -= 1
+            self.watchdog.unwatch(worker.proc.pid)
         return worker
 
     def _start_waiting(self) -> None:
@@ -375,6 +378,7 @@ class Slave:
             except OSError as exc:
                 self._fail_to_start(spec, worker.workdir, f"cannot start worker: {exc}")
                 continue
+            self.watchdog.watch(worker.proc.pid, worker.workdir)
             self.running[spec.ticket] = worker
             self.commands += 1
 
@@ -559,15 +563,16 @@ class Slave:
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Kill running workers (their tickets go back to the queue) and say goodbye."""
-        for worker in self.running.values():
+        for tid in list(self.running):
+            worker = self.running[tid]
             worker.kill("slave shutting down")
             remove_workdir(worker.workdir)
-        self.running.clear()
-        self.commands = 0
+            self._forget(tid)
         for tid in list(self.prepared):
             self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
+        self.watchdog.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
         self.send(Command.DISCONNECT, {"reason": "slave shutting down"})

@@ -37,6 +37,7 @@ import structlog
 
 import slave
 from slave.runner import Outcome, Output, TicketSpec, kill_tree
+from slave.watchdog import Watchdog
 
 log = structlog.get_logger("ticketfarm.pypool")
 
@@ -49,8 +50,9 @@ MAX_BATCH = 64
 class WarmWorker:
     """One `python -m slave.pyworker` process with a request pipe, an answer pipe and its unanswered tasks."""
 
-    def __init__(self, slot: int, directory: Path):
+    def __init__(self, slot: int, directory: Path, watchdog: Watchdog):
         self.slot = slot
+        self.watchdog = watchdog
         directory.mkdir(parents=True, exist_ok=True)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -63,6 +65,7 @@ class WarmWorker:
                 [sys.executable, "-m", "slave.pyworker", str(to_child_r), str(from_child_w)],
                 pass_fds=(to_child_r, from_child_w), cwd=directory, env=env, stdin=subprocess.DEVNULL,
                 stdout=logfile, stderr=logfile, start_new_session=True)
+        watchdog.watch(self.proc.pid)
         os.close(to_child_r)
         os.close(from_child_w)
         self.tx = Connection(to_child_w, readable=False)
@@ -108,6 +111,7 @@ class WarmWorker:
                 pass
         kill_tree(self.proc.pid)
         self.proc.wait()
+        self.watchdog.unwatch(self.proc.pid)
 
 
 class PyTask:
@@ -153,13 +157,14 @@ class PyPool:
     """Warm workers for one slave's slots, started on the first python ticket."""
 
     def __init__(self, slots: int, work_root: Path, slave_name: str, request_code: Callable[[str], None],
-                 free_slots: Callable[[], int] | None = None):
+                 free_slots: Callable[[], int], watchdog: Watchdog):
         self.slots = slots
+        self.watchdog = watchdog
         self.directory = work_root / ".pyworkers"
         self.slave_name = slave_name
         self.request_code = request_code
         #: Slots python tasks may use now (the slave's command tickets share the slots).
-        self.free_slots = free_slots or (lambda: slots)
+        self.free_slots = free_slots
         self.workers: list[WarmWorker | None] = [None] * slots
         self.bodies: dict[str, bytes] = {}
         self.requested: set[str] = set()
@@ -221,7 +226,7 @@ class PyPool:
                 return
             worker = self.workers[slot]
             if worker is None:
-                worker = self.workers[slot] = WarmWorker(slot, self.directory / f"slot-{slot}")
+                worker = self.workers[slot] = WarmWorker(slot, self.directory / f"slot-{slot}", self.watchdog)
             try:
                 worker.send(batch, self.bodies)
             except OSError:  # it died between tasks: start a fresh one next time round

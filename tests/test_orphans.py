@@ -1,0 +1,93 @@
+"""No process outlives what started it: workers of a killed slave, local slaves of a killed `run --local`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import SlaveProcess, wait_for, write_spec
+
+TICKING_SPEC = """
+    name = "ticking"
+    command = "while true; do echo tick >> {workdir}/ticks; sleep 0.05; done"
+    timeout = 600
+    [parameters.grid]
+    n = {range = [2]}
+"""
+
+
+def workers_of(work_root: Path) -> list[psutil.Process]:
+    """Live workers (their process group leaders) whose work dir lies under `work_root`, whoever their parent is."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if (os.getpgid(proc.pid) == proc.pid
+                    and proc.environ().get("TICKETFARM_WORKDIR", "").startswith(str(work_root))):
+                found.append(proc)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+def watchdog_of(slave: SlaveProcess) -> psutil.Process | None:
+    return next((c for c in psutil.Process(slave.proc.pid).children() if "slave.watchdog" in " ".join(c.cmdline())),
+                None)
+
+
+def gone_within(procs: list[psutil.Process], seconds: float) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=seconds)
+    assert not alive, f"still alive after {seconds}s: {alive}"
+
+
+def running_ticking(master, start_slave, tmp_path: Path, name: str) -> tuple[SlaveProcess, list[psutil.Process]]:
+    slave = start_slave(name, 2)
+    master.submit(write_spec(tmp_path, TICKING_SPEC))
+    procs = wait_for(lambda: len(w := workers_of(slave.work_root)) >= 2 and w, 15, "two workers ticking")
+    wait_for(lambda: len(list(slave.work_root.glob("ticking/*/ticks"))) == 2, 10, "both work dirs written")
+    return slave, procs
+
+
+def test_slave_sigkilled_its_workers_die_within_seconds(master, start_slave, tmp_path: Path) -> None:
+    slave, procs = running_ticking(master, start_slave, tmp_path, "doomed")
+    slave.proc.send_signal(signal.SIGKILL)
+    slave.proc.wait()
+    gone_within(procs, 3)
+    assert not list(slave.work_root.glob("ticking/*")), "the killed workers' work dirs are removed"
+    assert not list(slave.work_root.glob(".tf-watchdog-*"))
+
+
+def test_slave_and_watchdog_sigkilled_a_restarted_slave_kills_what_they_left(master, start_slave,
+                                                                             tmp_path: Path) -> None:
+    slave, procs = running_ticking(master, start_slave, tmp_path, "twice-doomed")
+    watchdog = watchdog_of(slave)
+    time.sleep(0.5)  # the watchdog has written its list of groups to its file
+    os.kill(watchdog.pid, signal.SIGKILL)
+    slave.proc.send_signal(signal.SIGKILL)
+    slave.proc.wait()
+    time.sleep(0.5)
+    assert all(p.is_running() for p in procs), "nothing else kills them: the test below proves the restart does"
+    stale = list(slave.work_root.glob("ticking/*"))
+    assert len(stale) == 2
+    assert master.control("cancel_sweep", sweep="ticking")["ok"]
+    start_slave("twice-doomed", 2)  # the same name on the same work root
+    gone_within(procs, 5)
+    wait_for(lambda: not any(d.exists() for d in stale), 5, "stale work dirs removed")
+
+
+def test_watchdog_killed_while_its_slave_lives_is_started_again(master, start_slave, tmp_path: Path) -> None:
+    slave = start_slave("guarded", 2)
+    first = wait_for(lambda: watchdog_of(slave), 10, "the watchdog")
+    first.kill()  # a zombie until its slave notices (at its next word to the watchdog) and waits for it
+    master.submit(write_spec(tmp_path, TICKING_SPEC))
+    procs = wait_for(lambda: len(w := workers_of(slave.work_root)) >= 2 and w, 15, "two workers ticking")
+    second = watchdog_of(slave)
+    assert second.pid != first.pid
+    time.sleep(0.3)
+    slave.proc.send_signal(signal.SIGKILL)
+    slave.proc.wait()
+    gone_within(procs, 3)
