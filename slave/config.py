@@ -57,6 +57,8 @@ class SlaveConfig:
     """MiB offered to tasks that claim memory (0 = all of this machine's)."""
     log_json: bool = False
     """Structured logs as JSON lines."""
+    parent_pid: int = 0
+    """Exit once this process is no longer the slave's parent (`run --local` sets it: its slaves die with it)."""
 
 
 def load_slave_config(path: Path) -> SlaveConfig:

@@ -176,6 +176,10 @@ class Slave:
         self.stopping = True
 
     def step(self) -> None:
+        if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+            log.warning("parent_gone", parent=self.config.parent_pid)
+            self.stopping = True
+            return
         now = time.time()
         if self.socket is None and now >= self.reconnect_at:
             self.connect()
@@ -601,13 +605,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", help="platform tag told to the master (overrides detection)")
     parser.add_argument("--cpus", type=int, help="CPUs offered to tasks that claim CPUs (overrides the config)")
     parser.add_argument("--memory-mb", type=int, help="MiB offered to tasks that claim memory (overrides the config)")
+    parser.add_argument("--parent-pid", type=int, help="exit once process PARENT_PID is no longer this one's parent")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
     try:
         config = load_slave_config(args.config) if args.config else SlaveConfig()
         for key in ("master", "name", "slots", "work_root", "prefetch", "cache_dir", "platform", "cpus", "memory_mb",
-                    "master_key", "secret_key"):
+                    "master_key", "secret_key", "parent_pid"):
             if getattr(args, key) is not None:
                 setattr(config, key, getattr(args, key))
         if args.heartbeat is not None:

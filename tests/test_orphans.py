@@ -17,7 +17,7 @@ TICKING_SPEC = """
     command = "while true; do echo tick >> {workdir}/ticks; sleep 0.05; done"
     timeout = 600
     [parameters.grid]
-    n = {range = [2]}
+    n = {range = [4]}
 """
 
 
@@ -57,7 +57,7 @@ def test_slave_sigkilled_its_workers_die_within_seconds(master, start_slave, tmp
     slave.proc.send_signal(signal.SIGKILL)
     slave.proc.wait()
     gone_within(procs, 3)
-    assert not list(slave.work_root.glob("ticking/*")), "the killed workers' work dirs are removed"
+    assert not list(slave.work_root.glob("ticking/*/ticks")), "the killed workers' work dirs are removed"
     assert not list(slave.work_root.glob(".tf-watchdog-*"))
 
 
@@ -72,7 +72,7 @@ def test_slave_and_watchdog_sigkilled_a_restarted_slave_kills_what_they_left(mas
     time.sleep(0.5)
     assert all(p.is_running() for p in procs), "nothing else kills them: the test below proves the restart does"
     stale = list(slave.work_root.glob("ticking/*"))
-    assert len(stale) == 2
+    assert len(stale) == 3  # two running, one prepared
     assert master.control("cancel_sweep", sweep="ticking")["ok"]
     start_slave("twice-doomed", 2)  # the same name on the same work root
     gone_within(procs, 5)
@@ -91,3 +91,25 @@ def test_watchdog_killed_while_its_slave_lives_is_started_again(master, start_sl
     slave.proc.send_signal(signal.SIGKILL)
     slave.proc.wait()
     gone_within(procs, 3)
+
+
+def test_run_local_sigkilled_its_slaves_and_their_workers_die(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, TICKING_SPEC)
+    run = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(tmp_path / "state"), "run", str(spec),
+                            "--local", "2"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slaves: list[psutil.Process] = []
+    try:
+        workers = wait_for(lambda: len(w := workers_of(tmp_path / "state" / "work")) >= 2 and w, 20,
+                           "both local slaves running a worker")
+        slaves += [p for p in psutil.Process(run.pid).children() if "slave" in p.cmdline()]
+        assert len(slaves) == 2
+        run.kill()
+        run.wait()
+        gone_within(slaves + workers, 5)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for proc in slaves:
+            if proc.is_running():
+                proc.terminate()

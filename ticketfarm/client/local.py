@@ -45,6 +45,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "slave", "--master", self.master.endpoint, "--name", name,
                "--slots", str(slots), "--work-root", str(self.state_dir / "work" / name),
                "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level,
+               "--parent-pid", str(os.getpid()),
                *self.security_args(), *self.slave_args]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
