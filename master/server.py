@@ -19,6 +19,7 @@ from master.housekeeping import Housekeeping
 from master.metrics import Metrics
 from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
+from master.startup import StateLock
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from master.stragglers import Stragglers
@@ -93,6 +94,7 @@ class Master:
         self.config = config
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_lock = StateLock(self.state_dir)  # before anything in the state dir is touched
         self.results_dir = self.state_dir / "results"
         self.incoming_dir = self.state_dir / "incoming"
         shutil.rmtree(self.incoming_dir, ignore_errors=True)
@@ -118,6 +120,7 @@ class Master:
         self._next_key_check = 0.0
         self.socket = self._bind()
         self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.state_lock.record(self._endpoint)
         # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
         self.events = EventBatch()
         self.metrics = Metrics(self.store.path)
@@ -821,6 +824,7 @@ class Master:
         if self._own_context:
             self.context.destroy(linger=0)
         self.store.close()
+        self.state_lock.release()
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ticketfarm import cli_http, keys
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.local import LocalCluster, default_state_dir
 from ticketfarm.client.progress import ProgressBar
-from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable
+from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
 from ticketfarm.logs import configure_logging
 from ticketfarm.spec import load_spec
 
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except MasterUnreachable as exc:
         print(f"ticketfarm: {exc}", file=sys.stderr)
         return 3
+    except StateDirInUse as exc:
+        print(f"ticketfarm: {exc}", file=sys.stderr)
+        return 4
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,3 +93,8 @@ class ResultMissing(TicketfarmError):
 
 class UnsafePath(TicketfarmError, ValueError):
     """A path in a ticket that would leave its work dir (absolute, `..`, or through a symlink)."""
+
+
+class StateDirInUse(TicketfarmError):
+    """Another live master holds the state dir's lock; the message names the dir, its pid and what to do."""
+
