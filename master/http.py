@@ -31,6 +31,7 @@ from master.config import MasterConfig
 from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
 from master.metrics import Metrics
+from master.startup import bind_failed
 from master.stats import (
     SweepStats,
     all_sweep_stats,
@@ -230,7 +231,10 @@ class HttpApi:
         self.stopping = threading.Event()
         self._cache: dict[str, tuple[float, Response]] = {}
         self._cache_lock = threading.Lock()
-        self.server = _Server((host, port), Handler)
+        try:
+            self.server = _Server((host, port), Handler)
+        except OSError as exc:
+            raise bind_failed("http_bind", config.http_bind, exc) from None
         self.server.api = self
         self.server.tls = tls_context(config, state_dir)
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},

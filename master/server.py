@@ -19,7 +19,7 @@ from master.housekeeping import Housekeeping
 from master.metrics import Metrics
 from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
-from master.startup import StateLock
+from master.startup import StateLock, bind_failed
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from master.stragglers import Stragglers
@@ -193,7 +193,12 @@ class Master:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.bind(self.config.bind)
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            sock.close()
+            self.state_lock.release()
+            raise bind_failed("bind", self.config.bind, exc) from None
         return sock
 
     @property

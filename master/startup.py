@@ -1,4 +1,4 @@
-"""What must hold before a master serves, each refusal said in one line: the state dir's lock."""
+"""What must hold before a master serves, each refusal said in one line: the state dir's lock, its addresses."""
 from __future__ import annotations
 
 import errno
@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ticketfarm.errors import StateDirInUse
+from ticketfarm.errors import BindFailed, StateDirInUse
 
 LOCK_FILE = "master.lock"
 
@@ -43,3 +43,16 @@ def in_use_message(state_dir: Path, holder: list[str]) -> str:
     where = f" --master {holder[1]}" if len(holder) > 1 else ""
     return (f"state dir {state_dir} is in use by the master with pid {pid}: wait for it to end, give this one "
             f"another --state, or submit to it: ticketfarm --state {state_dir}{where} submit SPEC")
+
+
+def bind_failed(setting: str, address: str, exc: Exception) -> BindFailed:
+    """The one-line error for an address the master cannot listen on (`exc` from ZeroMQ or a socket)."""
+    code = getattr(exc, "errno", None)
+    if code == errno.EADDRINUSE:
+        advice = "another process (perhaps another master) listens there: stop it, or choose another port"
+    elif code == errno.EADDRNOTAVAIL:
+        advice = "that address is not one of this machine's: use one it has, or 0.0.0.0 for all"
+    else:
+        advice = "check the address"
+    return BindFailed(f"cannot listen on {address} ({setting}): {os.strerror(code) if code else exc}; {advice}",
+                      field=setting)

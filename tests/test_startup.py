@@ -1,12 +1,15 @@
-"""A master that cannot start says why in one line: its state dir in use by another master."""
+"""A master that cannot start says why in one line: its state dir in use by another master, an address in use."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from master.store import Store
-from tests.conftest import run_cli, wait_for, write_spec
+from tests.conftest import MasterProcess, free_port, run_cli, wait_for, write_spec
 
 SPEC = """
     name = "{name}"
@@ -46,3 +49,23 @@ def test_second_master_on_a_state_dir_refuses_and_the_first_runs_each_task_once(
     again = run_cli("--state", "st", "run", str(b), "--local", "1", cwd=tmp_path)  # the lock went with its master
     assert again.returncode == 0, again.stderr
 
+
+@pytest.mark.parametrize("setting", ["bind", "http_bind"])
+def test_address_in_use_is_one_line_naming_it(tmp_path: Path, setting: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if setting == "bind":
+            master = MasterProcess(tmp_path / "state", f"tcp://127.0.0.1:{port}")
+            address = f"tcp://127.0.0.1:{port}"
+        else:
+            master = MasterProcess(tmp_path / "state", f"tcp://127.0.0.1:{free_port()}",
+                                   extra_config=f'http_bind = "127.0.0.1:{port}"\n')
+            address = f"127.0.0.1:{port}"
+        result = run_cli("--state", str(master.state), "master", cwd=tmp_path, timeout=30)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"ticketfarm: cannot listen on {address} ({setting}): Address already in use")
+    assert "choose another port" in line

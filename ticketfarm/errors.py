@@ -98,3 +98,6 @@ class UnsafePath(TicketfarmError, ValueError):
 class StateDirInUse(TicketfarmError):
     """Another live master holds the state dir's lock; the message names the dir, its pid and what to do."""
 
+
+class BindFailed(ConfigError):
+    """The master cannot listen on a configured address (in use, not on this host); `field` names the setting."""
