@@ -17,6 +17,7 @@ from master.config import MasterConfig
 from master.events import EventBatch
 from master.housekeeping import Housekeeping
 from master.metrics import Metrics
+from master.peerlog import ConnectionWatch, PeerLog
 from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
 from master.startup import StateLock, bind_failed
@@ -121,6 +122,10 @@ class Master:
         self.socket = self._bind()
         self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state_lock.record(self._endpoint)
+        self.peer_log = PeerLog(window=10 * config.heartbeat_interval)
+        # Only CURVE traffic is watched: the descriptor of a message is read where its key is (_recv_authenticated).
+        self.connections = (None if self.keyring is None
+                            else ConnectionWatch(self.socket, self.peer_log, config.max_message_size))
         # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
         self.events = EventBatch()
         self.metrics = Metrics(self.store.path)
@@ -310,6 +315,7 @@ class Master:
             self._peer = LOCAL_PEER
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
+            self.connections.delivered(first.get(zmq.SRCFD))  # type: ignore[union-attr]
         if not first.more:
             return [first.bytes]
         return [first.bytes, *self.socket.recv_multipart()]
@@ -330,7 +336,7 @@ class Master:
     def handle(self, frames: list[bytes]) -> None:
         """Decode and route one message; anything malformed is logged and dropped."""
         if len(frames) < 2:
-            log.warning("dropped_message", reason="no routing id")
+            self.peer_log.warn("dropped_message", "unknown", reason="no routing id")
             return
         identity = frames[0]
         try:
@@ -349,7 +355,7 @@ class Master:
                 return
             handler(identity, msg)
         except ProtocolError as exc:
-            log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
+            self.peer_log.warn("dropped_message", identity.hex(), reason=str(exc))
         except Exception:  # noqa: BLE001 - one bad message must never take the master down
             log.exception("message_handler_failed", peer=identity.hex())
 
@@ -503,6 +509,9 @@ class Master:
                 self._send(session.identity, Command.HEARTBEAT, {})
         self.stragglers.tick(now)
         self.housekeeping.tick(now)
+        self.peer_log.flush()
+        if self.connections is not None:
+            self.connections.drain()
 
     def _expire_tickets(self, now: float) -> None:
         for ticket in self.scheduler.expired(now):
@@ -604,7 +613,7 @@ class Master:
             state = "timeout" if reason.startswith("timeout") else "failed"
             self._fail_ticket(ticket, state, reason, exit_code, elapsed)
         elif self.store.ticket(tid) is None:
-            log.warning("foreign_ticket", slave=session.name, ticket=tid, command="FAILURE")
+            self.peer_log.warn("foreign_ticket", session.name, ticket=tid, command="FAILURE")
         self.pending_acks.setdefault(identity, []).append(tid)
 
     def on_result(self, identity: bytes, msg: Message) -> None:
@@ -613,7 +622,7 @@ class Master:
             try:
                 self._take_result(identity, entry)
             except ProtocolError as exc:
-                log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
+                self.peer_log.warn("dropped_message", identity.hex(), reason=str(exc))
 
     def _take_result(self, identity: bytes, entry: ResultEntry) -> None:
         session = self.sessions[identity]
@@ -622,7 +631,7 @@ class Master:
             return  # already being fetched (the slave re-sent it after a reconnect)
         row = self.scheduler.tickets.get(tid) or self.store.ticket(tid)
         if row is None or row.slave != session.name:
-            log.warning("foreign_ticket", slave=session.name, ticket=tid, command="RESULT")
+            self.peer_log.warn("foreign_ticket", session.name, ticket=tid, command="RESULT")
             self.pending_acks.setdefault(identity, []).append(tid)  # the slave may forget it: it can never count
             return
         # A ticket still in flight belongs to an unsettled task; only late answers need the store's word.
@@ -823,6 +832,8 @@ class Master:
         for session in list(self.sessions.values()):
             self._send(session.identity, Command.DISCONNECT, {
                 "reason": "master shutting down", "reconnect": not self.config.slave_exit_when_done})
+        if self.connections is not None:
+            self.connections.close()
         self.socket.close(linger=500)
         if self.zap is not None:
             self.zap.stop()
