@@ -38,7 +38,7 @@ _TAR_RECORD = tarfile.RECORDSIZE
 
 
 class CollectError(TicketfarmError):
-    """A stored result that cannot be collected as recorded, or a folders archive that is not one."""
+    """An unknown format, a stored result that cannot be collected as recorded, or a folders archive that is not one."""
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Collector:
             return tar_stream(self.folder_entries(result))
         if fmt == "failed":
             return self.failed_csv()
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise CollectError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
     def concat(self, result: str | None) -> Iterator[bytes]:
         """The result of every done task in task order, as stored (a glob result's files in name order)."""

@@ -287,7 +287,7 @@ def test_a_sweep_with_nothing_done_collects_empty_files_and_headers(farm: Farm) 
 
 
 def test_an_unknown_format_is_refused(farm: Farm) -> None:
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(CollectError, match="format must be one of"):
         farm.collector().chunks("zip")
 
 
@@ -335,3 +335,124 @@ path = "per-task"
 
 def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- integration: a real sweep on a real master, collected by the CLI (from the store, through HTTP) and downloaded --
+MIX_ROWS = [json.dumps(row) for row in ({"x": 0, "y": "a"}, {"y": "b", "x": 1}, {"x": 2, "y": "c"},
+                                       {"y": "d", "x": 3}, {"x": 4, "y": "e"}, {"y": "f", "x": 5})]
+MIX = {
+    "name": "mix", "timeout": 30, "max_attempts": 1,
+    # x=3 fails; x=2 prints nothing; every task writes two files without a newline, a binary one, an empty one,
+    # and one too large to travel inline or to sit in a table cell.
+    "command": "test {x} -ne 3 || exit 3; mkdir -p out; printf x > out/a.bin; printf 'y{x}' > out/b.bin; "
+               "printf '\\211PNG\\000\\377' > out/c.bin; : > out/empty.bin; "
+               "head -c 70000 /dev/zero | tr '\\000' z > big.dat; test {x} -eq 2 || echo '{x} {y}'",
+    "parameters": {"jsonl": "p.jsonl"},
+    "results": {"out": "stdout", "parts": "file:out/*.bin", "raw": "file:out/c.bin", "big": "file:big.dat"},
+    "collect": [{"mode": "concat", "result": "out", "path": "all.out"},
+                {"mode": "blockwise", "result": "parts", "path": "blocks.txt"},
+                {"mode": "table", "path": "tables/table.csv"},
+                {"mode": "table", "format": "jsonl", "path": "table.jsonl"},
+                {"mode": "folders", "path": "per-task"}],
+}
+SWEEPS = ("mix", "py-chatty", "py-mixed")
+
+
+@dataclass
+class Collected:
+    """What each way of collecting gave: `ticketfarm collect` from the store and through HTTP, and the downloads."""
+
+    local: Path
+    via_http: Path
+    downloads: dict[tuple[str, str], tuple[Part, bytes]]
+
+
+def run_cli(state: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(state), *args], env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory: pytest.TempPathFactory) -> Collected:
+    from ticketfarm import Cluster
+
+    root = tmp_path_factory.mktemp("collect")
+    state, runs = root / "state", root / "runs"
+    runs.mkdir()
+    found = Collected(root / "local", root / "via-http", {})
+    cluster = HttpCluster(state)
+    try:
+        assert cluster.submit(MIX, files={"p.jsonl": "\n".join(MIX_ROWS) + "\n"}).status == 201
+        with Cluster(address=cluster.endpoint, keys=state / "keys") as c:
+            assert list(c.map(tasks.chatty, range(3), name="py-chatty")) == [1, 2, 3]
+            mixed = c.sweep(tasks.square_or_exit, range(3), [1] * 3, [str(runs)] * 3, name="py-mixed", max_attempts=1)
+            assert mixed.wait(60)
+        cluster.wait_state("mix", "finished", timeout=60)
+        for name in SWEEPS:
+            detail = cluster.sweep(name)
+            for part in parts(name, [CollectRule(**r) for r in detail["spec"]["collect"]], detail["failed"] > 0):
+                query = f"?format={part.format}" + (f"&result={part.result}" if part.result else "")
+                reply = cluster.get(f"{API}/sweeps/{name}/collect{query}")
+                assert reply.status == 200, reply.body
+                found.downloads[(name, part.path)] = (part, reply.body)
+            run_cli(state, "--token", TOKEN, "collect", name, "--out", str(found.via_http))
+    finally:
+        cluster.close()
+    for name in SWEEPS:  # the master is gone: the CLI reads its store
+        run_cli(state, "collect", name, "--out", str(found.local))
+    return found
+
+
+def untar(data: bytes, into: Path) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        tf.extractall(into, filter="data")
+    return tree(into)
+
+
+def test_every_mode_of_the_cli_and_the_http_download_are_byte_for_byte_identical(
+        collected: Collected, tmp_path: Path) -> None:
+    formats = set()
+    for (name, path), (part, body) in collected.downloads.items():
+        formats.add(part.format)
+        local, via_http = collected.local / path, collected.via_http / path
+        if part.format == "folders":
+            assert untar(body, tmp_path / name) == tree(local) == tree(via_http) and tree(local)
+        else:
+            assert body == local.read_bytes() == via_http.read_bytes(), (name, path)
+    assert formats == set(FORMATS)
+    written = {p.relative_to(collected.local).parts[0] for p in collected.local.rglob("*") if p.is_file()}
+    assert written == {Path(path).parts[0] for _, path in collected.downloads}
+    assert tree(collected.local) == tree(collected.via_http)
+
+
+def test_http_csv_puts_cells_under_their_header_with_jsonl_keys_in_any_order(collected: Collected) -> None:
+    _, body = collected.downloads[("mix", "tables/table.csv")]
+    rows = csv_rows(body)
+    assert rows[0] == ["task", "x", "y", "out", "parts", "raw", "big"]
+    assert [r[:4] for r in rows[1:]] == [["0", "0", "a", "0 a"], ["1", "1", "b", "1 b"], ["2", "2", "c", ""],
+                                         ["4", "4", "e", "4 e"], ["5", "5", "f", "5 f"]]
+    assert {r[4] for r in rows[1:]} == {"out/a.bin out/b.bin out/c.bin out/empty.bin"}
+    assert all(Path(r[6]).name == "big" and Path(r[6]).is_absolute() for r in rows[1:])
+
+
+def test_http_blockwise_ends_each_glob_file_with_a_newline(collected: Collected) -> None:
+    _, body = collected.downloads[("mix", "blocks.txt")]
+    blocks = [b"# task=%d x=%d y=%s\nx\ny%d\n\x89PNG\x00\xff\n" % (i, i, y, i) for i, y in enumerate([b"a", b"b", b"c", b"d", b"e", b"f"])]
+    assert body == b"".join(blocks[:3] + blocks[4:])
+
+
+def test_cli_over_http_writes_the_failed_csv_with_parameters_under_their_header(collected: Collected) -> None:
+    rows = csv_rows((collected.via_http / "mix-failed.csv").read_bytes())
+    assert rows[0] == ["task", "x", "y", "reason"] and [r[:3] for r in rows[1:]] == [["3", "3", "d"]]
+    assert "exit code 3" in rows[1][3]
+
+
+def test_python_sweeps_pickles_and_failures_arrive_the_same_both_ways(collected: Collected) -> None:
+    for out in (collected.local, collected.via_http):
+        assert [pickle.loads((out / "py-mixed" / str(i) / "result").read_bytes()) for i in (0, 2)] == [0, 4]
+        assert json.loads((out / "py-mixed" / "2" / "params.json").read_bytes())["repr"].startswith("(2, 1, '")
+        assert (out / "py-chatty" / "1" / "stdout").read_bytes() == b"working on 1\n"
+        rows = csv_rows((out / "py-mixed-failed.csv").read_bytes())
+        assert rows[0] == ["task", "repr", "reason"] and rows[1][1].startswith("(1, 1, '")
+        assert rows[1][0] == "1" and "exit code 3" in rows[1][2] and len(rows) == 2
