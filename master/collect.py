@@ -1,4 +1,4 @@
-"""Collection: each collect format (concat, blockwise, csv/jsonl table, folders, failed-tasks CSV) made once, as byte chunks.
+"""Collection: each collect format (concat, blockwise, csv/jsonl table, folders, failed-tasks CSV) made once, as bytes.
 
 The CLI writes these chunks to files and the HTTP API sends the very same chunks, so a download is byte for
 byte what `ticketfarm collect` writes. Nothing is read whole: results stream from the store a block at a time.

@@ -1,4 +1,4 @@
-"""Collection formats on a real store (unit), and the CLI's files against the HTTP downloads of a real sweep (integration)."""
+"""Collect formats on a real store (unit); the CLI's files and the HTTP downloads of a real sweep (integration)."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,6 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,7 +25,6 @@ from master.collect import (
     collect,
     parts,
     tar_entries,
-    tar_stream,
     write_entries,
 )
 from master.store import Store, StoredOutput
@@ -59,7 +57,7 @@ class Farm:
         return cls(tmp_path / "state", load_spec(tmp_path / "spec.toml"))
 
     def done(self, idx: int, **outputs: bytes) -> None:
-        """Task idx done with these outputs (`__` in a name stands for `/`); large ones stored as files, as the master does."""
+        """Task idx done with these outputs (`__` in a name is `/`); large ones stored as files, as the master does."""
         stored = []
         for key, data in outputs.items():
             name = key.replace("__", "/")
@@ -184,7 +182,7 @@ def test_cli_and_http_folders_are_one_archive_of_the_same_files(farm: Farm, tmp_
         "1/params.json": b'{"x": 1, "y": "b"}', "1/out": b"hello\n", "1/parts/out/a": b"x", "1/parts/out/sub/b": BINARY}
 
 
-# -- every format, unit --------------------------------------------------------------------------------------------------
+# -- every format, unit -----------------------------------------------------------------------------------------------
 def test_concat_is_each_done_tasks_result_in_task_order_large_files_streamed_whole(farm: Farm) -> None:
     big = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)  # over READ_SIZE: several blocks from its file
     farm.done(2, out=b"two\n")
@@ -233,7 +231,8 @@ def test_binary_results_pass_untouched_through_concat_blockwise_and_folders(farm
     assert farm.bytes_of("concat", "out") == BINARY
     assert farm.bytes_of("blockwise", "parts") == b"# task=0 x=0 y=a\n" + BINARY + b"\n"
     write_entries(tmp_path / "f", farm.collector().folder_entries(None))
-    assert (tmp_path / "f" / "0" / "out").read_bytes() == (tmp_path / "f" / "0" / "parts" / "out" / "a").read_bytes() == BINARY
+    task = tmp_path / "f" / "0"
+    assert (task / "out").read_bytes() == (task / "parts" / "out" / "a").read_bytes() == BINARY
 
 
 def test_a_large_result_appears_in_tables_as_its_path_not_its_bytes(farm: Farm) -> None:
@@ -337,7 +336,7 @@ def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# -- integration: a real sweep on a real master, collected by the CLI (from the store, through HTTP) and downloaded --
+# -- integration: a real sweep on a real master, collected by the CLI (from the store, through HTTP) and downloaded ---
 MIX_ROWS = [json.dumps(row) for row in ({"x": 0, "y": "a"}, {"y": "b", "x": 1}, {"x": 2, "y": "c"},
                                        {"y": "d", "x": 3}, {"x": 4, "y": "e"}, {"y": "f", "x": 5})]
 MIX = {
@@ -438,7 +437,8 @@ def test_http_csv_puts_cells_under_their_header_with_jsonl_keys_in_any_order(col
 
 def test_http_blockwise_ends_each_glob_file_with_a_newline(collected: Collected) -> None:
     _, body = collected.downloads[("mix", "blocks.txt")]
-    blocks = [b"# task=%d x=%d y=%s\nx\ny%d\n\x89PNG\x00\xff\n" % (i, i, y, i) for i, y in enumerate([b"a", b"b", b"c", b"d", b"e", b"f"])]
+    blocks = [b"# task=%d x=%d y=%s\nx\ny%d\n\x89PNG\x00\xff\n" % (i, i, y, i)
+              for i, y in enumerate([b"a", b"b", b"c", b"d", b"e", b"f"])]
     assert body == b"".join(blocks[:3] + blocks[4:])
 
 

@@ -100,7 +100,7 @@ def spec_with_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def collect(api: ApiClient, sweep: str, out: Path, remove: bool) -> int:
-    """Write every collection rule of the sweep under `out`: the same bytes `ticketfarm collect` writes from the store."""
+    """Write every collection rule of the sweep under `out`: the bytes `ticketfarm collect` writes from the store."""
     base = f"{API}/sweeps/{quote(sweep, safe='')}"
     detail = api.get(base)
     rules = [CollectRule(**rule) for rule in detail["spec"]["collect"]]
