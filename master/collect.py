@@ -33,8 +33,6 @@ MEDIA_TYPES = {"concat": "application/octet-stream", "blockwise": "text/plain; c
 #: File name of each format when it is downloaded, given the sweep's name.
 DOWNLOAD_NAMES = {"concat": "{}.out", "blockwise": "{}.txt", "csv": "{}.csv", "jsonl": "{}.jsonl",
                   "folders": "{}.tar", "failed": "{}-failed.csv"}
-_TAR_BLOCK = tarfile.BLOCKSIZE
-_TAR_RECORD = tarfile.RECORDSIZE
 
 
 class CollectError(TicketfarmError):
@@ -245,11 +243,11 @@ def tar_stream(entries: Iterable[Entry]) -> Iterator[bytes]:
             yield block
         if sent != entry.size:
             raise CollectError(f"{entry.path}: {sent} bytes, but {entry.size} recorded")
-        padding = -entry.size % _TAR_BLOCK
+        padding = -entry.size % tarfile.BLOCKSIZE
         yield b"\0" * padding
         total += len(header) + entry.size + padding
-    end = 2 * _TAR_BLOCK
-    yield b"\0" * (end + -(total + end) % _TAR_RECORD)
+    end = 2 * tarfile.BLOCKSIZE  # two zero blocks, padded to a whole record as tar(1) writes it
+    yield b"\0" * (end + -(total + end) % tarfile.RECORDSIZE)
 
 
 def tar_entries(stream: IO[bytes]) -> Iterator[Entry]:
