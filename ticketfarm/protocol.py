@@ -8,7 +8,8 @@ Every message is a ZeroMQ multipart message:
     frame 3.. payload   raw bytes     binary-safe bodies (file contents, chunks)
 
 On the master's ROUTER socket a routing-id frame precedes frame 0.
-`docs/PROTOCOL.md` describes each command; this module is the reference.
+This module is the reference for frames; `ticketfarm.messages` for each command's header and payload;
+`docs/PROTOCOL.md` describes both.
 """
 from __future__ import annotations
 
@@ -118,14 +119,6 @@ def _shallow(body: bytes) -> bool:
             return True
         brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
     return not brackets
-
-
-def field_of(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
-    """A required header field of the given type, or ProtocolError naming it."""
-    value = msg.header.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"{msg.command.name}: field {name!r} missing or not {getattr(kind, '__name__', kind)}")
-    return value
 
 
 def split_frame(frame: bytes, sizes: list[Any], what: str) -> list[bytes]:
