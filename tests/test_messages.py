@@ -220,6 +220,13 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), body]).header["op"] == "submit"
     ok = '{"x":' + nested(protocol.MAX_DEPTH - 1) + "}"
     assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), ok.encode()]).header["x"]
+    many = {"op": "x", "quoted": 'a"b\\', "plain": "[{", "other": "}]", "rows": [[{"a": [1]}]] * 40}
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(many).encode()]).header == many
+    many["plain"] = many["quoted"] = "no escapes"
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(many).encode()]).header == many
+    deep = dict(many, rows=json.loads(nested(protocol.MAX_DEPTH)))
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(deep).encode()])
 
 
 def test_py_add_sizes_must_match_calls_and_frames() -> None:

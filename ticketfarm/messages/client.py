@@ -19,7 +19,7 @@ def _rid(h: Header) -> RequestId:
     return rid
 
 
-@dataclass
+@dataclass(slots=True)
 class Control:
     """CONTROL C->M: operation `op` with its own fields (read them with `args()`); `rid` is echoed in the REPLY."""
 
@@ -50,7 +50,7 @@ class Control:
         return cls(op, fields, rid, msg.payload)
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """REPLY M->C: `ok`, the op's answer fields (or `error`, and `code` for the HTTP API), `rid` echoed."""
 
@@ -83,7 +83,7 @@ class Reply:
         return cls(ok, fields, rid, msg.payload)
 
 
-@dataclass
+@dataclass(slots=True)
 class Settled:
     """One task of a NOTIFY: its final state; a done one names its result (`output`, `size`, inline `data`)."""
 
@@ -95,7 +95,7 @@ class Settled:
     reason: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Notify:
     """NOTIFY M->C: settled tasks of a watched sweep; ONE payload frame holds the inline results back to back."""
 
@@ -144,7 +144,7 @@ class Notify:
         return cls(sweep, tasks)
 
 
-@dataclass
+@dataclass(slots=True)
 class PyCall:
     """One task of a py_add: its function's hash, pickled (args, kwargs) and a short readable repr."""
 
@@ -153,7 +153,7 @@ class PyCall:
     repr: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class PyAdd:
     """The py_add CONTROL op: tasks first..first+len(calls)-1 of a python sweep, and new function bodies.
 
