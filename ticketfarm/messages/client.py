@@ -31,9 +31,7 @@ class Control:
 
     def args(self) -> Header:
         """The op's fields, read with checks that name "CONTROL <op>" and the field."""
-        reader = Header(Message(Command.CONTROL, self.fields, self.payload))
-        reader.command = f"CONTROL {self.op}"
-        return reader
+        return Header.of(f"CONTROL {self.op}", self.fields, self.payload)
 
     def encode(self) -> list[bytes]:
         header = {"op": self.op, **self.fields}
