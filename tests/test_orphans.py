@@ -64,19 +64,25 @@ def test_slave_sigkilled_its_workers_die_within_seconds(master, start_slave, tmp
 def test_slave_and_watchdog_sigkilled_a_restarted_slave_kills_what_they_left(master, start_slave,
                                                                              tmp_path: Path) -> None:
     slave, procs = running_ticking(master, start_slave, tmp_path, "twice-doomed")
-    watchdog = watchdog_of(slave)
-    time.sleep(0.5)  # the watchdog has written its list of groups to its file
-    os.kill(watchdog.pid, signal.SIGKILL)
-    slave.proc.send_signal(signal.SIGKILL)
-    slave.proc.wait()
-    time.sleep(0.5)
-    assert all(p.is_running() for p in procs), "nothing else kills them: the test below proves the restart does"
-    stale = list(slave.work_root.glob("ticking/*"))
-    assert len(stale) == 3  # two running, one prepared
-    assert master.control("cancel_sweep", sweep="ticking")["ok"]
-    start_slave("twice-doomed", 2)  # the same name on the same work root
-    gone_within(procs, 5)
-    wait_for(lambda: not any(d.exists() for d in stale), 5, "stale work dirs removed")
+    try:
+        watchdog = watchdog_of(slave)
+        wait_for(lambda: sum(len(f.read_text().splitlines()) for f in slave.work_root.glob(".tf-watchdog-*")) == 2,
+                 10, "the watchdog to write its list of groups")
+        os.kill(watchdog.pid, signal.SIGKILL)
+        slave.proc.send_signal(signal.SIGKILL)
+        slave.proc.wait()
+        time.sleep(0.5)
+        assert all(p.is_running() for p in procs), "nothing else kills them: the restart below must"
+        stale = list(slave.work_root.glob("ticking/*"))
+        assert len(stale) >= 2  # two running (and one prepared, soon after)
+        assert master.control("cancel_sweep", sweep="ticking")["ok"]
+        start_slave("twice-doomed", 2)  # the same name on the same work root
+        gone_within(procs, 5)
+        wait_for(lambda: not any(d.exists() for d in stale), 5, "stale work dirs removed")
+    finally:
+        for proc in procs:
+            if proc.is_running():
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_watchdog_killed_while_its_slave_lives_is_started_again(master, start_slave, tmp_path: Path) -> None:
