@@ -287,6 +287,8 @@ class Slave:
     def _on_ack(self, msg: messages.Ack) -> None:
         for tid in msg.tickets:
             outcome = self.outbox.pop(tid, None)
+            if outcome is not None:  # what scripts/chaos.py checks the master's store against
+                log.debug("result_acknowledged", ticket=tid, ok=outcome.ok)
             self.sent_at.pop(tid, None)
             if outcome is not None and not outcome.in_memory:
                 # Without its manifest a restarted slave never reports the result again: the ACK is done here.

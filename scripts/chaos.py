@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""A seeded storm of faults against a real master and real slaves, then a check of the promise.
+
+A master process and N slave processes (each on a test host of its own, a network namespace made by
+scripts/testhosts.sh, when run as root; else all on loopback, without link faults) run a sweep whose every
+output is a function of its parameters. Faults drawn from `random.Random(seed)` hit them meanwhile: slave
+SIGKILL (restarted on the same work root), slave SIGSTOP past its tickets' deadline then SIGCONT, master
+SIGKILL and restart on the same state dir, a second master on that state dir (must refuse), a host's link
+cut past the liveness, packet loss (tc netem), worker SIGKILL (a crash) and worker SIGSTOP (a timeout).
+Then everything is healed, the sweep runs to its end, and the store, the collected CSV and the slaves'
+acknowledgements are checked: every task done exactly once with its own result, no acknowledged result
+lost, attempts and tickets consistent, no worker left alive, SQLite integrity. The seed, the fault schedule
+and the counts are printed, so a failing seed replays the same schedule.
+
+Usage: python3 scripts/chaos.py --seed 7 --duration 60 [--tasks 2000] [--slaves 3] [--local] [--keep DIR]
+Exit status 0 when the promise held, 1 when it did not.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+from ticketfarm import keys  # noqa: E402
+from ticketfarm.client.control import control  # noqa: E402
+from ticketfarm.errors import MasterUnreachable  # noqa: E402
+from ticketfarm.spec import load_spec  # noqa: E402
+
+HEARTBEAT = 0.2
+LIVENESS = 5
+TIMEOUT = 2.0
+"""Each task's timeout (s): a worker stopped longer than this is killed by its slave."""
+SWEEP = "chaos"
+SPEC = f"""
+name = "{SWEEP}"
+command = "sleep 0.$(( {{n}} % 4 )); echo {{n}} $(( {{n}} * {{n}} % 1000003 ))"
+timeout = {TIMEOUT}
+max_attempts = 50
+[parameters.grid]
+n = {{range = [{{tasks}}]}}
+[results]
+out = "stdout"
+[[collect]]
+mode = "table"
+path = "chaos.csv"
+"""
+#: Fault kinds and their weights; link faults only with network namespaces.
+KINDS = {"slave_kill": 3, "slave_stop": 2, "master_kill": 1, "second_master": 1, "worker_kill": 4,
+         "worker_stop": 2, "link_cut": 2, "packet_loss": 1}
+LINK_KINDS = ("link_cut", "packet_loss")
+
+
+def expected(n: int) -> str:
+    return f"{n} {n * n % 1000003}"
+
+
+@dataclass
+class Fault:
+    at: float
+    kind: str
+    target: int
+    length: float
+
+    def __str__(self) -> str:
+        return f"{self.at:6.2f}s {self.kind:<13} slave-{self.target} {self.length:.2f}s"
+
+
+def schedule(seed: int, duration: float, slaves: int, links: bool) -> list[Fault]:
+    """The faults of a run: a function of the seed alone (and of what the run can inject)."""
+    rng = random.Random(seed)
+    kinds = [k for k in KINDS if links or k not in LINK_KINDS]
+    weights = [KINDS[k] for k in kinds]
+    faults, at = [], 1.0
+    while True:
+        at += rng.expovariate(1 / 0.8)
+        if at >= duration:
+            return faults
+        kind = rng.choices(kinds, weights)[0]
+        length = {"slave_stop": rng.uniform(2.5, 4), "link_cut": rng.uniform(1.5, 3),
+                  "packet_loss": rng.uniform(2, 4), "worker_stop": TIMEOUT + 1,
+                  "slave_kill": rng.uniform(0.3, 2), "master_kill": rng.uniform(0.3, 1.5)}.get(kind, 0.0)
+        faults.append(Fault(round(at, 2), kind, rng.randrange(1, slaves + 1), round(length, 2)))
+
+
+class Hosts:
+    """Test hosts from scripts/testhosts.sh: a network namespace per slave, a link each to cut; on a test /24
+    and with a bridge name no other run on this machine uses."""
+
+    def __init__(self, root: Path, count: int):
+        taken = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+        free = next(k for k in range(70, 100) if f" 10.231.{k}.1/" not in taken and f"cx{k}br" not in taken)
+        self.net, self.tag = f"10.231.{free}", f"cx{free}"
+        self.env = dict(os.environ, TH_DIR=str(root / "hosts"), TH_COUNT=str(count), TH_NET=self.net,
+                        TH_TAG=self.tag)
+        self.run("up")
+
+    def run(self, *args: str) -> None:
+        subprocess.run([str(REPO / "scripts" / "testhosts.sh"), *args], env=self.env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def prefix(self, i: int) -> list[str]:
+        pid = (Path(self.env["TH_DIR"]) / "hosts" / f"h{i}" / "sshd.pid").read_text().strip()
+        return ["nsenter", "-t", pid, "-n", "-m", "-u", "--"]
+
+    def cut(self, i: int, down: bool) -> None:
+        self.run("cut" if down else "heal", f"h{i}")
+
+    def loss(self, i: int, on: bool) -> None:
+        args = ["replace", "dev", f"{self.tag}v-h{i}", "root", "netem", "loss", "30%"] if on else \
+            ["del", "dev", f"{self.tag}v-h{i}", "root"]
+        subprocess.run(["tc", "qdisc", *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def down(self) -> None:
+        self.run("down")
+
+
+@dataclass
+class Cluster:
+    """The master and slave processes of one run, started, killed and restarted by the faults."""
+
+    root: Path
+    slaves: int
+    hosts: Hosts | None
+    master: subprocess.Popen | None = None
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    stopped: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.state = self.root / "state"
+        self.state.mkdir(parents=True)
+        keys.init_state_keys(self.state)
+        host = f"{self.hosts.net}.1" if self.hosts else "127.0.0.1"
+        with socket_port(host) as port:
+            self.endpoint = f"tcp://{host}:{port}"
+        (self.state / "master.toml").write_text(
+            f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
+            f'deadline_grace = 1.0\ndurability = "normal"\n')
+        self.client_keys = keys.ClientKeys.from_dir(keys.keys_dir(self.state))
+
+    def ask(self, op: str, timeout: float = 2.0, **fields: object) -> dict | None:
+        try:
+            return control(self.endpoint, op, timeout=timeout, keys=self.client_keys, **fields)
+        except MasterUnreachable:
+            return None
+
+    def start_master(self) -> None:
+        with open(self.root / "master.log", "ab") as log:
+            self.master = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(self.state),
+                                            "--log-level", "info", "master"], stdout=log, stderr=log)
+        deadline = time.time() + 20
+        while not self.ask("ping", 0.5):
+            if time.time() > deadline or self.master.poll() is not None:
+                raise RuntimeError(f"master did not start; see {self.root / 'master.log'}")
+
+    def master_up(self) -> bool:
+        return self.master is not None and self.master.poll() is None
+
+    def kill_master(self) -> None:
+        if self.master_up():
+            self.master.kill()  # type: ignore[union-attr]
+            self.master.wait()  # type: ignore[union-attr]
+
+    def second_master(self) -> int:
+        """Exit code of a second master started on the same state dir (4: refused, as it must be)."""
+        result = subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(self.state), "master"],
+                                capture_output=True, text=True, timeout=30)
+        return result.returncode
+
+    def start_slave(self, i: int) -> None:
+        kdir = keys.keys_dir(self.state)
+        cmd = [*(self.hosts.prefix(i) if self.hosts else []), sys.executable, "-m", "slave",
+               "--master", self.endpoint, "--name", f"slave-{i}", "--slots", "2",
+               "--work-root", str(self.root / "work" / f"slave-{i}"), "--heartbeat", str(HEARTBEAT),
+               "--master-key", str(kdir / "master.key"), "--secret-key", str(kdir / "slave.key_secret"),
+               "--log-level", "debug"]
+        with open(self.root / f"slave-{i}.log", "ab") as log:
+            self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.stopped.discard(i)
+
+    def slave_up(self, i: int) -> bool:
+        return self.procs[i].poll() is None
+
+    def signal_slave(self, i: int, sig: signal.Signals) -> None:
+        if self.slave_up(i):
+            self.procs[i].send_signal(sig)
+            if sig == signal.SIGSTOP:
+                self.stopped.add(i)
+            elif sig == signal.SIGCONT:
+                self.stopped.discard(i)
+            elif sig == signal.SIGKILL:
+                self.procs[i].wait()
+
+    def workers(self, i: int) -> list[psutil.Process]:
+        """The running workers of slave i (its children but the watchdog)."""
+        try:
+            children = psutil.Process(self.procs[i].pid).children()
+        except psutil.Error:
+            return []
+        workers = []
+        for child in children:
+            try:
+                if "slave.watchdog" not in " ".join(child.cmdline()):
+                    workers.append(child)
+            except psutil.Error:
+                continue  # exited meanwhile
+        return workers
+
+    def stop_all(self) -> None:
+        for i, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.master_up():
+            self.master.terminate()  # type: ignore[union-attr]
+            try:
+                self.master.wait(15)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                self.kill_master()
+
+
+class socket_port:
+    """A free TCP port on `host` (closed again on exit, for the master to bind)."""
+
+    def __init__(self, host: str):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+
+    def __enter__(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+class Storm:
+    """Injects the faults at their times and undoes each when its length has passed."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random):
+        self.cluster = cluster
+        self.rng = rng
+        self.heals: list[tuple[float, str, int]] = []
+        self.injected: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.refusals: list[int] = []
+
+    def inject(self, fault: Fault, now: float) -> None:
+        c, i = self.cluster, fault.target
+        busy = {(kind, target) for _, kind, target in self.heals}
+        if fault.kind == "master_kill":
+            if not c.master_up():
+                return self._skip(fault)
+            c.kill_master()
+        elif fault.kind == "second_master":
+            if not c.master_up():
+                return self._skip(fault)
+            self.refusals.append(c.second_master())
+        elif fault.kind in ("slave_kill", "slave_stop"):
+            if not c.slave_up(i) or ("slave_kill", i) in busy or ("slave_stop", i) in busy:
+                return self._skip(fault)
+            c.signal_slave(i, signal.SIGKILL if fault.kind == "slave_kill" else signal.SIGSTOP)
+        elif fault.kind in ("worker_kill", "worker_stop"):
+            workers = c.workers(i) if c.slave_up(i) and i not in c.stopped else []
+            if not workers:
+                return self._skip(fault)
+            victim = self.rng.choice(workers)
+            try:
+                os.killpg(victim.pid, signal.SIGKILL if fault.kind == "worker_kill" else signal.SIGSTOP)
+            except ProcessLookupError:
+                return self._skip(fault)
+            # a stopped worker is killed by its slave at its timeout: nothing to undo
+        elif fault.kind == "link_cut":
+            if ("link_cut", i) in busy:
+                return self._skip(fault)
+            c.hosts.cut(i, True)  # type: ignore[union-attr]
+        elif fault.kind == "packet_loss":
+            if ("packet_loss", i) in busy:
+                return self._skip(fault)
+            c.hosts.loss(i, True)  # type: ignore[union-attr]
+        self.injected[fault.kind] += 1
+        if fault.length and fault.kind not in ("worker_stop",):
+            self.heals.append((now + fault.length, fault.kind, i))
+
+    def _skip(self, fault: Fault) -> None:
+        self.skipped[fault.kind] += 1
+
+    def heal_due(self, now: float, everything: bool = False) -> None:
+        due = [h for h in self.heals if everything or h[0] <= now]
+        self.heals = [h for h in self.heals if h not in due]
+        for _, kind, i in sorted(due):
+            self.heal(kind, i)
+
+    def heal(self, kind: str, i: int) -> None:
+        c = self.cluster
+        if kind == "master_kill":
+            c.start_master()
+        elif kind == "slave_kill":
+            c.start_slave(i)
+        elif kind == "slave_stop":
+            c.signal_slave(i, signal.SIGCONT)
+        elif kind == "link_cut":
+            c.hosts.cut(i, False)  # type: ignore[union-attr]
+        elif kind == "packet_loss":
+            c.hosts.loss(i, False)  # type: ignore[union-attr]
+
+
+# -- the check -----------------------------------------------------------------------------------------------
+def acknowledged(root: Path) -> set[int]:
+    """Tickets whose successful results the master acknowledged, from the slaves' debug logs."""
+    tickets: set[int] = set()
+    for log in root.glob("slave-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "result_acknowledged" in line and "ok=True" in line:
+                tickets.add(int(line.split("ticket=", 1)[1].split()[0]))
+    return tickets
+
+
+def logged_tickets(log: Path, event: str) -> set[int]:
+    return {int(line.split("ticket=", 1)[1].split()[0]) for line in log.read_text(errors="replace").splitlines()
+            if event in line and "ticket=" in line}
+
+
+def check(root: Path, state: Path, tasks: int, orphans: list[int]) -> tuple[list[str], dict[str, int]]:
+    """What broke the promise (empty: nothing), and the counts of the run."""
+    problems: list[str] = []
+    db = sqlite3.connect(f"file:{state / 'state.db'}?mode=ro", uri=True)
+    integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    if integrity != "ok":
+        problems.append(f"SQLite integrity_check: {integrity}")
+    rows = db.execute("SELECT idx, state, attempts, ticket FROM tasks WHERE sweep = ?", (SWEEP,)).fetchall()
+    states = Counter(state for _, state, _, _ in rows)
+    if len(rows) != tasks or states["done"] != tasks:
+        problems.append(f"tasks by state {dict(states)}, want {tasks} done")
+    results = dict(db.execute("SELECT task, data FROM results WHERE sweep = ? AND name = 'out'", (SWEEP,)))
+    wrong = [n for n in range(tasks) if (results.get(n) or b"").decode().strip() != expected(n)]
+    if wrong:
+        problems.append(f"{len(wrong)} tasks with a wrong or missing result, e.g. {wrong[:5]}")
+    tickets = {tid: (task, tstate) for tid, task, tstate in
+               db.execute("SELECT id, task, state FROM tickets WHERE sweep = ?", (SWEEP,))}
+    per_task = Counter(task for task, _ in tickets.values())
+    for idx, _, attempts, winner in rows:
+        if winner not in tickets or tickets[winner][0] != idx:
+            problems.append(f"task {idx}: its result's ticket {winner} is not one of its tickets")
+        if not 1 <= attempts <= per_task[idx]:
+            problems.append(f"task {idx}: {attempts} attempts but {per_task[idx]} tickets")
+    done_tickets = Counter(task for task, tstate in tickets.values() if tstate == "done")
+    twice = [t for t, n in done_tickets.items() if n > 1]
+    if twice:
+        problems.append(f"{len(twice)} tasks with more than one ticket done, e.g. {twice[:5]}")
+    # A result acknowledged is stored (its ticket won), or was a duplicate of one stored, or was refused for a
+    # ticket the store never knew (dispatched by a master killed before its commit): never simply gone.
+    acked = acknowledged(root)
+    winners = {winner for _, _, _, winner in rows}
+    duplicates = logged_tickets(root / "master.log", "duplicate_result")
+    lost = [t for t in acked if t in tickets and t not in winners and t not in duplicates]
+    if lost:
+        problems.append(f"{len(lost)} acknowledged results neither stored nor duplicates, e.g. {lost[:5]}")
+    collected = list(csv.DictReader(open(root / "out" / "chaos.csv", newline="")))
+    ids = Counter(int(r["task"]) for r in collected)
+    if sorted(ids) != list(range(tasks)) or max(ids.values(), default=0) != 1:
+        problems.append(f"collected CSV: {len(collected)} rows for {len(ids)} tasks, want {tasks} once each")
+    if any(r["out"] != expected(int(r["task"])) for r in collected):
+        problems.append("collected CSV holds wrong results")
+    if orphans:
+        problems.append(f"{len(orphans)} worker processes left alive: {orphans[:5]}")
+    counts = {"tickets": len(tickets), "reassigned": len(tickets) - tasks,
+              "tickets_lost": sum(1 for _, s in tickets.values() if s == "lost"),
+              "tickets_failed_or_timeout": sum(1 for _, s in tickets.values() if s in ("failed", "timeout")),
+              "duplicates_suppressed": len(duplicates),
+              "acknowledged": len(acked), "acknowledged_foreign": sum(1 for t in acked if t not in tickets),
+              "results_lost": len(lost), "collected_twice": sum(1 for n in ids.values() if n > 1),
+              "wrong_results": len(wrong), "orphaned_workers": len(orphans)}
+    db.close()
+    return problems, counts
+
+
+def under(proc: psutil.Process, root: Path) -> bool:
+    try:
+        return proc.environ().get("TICKETFARM_WORKDIR", "").startswith(str(root))
+    except psutil.Error:
+        return False
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: Path) -> int:
+    links = not local and os.geteuid() == 0 and shutil.which("ip") is not None
+    faults = schedule(seed, duration, slaves, links)
+    print(f"chaos seed={seed} duration={duration}s tasks={tasks} slaves={slaves} "
+          f"hosts={'network namespaces' if links else 'loopback'} root={root}")
+    print("schedule:\n  " + "\n  ".join(map(str, faults)))
+    hosts = Hosts(root, slaves) if links else None
+    cluster = Cluster(root, slaves, hosts)
+    storm = Storm(cluster, random.Random(seed + 1))
+    started = time.monotonic()
+    try:
+        cluster.start_master()
+        for i in range(1, slaves + 1):
+            cluster.start_slave(i)
+        spec = root / "chaos.toml"
+        spec.write_text(SPEC.replace("{tasks}", str(tasks)))
+        if not (cluster.ask("submit", 10, sweep=load_spec(spec).to_json()) or {}).get("ok"):
+            raise RuntimeError("submit failed")
+        t0 = time.monotonic()
+        pending = list(faults)
+        while time.monotonic() - t0 < duration:
+            now = time.monotonic() - t0
+            while pending and pending[0].at <= now:
+                storm.inject(pending.pop(0), now)
+            storm.heal_due(now)
+            time.sleep(0.02)
+        storm.heal_due(0, everything=True)
+        for i in range(1, slaves + 1):
+            if not cluster.slave_up(i):
+                cluster.start_slave(i)
+        if not cluster.master_up():
+            cluster.start_master()
+        deadline = time.monotonic() + max(120, tasks / 10)
+        while time.monotonic() < deadline:
+            status = cluster.ask("status", 2) or {}
+            sweep = next((s for s in status.get("sweeps", []) if s["name"] == SWEEP), None)
+            if sweep and sweep["state"] == "finished":
+                break
+            time.sleep(0.2)
+        else:
+            print(f"sweep not finished: {sweep}")
+        subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(cluster.state), "collect", SWEEP,
+                        "--out", str(root / "out")], check=True, capture_output=True)
+    finally:
+        cluster.stop_all()
+        time.sleep(1)  # a watchdog kills within moments of its slave's end
+        orphans = [p.pid for p in psutil.process_iter() if under(p, root)]  # before the hosts' teardown kills all
+        if hosts is not None:
+            hosts.down()
+    wall = time.monotonic() - started
+    problems, counts = check(root, cluster.state, tasks, orphans)
+    refused = Counter(storm.refusals)
+    if any(code != 4 for code in storm.refusals):
+        problems.append(f"a second master on the state dir was not refused: exit codes {dict(refused)}")
+    print("faults injected: " + ", ".join(f"{k}={storm.injected[k]}" for k in KINDS if storm.injected[k]))
+    if storm.skipped:
+        print("faults skipped (target not in a state to take them): " + ", ".join(
+            f"{k}={v}" for k, v in sorted(storm.skipped.items())))
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", wall={wall:.1f}s")
+    print(json.dumps({"seed": seed, "injected": storm.injected, "counts": counts, "problems": problems}))
+    for problem in problems:
+        print(f"PROMISE BROKEN: {problem}")
+    print("promise held" if not problems else f"replay: python3 scripts/chaos.py --seed {seed} "
+          f"--duration {duration:g} --tasks {tasks} --slaves {slaves}{' --local' if local else ''}")
+    return 1 if problems else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of faults (then the sweep ends)")
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--slaves", type=int, default=3)
+    parser.add_argument("--local", action="store_true", help="all on loopback, no network namespaces")
+    parser.add_argument("--keep", type=Path, help="run in this (new) directory and keep it")
+    args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True)
+        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, args.keep.resolve())
+    with tempfile.TemporaryDirectory(prefix="tf-chaos-") as tmp:
+        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
