@@ -12,19 +12,18 @@ acknowledgements are checked: every task done exactly once with its own result, 
 lost, attempts and tickets consistent, no worker left alive, SQLite integrity. The seed, the fault schedule
 and the counts are printed, so a failing seed replays the same schedule.
 
-Usage: python3 scripts/chaos.py --seed 7 --duration 60 [--tasks 2000] [--slaves 3] [--local] [--keep DIR]
+Usage: python3 scripts/chaos.py --seed 7 --duration 60 [--tasks 2000] [--slaves 3] [--local] [--calm] [--keep DIR]
 Exit status 0 when the promise held, 1 when it did not.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
 import shutil
 import signal
-import sqlite3
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
+from chaos_check import SWEEP, check, under  # noqa: E402  (beside this script)
 from ticketfarm import keys  # noqa: E402
 from ticketfarm.client.control import control  # noqa: E402
 from ticketfarm.errors import MasterUnreachable  # noqa: E402
@@ -48,7 +48,6 @@ HEARTBEAT = 0.2
 LIVENESS = 5
 TIMEOUT = 2.0
 """Each task's timeout (s): a worker stopped longer than this is killed by its slave."""
-SWEEP = "chaos"
 SPEC = f"""
 name = "{SWEEP}"
 command = "sleep 0.$(( {{n}} % 4 )); echo {{n}} $(( {{n}} * {{n}} % 1000003 ))"
@@ -66,10 +65,6 @@ path = "chaos.csv"
 KINDS = {"slave_kill": 3, "slave_stop": 2, "master_kill": 1, "second_master": 1, "worker_kill": 4,
          "worker_stop": 2, "link_cut": 2, "packet_loss": 1}
 LINK_KINDS = ("link_cut", "packet_loss")
-
-
-def expected(n: int) -> str:
-    return f"{n} {n * n % 1000003}"
 
 
 @dataclass
@@ -148,8 +143,7 @@ class Cluster:
         self.state.mkdir(parents=True)
         keys.init_state_keys(self.state)
         host = f"{self.hosts.net}.1" if self.hosts else "127.0.0.1"
-        with socket_port(host) as port:
-            self.endpoint = f"tcp://{host}:{port}"
+        self.endpoint = f"tcp://{host}:{free_port(host)}"
         (self.state / "master.toml").write_text(
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
             f'deadline_grace = 1.0\ndurability = "normal"\n')
@@ -169,6 +163,10 @@ class Cluster:
         while not self.ask("ping", 0.5):
             if time.time() > deadline or self.master.poll() is not None:
                 raise RuntimeError(f"master did not start; see {self.root / 'master.log'}")
+
+    def finished(self) -> bool:
+        status = self.ask("status", 2) or {}
+        return any(s["name"] == SWEEP and s["state"] == "finished" for s in status.get("sweeps", []))
 
     def master_up(self) -> bool:
         return self.master is not None and self.master.poll() is None
@@ -242,19 +240,11 @@ class Cluster:
                 self.kill_master()
 
 
-class socket_port:
-    """A free TCP port on `host` (closed again on exit, for the master to bind)."""
-
-    def __init__(self, host: str):
-        import socket
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-
-    def __enter__(self) -> int:
-        return self.sock.getsockname()[1]
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
+def free_port(host: str) -> int:
+    """A TCP port on `host` that nothing listens on now (for the master to bind)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 class Storm:
@@ -328,94 +318,17 @@ class Storm:
             c.hosts.loss(i, False)  # type: ignore[union-attr]
 
 
-# -- the check -----------------------------------------------------------------------------------------------
-def acknowledged(root: Path) -> set[int]:
-    """Tickets whose successful results the master acknowledged, from the slaves' debug logs."""
-    tickets: set[int] = set()
-    for log in root.glob("slave-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            if "result_acknowledged" in line and "ok=True" in line:
-                tickets.add(int(line.split("ticket=", 1)[1].split()[0]))
-    return tickets
-
-
-def logged_tickets(log: Path, event: str) -> set[int]:
-    return {int(line.split("ticket=", 1)[1].split()[0]) for line in log.read_text(errors="replace").splitlines()
-            if event in line and "ticket=" in line}
-
-
-def check(root: Path, state: Path, tasks: int, orphans: list[int]) -> tuple[list[str], dict[str, int]]:
-    """What broke the promise (empty: nothing), and the counts of the run."""
-    problems: list[str] = []
-    db = sqlite3.connect(f"file:{state / 'state.db'}?mode=ro", uri=True)
-    integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
-    if integrity != "ok":
-        problems.append(f"SQLite integrity_check: {integrity}")
-    rows = db.execute("SELECT idx, state, attempts, ticket FROM tasks WHERE sweep = ?", (SWEEP,)).fetchall()
-    states = Counter(state for _, state, _, _ in rows)
-    if len(rows) != tasks or states["done"] != tasks:
-        problems.append(f"tasks by state {dict(states)}, want {tasks} done")
-    results = dict(db.execute("SELECT task, data FROM results WHERE sweep = ? AND name = 'out'", (SWEEP,)))
-    wrong = [n for n in range(tasks) if (results.get(n) or b"").decode().strip() != expected(n)]
-    if wrong:
-        problems.append(f"{len(wrong)} tasks with a wrong or missing result, e.g. {wrong[:5]}")
-    tickets = {tid: (task, tstate) for tid, task, tstate in
-               db.execute("SELECT id, task, state FROM tickets WHERE sweep = ?", (SWEEP,))}
-    per_task = Counter(task for task, _ in tickets.values())
-    for idx, _, attempts, winner in rows:
-        if winner not in tickets or tickets[winner][0] != idx:
-            problems.append(f"task {idx}: its result's ticket {winner} is not one of its tickets")
-        if not 1 <= attempts <= per_task[idx]:
-            problems.append(f"task {idx}: {attempts} attempts but {per_task[idx]} tickets")
-    done_tickets = Counter(task for task, tstate in tickets.values() if tstate == "done")
-    twice = [t for t, n in done_tickets.items() if n > 1]
-    if twice:
-        problems.append(f"{len(twice)} tasks with more than one ticket done, e.g. {twice[:5]}")
-    # A result acknowledged is stored (its ticket won), or was a duplicate of one stored, or was refused for a
-    # ticket the store never knew (dispatched by a master killed before its commit): never simply gone.
-    acked = acknowledged(root)
-    winners = {winner for _, _, _, winner in rows}
-    duplicates = logged_tickets(root / "master.log", "duplicate_result")
-    lost = [t for t in acked if t in tickets and t not in winners and t not in duplicates]
-    if lost:
-        problems.append(f"{len(lost)} acknowledged results neither stored nor duplicates, e.g. {lost[:5]}")
-    collected = list(csv.DictReader(open(root / "out" / "chaos.csv", newline="")))
-    ids = Counter(int(r["task"]) for r in collected)
-    if sorted(ids) != list(range(tasks)) or max(ids.values(), default=0) != 1:
-        problems.append(f"collected CSV: {len(collected)} rows for {len(ids)} tasks, want {tasks} once each")
-    if any(r["out"] != expected(int(r["task"])) for r in collected):
-        problems.append("collected CSV holds wrong results")
-    if orphans:
-        problems.append(f"{len(orphans)} worker processes left alive: {orphans[:5]}")
-    counts = {"tickets": len(tickets), "reassigned": len(tickets) - tasks,
-              "tickets_lost": sum(1 for _, s in tickets.values() if s == "lost"),
-              "tickets_failed_or_timeout": sum(1 for _, s in tickets.values() if s in ("failed", "timeout")),
-              "duplicates_suppressed": len(duplicates),
-              "acknowledged": len(acked), "acknowledged_foreign": sum(1 for t in acked if t not in tickets),
-              "results_lost": len(lost), "collected_twice": sum(1 for n in ids.values() if n > 1),
-              "wrong_results": len(wrong), "orphaned_workers": len(orphans)}
-    db.close()
-    return problems, counts
-
-
-def under(proc: psutil.Process, root: Path) -> bool:
-    try:
-        return proc.environ().get("TICKETFARM_WORKDIR", "").startswith(str(root))
-    except psutil.Error:
-        return False
-
-
 # -- the run -------------------------------------------------------------------------------------------------
-def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: Path) -> int:
+def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: Path, calm: bool = False) -> int:
     links = not local and os.geteuid() == 0 and shutil.which("ip") is not None
-    faults = schedule(seed, duration, slaves, links)
+    faults = [] if calm else schedule(seed, duration, slaves, links)
     print(f"chaos seed={seed} duration={duration}s tasks={tasks} slaves={slaves} "
           f"hosts={'network namespaces' if links else 'loopback'} root={root}")
     print("schedule:\n  " + "\n  ".join(map(str, faults)))
     hosts = Hosts(root, slaves) if links else None
     cluster = Cluster(root, slaves, hosts)
     storm = Storm(cluster, random.Random(seed + 1))
-    started = time.monotonic()
+    sweep_wall = 0.0
     try:
         cluster.start_master()
         for i in range(1, slaves + 1):
@@ -426,11 +339,16 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
             raise RuntimeError("submit failed")
         t0 = time.monotonic()
         pending = list(faults)
+        checked = 0.0
         while time.monotonic() - t0 < duration:
             now = time.monotonic() - t0
             while pending and pending[0].at <= now:
                 storm.inject(pending.pop(0), now)
             storm.heal_due(now)
+            if now - checked > 0.5:  # faults after the end would hit nothing
+                checked = now
+                if cluster.master_up() and cluster.finished():
+                    break
             time.sleep(0.02)
         storm.heal_due(0, everything=True)
         for i in range(1, slaves + 1):
@@ -439,14 +357,11 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
         if not cluster.master_up():
             cluster.start_master()
         deadline = time.monotonic() + max(120, tasks / 10)
-        while time.monotonic() < deadline:
-            status = cluster.ask("status", 2) or {}
-            sweep = next((s for s in status.get("sweeps", []) if s["name"] == SWEEP), None)
-            if sweep and sweep["state"] == "finished":
-                break
+        while not cluster.finished():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sweep not finished after the storm; see {root}")
             time.sleep(0.2)
-        else:
-            print(f"sweep not finished: {sweep}")
+        sweep_wall = time.monotonic() - t0
         subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(cluster.state), "collect", SWEEP,
                         "--out", str(root / "out")], check=True, capture_output=True)
     finally:
@@ -455,7 +370,6 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
         orphans = [p.pid for p in psutil.process_iter() if under(p, root)]  # before the hosts' teardown kills all
         if hosts is not None:
             hosts.down()
-    wall = time.monotonic() - started
     problems, counts = check(root, cluster.state, tasks, orphans)
     refused = Counter(storm.refusals)
     if any(code != 4 for code in storm.refusals):
@@ -464,8 +378,9 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
     if storm.skipped:
         print("faults skipped (target not in a state to take them): " + ", ".join(
             f"{k}={v}" for k, v in sorted(storm.skipped.items())))
-    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", wall={wall:.1f}s")
-    print(json.dumps({"seed": seed, "injected": storm.injected, "counts": counts, "problems": problems}))
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", sweep_wall={sweep_wall:.1f}s")
+    print(json.dumps({"seed": seed, "injected": storm.injected, "counts": counts, "sweep_wall": round(sweep_wall, 1),
+                      "problems": problems}))
     for problem in problems:
         print(f"PROMISE BROKEN: {problem}")
     print("promise held" if not problems else f"replay: python3 scripts/chaos.py --seed {seed} "
@@ -480,13 +395,14 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--slaves", type=int, default=3)
     parser.add_argument("--local", action="store_true", help="all on loopback, no network namespaces")
+    parser.add_argument("--calm", action="store_true", help="no faults: the same sweep's wall time to compare")
     parser.add_argument("--keep", type=Path, help="run in this (new) directory and keep it")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True)
-        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, args.keep.resolve())
+        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, args.keep.resolve(), args.calm)
     with tempfile.TemporaryDirectory(prefix="tf-chaos-") as tmp:
-        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, Path(tmp))
+        return run(args.seed, args.duration, args.tasks, args.slaves, args.local, Path(tmp), args.calm)
 
 
 if __name__ == "__main__":

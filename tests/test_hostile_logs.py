@@ -2,7 +2,6 @@
 is dropped with a log line, not in silence."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import zmq
