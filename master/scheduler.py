@@ -62,7 +62,7 @@ class Scheduler:
         self.tickets: dict[int, Ticket] = {}
         self._by_task: dict[tuple[str, int], set[int]] = {}
         self._deadlines: list[tuple[float, int]] = []
-        #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/workers.py).
+        #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/placement.py).
         self.slave_fits: Callable[[ActiveSweep, str], bool] = lambda active, slave: True
         #: Slaves a task should not go back to (they returned a rejected result), while others can take it.
         self.avoid: dict[tuple[str, int], set[str]] = {}

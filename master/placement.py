@@ -1,36 +1,38 @@
 """Where a sweep may run: shipped worker executables per platform (served in chunks), refusals, slave resources."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from master.link import Link
+from master.roster import Roster, SlaveSession
+from master.scheduler import ActiveSweep, Scheduler
+from master.store import Store
 from ticketfarm import protocol
 from ticketfarm.errors import ProtocolError
 from ticketfarm.protocol import Command, Message, field_of
 from ticketfarm.spec import ShippedWorker, Sweep
 
-if TYPE_CHECKING:
-    from master.scheduler import ActiveSweep
-    from master.server import Master, SlaveSession
-
-log = structlog.get_logger("ticketfarm.workers")
+log = structlog.get_logger("ticketfarm.placement")
 
 
 class Placement:
     """The master's answers to "may this slave run this sweep?" and "send me the worker"."""
 
-    def __init__(self, master: "Master"):
-        self.master = master
+    def __init__(self, roster: Roster, scheduler: Scheduler, link: Link, store: Store):
+        self.roster = roster
+        self.scheduler = scheduler
+        self.link = link
+        self.store = store
         #: Slave name -> (CPUs, memory MiB) it offers, from its HELLO.
         self.capacity: dict[str, tuple[int, int]] = {}
         #: (slave, sweep) pairs already told REFUSED in this session of the slave.
         self.refused: set[tuple[str, str]] = set()
-        master._handlers[Command.WORKER_REQUEST] = self.on_worker_request
-        master.scheduler.slave_fits = self.fits
+        scheduler.slave_fits = self.fits
 
-    # -- hooks called by Master -----------------------------------------------------------
-    def on_hello(self, session: "SlaveSession", msg: Message) -> None:
+    # -- hooks called by the sessions and dispatch -----------------------------------------------------------
+    def on_hello(self, session: SlaveSession, msg: Message) -> None:
         """Remember what the slave offers; refusals are said again to a slave that comes back."""
         cpus, memory = msg.header.get("cpus", 0), msg.header.get("memory_mb", 0)
         self.capacity[session.name] = (cpus if isinstance(cpus, int) else 0, memory if isinstance(memory, int) else 0)
@@ -50,9 +52,9 @@ class Placement:
         return fields
 
     # -- may this slave take a ticket of this sweep now? -------------------------------------
-    def fits(self, active: "ActiveSweep", slave: str) -> bool:
+    def fits(self, active: ActiveSweep, slave: str) -> bool:
         sweep = active.sweep
-        session = self.master.by_name.get(slave)
+        session = self.roster.named(slave)
         if session is None:
             return False
         if sweep.workers and session.platform not in sweep.workers:
@@ -74,29 +76,29 @@ class Placement:
     def in_use(self, slave: str) -> tuple[int, int]:
         """CPUs and MiB claimed by the tickets this slave holds."""
         cpus = memory = 0
-        active = self.master.scheduler.active
-        for ticket in self.master.scheduler.tickets.values():
+        active = self.scheduler.active
+        for ticket in self.scheduler.tickets.values():
             if ticket.slave == slave and ticket.sweep in active:
                 sweep = active[ticket.sweep].sweep
                 cpus += sweep.cpus
                 memory += sweep.memory
         return cpus, memory
 
-    def _refuse(self, session: "SlaveSession", sweep: Sweep, reason: str) -> None:
+    def _refuse(self, session: SlaveSession, sweep: Sweep, reason: str) -> None:
         """Tell a slave once (per connection) why it gets no tickets of a sweep (seed 004's 415)."""
         key = (session.name, sweep.name)
         if key in self.refused:
             return
         self.refused.add(key)
-        self.master._send(session.identity, Command.REFUSED,
+        self.link.send(session.identity, Command.REFUSED,
                           {"sweep": sweep.name, "platform": session.platform, "reason": reason})
-        self.master.store.event("slave_refused", sweep=sweep.name, detail={"slave": session.name, "reason": reason})
+        self.store.event("slave_refused", sweep=sweep.name, detail={"slave": session.name, "reason": reason})
         log.warning("slave_refused", slave=session.name, sweep=sweep.name, reason=reason)
 
     # -- serving executables ----------------------------------------------------------------------
     def worker(self, sha256: str) -> ShippedWorker | None:
         """The executable with this hash, from the sweeps that are running (a few sweeps, a few platforms)."""
-        for active in self.master.scheduler.active.values():
+        for active in self.scheduler.active.values():
             for w in active.sweep.workers.values():
                 if w.sha256 == sha256:
                     return w
@@ -104,18 +106,18 @@ class Placement:
 
     def on_worker_request(self, identity: bytes, msg: Message) -> None:
         """WORKER_REQUEST {sha256, offset, length} -> WORKER {sha256, offset, size} + the bytes (or an error)."""
-        session = self.master.sessions[identity]
+        session = self.roster.by_identity[identity]
         sha = field_of(msg, "sha256", str)
         offset, length = field_of(msg, "offset", int), field_of(msg, "length", int)
         if offset < 0 or not 0 < length <= protocol.CHUNK_SIZE:
             raise ProtocolError(f"WORKER_REQUEST: bad range {offset}+{length}")
         shipped = self.worker(sha)
         if shipped is None:
-            self.master._send(identity, Command.WORKER, {"sha256": sha, "error": "no active sweep ships this worker"})
+            self.link.send(identity, Command.WORKER, {"sha256": sha, "error": "no active sweep ships this worker"})
             return
         if offset == 0:
-            self.master.store.event("worker_fetched", detail={"slave": session.name, "sha256": sha,
+            self.store.event("worker_fetched", detail={"slave": session.name, "sha256": sha,
                                                               "name": shipped.name, "platform": session.platform})
             log.info("worker_fetched", slave=session.name, worker=shipped.name, sha256=sha[:12])
-        self.master._send(identity, Command.WORKER, {"sha256": sha, "offset": offset, "size": len(shipped.content)},
+        self.link.send(identity, Command.WORKER, {"sha256": sha, "offset": offset, "size": len(shipped.content)},
                           [shipped.content[offset:offset + length]])
