@@ -17,13 +17,13 @@ from master.pysweep import PythonSweeps
 from master.roster import Roster
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store
+from ticketfarm import messages
 from ticketfarm.errors import ConfigError, SweepExists
-from ticketfarm.protocol import Command, Message, field_of
 from ticketfarm.spec import Sweep
 
 Reply = tuple[dict[str, Any], list[bytes]]
-#: One control op: (sender's routing id, the CONTROL message) -> (REPLY header, REPLY payload).
-Op = Callable[[bytes, Message], Reply]
+#: One control op: (sender's routing id, the CONTROL message) -> (REPLY fields, REPLY payload).
+Op = Callable[[bytes, messages.Control], Reply]
 
 
 def refused(code: str, message: str) -> Reply:
@@ -35,18 +35,9 @@ def done(**fields: Any) -> Reply:
     return {"ok": True, **fields}, []
 
 
-def text_field(msg: Message, name: str) -> str:
-    value = msg.header.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"field {name!r} missing or not a string")
-    return value
-
-
-def task_field(msg: Message) -> int:
-    task = msg.header.get("task")
-    if not isinstance(task, int) or isinstance(task, bool):
-        raise ValueError("field 'task' missing or not an integer")
-    return task
+def sweep_and_task(msg: messages.Control) -> tuple[str, int]:
+    args = msg.args()
+    return args.text("sweep", empty=False), args.count("task")
 
 
 class Control:
@@ -72,10 +63,10 @@ class Control:
         self.ops: dict[str, Op] = {
             "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
             "submit": self.submit,
-            "cancel": lambda _, m: ({"ok": self.lifecycle.cancel_sweep(field_of(m, "sweep", str)) is not None}, []),
+            "cancel": lambda _, m: ({"ok": self.lifecycle.cancel_sweep(m.args().text("sweep")) is not None}, []),
             "status": lambda _, m: done(sweeps=[asdict(s) for s in all_sweep_stats(self.store)]),
             "report": lambda _, m: done(report=format_report(self.store)),
-            "progress": lambda _, m: done(output=self.intake.output_so_far(field_of(m, "ticket", int))),
+            "progress": lambda _, m: done(output=self.intake.output_so_far(m.args().count("ticket"))),
             "cancel_sweep": self.cancel_sweep,
             "pause": lambda _, m: self.set_paused(m, True),
             "resume": lambda _, m: self.set_paused(m, False),
@@ -95,29 +86,28 @@ class Control:
             "py_ping": python.ping,
         }
 
-    def on_control(self, identity: bytes, msg: Message) -> None:
-        op = self.ops.get(str(msg.header.get("op")))
+    def on_control(self, identity: bytes, msg: messages.Control) -> None:
+        op = self.ops.get(msg.op)
         payload: list[bytes] = []
         try:
             if op is None:
-                reply: dict[str, Any] = {"ok": False, "error": f"unknown control op {msg.header.get('op')!r}"}
+                reply: dict[str, Any] = {"ok": False, "error": f"unknown control op {msg.op!r}"}
             else:
                 reply, payload = op(identity, msg)
-                reply.setdefault("ok", True)
-        except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:
+        except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:  # ProtocolError is a ValueError
             reply = {"ok": False, "error": str(exc)}
-        if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
-            reply["rid"] = msg.header["rid"]
+        ok = bool(reply.pop("ok", True))
         # Read-your-writes: whoever asked reads the store next (HTTP, CLI), so commit before answering.
         self.commit()
-        self.link.send(identity, Command.REPLY, reply, payload)
+        # A client with several requests in flight matches replies by its request id.
+        self.link.send(identity, messages.Reply(ok, reply, msg.rid, payload))
 
     # -- sweeps ---------------------------------------------------------------------------------------
-    def submit(self, identity: bytes, msg: Message) -> Reply:
+    def submit(self, identity: bytes, msg: messages.Control) -> Reply:
         """Submit a sweep; an optional status_callback_url (+ secret) is stored in the same transaction."""
-        sweep = Sweep.from_json(text_field(msg, "sweep"))
-        url = msg.header.get("status_callback_url")
-        secret = msg.header.get("status_callback_secret") or self.callback_secret
+        sweep = Sweep.from_json(msg.args().text("sweep", empty=False, limit=1 << 30))
+        url = msg.fields.get("status_callback_url")
+        secret = msg.fields.get("status_callback_secret") or self.callback_secret
         if url is not None:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 return refused("bad_request", "status_callback_url must be an http:// or https:// URL")
@@ -132,8 +122,8 @@ class Control:
         except SweepExists as exc:
             return refused("conflict", str(exc))
 
-    def cancel_sweep(self, identity: bytes, msg: Message) -> Reply:
-        name = text_field(msg, "sweep")
+    def cancel_sweep(self, identity: bytes, msg: messages.Control) -> Reply:
+        name = msg.args().text("sweep", empty=False)
         row = self.store.sweep(name)
         if row is None:
             return refused("not_found", f"no sweep named {name!r}")
@@ -141,8 +131,8 @@ class Control:
             return refused("conflict", f"sweep {name!r} is {row.state}: nothing to cancel")
         return done(state="cancelled")
 
-    def set_paused(self, msg: Message, paused: bool) -> Reply:
-        name = text_field(msg, "sweep")
+    def set_paused(self, msg: messages.Control, paused: bool) -> Reply:
+        name = msg.args().text("sweep", empty=False)
         row = self.store.sweep(name)
         if row is None:
             return refused("not_found", f"no sweep named {name!r}")
@@ -152,9 +142,9 @@ class Control:
         self.lifecycle.set_paused(name, paused)
         return done(state="paused" if paused else "active")
 
-    def forget_results(self, identity: bytes, msg: Message) -> Reply:
+    def forget_results(self, identity: bytes, msg: messages.Control) -> Reply:
         """Remove a sweep's stored results (after an HTTP collection with remove)."""
-        name = text_field(msg, "sweep")
+        name = msg.args().text("sweep", empty=False)
         if self.store.sweep(name) is None:
             return refused("not_found", f"no sweep named {name!r}")
         for path in self.store.remove_results(name):
@@ -163,17 +153,17 @@ class Control:
         self.store.event("results_removed", sweep=name)
         return done()
 
-    def prune(self, identity: bytes, msg: Message) -> Reply:
+    def prune(self, identity: bytes, msg: messages.Control) -> Reply:
         """Prune expired results now (optionally with another keep_days than the configured one)."""
-        keep = msg.header.get("keep_days")
+        keep = msg.fields.get("keep_days")
         if keep is not None and (not isinstance(keep, (int, float)) or isinstance(keep, bool) or keep < 0):
             raise ValueError("field 'keep_days' must be a number >= 0")
         return done(**self.housekeeping.prune(time.time(), keep))
 
     # -- one task -------------------------------------------------------------------------------------
-    def cancel_task(self, identity: bytes, msg: Message) -> Reply:
+    def cancel_task(self, identity: bytes, msg: messages.Control) -> Reply:
         """Cancel one task: dropped from the queue (or from the paused ones), its running tickets killed."""
-        name, task = text_field(msg, "sweep"), task_field(msg)
+        name, task = sweep_and_task(msg)
         row = self.store.task(name, task)
         if row is None:
             return refused("not_found", f"sweep {name!r} has no task {task}")
@@ -181,9 +171,9 @@ class Control:
             return refused("conflict", f"task {task} of {name!r} is {row['state']}: nothing to cancel")
         return done(state="cancelled")
 
-    def set_task_paused(self, msg: Message, paused: bool) -> Reply:
+    def set_task_paused(self, msg: messages.Control, paused: bool) -> Reply:
         """Pause one task (held back; a running attempt is killed and not counted) or resume it (queued again, first)."""
-        name, task = text_field(msg, "sweep"), task_field(msg)
+        name, task = sweep_and_task(msg)
         row = self.store.task(name, task)
         if row is None:
             return refused("not_found", f"sweep {name!r} has no task {task}")
@@ -198,9 +188,9 @@ class Control:
         return done(state="queued")
 
     # -- slaves ---------------------------------------------------------------------------------------
-    def set_draining(self, msg: Message, draining: bool) -> Reply:
+    def set_draining(self, msg: messages.Control, draining: bool) -> Reply:
         """A draining slave gets no new tickets; the ones it runs finish normally."""
-        name = text_field(msg, "slave")
+        name = msg.args().text("slave", empty=False)
         session = self.roster.named(name)
         if session is None and name not in {s["name"] for s in self.store.slaves()}:
             return refused("not_found", f"no slave named {name!r}")
@@ -214,7 +204,7 @@ class Control:
             self.dispatch.serve(session)
         return done(draining=draining)
 
-    def live_slaves(self, identity: bytes, msg: Message) -> Reply:
+    def live_slaves(self, identity: bytes, msg: messages.Control) -> Reply:
         """What only the loop knows about connected slaves: credit, last heard, draining."""
         window, now, draining = self.liveness_window, time.time(), self.roster.draining
         return done(slaves={

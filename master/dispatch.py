@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from master.events import EventBatch
 from master.lifecycle import Lifecycle
@@ -13,13 +13,10 @@ from master.placement import Placement
 from master.roster import Roster, SlaveSession
 from master.scheduler import Ticket
 from master.store import Store
-from ticketfarm.errors import ProtocolError
-from ticketfarm.protocol import Command, Message, field_of
+from ticketfarm import messages
 
 #: Tickets of a command sweep per TICKET message at most.
 TICKET_BATCH = 256
-
-TicketMessage = tuple[dict[str, Any], list[bytes]]
 
 
 class PythonTickets(Protocol):
@@ -27,7 +24,7 @@ class PythonTickets(Protocol):
 
     def owns(self, sweep: str) -> bool: ...
 
-    def ticket_messages(self, tickets: list[Ticket]) -> list[TicketMessage]: ...
+    def ticket_messages(self, tickets: list[Ticket]) -> list[messages.Ticket]: ...
 
 
 class Dispatch:
@@ -43,16 +40,13 @@ class Dispatch:
         self.metrics = metrics
         self.python = python
         self.hungry: dict[bytes, SlaveSession] = {}
-        self.static: dict[str, TicketMessage] = {}
+        self.static: dict[str, messages.TicketSweep] = {}
         #: When the loop's current pass began reading messages (REQUEST to TICKET latency is measured from it).
         self.pass_started = 0.0
 
-    def on_request(self, identity: bytes, msg: Message) -> None:
+    def on_request(self, identity: bytes, msg: messages.Request) -> None:
         session = self.roster.by_identity[identity]
-        credit = field_of(msg, "credit", int)
-        if credit < 0 or credit > 10_000:
-            raise ProtocolError(f"REQUEST: credit {credit} out of range")
-        session.credit += credit
+        session.credit += msg.credit
         self.serve(session, since=self.pass_started)
 
     def serve(self, session: SlaveSession, since: float = 0.0) -> None:
@@ -94,38 +88,37 @@ class Dispatch:
         for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
             batch = list(group)
             if self.python.owns(sweep):
-                messages = self.python.ticket_messages(batch)
+                out = self.python.ticket_messages(batch)
             else:
-                messages = [self.command_tickets(sweep, batch[i:i + TICKET_BATCH])
-                            for i in range(0, len(batch), TICKET_BATCH)]
-            for header, payload in messages:
-                self.link.send(session.identity, Command.TICKET, header, payload)
+                out = [self.command_tickets(sweep, batch[i:i + TICKET_BATCH])
+                       for i in range(0, len(batch), TICKET_BATCH)]
+            for message in out:
+                self.link.send(session.identity, message)
             for ticket in batch:
                 self.events.dispatched(sweep, ticket.id, ticket.task, session.name)
             self.metrics.tickets_dispatched.inc(len(batch))
 
-    def command_tickets(self, sweep: str, batch: list[Ticket]) -> TicketMessage:
-        static, payload = self.ticket_static(sweep)
-        tickets = [{"ticket": t.id, "task": t.task, "attempt": t.attempt,
-                    "params": t.params if t.params is not None else self.store.params(sweep, t.task)} for t in batch]
-        return dict(static, tickets=tickets), payload
+    def command_tickets(self, sweep: str, batch: list[Ticket]) -> messages.Ticket:
+        return messages.Ticket(self.ticket_static(sweep), [
+            messages.TicketEntry(t.id, t.task, t.attempt,
+                                 t.params if t.params is not None else self.store.params(sweep, t.task))
+            for t in batch])
 
-    def ticket_static(self, name: str) -> TicketMessage:
+    def ticket_static(self, name: str) -> messages.TicketSweep:
         """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""
         cached = self.static.get(name)
         if cached is None:
             active = self.lifecycle.active(name)
             assert active is not None
             sweep = active.sweep
-            inputs, payload = [], []
+            inputs, frames = [], []
             for inp in sweep.inputs:
                 if inp.content is not None:
-                    inputs.append({"name": inp.name, "frame": len(payload)})
-                    payload.append(inp.content)
+                    inputs.append(messages.InputFile(inp.name, frame=len(frames)))
+                    frames.append(inp.content)
                 else:
-                    inputs.append({"name": inp.name, "template": inp.template})
-            header = {"sweep": name, "command": sweep.command, "argv": sweep.argv, "env": sweep.env,
-                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results,
-                      **Placement.ticket_fields(sweep)}
-            cached = self.static[name] = (header, payload)
+                    inputs.append(messages.InputFile(inp.name, template=inp.template))
+            cached = self.static[name] = messages.TicketSweep(
+                name, sweep.timeout, sweep.results, command=sweep.command, argv=sweep.argv, env=sweep.env,
+                inputs=inputs, frames=frames, **Placement.ticket_fields(sweep))
         return cached

@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -13,9 +12,8 @@ from master.link import Link
 from master.roster import Roster, SlaveSession
 from master.store import Store, StoredOutput
 from master.validate import Validator
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 from ticketfarm.errors import ProtocolError
-from ticketfarm.protocol import Command, Message, field_of
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -48,16 +46,6 @@ class Transfer:
     files: dict[str, IncomingFile]
 
 
-@dataclass
-class ResultEntry:
-    """One finished ticket of a RESULT message: its outputs as (name, size, inline bytes or None)."""
-
-    ticket: int
-    exit_code: int | None
-    elapsed: float | None
-    outputs: list[tuple[str, int, bytes | None]]
-
-
 class Intake:
     """Takes answers from slaves and hands each task's first valid result to the lifecycle; ACKs wait for the commit."""
 
@@ -84,26 +72,24 @@ class Intake:
         return bool(self.transfers or self.validator.pending)
 
     # -- failures and progress ------------------------------------------------------------------------
-    def on_failure(self, identity: bytes, msg: Message) -> None:
+    def on_failure(self, identity: bytes, msg: messages.Failure) -> None:
         session = self.roster.by_identity[identity]
-        tid = field_of(msg, "ticket", int)
-        reason = str(msg.header.get("reason", "failed"))[:2000]
+        tid, reason = msg.ticket, msg.reason
         ticket = self.lifecycle.in_flight(tid)
         if ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
-            self.lifecycle.fail(ticket, state, reason, msg.header.get("exit_code"), msg.header.get("elapsed"))
+            self.lifecycle.fail(ticket, state, reason, msg.exit_code, msg.elapsed)
         elif self.store.ticket(tid) is None:
             log.warning("foreign_ticket", slave=session.name, ticket=tid, command="FAILURE")
         self.link.ack(identity, tid)
 
-    def on_progress(self, identity: bytes, msg: Message) -> None:
-        tid = field_of(msg, "ticket", int)
+    def on_progress(self, identity: bytes, msg: messages.Progress) -> None:
+        tid = msg.ticket
         ticket = self.lifecycle.in_flight(tid)
         if ticket is None or ticket.slave != self.roster.by_identity[identity].name:
             return
         buf = self.progress.setdefault(tid, bytearray())
-        for chunk in msg.payload:
-            buf += chunk
+        buf += msg.data
         if len(buf) > self.progress_bytes:
             del buf[: len(buf) - self.progress_bytes]
 
@@ -114,16 +100,16 @@ class Intake:
         self.progress.pop(ticket, None)
 
     # -- results ---------------------------------------------------------------------------------------
-    def on_result(self, identity: bytes, msg: Message) -> None:
-        """A batch of finished tickets; a malformed entry is dropped, the others are taken."""
+    def on_result(self, identity: bytes, msg: messages.Result) -> None:
+        """A batch of finished tickets; an entry with a refused output name is dropped, the others are taken."""
         session = self.roster.by_identity[identity]
-        for entry in split_results(msg):
+        for entry in msg.results:
             try:
                 self.take(session, entry)
             except ProtocolError as exc:
                 log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
 
-    def take(self, session: SlaveSession, entry: ResultEntry) -> None:
+    def take(self, session: SlaveSession, entry: messages.ResultEntry) -> None:
         tid = entry.ticket
         if tid in self.transfers:
             return  # already being fetched (the slave re-sent it after a reconnect)
@@ -149,44 +135,41 @@ class Intake:
         log.info("duplicate_result", ticket=tid, sweep=sweep, task=task)
         self.link.ack(identity, tid)
 
-    def parse_outputs(self, entry: ResultEntry, sweep: str,
+    def parse_outputs(self, entry: messages.ResultEntry, sweep: str,
                       tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
         active = self.lifecycle.active(sweep)
         result_names = active.sweep.results if active is not None else {}
         outputs: list[StoredOutput] = []
         files: dict[str, IncomingFile] = {}
-        for name, size, data in entry.outputs:
-            check_output_name(name, result_names)
-            if data is not None:
-                outputs.append(StoredOutput(name, size, data, None))
+        for out in entry.outputs:
+            check_output_name(out.name, result_names)
+            if out.data is not None:
+                outputs.append(StoredOutput(out.name, out.size, out.data, None))
             else:
-                files[name] = IncomingFile(name, size, self.incoming_dir / str(tid) / name)
+                files[out.name] = IncomingFile(out.name, out.size, self.incoming_dir / str(tid) / out.name)
         return outputs, files
 
     # -- large outputs, chunk by chunk --------------------------------------------------------------------
     def request_chunks(self, transfer: Transfer, f: IncomingFile) -> None:
         while f.requested < f.size and f.requested - f.received < FETCH_WINDOW * protocol.CHUNK_SIZE:
             length = min(protocol.CHUNK_SIZE, f.size - f.requested)
-            self.link.send(transfer.identity, Command.FETCH,
-                           {"ticket": transfer.ticket_id, "name": f.name, "offset": f.requested, "length": length})
+            self.link.send(transfer.identity, messages.Fetch(transfer.ticket_id, f.name, f.requested, length))
             f.requested += length
         if f.size == 0:
             f.path.parent.mkdir(parents=True, exist_ok=True)
             f.path.touch()
             self.file_complete(transfer)
 
-    def on_chunk(self, identity: bytes, msg: Message) -> None:
-        tid = field_of(msg, "ticket", int)
+    def on_chunk(self, identity: bytes, msg: messages.Chunk) -> None:
+        tid = msg.ticket
         transfer = self.transfers.get(tid)
         if transfer is None or transfer.identity != identity:
             return  # a chunk for a transfer that was aborted; harmless
-        name = field_of(msg, "name", str)
-        offset = field_of(msg, "offset", int)
+        name, offset, data = msg.name, msg.offset, msg.data
         f = transfer.files.get(name)
-        if f is None or offset != f.received or len(msg.payload) != 1:
+        if f is None or offset != f.received:
             self.abort(tid)
             raise ProtocolError(f"CHUNK: unexpected chunk {name!r}@{offset} for ticket {tid}")
-        data = msg.payload[0]
         if f.received + len(data) > f.size:
             self.abort(tid)
             raise ProtocolError(f"CHUNK: {name!r} longer than its declared size")
@@ -280,37 +263,6 @@ def lay_out(transfer: Transfer, folder: Path, names: list[str]) -> dict[str, Pat
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(out.data)
     return {name: folder / name for name in names}
-
-
-def split_results(msg: Message) -> list[ResultEntry]:
-    """The entries of a RESULT with their inline bytes; ProtocolError if the message does not add up."""
-    entries = field_of(msg, "results", list)
-    if len(msg.payload) != 1:
-        raise ProtocolError("RESULT: inline outputs travel in exactly one payload frame")
-    declared = [declared_outputs(item) for item in entries]
-    sizes = [size for outputs in declared for _, size, inline in outputs if inline]
-    pieces = iter(protocol.split_frame(msg.payload[0], sizes, "RESULT inline outputs"))
-    out = []
-    for item, outputs in zip(entries, declared):
-        exit_code, elapsed = item.get("exit_code"), item.get("elapsed")
-        out.append(ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
-                               elapsed if isinstance(elapsed, (int, float)) else None,
-                               [(name, size, next(pieces) if inline else None) for name, size, inline in outputs]))
-    return out
-
-
-def declared_outputs(item: Any) -> list[tuple[str, int, bool]]:
-    """One RESULT entry's outputs as (name, size, inline), checked for shape."""
-    if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
-            or not isinstance(item.get("outputs"), list):
-        raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
-    outputs = []
-    for o in item["outputs"]:
-        name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
-        if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-            raise ProtocolError("RESULT: each output needs a name and a size")
-        outputs.append((name, size, bool(o.get("inline"))))
-    return outputs
 
 
 def check_output_name(name: str, result_names: dict[str, str]) -> None:

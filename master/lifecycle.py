@@ -13,8 +13,8 @@ from master.metrics import Metrics
 from master.roster import Roster
 from master.scheduler import ActiveSweep, Scheduler, Ticket
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
+from ticketfarm import messages
 from ticketfarm.errors import SweepExists
-from ticketfarm.protocol import Command
 from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.lifecycle")
@@ -178,7 +178,7 @@ class Lifecycle:
             if session is None:
                 self.lose(ticket, f"lost: slave {ticket.slave} did not come back")
                 continue
-            self.link.send(session.identity, Command.CANCEL, {"ticket": ticket.id, "reason": "deadline"})
+            self.link.send(session.identity, messages.Cancel(ticket.id, "deadline"))
             self.fail(ticket, "timeout", "timeout (no answer before the deadline)")
 
     # -- outcomes -----------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class Lifecycle:
         """Kill one ticket on its slave (if connected) and settle it as cancelled; its task is not touched."""
         session = self.roster.named(ticket.slave)
         if session is not None:
-            self.link.send(session.identity, Command.CANCEL, {"ticket": ticket.id, "reason": reason})
+            self.link.send(session.identity, messages.Cancel(ticket.id, reason))
         self.hooks.ticket_ended(ticket.id)
         self.scheduler.settle_cancelled(ticket, reason)
         self.metrics.tickets_finished.labels("cancelled").inc()

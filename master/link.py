@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import structlog
 import zmq
 
 from master.roster import Roster
-from ticketfarm import protocol
-from ticketfarm.protocol import Command
+from ticketfarm import messages
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -22,12 +20,11 @@ class Link:
         self.roster = roster
         self.acks: dict[bytes, list[int]] = {}
 
-    def send(self, identity: bytes, command: Command, header: dict[str, Any],
-             payload: list[bytes] | None = None) -> None:
+    def send(self, identity: bytes, message: messages.AnyMessage) -> None:
         try:
-            self.socket.send_multipart([identity, *protocol.encode(command, header, payload)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *message.encode()], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("send_failed", peer=identity.hex(), command=command.name, error=str(exc))
+            log.warning("send_failed", peer=identity.hex(), command=message.COMMAND.name, error=str(exc))
         session = self.roster.get(identity)
         if session is not None:
             session.last_sent = time.time()
@@ -43,4 +40,4 @@ class Link:
         """Call right after a commit: everything acknowledged now is durable."""
         acks, self.acks = self.acks, {}
         for identity, tickets in acks.items():
-            self.send(identity, Command.ACK, {"tickets": tickets})
+            self.send(identity, messages.Ack(tickets))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import structlog
 import zmq
@@ -27,10 +27,10 @@ from master.sessions import LOCAL_PEER, Sessions
 from master.store import Store
 from master.stragglers import Stragglers
 from master.validate import Validator
-from ticketfarm import keys, protocol
+from ticketfarm import keys, messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError
 from ticketfarm.keys import KeyRing, Peer, ZapHandler
-from ticketfarm.protocol import Command, Message
+from ticketfarm.protocol import Command
 from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.master")
@@ -40,7 +40,8 @@ DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
 
-Handler = Callable[[bytes, Message], None]
+#: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
+Handler = Callable[[bytes, Any], None]
 
 
 class Master:
@@ -242,16 +243,18 @@ class Master:
             return
         identity = frames[0]
         try:
-            msg = protocol.decode(frames[1:])
-            handler = self._handlers.get(msg.command)
+            framed = protocol.decode(frames[1:])
+            handler = self._handlers.get(framed.command)
             if handler is None:
-                raise ProtocolError(f"{msg.command.name} is not a command a master accepts")
+                raise ProtocolError(f"{framed.command.name} is not a command a master accepts")
+            msg = messages.parse(framed)
             if self._peer is not LOCAL_PEER and not self.sessions.permitted(identity, msg, self._peer):
                 return
             if self.sessions.heard(identity) is None \
-                    and msg.command not in (Command.HELLO, Command.CONTROL, Command.DISCONNECT):
+                    and msg.COMMAND not in (Command.HELLO, Command.CONTROL, Command.DISCONNECT):
                 # A slave the master does not know (e.g. after a master restart): it must say hello again.
-                self.link.send(identity, Command.DISCONNECT, {"reason": "unknown slave: send HELLO", "reconnect": True})
+                self.link.send(identity, messages.Disconnect(messages.UNKNOWN_PEER, "unknown slave: send HELLO",
+                                                             reconnect=True))
                 return
             handler(identity, msg)
         except ProtocolError as exc:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import structlog
 
@@ -11,10 +11,8 @@ from master.lifecycle import Lifecycle
 from master.link import Link
 from master.roster import Roster, SlaveSession
 from master.store import Store
-from ticketfarm import keys, protocol
-from ticketfarm.errors import ProtocolError
+from ticketfarm import keys, messages, protocol
 from ticketfarm.keys import KeyRing, Peer
-from ticketfarm.protocol import Command, Message, field_of
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -26,7 +24,7 @@ class Sessions:
     """Admits slaves, keeps each one's expiry, and ends sessions (goodbye, silence, revoked key, replacement)."""
 
     def __init__(self, config: MasterConfig, epoch: int, roster: Roster, link: Link, lifecycle: Lifecycle,
-                 store: Store, keyring: KeyRing | None, welcome: dict[str, Any]):
+                 store: Store, keyring: KeyRing | None, policy: messages.SlavePolicy):
         self.config = config
         self.epoch = epoch
         self.roster = roster
@@ -34,11 +32,11 @@ class Sessions:
         self.lifecycle = lifecycle
         self.store = store
         self.keyring = keyring
-        self.welcome = welcome
+        self.policy = policy
         self.refused_peers: set[bytes] = set()
         self.next_key_check = 0.0
         #: Told about each session that starts (with its HELLO) and each that ends.
-        self.joined: list[Callable[[SlaveSession, Message], None]] = []
+        self.joined: list[Callable[[SlaveSession, messages.Hello], None]] = []
         self.left: list[Callable[[SlaveSession], None]] = []
 
     @property
@@ -54,7 +52,7 @@ class Sessions:
         return session
 
     # -- roles and keys ------------------------------------------------------------------------------
-    def permitted(self, identity: bytes, msg: Message, peer: Peer | None) -> bool:
+    def permitted(self, identity: bytes, msg: messages.AnyMessage, peer: Peer | None) -> bool:
         """Roles: a client key may send CONTROL, a slave key may register as a slave; a revoked key nothing."""
         if peer is None:
             session = self.roster.get(identity)
@@ -62,18 +60,15 @@ class Sessions:
                 self.revoke(session)
             elif identity not in self.refused_peers:
                 self.refused_peers.add(identity)
-                log.warning("revoked_key_refused", peer=identity.hex(), command=msg.command.name)
+                log.warning("revoked_key_refused", peer=identity.hex(), command=msg.COMMAND.name)
             return False
-        if msg.command == Command.CONTROL and peer.role != keys.CLIENT and msg.header.get("op") != "ping":
-            log.warning("control_refused", peer=identity.hex(), key_name=peer.name, op=str(msg.header.get("op")))
-            reply: dict[str, Any] = {"ok": False, "code": "forbidden",
-                                     "error": "control operations need an authorised client key"}
-            if "rid" in msg.header:
-                reply["rid"] = msg.header["rid"]
-            self.link.send(identity, Command.REPLY, reply)
+        if isinstance(msg, messages.Control) and peer.role != keys.CLIENT and msg.op != "ping":
+            log.warning("control_refused", peer=identity.hex(), key_name=peer.name, op=msg.op)
+            self.link.send(identity, messages.Reply(False, {
+                "code": "forbidden", "error": "control operations need an authorised client key"}, msg.rid))
             return False
-        if msg.command == Command.HELLO and peer.role != keys.SLAVE:
-            self.link.send(identity, Command.DISCONNECT, {"reason": "this key is not a slave key", "reconnect": False})
+        if isinstance(msg, messages.Hello) and peer.role != keys.SLAVE:
+            self.link.send(identity, messages.Disconnect(messages.REFUSED, "this key is not a slave key"))
             log.warning("slave_refused", peer=identity.hex(), key_name=peer.name, reason="not a slave key")
             return False
         return True
@@ -92,36 +87,30 @@ class Sessions:
 
     def revoke(self, session: SlaveSession) -> None:
         log.warning("slave_revoked", slave=session.name, peer=session.identity.hex())
-        self.link.send(session.identity, Command.DISCONNECT, {"reason": "key revoked", "reconnect": False})
+        self.link.send(session.identity, messages.Disconnect(messages.REVOKED, "key revoked"))
         self.drop(session, reason="key revoked", lose_tickets=True)
 
     # -- hello, heartbeat, goodbye -----------------------------------------------------------------------
-    def on_hello(self, identity: bytes, msg: Message, peer: Peer | None) -> None:
-        version = msg.header.get("protocol")
-        if version != protocol.VERSION:
-            self.link.send(identity, Command.DISCONNECT, {"reason": f"protocol version {version!r} not supported, "
-                                                                    f"master speaks {protocol.VERSION}",
-                                                          "reconnect": False})
-            log.warning("slave_refused", peer=identity.hex(), reason="protocol version", version=version)
+    def on_hello(self, identity: bytes, msg: messages.Hello, peer: Peer | None) -> None:
+        if msg.protocol != protocol.VERSION:
+            self.link.send(identity, messages.Disconnect(messages.PROTOCOL_VERSION, f"protocol version {msg.protocol} "
+                                                         f"not supported, master speaks {protocol.VERSION}"))
+            log.warning("slave_refused", peer=identity.hex(), reason="protocol version", version=msg.protocol)
             return
-        name = field_of(msg, "name", str)
-        slots = field_of(msg, "slots", int)
-        if not name or slots < 1:
-            raise ProtocolError("HELLO: name must be non-empty and slots >= 1")
+        name, slots = msg.name, msg.slots
         remote = peer if peer is not LOCAL_PEER else None  # the key a remote slave authenticated with
         if remote is not None and not remote.may_be_slave(name):
-            self.link.send(identity, Command.DISCONNECT, {"reason": f"key {remote.name!r} may not act as slave {name!r}",
-                                                          "reconnect": False})
+            self.link.send(identity, messages.Disconnect(messages.REFUSED,
+                                                         f"key {remote.name!r} may not act as slave {name!r}"))
             log.warning("slave_refused", peer=identity.hex(), slave=name, key_name=remote.name,
                         reason="name not allowed for this key")
             return
-        held = {int(t) for t in msg.header.get("running", []) + msg.header.get("held", [])}
+        held = {*msg.running, *msg.held}
         old = self.roster.named(name)
         if old is not None and old.identity != identity:
             self.drop(old, reason="replaced by a new connection", lose_tickets=False)
         now = time.time()
-        session = SlaveSession(identity, name, str(msg.header.get("platform", "")), slots,
-                               str(msg.header.get("version", "")), now + self.window)
+        session = SlaveSession(identity, name, msg.platform, slots, msg.version, now + self.window)
         if remote is not None:
             session.key = remote.key
         self.roster.add(session)
@@ -134,32 +123,28 @@ class Sessions:
                 self.lifecycle.lose(ticket, f"slave {name} restarted without it")
             else:
                 self.lifecycle.extend(ticket, now)
-        self.link.send(identity, Command.WELCOME, {
-            "heartbeat_interval": self.config.heartbeat_interval,
-            "liveness": self.config.liveness,
-            "epoch": self.epoch,
-            **self.welcome,
-        })
+        self.link.send(identity, messages.Welcome(self.config.heartbeat_interval, self.config.liveness, self.epoch,
+                                                  self.policy))
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
-    def on_heartbeat(self, identity: bytes, msg: Message) -> None:
+    def on_heartbeat(self, identity: bytes, msg: messages.Heartbeat) -> None:
         session = self.roster.by_identity[identity]
         now = time.time()
-        for tid in msg.header.get("waiting", []):
+        for tid in msg.waiting:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
-        info = {k: msg.header[k] for k in ("load", "memory", "disk", "busy") if k in msg.header}
+        info = msg.info()
         session.info = info
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
             self.store.slave_state(session.name, self.roster.state_of(session.name), info)
         session.last_heartbeat = now
 
-    def on_disconnect(self, identity: bytes, msg: Message) -> None:
+    def on_disconnect(self, identity: bytes, msg: messages.Disconnect) -> None:
         session = self.roster.get(identity)
         if session is not None:
-            self.drop(session, reason=str(msg.header.get("reason", "slave said goodbye")), lose_tickets=True)
+            self.drop(session, reason=msg.reason or "slave said goodbye", lose_tickets=True)
 
     def drop(self, session: SlaveSession, reason: str, lose_tickets: bool) -> None:
         if self.roster.remove(session):
@@ -181,7 +166,7 @@ class Sessions:
         """HEARTBEAT only to slaves nothing else went to for a heartbeat interval."""
         for session in self.roster.sessions():
             if now - session.last_sent >= self.config.heartbeat_interval:
-                self.link.send(session.identity, Command.HEARTBEAT, {})
+                self.link.send(session.identity, messages.Heartbeat())
 
     def goodbye(self) -> None:
         """At shutdown: every slave is marked gone (the caller commits, then `say_goodbye` tells them)."""
@@ -189,6 +174,7 @@ class Sessions:
             self.store.slave_state(session.name, "gone")
 
     def say_goodbye(self) -> None:
+        """The session is over (`reconnect` false); whether a slave waits for the master or exits is its
+        `on_master_shutdown`, which the master's WELCOME policy may have set."""
         for session in self.roster.sessions():
-            self.link.send(session.identity, Command.DISCONNECT, {
-                "reason": "master shutting down", "reconnect": not self.config.slave_exit_when_done})
+            self.link.send(session.identity, messages.Disconnect(messages.SHUTDOWN, "master shutting down"))

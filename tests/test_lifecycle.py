@@ -17,7 +17,7 @@ from master.pysweep import PythonSweeps
 from master.roster import Roster, SlaveSession
 from master.scheduler import Scheduler, Ticket
 from master.store import Store, StoredOutput
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 from ticketfarm.protocol import Command, Message
 from ticketfarm.spec import Sweep
 
@@ -201,7 +201,7 @@ def test_a_python_clients_cancel_of_a_paused_task_lets_the_sweep_finish(bench: B
     python = PythonSweeps(bench.lifecycle, bench.lifecycle.link, bench.store, tmp_path, 1, bench.store.commit)
     bench.lifecycle.pause_task("s", 1)
     bench.done(bench.issue(5)[0])
-    reply, _ = python.cancel(b"client", Message(Command.CONTROL, {"op": "py_cancel", "sweep": "s", "tasks": [1]}))
+    reply, _ = python.cancel(b"client", messages.Control("py_cancel", {"sweep": "s", "tasks": [1]}))
     assert reply == {"cancelled": 1}
     assert bench.task(1) == "cancelled" and bench.sweep_state() == "finished"
 
