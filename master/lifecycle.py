@@ -67,6 +67,9 @@ class Lifecycle:
     def in_flight(self, ticket: int) -> Ticket | None:
         return self.scheduler.tickets.get(ticket)
 
+    def tickets_of(self, slave: str) -> list[Ticket]:
+        return self.scheduler.tickets_of(slave)
+
     def active(self, sweep: str) -> ActiveSweep | None:
         return self.scheduler.active.get(sweep)
 

@@ -118,7 +118,7 @@ class Sessions:
             listener(session, msg)
         self.store.slave_seen(name, session.platform, slots, session.version, self.roster.state_of(name))
         # Tickets the master thinks this slave holds but the slave does not know are lost.
-        for ticket in self.lifecycle.scheduler.tickets_of(name):
+        for ticket in self.lifecycle.tickets_of(name):
             if ticket.id not in held:
                 self.lifecycle.lose(ticket, f"slave {name} restarted without it")
             else:
@@ -152,7 +152,7 @@ class Sessions:
         for listener in self.left:
             listener(session)
         if lose_tickets and self.roster.named(session.name) is None:
-            for ticket in self.lifecycle.scheduler.tickets_of(session.name):
+            for ticket in self.lifecycle.tickets_of(session.name):
                 self.lifecycle.lose(ticket, f"lost: slave {session.name} {reason}")
         log.info("slave_left", slave=session.name, reason=reason)
 
