@@ -65,7 +65,6 @@ class Master:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inproc_endpoint = f"inproc://ticketfarm-master-{id(self):x}"
         self.socket.bind(self.inproc_endpoint)
-        self._pass_started = 0.0
         self._wire()
         self.lifecycle.resume(time.time() + self.sessions.window * 2)  # slaves get a liveness period to come back
         self.http: HttpApi | None = None
@@ -88,7 +87,7 @@ class Master:
         self.link = link = Link(self.socket, roster)
         scheduler = Scheduler(store, self.epoch, config.deadline_grace)
         self.lifecycle = lifecycle = Lifecycle(store, scheduler, link, roster, self.events, self.metrics)
-        self.placement = Placement(roster, scheduler, link, store)
+        placement = Placement(roster, scheduler, link, store)
         self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack)
         self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
@@ -98,13 +97,13 @@ class Master:
                                          self.commit_and_ack)
         self.sessions = Sessions(config, self.epoch, roster, link, lifecycle, store, self.keyring,
                                  self.housekeeping.slave_policy())
-        self.sessions.joined.append(self.placement.on_hello)
+        self.sessions.joined.append(placement.on_hello)
         self.sessions.left += [dispatch.forget, intake.session_left]
         self.stragglers = Stragglers(lifecycle, dispatch, roster, store, config.heartbeat_interval)
-        self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
-                               store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
-                               python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
-                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
+        control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
+                          store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
+                          python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
+                          link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
@@ -117,8 +116,8 @@ class Master:
             Command.CHUNK: intake.on_chunk,
             Command.FAILURE: intake.on_failure,
             Command.CODE_REQUEST: self.python.on_code_request,
-            Command.WORKER_REQUEST: self.placement.on_worker_request,
-            Command.CONTROL: self.control.on_control,
+            Command.WORKER_REQUEST: placement.on_worker_request,
+            Command.CONTROL: control.on_control,
         }
 
     # -- setup ----------------------------------------------------------------

@@ -1,100 +1,22 @@
 """The task lifecycle on a real SQLite store and a real inproc socket pair: every transition, read back from the store."""
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
-import zmq
 
-from master.events import EventBatch
-from master.lifecycle import Completion, Lifecycle, LifecycleHooks
-from master.link import Link
-from master.metrics import Metrics
 from master.pysweep import PythonSweeps
-from master.roster import Roster, SlaveSession
-from master.scheduler import Scheduler, Ticket
-from master.store import Store, StoredOutput
-from ticketfarm import messages, protocol
-from ticketfarm.protocol import Command, Message
+from tests.loopbench import Bench, open_bench
+from ticketfarm import messages
+from ticketfarm.messages import Cancel
 from ticketfarm.spec import Sweep
-
-ENDPOINTS = itertools.count()
-
-
-@dataclass
-class Heard:
-    """What the lifecycle told its listeners."""
-
-    queued: int = 0
-    settled: list[tuple[str, int, str]] = field(default_factory=list)
-    ended_tickets: list[int] = field(default_factory=list)
-    ended_sweeps: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Bench:
-    """A lifecycle wired to a store, a ROUTER socket and one connected slave socket (`slave`, named slave-a)."""
-
-    store: Store
-    lifecycle: Lifecycle
-    roster: Roster
-    slave: zmq.Socket
-    heard: Heard
-
-    def add(self, name: str, tasks: int, **fields: Any) -> None:
-        self.lifecycle.submit(Sweep(name=name, params=[{"x": i} for i in range(tasks)], command="true",
-                                    **fields))
-
-    def issue(self, limit: int, slave: str = "slave-a") -> list[Ticket]:
-        return self.lifecycle.issue(slave, limit, 0.0)
-
-    def done(self, ticket: Ticket, sweep: str = "s") -> None:
-        self.lifecycle.complete(Completion(ticket.id, sweep, ticket.task, 0, 0.1,
-                                           [StoredOutput("stdout", 2, b"ok", None)]))
-
-    def task(self, task: int, sweep: str = "s") -> str:
-        return self.store.task(sweep, task)["state"]
-
-    def sweep_state(self, sweep: str = "s") -> str:
-        row = self.store.sweep(sweep)
-        assert row is not None
-        return row.state
-
-    def received(self) -> list[Message]:
-        out = []
-        while self.slave.poll(50):
-            out.append(protocol.decode(self.slave.recv_multipart()))
-        return out
 
 
 @pytest.fixture
 def bench(tmp_path: Path) -> Iterator[Bench]:
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    endpoint = f"inproc://lifecycle-{next(ENDPOINTS)}"
-    router.bind(endpoint)
-    slave = context.socket(zmq.DEALER)
-    slave.setsockopt(zmq.IDENTITY, b"id-a")
-    slave.connect(endpoint)
-    store = Store(tmp_path / "state.db")
-    roster = Roster()
-    roster.add(SlaveSession(b"id-a", "slave-a", "linux", 4, "test", expiry=1e12))
-    lifecycle = Lifecycle(store, Scheduler(store, 1, deadline_grace=1.0), Link(router, roster), roster,
-                          EventBatch(), Metrics(store.path))
-    heard = Heard()
-    lifecycle.hooks = LifecycleHooks(
-        work_queued=lambda: setattr(heard, "queued", heard.queued + 1),
-        ticket_ended=heard.ended_tickets.append,
-        task_settled=lambda sweep, task, state, outputs: heard.settled.append((sweep, task, state)),
-        sweep_ended=heard.ended_sweeps.append)
-    yield Bench(store, lifecycle, roster, slave, heard)
-    store.close()
-    router.close(0)
-    slave.close(0)
-    context.term()
+    with open_bench(tmp_path) as b:
+        yield b
 
 
 def test_submit_queues_every_task_and_a_same_spec_resubmit_is_running(bench: Bench) -> None:
@@ -148,8 +70,7 @@ def test_a_late_result_after_a_requeue_wins_and_the_new_copy_is_cancelled(bench:
     bench.done(given_up)
     assert bench.task(0) == "done" and bench.store.ticket(given_up.id).state == "done"  # type: ignore[union-attr]
     assert bench.store.ticket(again.id).state == "cancelled"  # type: ignore[union-attr]
-    cancel = [m for m in bench.received() if m.command == Command.CANCEL]
-    assert [m.header["ticket"] for m in cancel] == [again.id]
+    assert [m.ticket for m in bench.received() if isinstance(m, Cancel)] == [again.id]
     assert bench.sweep_state() == "finished"
     assert bench.lifecycle.is_late_duplicate(again.id, "s", 0)  # its answer, if any, can never count
 
@@ -170,7 +91,7 @@ def test_deadline_kills_on_a_connected_slave_and_loses_on_a_gone_one(bench: Benc
     bench.lifecycle.expire(100.0)
     assert bench.store.ticket(on_a.id).state == "timeout"  # type: ignore[union-attr]
     assert bench.store.ticket(on_b.id).state == "lost"  # type: ignore[union-attr]
-    assert [(m.command, m.header["reason"]) for m in bench.received()] == [(Command.CANCEL, "deadline")]
+    assert bench.received() == [Cancel(on_a.id, "deadline")]
 
 
 def test_cancel_task_kills_its_tickets_and_refuses_a_settled_task(bench: Bench) -> None:
@@ -178,7 +99,7 @@ def test_cancel_task_kills_its_tickets_and_refuses_a_settled_task(bench: Bench) 
     running = bench.issue(1)[0]
     assert bench.lifecycle.cancel_task("s", 0, "task cancelled")
     assert bench.task(0) == "cancelled" and bench.store.ticket(running.id).state == "cancelled"  # type: ignore[union-attr]
-    assert [m.header["ticket"] for m in bench.received()] == [running.id]
+    assert bench.received() == [Cancel(running.id, "task cancelled")]
     assert not bench.lifecycle.cancel_task("s", 0, "again")
     assert not bench.lifecycle.cancel_task("s", 99, "no such task")
     bench.lifecycle.cancel_task("s", 1, "task cancelled")  # a queued one
@@ -198,7 +119,7 @@ def test_cancelling_a_paused_task_lets_the_sweep_finish(bench: Bench) -> None:
 def test_a_python_clients_cancel_of_a_paused_task_lets_the_sweep_finish(bench: Bench, tmp_path: Path) -> None:
     """Regression: py_cancel had a copy of cancel-task of its own that left the task in `held`."""
     bench.add("s", 2)
-    python = PythonSweeps(bench.lifecycle, bench.lifecycle.link, bench.store, tmp_path, 1, bench.store.commit)
+    python = PythonSweeps(bench.lifecycle, bench.link, bench.store, tmp_path, 1, bench.store.commit)
     bench.lifecycle.pause_task("s", 1)
     bench.done(bench.issue(5)[0])
     reply, _ = python.cancel(b"client", messages.Control("py_cancel", {"sweep": "s", "tasks": [1]}))
@@ -211,7 +132,7 @@ def test_pause_refunds_a_killed_attempt_and_resume_queues_first(bench: Bench) ->
     running = bench.issue(1)[0]
     bench.lifecycle.pause_task("s", running.task)
     assert bench.task(0) == "paused" and bench.store.task_attempts("s", 0) == 0
-    assert [m.header["reason"] for m in bench.received()] == ["task paused"]
+    assert bench.received() == [Cancel(running.id, "task paused")]
     bench.lifecycle.resume_task("s", 0)
     assert bench.task(0) == "queued"
     assert [t.task for t in bench.issue(3)] == [0, 1, 2]
