@@ -172,7 +172,7 @@ class Control:
         return done(state="cancelled")
 
     def set_task_paused(self, msg: messages.Control, paused: bool) -> Reply:
-        """Pause one task (held back; a running attempt is killed and not counted) or resume it (queued again, first)."""
+        """Pause one task (held back; a running attempt is killed, not counted) or resume it (queued again, first)."""
         name, task = sweep_and_task(msg)
         row = self.store.task(name, task)
         if row is None:

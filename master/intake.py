@@ -1,4 +1,4 @@
-"""Result intake: RESULT, FAILURE, PROGRESS and CHUNK from slaves, large outputs fetched in chunks, validation hand-off."""
+"""Result intake: RESULT, FAILURE, PROGRESS and CHUNK from slaves, large outputs pulled in chunks, validation."""
 from __future__ import annotations
 
 import shutil

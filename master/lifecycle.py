@@ -77,7 +77,8 @@ class Lifecycle:
         row = self.store.db.execute("SELECT state FROM tasks WHERE sweep = ? AND idx = ?", (sweep, task)).fetchone()
         return None if row is None else row[0]
 
-    def is_late_duplicate(self, ticket: int, sweep: str, task: int, settled: tuple[str, ...] = FINAL_TASK_STATES) -> bool:
+    def is_late_duplicate(self, ticket: int, sweep: str, task: int,
+                          settled: tuple[str, ...] = FINAL_TASK_STATES) -> bool:
         """An answer for a ticket no longer in flight whose task has settled meanwhile: it can never count."""
         return ticket not in self.scheduler.tickets and self.task_state(sweep, task) in settled
 
@@ -86,7 +87,8 @@ class Lifecycle:
         """After a restart: reload active sweeps, and adopt the tickets that were out (their slaves may claim them)."""
         for row in self.store.sweeps():
             if row.state in ("active", "paused"):
-                active = self.scheduler.activate(row.sweep(), row.created, self.store.tasks_in_state(row.name, "queued"))
+                queued = self.store.tasks_in_state(row.name, "queued")
+                active = self.scheduler.activate(row.sweep(), row.created, queued)
                 active.paused = row.state == "paused"
                 active.held.update(self.store.tasks_in_state(row.name, "paused"))
         for t in self.store.running_tickets():

@@ -37,7 +37,7 @@ class Placement:
 
     @staticmethod
     def ticket_fields(sweep: Sweep) -> dict[str, Any]:
-        """What a TICKET of this sweep adds (`messages.TicketSweep` fields): the worker per platform, resource claims."""
+        """What a TICKET of this sweep adds (`messages.TicketSweep` fields): workers per platform, resource claims."""
         return {"workers": {tag: messages.WorkerFile(w.name, w.sha256, len(w.content))
                             for tag, w in sweep.workers.items()},
                 "memory": sweep.memory, "cpus": sweep.cpus}

@@ -73,7 +73,7 @@ class PythonSweeps:
         self.watchers: dict[str, dict[bytes, float]] = {}
         self.pending: dict[str, list[tuple[int, str, str | None, list[StoredOutput]]]] = {}
 
-    # -- hooks called by dispatch, the lifecycle and the group commit ---------------------------------------------------------------
+    # -- hooks called by dispatch, the lifecycle and the group commit ----------------------------------------
     def owns(self, sweep: str) -> bool:
         """Whether a sweep is a python sweep (remembered per name)."""
         kind = self.kinds.get(sweep)
@@ -162,7 +162,7 @@ class PythonSweeps:
         if row.state == "cancelled":
             raise ValueError(f"sweep {name!r} was cancelled")
         params = [{"fn": c.fn, "args": base64.b64encode(c.args).decode(), "repr": c.repr} for c in add.calls]
-        # Dispatched before the fsync: the REPLY waits for the control op's commit, and a crash in between only re-runs tasks.
+        # Dispatched before the fsync: the REPLY waits for the op's commit; a crash in between only re-runs tasks.
         new = self.lifecycle.add_tasks(name, add.first, params)
         return {"added": len(new), "ntasks": add.first + len(add.calls)}, []
 

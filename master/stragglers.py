@@ -19,7 +19,8 @@ MEDIAN_TTL = 1.0
 class Stragglers:
     """Once per housekeeping pass: duplicate tickets running longer than `speculate` x the sweep's median."""
 
-    def __init__(self, lifecycle: Lifecycle, dispatch: Dispatch, roster: Roster, store: Store, heartbeat_interval: float):
+    def __init__(self, lifecycle: Lifecycle, dispatch: Dispatch, roster: Roster, store: Store,
+                 heartbeat_interval: float):
         self.lifecycle = lifecycle
         self.scheduler = lifecycle.scheduler  # read only: copies are made through the lifecycle
         self.dispatch = dispatch

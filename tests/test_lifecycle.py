@@ -1,4 +1,4 @@
-"""The task lifecycle on a real SQLite store and a real inproc socket pair: every transition, read back from the store."""
+"""The task lifecycle on a real SQLite store and a real inproc socket pair: each transition, read from the store."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,7 +98,8 @@ def test_cancel_task_kills_its_tickets_and_refuses_a_settled_task(bench: Bench) 
     bench.add("s", 2)
     running = bench.issue(1)[0]
     assert bench.lifecycle.cancel_task("s", 0, "task cancelled")
-    assert bench.task(0) == "cancelled" and bench.store.ticket(running.id).state == "cancelled"  # type: ignore[union-attr]
+    assert bench.task(0) == "cancelled"
+    assert bench.store.ticket(running.id).state == "cancelled"  # type: ignore[union-attr]
     assert bench.received() == [Cancel(running.id, "task cancelled")]
     assert not bench.lifecycle.cancel_task("s", 0, "again")
     assert not bench.lifecycle.cancel_task("s", 99, "no such task")
