@@ -100,10 +100,10 @@ class Master:
         self.sessions.joined.append(placement.on_hello)
         self.sessions.left += [dispatch.forget, intake.session_left]
         self.stragglers = Stragglers(lifecycle, dispatch, roster, store, config.heartbeat_interval)
-        control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
-                          store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
-                          python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
-                          link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
+        self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
+                               store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
+                               python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
+                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
@@ -117,7 +117,7 @@ class Master:
             Command.FAILURE: intake.on_failure,
             Command.CODE_REQUEST: self.python.on_code_request,
             Command.WORKER_REQUEST: placement.on_worker_request,
-            Command.CONTROL: control.on_control,
+            Command.CONTROL: self.control.on_control,
         }
 
     # -- setup ----------------------------------------------------------------
