@@ -74,8 +74,8 @@ class Lifecycle:
         return self.scheduler.active.get(sweep)
 
     def task_state(self, sweep: str, task: int) -> str | None:
-        row = self.store.db.execute("SELECT state FROM tasks WHERE sweep = ? AND idx = ?", (sweep, task)).fetchone()
-        return None if row is None else row[0]
+        row = self.store.task(sweep, task)
+        return None if row is None else row["state"]
 
     def is_late_duplicate(self, ticket: int, sweep: str, task: int,
                           settled: tuple[str, ...] = FINAL_TASK_STATES) -> bool:
