@@ -1,6 +1,7 @@
 """Task lifecycle: the one writer of task, ticket and sweep state (issue, accept, fail, lose, cancel, pause, finish)."""
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -168,10 +169,22 @@ class Lifecycle:
 
     # -- tickets out --------------------------------------------------------------------------
     def issue(self, slave: str, limit: int, now: float) -> list[Ticket]:
-        return self.scheduler.next_tickets(slave, limit, now)
+        """Up to `limit` tickets for a slave (see Scheduler.next_tickets), recorded as started."""
+        return self._started(self.scheduler.next_tickets(slave, limit, now), slave, now)
 
     def duplicate(self, ticket: Ticket, slave: str, now: float) -> Ticket | None:
-        return self.scheduler.duplicate(ticket, slave, now)
+        """A speculative copy of a running ticket for another slave, recorded as started."""
+        copy = self.scheduler.duplicate(ticket, slave, now)
+        return None if copy is None else self._started([copy], slave, now)[0]
+
+    def _started(self, tickets: list[Ticket], slave: str, now: float) -> list[Ticket]:
+        """Record new tickets in the store; each learns its attempt number and its task's parameters."""
+        for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
+            batch = list(group)
+            started = self.store.start_tickets(sweep, [(t.id, t.task) for t in batch], slave, now)
+            for ticket, (attempt, params) in zip(batch, started):
+                ticket.attempt, ticket.params = attempt, params
+        return tickets
 
     def extend(self, ticket: Ticket, now: float) -> None:
         self.scheduler.extend(ticket, now)
@@ -193,12 +206,12 @@ class Lifecycle:
         self.events.done(done.sweep, done.task)
         self.metrics.tickets_finished.labels("done").inc()
         self.hooks.task_settled(done.sweep, done.task, "done", done.outputs)
+        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, elapsed=done.elapsed)
         ticket = self.scheduler.tickets.get(done.ticket)
         if ticket is not None:
-            self.scheduler.settle_success(ticket, done.elapsed, done.exit_code)
+            self.scheduler.settle_success(ticket)
         else:
             # A late answer from a slave given up on: still the first valid result for this task.
-            self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, elapsed=done.elapsed)
             self._unqueue(done.sweep, done.task)
         self.hooks.ticket_ended(done.ticket)
         for other in self.scheduler.siblings(done.sweep, done.task):
@@ -209,12 +222,17 @@ class Lifecycle:
              exit_code: int | None = None, elapsed: float | None = None) -> None:
         """A failed attempt (failed, timeout, lost, rejected): the task is retried first, or fails for good."""
         self.hooks.ticket_ended(ticket.id)
-        outcome = self.scheduler.settle_failure(ticket, state, reason, exit_code, elapsed)
+        self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
+        attempts = self.store.task_attempts(ticket.sweep, ticket.task)
+        outcome = self.scheduler.settle_failure(ticket, attempts)
         self.metrics.tickets_finished.labels(state).inc()
         if outcome == "queued":
+            self.store.requeue_task(ticket.sweep, ticket.task)
             self.metrics.reassignments.inc()
             self.hooks.work_queued()
         elif outcome == "failed":
+            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
+            log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)
 
@@ -237,7 +255,8 @@ class Lifecycle:
         if session is not None:
             self.link.send(session.identity, messages.Cancel(ticket.id, reason))
         self.hooks.ticket_ended(ticket.id)
-        self.scheduler.settle_cancelled(ticket, reason)
+        self.store.finish_ticket(ticket.id, "cancelled", reason=reason)
+        self.scheduler.settle_cancelled(ticket)
         self.metrics.tickets_finished.labels("cancelled").inc()
 
     # -- one task ---------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class Master:
                                         config.callback_backoff)
         self.roster = roster = Roster()
         self.link = link = Link(self.socket, roster)
-        scheduler = Scheduler(store, self.epoch, config.deadline_grace)
+        scheduler = Scheduler(self.epoch, config.deadline_grace)
         self.lifecycle = lifecycle = Lifecycle(store, scheduler, link, roster, self.events, self.metrics)
         placement = Placement(roster, scheduler, link, store)
         self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack)
