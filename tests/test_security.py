@@ -407,8 +407,13 @@ def test_forged_replayed_and_traversing_results_are_refused(master: MasterProces
     intruder.close()
     assert stored_outputs(master.state, "forgery") == before
     assert master.sweep_status("forgery")["failed"] == 0
-    log = master.log.read_text()
-    assert "unsafe output name" in log and "foreign_ticket" in log and "duplicate_result" in log
+    # the master's log is written by another process: wait for the lines rather than race them
+    wanted = ("unsafe output name", "foreign_ticket", "duplicate_result")
+    try:
+        wait_for(lambda: all(w in master.log.read_text() for w in wanted), 10, f"{wanted} in the master log")
+    except AssertionError:
+        log = master.log.read_text()
+        raise AssertionError(f"missing {[w for w in wanted if w not in log]} in the master log:\n{log[-4000:]}") from None
     assert master.alive()
 
 
