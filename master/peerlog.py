@@ -1,5 +1,6 @@
-"""Bounded logging of what peers get wrong: a few lines per peer and window, then one summary of the rest; and
-the connections ZeroMQ closes on its own, which is all an over-size message leaves behind.
+"""Bounded logging of what peers get wrong, and of connections ZeroMQ closes on its own (over-size messages).
+
+Warnings about one peer's messages: a few per window, then one summary of the rest.
 
 A message over `max_message_size` never reaches the master: libzmq (4.3) fails the connection's decoder,
 closes the connection and reports only DISCONNECTED on the socket monitor, the very event a peer closing its
