@@ -80,7 +80,7 @@ class Intake:
         ticket = self.lifecycle.in_flight(tid)
         if ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
-            self.lifecycle.fail(ticket, state, reason, msg.exit_code, msg.elapsed)
+            self.lifecycle.fail(ticket, state, reason, msg.exit_code, msg.elapsed, final=msg.final)
         elif self.store.ticket(tid) is None:
             self.peer_log.warn("foreign_ticket", session.name, ticket=tid, command="FAILURE")
         self.link.ack(identity, tid)

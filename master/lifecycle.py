@@ -219,19 +219,21 @@ class Lifecycle:
         self.finish_if_done(done.sweep)
 
     def fail(self, ticket: Ticket, state: str, reason: str,
-             exit_code: int | None = None, elapsed: float | None = None) -> None:
-        """A failed attempt (failed, timeout, lost, rejected): the task is retried first, or fails for good."""
+             exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
+        """A failed attempt (failed, timeout, lost, rejected): the task is retried first, or fails for good (its
+        attempts used up, or at once when `final`: the slave says no attempt can succeed)."""
         self.hooks.ticket_ended(ticket.id)
         self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
         attempts = self.store.task_attempts(ticket.sweep, ticket.task)
-        outcome = self.scheduler.settle_failure(ticket, attempts)
+        outcome = self.scheduler.settle_failure(ticket, attempts, retry=not final)
         self.metrics.tickets_finished.labels(state).inc()
         if outcome == "queued":
             self.store.requeue_task(ticket.sweep, ticket.task)
             self.metrics.reassignments.inc()
             self.hooks.work_queued()
         elif outcome == "failed":
-            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
+            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (not retried: no attempt can succeed)"
+                                 if final else f"{reason} (after {attempts} attempts)")
             log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)

@@ -188,8 +188,9 @@ class Scheduler:
         if self.avoid:
             self.avoid.pop((ticket.sweep, ticket.task), None)
 
-    def settle_failure(self, ticket: Ticket, attempts: int) -> str:
-        """A failed attempt, the task's `attempts` so far counted: requeue it, or fail it when they are used up.
+    def settle_failure(self, ticket: Ticket, attempts: int, retry: bool = True) -> str:
+        """A failed attempt, the task's `attempts` so far counted: requeue it, or fail it when they are used up
+        (or at once without `retry`: no other attempt can succeed).
 
         Returns the task's new state: "queued", "failed", "running" when another ticket for the same task
         is still out, or "cancelled" when its sweep is no longer active.
@@ -200,7 +201,7 @@ class Scheduler:
         active = self.active.get(ticket.sweep)
         if active is None:
             return "cancelled"
-        if attempts >= active.sweep.max_attempts:
+        if not retry or attempts >= active.sweep.max_attempts:
             self.avoid.pop((ticket.sweep, ticket.task), None)
             return "failed"
         # Retries go first: a failing parameter set surfaces early, not at the end of a long sweep.

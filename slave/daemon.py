@@ -489,7 +489,8 @@ class Slave:
     def _report(self, outcome: Outcome) -> None:
         self.sent_at[outcome.ticket] = time.time()
         if not outcome.ok:
-            self.send(messages.Failure(outcome.ticket, outcome.exit_code, outcome.reason, outcome.elapsed))
+            self.send(messages.Failure(outcome.ticket, outcome.exit_code, outcome.reason, outcome.elapsed,
+                                       outcome.final))
         else:
             self.reports.append(outcome)
 

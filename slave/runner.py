@@ -88,6 +88,8 @@ class Outcome:
     slave: str = ""
     in_memory: bool = False
     """Nothing of it is on disk (a small python result): no work dir to remove after the ACK."""
+    final: bool = False
+    """A failure no other attempt can mend (a result refused for an unsafe path): the master does not retry it."""
 
     def save(self, workdir: Path) -> None:
         tmp = workdir / (MANIFEST + ".tmp")
@@ -187,7 +189,8 @@ class Worker:
             except ResultMissing as exc:
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, str(exc))
             except UnsafePath as exc:  # a symlink or a name leading out of the work dir: never sent
-                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, f"result refused: {exc}")
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, f"result refused: {exc}",
+                                  final=True)
         outcome.slave = self.slave
         outcome.save(self.workdir)
         return outcome

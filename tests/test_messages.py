@@ -67,6 +67,7 @@ EXAMPLES = [
     Chunk(5, "big", 262144, b"\x00\xff"),
     Failure(5, 1, "exit code 1: boom", 0.25),
     Failure(6, None, "timeout after 1s"),
+    Failure(7, 0, "result refused: 'out' leaves the work dir", 0.1, final=True),
     Ack([1, 2, 3]),
     Heartbeat([1], [2], 0.5, 40.0, 10.5, 1),
     Heartbeat(),

@@ -113,24 +113,26 @@ class Result:
 
 @dataclass(slots=True)
 class Failure:
-    """FAILURE S->M: a ticket that produced no result, and why (`timeout after Ns`, `exit code N: ...`, ...)."""
+    """FAILURE S->M: a ticket that produced no result, and why (`timeout after Ns`, `exit code N: ...`, ...);
+    `final` when no other attempt can succeed (a result refused for an unsafe path): the task is not retried."""
 
     COMMAND: ClassVar[Command] = Command.FAILURE
     ticket: int
     exit_code: int | None
     reason: str
     elapsed: float | None = None
+    final: bool = False
 
     def encode(self) -> list[bytes]:
         return protocol.encode(self.COMMAND, {"ticket": self.ticket, "exit_code": self.exit_code,
-                                              "reason": self.reason, "elapsed": self.elapsed})
+                                              "reason": self.reason, "elapsed": self.elapsed, "final": self.final})
 
     @classmethod
     def decode(cls, msg: Message) -> "Failure":
         h = Header(msg)
         h.frames(0)
         return cls(h.count("ticket"), h.integer("exit_code", None), h.reason("reason", "failed"),
-                   h.number("elapsed", None))
+                   h.number("elapsed", None), h.flag("final", False))
 
 
 @dataclass(slots=True)
