@@ -220,8 +220,8 @@ class Lifecycle:
 
     def fail(self, ticket: Ticket, state: str, reason: str,
              exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
-        """A failed attempt (failed, timeout, lost, rejected): the task is retried first, or fails for good (its
-        attempts used up, or at once when `final`: the slave says no attempt can succeed)."""
+        """A failed attempt (failed, timeout, lost, rejected, interrupted): the task is retried first, or fails
+        for good (its attempts used up, or at once when `final`: the slave says no attempt can succeed)."""
         self.hooks.ticket_ended(ticket.id)
         self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
         attempts = self.store.task_attempts(ticket.sweep, ticket.task)
@@ -241,6 +241,17 @@ class Lifecycle:
     def lose(self, ticket: Ticket, reason: str) -> None:
         log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
         self.fail(ticket, "lost", reason)
+
+    def release(self, ticket: Ticket, reason: str) -> None:
+        """A ticket given back by an interruption (its slave stopped in order, the user's Ctrl-C), started or only
+        prefetched: its attempt is not counted, and the task goes first in line again."""
+        log.info("ticket_released", ticket=ticket.id, slave=ticket.slave, reason=reason)
+        self.store.refund_attempt(ticket.sweep, ticket.task)
+        self.fail(ticket, "interrupted", reason)
+
+    def release_all(self, reason: str) -> None:
+        for ticket in list(self.scheduler.tickets.values()):
+            self.release(ticket, reason)
 
     def reject(self, ticket_id: int, reason: str, exit_code: int | None, elapsed: float | None) -> None:
         """A result its validator refused: the task goes to another slave if it can; a late one is only recorded."""

@@ -182,6 +182,10 @@ class Master:
     def stop(self) -> None:
         self._stopping = True
 
+    def release_all(self, reason: str) -> None:
+        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close."""
+        self.lifecycle.release_all(reason)
+
     def sweep_done(self, name: str) -> bool:
         row = self.store.sweep(name)
         return row is not None and row.state in ("finished", "cancelled")

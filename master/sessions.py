@@ -144,16 +144,21 @@ class Sessions:
     def on_disconnect(self, identity: bytes, msg: messages.Disconnect) -> None:
         session = self.roster.get(identity)
         if session is not None:
-            self.drop(session, reason=msg.reason or "slave said goodbye", lose_tickets=True)
+            # A slave stopped in order (SIGTERM, Ctrl-C) gives its tickets back: that costs them no attempt.
+            self.drop(session, reason=msg.reason or "slave said goodbye", lose_tickets=True,
+                      interrupted=msg.why == messages.SHUTDOWN)
 
-    def drop(self, session: SlaveSession, reason: str, lose_tickets: bool) -> None:
+    def drop(self, session: SlaveSession, reason: str, lose_tickets: bool, interrupted: bool = False) -> None:
         if self.roster.remove(session):
             self.store.slave_state(session.name, "gone")
         for listener in self.left:
             listener(session)
         if lose_tickets and self.roster.named(session.name) is None:
             for ticket in self.lifecycle.tickets_of(session.name):
-                self.lifecycle.lose(ticket, f"lost: slave {session.name} {reason}")
+                if interrupted:
+                    self.lifecycle.release(ticket, f"interrupted: slave {session.name} {reason}")
+                else:
+                    self.lifecycle.lose(ticket, f"lost: slave {session.name} {reason}")
         log.info("slave_left", slave=session.name, reason=reason)
 
     # -- liveness ----------------------------------------------------------------------------------------

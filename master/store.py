@@ -248,6 +248,10 @@ class Store:
                     "WHERE sweep = ? AND idx = ?", (sweep, idx))
         self.event("task_paused", sweep=sweep, task=idx)
 
+    def refund_attempt(self, sweep: str, idx: int) -> None:
+        """An attempt given back (an interruption, not the task's doing): not counted against max_attempts."""
+        self._write("UPDATE tasks SET attempts = max(attempts - 1, 0) WHERE sweep = ? AND idx = ?", (sweep, idx))
+
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
         self._batch(_COMPLETE_TASK, (ticket, time.time(), sweep, idx))
         for o in outputs:

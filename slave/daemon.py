@@ -567,12 +567,12 @@ class Slave:
             self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
-        self.watchdog.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
         self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
         if self.socket is not None:
             self.socket.close(linger=200)
+        self.watchdog.close()
         log.info("slave_stopped", name=self.config.name)
 
     _handlers: dict[Command, Callable[["Slave", Any], None]] = {

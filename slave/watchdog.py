@@ -101,17 +101,13 @@ class Watchdog:
         self._spawn()
 
     def close(self) -> None:
-        """At the slave's orderly exit (its workers already killed): the watchdog removes its file and ends."""
+        """At the slave's orderly exit (its workers already killed): the watchdog removes its file and ends by
+        itself (not waited for: it may still be starting, and the slave's goodbye must not wait on it)."""
         os.set_blocking(self.fd, True)
         try:
             self._flush()
         finally:
             os.close(self.fd)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
         if self.root_lock >= 0:
             os.close(self.root_lock)
 

@@ -2,11 +2,15 @@
 change is not retried."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 from master.store import Store
-from tests.conftest import write_spec
+from tests.conftest import run_cli, wait_for, write_spec
 
 LOGGING = """
     name = "{name}"
@@ -35,6 +39,36 @@ def task_states(state: Path, name: str) -> Counter[str]:
 
 def lines(log: Path, word: str) -> Counter[str]:
     return Counter(line.split()[1] for line in log.read_text().splitlines() if line.startswith(word))
+
+
+def test_ctrl_c_of_run_local_costs_no_attempt(tmp_path: Path) -> None:
+    spec, log = one_attempt_spec(tmp_path, "interrupted", 6, 1.0)
+    cmd = [sys.executable, "-m", "ticketfarm", "--state", "st", "run", str(spec), "--local", "2"]
+    # A session of its own, as a terminal's foreground job: Ctrl-C reaches the run and its slaves together.
+    first = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: log.exists() and len(lines(log, "start")) >= 2, 20, "two tasks started")
+        os.killpg(first.pid, signal.SIGINT)
+        assert first.wait(20) == 130, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    again = run_cli("--state", "st", "run", str(spec), "--local", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert task_states(tmp_path / "st", "interrupted") == {"done": 6}
+
+
+def test_slave_stopped_with_sigterm_costs_no_attempt(master, start_slave, tmp_path: Path) -> None:
+    spec, log = one_attempt_spec(tmp_path, "terminated", 4, 1.0)
+    leaving = start_slave("leaving", 1)  # one running, one prefetched
+    master.submit(spec)
+    wait_for(lambda: log.exists() and lines(log, "start"), 20, "a task started")
+    leaving.stop()
+    start_slave("staying", 2)
+    status = master.wait_finished("terminated", timeout=60)
+    assert status["done"] == 4 and status["failed"] == 0, status
 
 
 def test_result_refused_for_an_unsafe_path_is_not_retried(master, start_slave, tmp_path: Path) -> None:

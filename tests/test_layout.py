@@ -147,7 +147,8 @@ def test_every_module_says_what_it_owns_in_one_line() -> None:
 
 #: Store methods that change a task's, a ticket's or a sweep's state.
 STATE_WRITERS = {"add_sweep", "add_tasks", "reopen_sweep", "set_sweep_state", "start_tickets", "finish_ticket",
-                 "complete_task", "fail_task", "requeue_task", "cancel_task", "cancel_tasks", "hold_task"}
+                 "complete_task", "fail_task", "requeue_task", "cancel_task", "cancel_tasks", "hold_task",
+                 "refund_attempt"}
 #: The task lifecycle (and the store itself).
 STATE_OWNERS = {"master.lifecycle", "master.store"}
 

@@ -191,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        cluster.close()
+        cluster.close(interrupted)
     if final:
         bar.show(final, force=True)
     bar.finish()

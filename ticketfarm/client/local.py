@@ -66,7 +66,11 @@ class LocalCluster:
         self.run_until(lambda: self.master.sweep_done(sweep.name))
         return self.master.store.task_counts(sweep.name)
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Stop the master (its tickets given back without cost when the user `interrupted` the run), then the
+        slaves."""
+        if interrupted:
+            self.master.release_all("interrupted by the user")
         self.master.close()
         deadline = time.time() + 5
         for proc in self.slaves:
