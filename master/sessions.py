@@ -125,6 +125,7 @@ class Sessions:
                 self.lifecycle.extend(ticket, now)
         self.link.send(identity, messages.Welcome(self.config.heartbeat_interval, self.config.liveness, self.epoch,
                                                   self.policy))
+        self.cancel_given_away(session, msg.running)
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
     def on_heartbeat(self, identity: bytes, msg: messages.Heartbeat) -> None:
@@ -134,12 +135,21 @@ class Sessions:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
+        self.cancel_given_away(session, [*msg.running, *msg.waiting])
         info = msg.info()
         session.info = info
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
             self.store.slave_state(session.name, self.roster.state_of(session.name), info)
         session.last_heartbeat = now
+
+    def cancel_given_away(self, session: SlaveSession, tickets: list[int]) -> None:
+        """Tickets a slave runs or holds ready that are no longer its own (it was away past its deadline or its
+        liveness, e.g. stopped, and they went to another slave or were settled): CANCEL, so it never starts them."""
+        for tid in tickets:
+            ticket = self.lifecycle.in_flight(tid)
+            if ticket is None or ticket.slave != session.name:
+                self.link.send(session.identity, messages.Cancel(tid, "given to another slave meanwhile"))
 
     def on_disconnect(self, identity: bytes, msg: messages.Disconnect) -> None:
         session = self.roster.get(identity)

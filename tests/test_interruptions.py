@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from master.store import Store
-from tests.conftest import run_cli, wait_for, write_spec
+from tests.conftest import HEARTBEAT, LIVENESS, run_cli, wait_for, write_spec
 
 LOGGING = """
     name = "{name}"
@@ -69,6 +70,25 @@ def test_slave_stopped_with_sigterm_costs_no_attempt(master, start_slave, tmp_pa
     start_slave("staying", 2)
     status = master.wait_finished("terminated", timeout=60)
     assert status["done"] == 4 and status["failed"] == 0, status
+
+
+def test_resumed_slave_is_cancelled_the_prefetched_ticket_given_away(master, start_slave, tmp_path: Path) -> None:
+    spec, log = one_attempt_spec(tmp_path, "resumed", 2, 1.5, attempts=5)
+    sleepy = start_slave("sleepy", 1)  # task 0 running, task 1 prefetched
+    master.submit(spec)
+    wait_for(lambda: log.exists() and lines(log, "start") == {"0": 1}, 20, "task 0 started")
+    sleepy.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(HEARTBEAT * LIVENESS + 0.5)  # silent past the liveness: its tickets are given away
+        start_slave("helper", 2)
+        wait_for(lambda: lines(log, "end").get("1"), 20, "the helper to run task 1")
+    finally:
+        sleepy.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: "ticket_cancelled" in (tmp_path / "slave-sleepy.log").read_text(), 10,
+             "the master to cancel what it gave away")
+    time.sleep(2.0)  # longer than a task: a prefetched task 1 left running on sleepy would have ended by now
+    assert lines(log, "end")["1"] == 1, log.read_text()
+    master.wait_finished("resumed", timeout=30)
 
 
 def test_result_refused_for_an_unsafe_path_is_not_retried(master, start_slave, tmp_path: Path) -> None:
