@@ -239,7 +239,7 @@ def test_slow_validators_do_not_block_the_master(master, start_slave, tmp_path: 
     write_spec(tmp_path, """
         name = "slowcheck"
         command = "echo {n}"
-        validate = "sleep 1.5"
+        validate = "sleep 3"
         [parameters.grid]
         n = {range = [2]}
     """)
