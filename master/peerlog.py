@@ -5,8 +5,8 @@ Warnings about one peer's messages: a few per window, then one summary of the re
 A message over `max_message_size` never reaches the master: libzmq (4.3) fails the connection's decoder,
 closes the connection and reports only DISCONNECTED on the socket monitor, the very event a peer closing its
 own socket gives (no reason, no routing id; the value is the file descriptor). What tells them apart is that
-every honest peer sends a message first (HELLO, CONTROL): `ConnectionWatch` marks each connection whose
-first message arrives (by the SRCFD of its first frame) and warns about one that closes having delivered
+every honest peer sends a message first (HELLO, CONTROL): `ConnectionWatch` marks each connection a
+message arrives on (the SRCFD of its first frame) and warns about one that closes having delivered
 nothing; that also catches a peer that connected and left (a port probe, a failed handshake). A connection
 dropped for an over-size message after earlier ones shows as its slave reconnecting and saying HELLO again.
 Only CURVE connections are watched (the descriptor is read where the key is): insecure masters are not.
@@ -89,17 +89,14 @@ class ConnectionWatch:
         self.peer_log = peer_log
         self.max_message_size = max_message_size
         self.open: dict[int, Connection] = {}
+        self.delivered: set[int] = set()
+        """Descriptors a message came in on since the last `drain` (one set add per message, nothing more)."""
 
-    def delivered(self, fd: int) -> None:
-        """A message came in on descriptor `fd` (its first frame's SRCFD): a dict look-up, unless it is the
-        first from its connection, whose ACCEPTED event is read then."""
-        conn = self.open.get(fd)
-        if conn is None or not conn.delivered:
-            self.drain(fd)
-
-    def drain(self, delivering: int = -1) -> None:
-        """Take the monitor's events so far (the master's housekeeping; a first message). A connection on the
-        `delivering` descriptor that closed meanwhile is never warned about: it may be the one that sent it."""
+    def drain(self) -> None:
+        """Take the monitor's events so far (the master's housekeeping). A descriptor that delivered since the
+        last drain counts as delivered for every connection it had meanwhile: a descriptor closed and opened
+        again between two drains never makes a false warning (at worst one goes unwarned)."""
+        marks, self.delivered = self.delivered, set()
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -107,16 +104,16 @@ class ConnectionWatch:
                 break
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.open[fd] = Connection(peer_address(fd))
+                self.open[fd] = Connection(peer_address(fd), delivered=fd in marks)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 conn = self.open.pop(fd, None)
-                if conn is not None and not conn.delivered and fd != delivering:
+                if conn is not None and not conn.delivered and fd not in marks:
                     self.peer_log.warn("connection_closed_silently", conn.address, reason=(
                         f"closed before any message arrived: a message over max_message_size "
                         f"({self.max_message_size} bytes, dropped by ZeroMQ), or a peer that connected and left"))
-        conn = self.open.get(delivering)
-        if conn is not None:
-            conn.delivered = True
+        for fd in marks:
+            if (conn := self.open.get(fd)) is not None:
+                conn.delivered = True
 
     def close(self) -> None:
         self.monitor.close(linger=0)

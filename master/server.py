@@ -239,7 +239,7 @@ class Master:
             self._peer = LOCAL_PEER
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
-            self.connections.delivered(first.get(zmq.SRCFD))  # type: ignore[union-attr]
+            self.connections.delivered.add(first.get(zmq.SRCFD))  # type: ignore[union-attr]
         if not first.more:
             return [first.bytes]
         return [first.bytes, *self.socket.recv_multipart()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def dropped_messages(log: str) -> int:
+    """`dropped_message` warnings in a master log: those logged, and those counted in the peer log's summaries."""
+    summed = sum(int(n) for n in re.findall(r"peer_messages_suppressed.* dropped_message=(\d+)", log))
+    return log.count("dropped_message ") + summed
 
 
 def slave_key_args(state: Path, insecure: bool = False, name: str = "slave") -> list[str]:
