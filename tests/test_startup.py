@@ -13,7 +13,7 @@ from tests.conftest import MasterProcess, free_port, run_cli, wait_for, write_sp
 
 SPEC = """
     name = "{name}"
-    command = "echo {name}-{{n}} >> {log}; sleep {sleep}; echo {{n}}"
+    command = "echo {name}-{{n}} >> {log}; while [ ! -e {gate} ]; do sleep 0.05; done; echo {{n}}"
     timeout = 60
     [parameters.grid]
     n = {{range = [{count}]}}
@@ -22,8 +22,9 @@ SPEC = """
 
 def test_second_master_on_a_state_dir_refuses_and_the_first_runs_each_task_once(tmp_path: Path) -> None:
     log = tmp_path / "executions.log"
-    a = write_spec(tmp_path, SPEC.format(name="a", log=log, sleep=0.3, count=8), "a.toml")
-    b = write_spec(tmp_path, SPEC.format(name="b", log=log, sleep=0, count=8), "b.toml")
+    gate = tmp_path / "gate"  # a's tasks wait for it: the first master runs for as long as the test needs
+    a = write_spec(tmp_path, SPEC.format(name="a", log=log, gate=gate, count=8), "a.toml")
+    b = write_spec(tmp_path, SPEC.format(name="b", log=log, gate=gate, count=8), "b.toml")
     first = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", "st", "run", str(a), "--local", "2"],
                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -35,6 +36,7 @@ def test_second_master_on_a_state_dir_refuses_and_the_first_runs_each_task_once(
         assert len(lines) == 1, second.stderr
         assert "state dir st is in use" in lines[0] and f"pid {first.pid}" in lines[0]
         assert "--state" in lines[0] and "submit" in lines[0]
+        gate.touch()
         assert first.wait(60) == 0, first.stderr.read()
     finally:
         if first.poll() is None:

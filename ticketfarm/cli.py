@@ -175,6 +175,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"dashboard: {cluster.master.http.url}/", file=sys.stderr, flush=True)
     interrupted = False
     final = None
+
+    def interrupt(*_: Any) -> None:
+        # The loop stops between two messages, never inside a store transaction; a second Ctrl-C stops at once.
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cluster.master.stop()
+
+    signal.signal(signal.SIGINT, interrupt)
     try:
         state = cluster.master.submit(sweep)
         if state != "submitted":
@@ -191,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         cluster.close(interrupted)
     if final:
         bar.show(final, force=True)
