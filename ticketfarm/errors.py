@@ -19,7 +19,7 @@ class TicketfarmError(Exception):
 
 
 class ConfigError(TicketfarmError, ValueError):
-    """A configuration or spec file that cannot be used; the message names file and field.
+    """A config file, spec or argument that cannot be used; the message names file and field.
 
     `field` is the offending field's path (syntax above) when one is to blame, "" otherwise.
     """
@@ -45,7 +45,7 @@ class ProtocolError(TicketfarmError, ValueError):
 
 
 class MasterUnreachable(TicketfarmError, ConnectionError):
-    """No master answered at the given address in time."""
+    """No master answered at the given address in time (or a local master did not start)."""
 
 
 class NotEnoughSlaves(TicketfarmError, TimeoutError):
