@@ -40,6 +40,10 @@ class KeyFileError(TicketfarmError, ValueError):
     """A CURVE key file that is missing, unreadable, too open or not a key."""
 
 
+class DeployError(TicketfarmError):
+    """The wheelhouse could not be built or the checkout is not usable for deploying."""
+
+
 class ProtocolError(TicketfarmError, ValueError):
     """A message that does not follow the wire protocol; it is logged and dropped."""
 
@@ -111,7 +115,3 @@ class ResultMissing(TicketfarmError):
 
 class UnsafePath(TicketfarmError, ValueError):
     """A path in a ticket that would leave its work dir (absolute, `..`, or through a symlink)."""
-
-
-class DeployError(TicketfarmError):
-    """The wheelhouse could not be built or the checkout is not usable for deploying."""
