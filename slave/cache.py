@@ -21,7 +21,6 @@ from typing import Any, Callable
 import structlog
 
 from ticketfarm import protocol
-from ticketfarm.errors import ProtocolError
 
 log = structlog.get_logger("ticketfarm.cache")
 
@@ -59,7 +58,7 @@ class WorkerCache:
         """The verified worker path, or None: then the ticket is parked until the fetch completes."""
         sha, name = str(entry["sha256"]), str(entry["name"])
         if "/" in name or name in ("", ".", "..") or len(sha) != 64:
-            raise ProtocolError(f"TICKET: bad worker entry {entry!r}")
+            raise ValueError(f"bad worker entry {entry!r}")
         path = self.path(sha, name)
         fetch = self.fetches.get(sha)
         if fetch is None and self.valid(path, sha):
