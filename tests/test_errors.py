@@ -14,6 +14,7 @@ import pytest
 import ticketfarm
 from master.config import load_master_config
 from slave.config import load_slave_config
+from tests.conftest import run_cli
 from ticketfarm.errors import ApiRefused, ConfigError, TicketfarmError
 from ticketfarm.spec import load_spec
 
@@ -155,6 +156,19 @@ def test_bad_slave_config_names_its_field(tmp_path: Path, toml: str, field: str)
         load_slave_config(tmp_path / "slave.toml")
     assert info.value.field == field
     assert str(tmp_path / "slave.toml") in str(info.value) and repr(field) in str(info.value)
+
+
+def test_master_with_a_bad_secret_key_names_master_toml_and_the_field(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert run_cli("--state", str(state), "init", cwd=tmp_path).returncode == 0
+    config = state / "master.toml"
+    default = config.read_text()
+    (tmp_path / "garbage.key_secret").write_text("not a key\n")
+    for value, says in ((str(tmp_path / "nope.key_secret"), "no such file"), (str(tmp_path / "garbage.key_secret"), "")):
+        config.write_text(re.sub(r'(?m)^secret_key = .*$', f"secret_key = {value!r}".replace("'", '"'), default))
+        result = run_cli("--state", str(state), "master", cwd=tmp_path, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert f"{config}: field 'secret_key': " in result.stderr and says in result.stderr, result.stderr
 
 
 def test_every_exception_class_in_the_sources_is_a_ticketfarm_error() -> None:
