@@ -174,7 +174,8 @@ class Store:
             "INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')",
             ((sweep.name, i, json.dumps(p)) for i, p in enumerate(sweep.params)),
         )
-        self.event("sweep_submitted", sweep=sweep.name, detail={"tasks": len(sweep.params)})
+        self.event("sweep_submitted", sweep=sweep.name,
+                   detail={"tasks": len(sweep.params), "counts": {"queued": len(sweep.params)}})
 
     def sweep(self, name: str) -> SweepRow | None:
         row = self.db.execute(
@@ -191,7 +192,8 @@ class Store:
     def set_sweep_state(self, name: str, state: str) -> None:
         finished = time.time() if state in ("finished", "cancelled") else None
         self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
-        self.event(f"sweep_{state}", sweep=name)
+        # The counts at this moment travel with the event (a status callback sent later reports these).
+        self.event(f"sweep_{state}", sweep=name, detail={"counts": self.task_counts(name)})
 
     # -- tasks ---------------------------------------------------------------
     def tasks_in_state(self, sweep: str, state: str) -> list[int]:
