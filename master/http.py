@@ -1,17 +1,12 @@
 """The HTTP API and dashboard: a server thread that reads the store and sends every change to the master as CONTROL."""
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import ipaddress
 import json
 import re
 import socket
 import ssl
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,11 +33,13 @@ from master.stats import (
     sweep_stats,
 )
 from master.store import Store
+from master.web.errors import STATUS_OF_CODE, ApiError
+from master.web.submission import body_fields, parse_submission
+from master.web.tokens import TokenSet
 from ticketfarm import protocol
 from ticketfarm.errors import ConfigError
 from ticketfarm.keys import dealer
 from ticketfarm.protocol import Command
-from ticketfarm.spec import parse_spec
 
 if TYPE_CHECKING:
     from master.server import Master
@@ -63,29 +60,6 @@ CONTROL_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 #: GIL switch interval (s) of a master serving HTTP (Python's default is 0.005).
 SWITCH_INTERVAL = 0.0005
-#: HTTP status of each error code the master's operations return.
-STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
-                  "conflict": 409, "too_large": 413, "unsupported_media_type": 415, "internal": 500,
-                  "unavailable": 503}
-
-
-class ApiError(Exception):
-    """An error answered as {"error": {"code", "message", ...}} with the code's HTTP status."""
-
-    def __init__(self, code: str, message: str, **extra: Any):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-    @property
-    def status(self) -> int:
-        return STATUS_OF_CODE[self.code]
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
-
-
 # -- responses ------------------------------------------------------------------------------
 @dataclass
 class Response:
@@ -128,7 +102,7 @@ class Route:
 
     method: str
     template: str
-    access: str  # "open" (static), "read" or "write" (token always required)
+    access: str  # "open" (static), or the scope it needs: "read", "submit" or "admin" (the last two: always a token)
     handler: str
     regex: re.Pattern[str] | None = None
 
@@ -147,23 +121,23 @@ ROUTES = [
     Route("GET", f"{API}/stats", "read", "stats"),
     Route("GET", f"{API}/events", "read", "events"),
     Route("GET", f"{API}/sweeps", "read", "list_sweeps"),
-    Route("POST", f"{API}/sweeps", "write", "submit"),
+    Route("POST", f"{API}/sweeps", "submit", "submit"),
     Route("GET", f"{API}/sweeps/{{sweep}}", "read", "get_sweep"),
-    Route("POST", f"{API}/sweeps/{{sweep}}/cancel", "write", "cancel_sweep"),
-    Route("POST", f"{API}/sweeps/{{sweep}}/pause", "write", "pause"),
-    Route("POST", f"{API}/sweeps/{{sweep}}/resume", "write", "resume"),
+    Route("POST", f"{API}/sweeps/{{sweep}}/cancel", "submit", "cancel_sweep"),
+    Route("POST", f"{API}/sweeps/{{sweep}}/pause", "submit", "pause"),
+    Route("POST", f"{API}/sweeps/{{sweep}}/resume", "submit", "resume"),
     Route("GET", f"{API}/sweeps/{{sweep}}/tasks", "read", "list_tasks"),
     Route("GET", f"{API}/sweeps/{{sweep}}/tasks/{{task}}", "read", "get_task"),
-    Route("POST", f"{API}/sweeps/{{sweep}}/tasks/{{task}}/cancel", "write", "cancel_task"),
+    Route("POST", f"{API}/sweeps/{{sweep}}/tasks/{{task}}/cancel", "submit", "cancel_task"),
     Route("GET", f"{API}/sweeps/{{sweep}}/tasks/{{task}}/results/{{name:path}}", "read", "result_file"),
     Route("GET", f"{API}/sweeps/{{sweep}}/failures", "read", "failures"),
     Route("GET", f"{API}/sweeps/{{sweep}}/collect", "read", "collect"),
-    Route("POST", f"{API}/sweeps/{{sweep}}/collect", "write", "collect_remove"),
-    Route("DELETE", f"{API}/sweeps/{{sweep}}/results", "write", "remove_results"),
+    Route("POST", f"{API}/sweeps/{{sweep}}/collect", "submit", "collect_remove"),
+    Route("DELETE", f"{API}/sweeps/{{sweep}}/results", "submit", "remove_results"),
     Route("GET", f"{API}/tickets/{{ticket}}/progress", "read", "progress"),
     Route("GET", f"{API}/slaves", "read", "list_slaves"),
-    Route("POST", f"{API}/slaves/{{slave}}/drain", "write", "drain"),
-    Route("POST", f"{API}/slaves/{{slave}}/undrain", "write", "undrain"),
+    Route("POST", f"{API}/slaves/{{slave}}/drain", "admin", "drain"),
+    Route("POST", f"{API}/slaves/{{slave}}/undrain", "admin", "undrain"),
 ]
 
 
@@ -181,12 +155,7 @@ def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
     raise ApiError("not_found", f"no endpoint {path}")
 
 
-# -- auth ---------------------------------------------------------------------------------------
-def hash_token(token: str) -> str:
-    """What master.toml's http_token_hash holds for a token: its SHA-256, hex."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
+# -- binding ----------------------------------------------------------------------------------
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit():
@@ -218,11 +187,10 @@ class HttpApi:
         self.epoch = epoch
         self.started = started
         self.metrics = metrics
-        self.token_hashes = [h.strip().lower().removeprefix("sha256:")
-                             for h in config.http_token_hash.split(",") if h.strip()]
+        self.tokens = TokenSet(state_dir)
         host, port = parse_bind(config.http_bind)
         self.loopback = is_loopback(host)
-        if not self.loopback and not self.token_hashes:
+        if not self.loopback and not len(self.tokens):
             raise ConfigError(f"http_bind {config.http_bind!r} is not loopback: set http_token_hash "
                               "(`ticketfarm token` makes a token) before serving HTTP beyond this machine")
         self.open_reads = config.http_open_reads and self.loopback
@@ -259,13 +227,6 @@ class HttpApi:
         self._thread.join(2)
 
     # -- helpers shared by handlers ------------------------------------------------------------------
-    def token_ok(self, token: str) -> bool:
-        digest = hash_token(token)
-        ok = False
-        for h in self.token_hashes:  # compare with every hash: no early exit
-            ok |= hmac.compare_digest(digest, h)
-        return ok
-
     def control(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one CONTROL message to the master's loop and wait for its REPLY."""
         sock = dealer(self.context, self.control_endpoint, None)
@@ -358,6 +319,7 @@ class Request:
         self.params = params
         self.query = query
         self._store: Store | None = None
+        self.scopes: set[str] = set()
 
     @property
     def store(self) -> Store:
@@ -456,8 +418,9 @@ class Handler(BaseHTTPRequestHandler):
         request = None
         try:
             route, params = match(method, url.path)
-            self._authorize(route.access)
+            scopes = self._authorize(route.access)
             request = Request(self, params, parse_qs(url.query))
+            request.scopes = scopes
             result = getattr(Endpoints, route.handler)(request)
             if isinstance(result, Response):
                 self._send(result)
@@ -487,21 +450,26 @@ class Handler(BaseHTTPRequestHandler):
     def _auth_header(exc: ApiError) -> dict[str, str] | None:
         return {"WWW-Authenticate": 'Bearer realm="ticketfarm"'} if exc.code == "unauthorized" else None
 
-    def _authorize(self, access: str) -> None:
-        """Writes always need a token; reads need one unless open reads are on (loopback binds only)."""
+    def _authorize(self, access: str) -> set[str]:
+        """The token's scopes. Mutations always need a token; reads need one unless open reads are on (loopback)."""
         if access == "open":
-            return
+            return set()
         api = self.server.api
         auth = self.headers.get("Authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else self.headers.get("X-Key")
         if token:
-            if not api.token_ok(token):
+            scopes = api.tokens.scopes_of(token)
+            if scopes is None:
                 raise ApiError("unauthorized", "invalid API token")
-            return
-        if access == "write" or not api.open_reads:
-            hint = "" if api.token_hashes else " (this master has no token configured: see `ticketfarm token`)"
+            if access not in scopes:
+                raise ApiError("forbidden", f"this token's scopes ({', '.join(sorted(scopes))}) do not include "
+                                            f"{access!r}")
+            return scopes
+        if access != "read" or not api.open_reads:
+            hint = "" if len(api.tokens) else " (this master has no token configured: see `ticketfarm token`)"
             raise ApiError("unauthorized", "an API token is required: header 'Authorization: Bearer TOKEN' "
                                            f"or 'X-Key: TOKEN'{hint}")
+        return {"read"}
 
     def _send(self, r: Response) -> None:
         self.server.api.metrics.http_requests.labels(str(r.status)).inc()
@@ -626,92 +594,8 @@ def _live(req: Request) -> dict[str, Any] | None:
 
 
 def _submission(req: Request) -> tuple[Any, dict[str, Any]]:
-    """The sweep a POST /sweeps describes: a TOML text or a spec object, plus the files it names."""
-    ctype = (req.handler.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
-    if ctype in ("application/toml", "text/toml", "text/plain"):
-        raw = req.body()
-        try:
-            data: dict[str, Any] = {"toml": raw.decode()}
-        except UnicodeDecodeError:
-            raise ApiError("bad_request", "TOML body is not UTF-8") from None
-    elif ctype == "application/json":
-        data = req.json_body()
-    else:
-        raise ApiError("unsupported_media_type", f"send application/json or application/toml, not {ctype}")
-    unknown = set(data) - {"spec", "toml", "files", "status_callback_url", "status_callback_secret"}
-    if unknown:
-        raise ApiError("bad_request", f"unknown field {sorted(unknown)[0]!r}", field=sorted(unknown)[0])
-    if ("spec" in data) == ("toml" in data):
-        raise ApiError("bad_request", "exactly one of 'spec' (an object) or 'toml' (a string) is required",
-                       field="spec")
-    if "toml" in data:
-        import tomllib
-        if not isinstance(data["toml"], str):
-            raise ApiError("bad_request", "field 'toml' must be a string", field="toml")
-        try:
-            spec = tomllib.loads(data["toml"])
-        except tomllib.TOMLDecodeError as exc:
-            raise ApiError("bad_request", f"toml: {exc}", field="toml") from None
-    else:
-        spec = data["spec"]
-        if not isinstance(spec, dict):
-            raise ApiError("bad_request", "field 'spec' must be an object", field="spec")
-    files = data.get("files", {})
-    if not isinstance(files, dict):
-        raise ApiError("bad_request", "field 'files' must map file names to contents", field="files")
-    for key in ("status_callback_url", "status_callback_secret"):
-        if key in data and not isinstance(data[key], str):
-            raise ApiError("bad_request", f"field {key!r} must be a string", field=key)
-    extra = {k: data[k] for k in ("status_callback_url", "status_callback_secret") if data.get(k)}
-    with tempfile.TemporaryDirectory(prefix="ticketfarm-submit-") as tmp:
-        base = Path(tmp)
-        for name, content in files.items():
-            _write_submitted_file(base, name, content)
-        _check_file_references(spec, files)
-        try:
-            sweep = parse_spec(spec, base, "spec")
-        except ConfigError as exc:
-            found = re.search(r"field '([^']+)'|(parameters|inputs\[\d+\]|results|collect\[\d+\])", str(exc))
-            fields = {"field": next(g for g in found.groups() if g)} if found else {}
-            raise ApiError("bad_request", str(exc), **fields) from None
-    return sweep, extra
-
-
-def _safe_name(name: str) -> bool:
-    parts = name.split("/")
-    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts) \
-        and "\\" not in name and "\x00" not in name
-
-
-def _write_submitted_file(base: Path, name: Any, content: Any) -> None:
-    if not isinstance(name, str) or not _safe_name(name):
-        raise ApiError("bad_request", f"files: unsafe file name {name!r}", field="files")
-    if isinstance(content, str):
-        data = content.encode()
-    elif isinstance(content, dict) and isinstance(content.get("base64"), str):
-        try:
-            data = base64.b64decode(content["base64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError("bad_request", f"files.{name}: not base64", field="files") from None
-    else:
-        raise ApiError("bad_request", f"files.{name} must be a string or {{\"base64\": ...}}", field="files")
-    path = base / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _check_file_references(spec: dict[str, Any], files: dict[str, Any]) -> None:
-    """Every file a spec names must come with the request: the master's own files are never read."""
-    refs = []
-    params = spec.get("parameters")
-    if isinstance(params, dict):
-        refs += [("parameters." + k, params[k]) for k in ("csv", "jsonl") if k in params]
-    for n, item in enumerate(spec.get("inputs") or []):
-        if isinstance(item, dict):
-            refs += [(f"inputs[{n}].{k}", item[k]) for k in ("source", "template_file") if k in item]
-    for where, name in refs:
-        if name not in files:
-            raise ApiError("bad_request", f"{where}: file {name!r} must be sent in 'files'", field=where)
+    data = body_fields(req.handler.headers.get("Content-Type") or "", req.body())
+    return parse_submission(data, req.api.config.http_allow_master_code, "admin" in req.scopes)
 
 
 class Endpoints:
@@ -738,7 +622,7 @@ class Endpoints:
         return json_response({
             "name": "ticketfarm", "version": ticketfarm.__version__, "protocol": protocol.VERSION, "epoch": api.epoch,
             "started": api.started, "uptime": round(time.time() - api.started, 3), "endpoint": api.master_endpoint,
-            "http": api.url, "auth": {"open_reads": api.open_reads, "tokens": len(api.token_hashes)},
+            "http": api.url, "auth": {"open_reads": api.open_reads, "tokens": len(api.tokens)},
         })
 
     @staticmethod
