@@ -180,6 +180,11 @@ def live_slaves(master: "Master", header: dict[str, Any]) -> Reply:
         for s in master.sessions.values()}, "draining": sorted(master.draining)}
 
 
+def metrics(master: "Master", header: dict[str, Any]) -> Reply:
+    """The master's Prometheus metrics as text (the HTTP process serves them with its own on /metrics)."""
+    return {"ok": True, "text": master.metrics.render().decode()}
+
+
 OPS: dict[str, Callable[["Master", dict[str, Any]], Reply]] = {
     "cancel_sweep": cancel,
     "pause": lambda m, h: set_paused(m, h, True),
@@ -192,4 +197,5 @@ OPS: dict[str, Callable[["Master", dict[str, Any]], Reply]] = {
     "undrain": lambda m, h: set_draining(m, h, False),
     "forget_results": forget_results,
     "live_slaves": live_slaves,
+    "metrics": metrics,
 }

@@ -118,9 +118,9 @@ class Master:
         self._next_key_check = 0.0
         self.socket = self._bind()
         self._endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
+        # HTTP API: a process of its own (master/web/) that reads the store and sends CONTROL here as a client.
         self.events = EventBatch()
-        self.metrics = Metrics(self.store.path)
+        self.metrics = Metrics()
         self.draining: set[str] = set()
         self._pass_started = 0.0
         self.callbacks = CallbackSender(self.store.path, self.store.last_event_id(),
@@ -130,8 +130,8 @@ class Master:
         self._resume_state()
         self.http = None
         if config.http_bind:
-            from master.http import HttpApi
-            self.http = HttpApi.start(self)
+            from master.web.supervisor import WebProcess
+            self.http = WebProcess.start(config, self.state_dir, self.endpoint, self.epoch, self.started)
         if config.http_bind or self.store.has_callbacks():
             self.callbacks.ensure_started()
         self._handlers: dict[Command, Callable[[bytes, Any], None]] = {
@@ -455,7 +455,7 @@ class Master:
             if ticket is not None and ticket.slave == session.name:
                 self.scheduler.extend(ticket, now)
         info = msg.info()
-        session.info = info
+        session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
             self.store.slave_state(session.name, "draining" if session.name in self.draining else "alive", info)

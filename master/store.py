@@ -84,7 +84,9 @@ class Store:
     def __init__(self, path: Path, durability: str = "full", readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            # A reader may move between threads (an HTTP stream's chunks are made in pool threads), one at a time.
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                         check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
             self._batched = {}
             return
@@ -371,8 +373,15 @@ class Store:
                                (sweep,)).fetchone() is not None
 
     def prune_events(self, cutoff: float) -> int:
-        """Delete events older than `cutoff` (a sweep's submission event stays); returns how many."""
-        return self._write("DELETE FROM events WHERE ts < ? AND kind != 'sweep_submitted'", (cutoff,)).rowcount
+        """Delete events older than `cutoff` (a sweep's submission and result removal stay); returns how many."""
+        return self._write("DELETE FROM events WHERE ts < ? AND kind NOT IN ('sweep_submitted', 'results_removed')",
+                           (cutoff,)).rowcount
+
+    def results_removed(self, sweep: str) -> float | None:
+        """When the sweep's results were removed after collection (None: they were not)."""
+        row = self.db.execute("SELECT max(ts) FROM events WHERE sweep = ? AND kind = 'results_removed'",
+                              (sweep,)).fetchone()
+        return row[0]
 
     def reclaim_space(self) -> None:
         """After a prune: checkpoint the WAL and hand free pages back (databases with incremental auto_vacuum)."""
@@ -476,6 +485,17 @@ class Store:
     def running_by_slave(self) -> dict[str, int]:
         rows = self.db.execute("SELECT slave, count(*) FROM tickets WHERE state = 'running' GROUP BY slave")
         return dict(rows.fetchall())
+
+    def sweeps_of_tickets(self, tickets: list[int]) -> dict[str, int]:
+        """How many of these (running) tickets each sweep has."""
+        out: dict[str, int] = {}
+        for i in range(0, len(tickets), _MAX_IN):
+            part = tickets[i:i + _MAX_IN]
+            rows = self.db.execute(f"SELECT sweep, count(*) FROM tickets WHERE state = 'running' AND id IN "
+                                   f"({','.join('?' * len(part))}) GROUP BY sweep", part)
+            for sweep, count in rows:
+                out[sweep] = out.get(sweep, 0) + count
+        return out
 
     def task_counts_all(self) -> list[tuple[str, str, int]]:
         """(sweep, state, count) for every sweep: the tasks-by-state metric."""

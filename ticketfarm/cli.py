@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove expired uncollected results now (see keep_days)")
     p.add_argument("--keep-days", type=float, help="instead of the configured keep_days")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("http", help="serve a master's HTTP API and dashboard from this process (a master with "
+                                    "http_bind starts one itself): needs the state dir's master.toml and state.db")
+    p.set_defaults(func=cmd_http)
     p = sub.add_parser("token", help="HTTP API tokens: make one (printed once; only hashes are kept), add, revoke, list")
     p.add_argument("--write", action="store_true",
                    help="save it as STATE/http.token, the \"default\" token (replacing the previous one)")
@@ -327,6 +330,12 @@ def cmd_pause(args: argparse.Namespace, paused: bool) -> int:
     if args.task is not None:
         return _control_verb(args, f"{verb}_task", f"{verb}d", sweep=args.sweep, task=args.task)
     return _control_verb(args, verb, f"{verb}d", sweep=args.sweep)
+
+
+def cmd_http(args: argparse.Namespace) -> int:
+    from master.web.process import serve
+
+    return serve(args.state, _endpoint(args), args.keys, None, None, None)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
