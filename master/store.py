@@ -486,17 +486,6 @@ class Store:
         rows = self.db.execute("SELECT slave, count(*) FROM tickets WHERE state = 'running' GROUP BY slave")
         return dict(rows.fetchall())
 
-    def sweeps_of_tickets(self, tickets: list[int]) -> dict[str, int]:
-        """How many of these (running) tickets each sweep has."""
-        out: dict[str, int] = {}
-        for i in range(0, len(tickets), _MAX_IN):
-            part = tickets[i:i + _MAX_IN]
-            rows = self.db.execute(f"SELECT sweep, count(*) FROM tickets WHERE state = 'running' AND id IN "
-                                   f"({','.join('?' * len(part))}) GROUP BY sweep", part)
-            for sweep, count in rows:
-                out[sweep] = out.get(sweep, 0) + count
-        return out
-
     def task_counts_all(self) -> list[tuple[str, str, int]]:
         """(sweep, state, count) for every sweep: the tasks-by-state metric."""
         return self.db.execute("SELECT sweep, state, count(*) FROM tasks GROUP BY sweep, state").fetchall()

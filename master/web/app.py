@@ -112,8 +112,13 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(ApiError("internal", f"internal error (logged as {error_id})", id=error_id).body(), 500)
 
 
-class RequestMetrics:
-    """ASGI middleware: `Cache-Control: no-store` on every answer; duration and status by route, when answered."""
+class _HeadDone(Exception):
+    """A HEAD request's answer is complete once its headers went out."""
+
+
+class ApiMiddleware:
+    """ASGI middleware: HEAD answered as GET without the body; `Cache-Control: no-store` on every answer;
+    duration and status by route, when the answer is complete."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], metrics: WebMetrics):
         self.app = app
@@ -125,18 +130,27 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = [500]
+        head = scope["method"] == "HEAD"
+        inner = {**scope, "method": "GET"} if head else scope
 
         async def sending(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-store")]
+            elif head:
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                route = scope.get("route")
+                route = inner.get("route")
                 self.metrics.observe(getattr(route, "path", "unmatched"), scope["method"], status[0],
                                      time.perf_counter() - started)
+                if head:
+                    raise _HeadDone
 
-        await self.app(scope, receive, sending)
+        try:
+            await self.app(inner, receive, sending)
+        except _HeadDone:
+            pass
 
 
 def create_app(ctx: WebContext) -> FastAPI:
@@ -150,7 +164,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.state.metrics = WebMetrics(ctx)
     for module in (reads, streams, changes):
         app.include_router(module.router)
-    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(ApiMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     return app
 

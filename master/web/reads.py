@@ -90,7 +90,7 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     store = ctx.store()
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
-    prefetched = store.sweeps_of_tickets(views.prefetched_tickets(views.live_slaves(ctx))).get(row.name, 0)
+    prefetched = views.not_started(store, views.live_slaves(ctx)).by_sweep.get(row.name, 0)
     d = views.sweep_json(stats, row, prefetched)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from master.stats import SweepStats, all_sweep_stats, format_report, slave_stats
@@ -33,17 +33,32 @@ def live_slaves(ctx: WebContext) -> dict[str, Any] | None:
         return None
 
 
-def prefetched_tickets(live: dict[str, Any] | None) -> list[int]:
-    """Tickets the slaves said (in their last heartbeat) they hold ready but have not started."""
-    if live is None:
-        return []
-    return [t for s in live["slaves"].values() for t in (s.get("heartbeat") or {}).get("waiting", [])]
+@dataclass
+class NotStarted:
+    """Running tickets (in the store) that their slave has not reported started: held ready by prefetch (its
+    last heartbeat's `waiting`), or sent after that heartbeat. Counted apart, never as running."""
+
+    by_sweep: dict[str, int]
+    by_slave: dict[str, int]
+
+
+def not_started(store: Store, live: dict[str, Any] | None) -> NotStarted:
+    out = NotStarted({}, {})
+    slaves = live["slaves"] if live is not None else {}
+    waiting = {t for s in slaves.values() for t in (s.get("heartbeat") or {}).get("waiting", [])}
+    for t in store.running_tickets():
+        now = slaves.get(t.slave)
+        if now is None or not (t.id in waiting or t.dispatched > (now.get("last_heartbeat") or 0)):
+            continue
+        out.by_sweep[t.sweep] = out.by_sweep.get(t.sweep, 0) + 1
+        out.by_slave[t.slave] = out.by_slave.get(t.slave, 0) + 1
+    return out
 
 
 def sweeps_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any]]:
     rows = {r.name: r for r in store.sweeps()}
-    prefetched = store.sweeps_of_tickets(prefetched_tickets(live))
-    return [sweep_json(s, rows.get(s.name), prefetched.get(s.name, 0)) for s in all_sweep_stats(store)]
+    pending = not_started(store, live).by_sweep
+    return [sweep_json(s, rows.get(s.name), pending.get(s.name, 0)) for s in all_sweep_stats(store)]
 
 
 def slaves_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -52,6 +67,7 @@ def slaves_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any
     running = store.running_by_slave()
     connected = live["slaves"] if live is not None else {}
     draining = set(live.get("draining", ())) if live is not None else set()
+    pending = not_started(store, live).by_slave
     out = []
     for s in slave_stats(store):
         row = stored.get(s.name, {})
@@ -62,7 +78,7 @@ def slaves_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any
         now = connected.get(s.name)
         if now is not None:
             hb = now.get("heartbeat") or {}
-            d["prefetched"] = min(len(hb.get("waiting", [])), d["running"])
+            d["prefetched"] = min(pending.get(s.name, 0), d["running"])
             d["running"] -= d["prefetched"]
             d.update(last_heard=now["last_heard"], seconds_since_heard=now["seconds_since_heard"],
                      load=hb.get("load", d["load"]), memory=hb.get("memory", d["memory"]),
