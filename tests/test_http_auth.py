@@ -102,3 +102,39 @@ def test_allowed_master_code_still_needs_an_admin_token(tmp_path: Path) -> None:
         assert c.post(f"{API}/sweeps", {"spec": validated}, token=TOKEN).status == 201
     finally:
         c.close()
+
+
+def test_the_api_runs_on_its_own_with_ticketfarm_http(master: Any, tmp_path: Path) -> None:
+    """`ticketfarm http` beside a master that serves no HTTP itself: a client of it like the CLI."""
+    import json
+    import urllib.request
+
+    from tests.conftest import free_port, wait_for
+
+    token = new_token(master.state, "add", "ops")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(master.state), "http",
+                             "--bind", f"127.0.0.1:{port}"], env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"http://127.0.0.1:{port}"
+
+        def info() -> dict[str, Any] | None:
+            try:
+                with opener.open(url + f"{API}/info", timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+
+        answer = wait_for(info, 20, "the HTTP process")
+        assert answer["endpoint"] == master.endpoint and answer["epoch"] >= 1 and answer["started"] is None
+        body = json.dumps({"spec": spec("alone", 1)}).encode()
+        request = urllib.request.Request(url + f"{API}/sweeps", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        with opener.open(request, timeout=10) as r:
+            assert r.status == 201
+        assert master.control("status")["sweeps"][0]["name"] == "alone"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
     p = sub.add_parser("http", help="serve a master's HTTP API and dashboard from this process (a master with "
                                     "http_bind starts one itself): needs the state dir's master.toml and state.db")
+    p.add_argument("--bind", metavar="HOST:PORT", help="instead of master.toml's http_bind")
     p.set_defaults(func=cmd_http)
     p = sub.add_parser("token", help="HTTP API tokens: make one (printed once; only hashes are kept), add, revoke, list")
     p.add_argument("--write", action="store_true",
@@ -335,7 +336,7 @@ def cmd_pause(args: argparse.Namespace, paused: bool) -> int:
 def cmd_http(args: argparse.Namespace) -> int:
     from master.web.process import serve
 
-    return serve(args.state, _endpoint(args), args.keys, None, None, None)
+    return serve(args.state, _endpoint(args), args.keys, None, None, None, args.bind)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

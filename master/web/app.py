@@ -8,6 +8,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -43,11 +44,21 @@ def context(request: Request) -> WebContext:
     return request.app.state.ctx
 
 
+async def cached_json(request: Request, key: str, build: Callable[[], Any]) -> Json:
+    """A pollable answer: from the cache on the event loop, or built in a worker thread when stale."""
+    ctx = context(request)
+    hit = ctx.fresh(key)
+    if hit is None:
+        hit = await run_in_threadpool(ctx.cached, key, lambda: json_bytes(build()))
+    return Json(hit)
+
+
 def need(scope: str) -> Callable[..., set[str]]:
     """A dependency: the request's token has `scope` (reads need none on an open loopback bind); its scopes."""
 
-    def check(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
-              xkey: str | None = Depends(_xkey)) -> set[str]:
+    # async: checked on the event loop (a hash and a dict look-up), not handed to a thread per request
+    async def check(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    xkey: str | None = Depends(_xkey)) -> set[str]:
         ctx = context(request)
         header = request.headers.get("Authorization", "")
         token = bearer.credentials if bearer is not None else xkey

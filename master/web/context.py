@@ -85,6 +85,12 @@ class WebContext:
         self.invalidate()
         return reply
 
+    def fresh(self, key: str) -> Any:
+        """The cached answer under `key` if still fresh, else None."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        return hit[1] if hit and time.monotonic() - hit[0] < self.config.http_cache_ttl else None
+
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """The same answer to every poller for http_cache_ttl seconds (many pollers cost one query)."""
         now = time.monotonic()

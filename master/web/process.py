@@ -63,8 +63,12 @@ class _Server(uvicorn.Server):
 
 
 def serve(state_dir: Path, endpoint: str | None, keys: Path | None, epoch: int | None, started: float | None,
-          port: int | None) -> int:
+          port: int | None, bind: str | None = None) -> int:
+    """Serve until SIGTERM; `bind` instead of master.toml's http_bind, `port` instead of its port."""
     config = load_master_config(state_dir)
+    config.http_bind = bind or config.http_bind
+    if not config.http_bind:
+        raise TicketfarmError("no http_bind in master.toml: give one (ticketfarm http --bind HOST:PORT)")
     tokens = TokenSet(state_dir)
     check_http_config(config, tokens)
     endpoint = endpoint or config.bind.replace("://0.0.0.0:", "://127.0.0.1:").replace("://*:", "://127.0.0.1:")

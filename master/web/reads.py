@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import ticketfarm
 from master.stats import sweep_stats
 from master.web import models, views
-from master.web.app import API, Json, context, json_bytes, need
+from master.web.app import API, Json, cached_json, context, need
 from master.web.errors import ApiError
 from ticketfarm import protocol
 
@@ -62,24 +62,22 @@ def info(request: Request) -> Json:
 
 @router.get(f"{API}/status", operation_id="getStatus", dependencies=READ, response_model=None,
             responses={200: {"model": models.Status}}, summary="Sweeps and slave counts (cached http_cache_ttl)")
-def status(request: Request) -> Json:
-    ctx = context(request)
-    return Json(ctx.cached("status", lambda: json_bytes(views.status_json(ctx))))
+async def status(request: Request) -> Json:
+    return await cached_json(request, "status", lambda: views.status_json(context(request)))
 
 
 @router.get(f"{API}/stats", operation_id="getStats", dependencies=READ, response_model=None,
             responses={200: {"model": models.Stats}}, summary="/status with slave rows, failures and the report")
-def stats(request: Request) -> Json:
-    ctx = context(request)
-    return Json(ctx.cached("stats", lambda: json_bytes(views.stats_json(ctx))))
+async def stats(request: Request) -> Json:
+    return await cached_json(request, "stats", lambda: views.stats_json(context(request)))
 
 
 @router.get(f"{API}/sweeps", operation_id="listSweeps", dependencies=READ, response_model=None,
             responses={200: {"model": models.SweepList}})
-def list_sweeps(request: Request) -> Json:
+async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
-    return Json(ctx.cached("sweeps", lambda: json_bytes(
-        {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})))
+    return await cached_json(request, "sweeps",
+                             lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -151,7 +149,7 @@ def progress(request: Request, ticket: int = Path(ge=0)) -> Json:
 
 @router.get(f"{API}/slaves", operation_id="listSlaves", dependencies=READ, response_model=None,
             responses={200: {"model": models.SlaveList}})
-def list_slaves(request: Request) -> Json:
+async def list_slaves(request: Request) -> Json:
     ctx = context(request)
-    return Json(ctx.cached("slaves", lambda: json_bytes(
-        {"slaves": views.slaves_json(ctx.store(), views.live_slaves(ctx)), "time": time.time()})))
+    return await cached_json(request, "slaves", lambda: {
+        "slaves": views.slaves_json(ctx.store(), views.live_slaves(ctx)), "time": time.time()})
