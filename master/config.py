@@ -68,6 +68,8 @@ class MasterConfig:
     """Read-only endpoints need no token when bound to loopback (any other bind always requires one)."""
     http_cache_ttl: float = 0.5
     """Seconds a status/statistics answer is reused for other clients (many pollers cost one query)."""
+    http_nice: int = 10
+    """Nice increment of the HTTP process: where the CPUs are busy, the master's loop and the slaves get them first."""
     http_metrics_keep: float = 3600.0
     """Seconds a sweep's ticketfarm_tasks series stays in /metrics after it ended (then only the totals count it)."""
     http_max_body: int = 16 * 1024 * 1024

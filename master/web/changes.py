@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from master.web import models
-from master.web.app import API, Json, context, need
+from master.web.base import API, Json, context, need
 from master.web.errors import ApiError
 from master.web.reads import SweepName, TaskIndex, sweep_row
 from master.web.submission import TOML_TYPES, body_fields, parse_submission

@@ -8,6 +8,7 @@ as a client with the keys DIR/keys/http.key_secret (else client.key_secret) and 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from master.config import load_master_config
 from master.web.app import create_app
 from master.web.context import MasterInfo, WebContext, check_http_config, parse_bind
 from master.web.link import MasterLink
+from master.web.supervisor import READY
 from master.web.tokens import TokenSet
 from ticketfarm.errors import TicketfarmError
 from ticketfarm.keys import ClientKeys, keys_dir
@@ -27,8 +29,6 @@ from ticketfarm.logs import configure_logging
 
 log = structlog.get_logger("ticketfarm.http")
 
-#: The line (then the URL) the process prints on stdout once it listens: what the master waits for.
-READY = "ticketfarm-http listening on"
 #: Seconds open requests and event streams get to finish at shutdown.
 GRACEFUL_SHUTDOWN = 2.0
 
@@ -71,6 +71,7 @@ def serve(state_dir: Path, endpoint: str | None, keys: Path | None, epoch: int |
         raise TicketfarmError("no http_bind in master.toml: give one (ticketfarm http --bind HOST:PORT)")
     tokens = TokenSet(state_dir)
     check_http_config(config, tokens)
+    os.nice(config.http_nice)  # pollers may wait; dispatch may not
     endpoint = endpoint or config.bind.replace("://0.0.0.0:", "://127.0.0.1:").replace("://*:", "://127.0.0.1:")
     link = MasterLink(endpoint, master_keys(keys or keys_dir(state_dir), config.insecure))
     if epoch is None:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import ticketfarm
 from master.stats import sweep_stats
 from master.web import models, views
-from master.web.app import API, Json, cached_json, context, need
+from master.web.base import API, Json, cached_json, context, need
 from master.web.errors import ApiError
 from ticketfarm import protocol
 

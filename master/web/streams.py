@@ -13,7 +13,7 @@ from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, outp
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
-from master.web.app import API, context, need
+from master.web.base import API, context, need
 from master.web.errors import ApiError
 from master.web.reads import SweepName, TaskIndex, sweep_row
 from master.web.submission import json_object

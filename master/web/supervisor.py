@@ -11,13 +11,14 @@ import structlog
 
 from master.config import MasterConfig
 from master.web.context import check_http_config
-from master.web.process import READY
 from master.web.tokens import TokenSet
 from ticketfarm import keys
 from ticketfarm.errors import ConfigError
 
 log = structlog.get_logger("ticketfarm.http")
 
+#: The line (then the URL) the HTTP process prints on stdout once it listens: what the master waits for.
+READY = "ticketfarm-http listening on"
 #: Seconds the master waits for its HTTP process to listen.
 START_TIMEOUT = 30.0
 #: Seconds before an HTTP process that died is started again.
