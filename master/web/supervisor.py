@@ -57,10 +57,6 @@ class WebProcess:
         self._watcher = threading.Thread(target=self._watch, name="ticketfarm-http-watch", daemon=True)
         self._watcher.start()
 
-    @classmethod
-    def start(cls, config: MasterConfig, state_dir: Path, endpoint: str, epoch: int, started: float) -> "WebProcess":
-        return cls(config, state_dir, endpoint, epoch, started)
-
     def _spawn(self) -> subprocess.Popen[str]:
         argv = self.argv + (["--port", self.url.rsplit(":", 1)[1]] if self.url else [])
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
