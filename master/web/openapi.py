@@ -1,5 +1,7 @@
-"""The OpenAPI document, generated from the app's routes and models; `python -m master.web.openapi` rewrites
-docs/openapi.json with it."""
+"""The OpenAPI document, generated from the app's routes and models (`python -m master.web.openapi` writes it).
+
+Run it after changing a route or a model: a test checks docs/openapi.json against what the API serves.
+"""
 from __future__ import annotations
 
 import json
