@@ -32,8 +32,8 @@ class SweepSummary(BaseModel):
     total: int
     done: int
     running: int = Field(description="tasks whose ticket a slave has started (prefetched ones not counted)")
-    prefetched: int = Field(description="tasks whose ticket a slave holds but has not reported started (ready "
-                                        "by prefetch, or sent since its last heartbeat)")
+    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch): "
+                                        "listed as waiting in its last heartbeat, or dispatched past its slots")
     queued: int = Field(description="tasks waiting in the master's queue (paused ones included)")
     failed: int
     cancelled: int

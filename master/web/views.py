@@ -35,8 +35,9 @@ def live_slaves(ctx: WebContext) -> dict[str, Any] | None:
 
 @dataclass
 class NotStarted:
-    """Running tickets (in the store) that their slave has not reported started: held ready by prefetch (its
-    last heartbeat's `waiting`), or sent after that heartbeat. Counted apart, never as running."""
+    """Running tickets (in the store) that are not running on their slave yet: the ones its last heartbeat
+    listed as `waiting` (held ready by prefetch), and past its slots the most recently dispatched ones (a busy
+    slave's last heartbeat may be old: it sends one only when nothing else went out). Counted apart."""
 
     by_sweep: dict[str, int]
     by_slave: dict[str, int]
@@ -45,13 +46,18 @@ class NotStarted:
 def not_started(store: Store, live: dict[str, Any] | None) -> NotStarted:
     out = NotStarted({}, {})
     slaves = live["slaves"] if live is not None else {}
-    waiting = {t for s in slaves.values() for t in (s.get("heartbeat") or {}).get("waiting", [])}
+    slots = {s["name"]: s["slots"] or 0 for s in store.slaves()}
+    mine: dict[str, list[Any]] = {}
     for t in store.running_tickets():
-        now = slaves.get(t.slave)
-        if now is None or not (t.id in waiting or t.dispatched > (now.get("last_heartbeat") or 0)):
-            continue
-        out.by_sweep[t.sweep] = out.by_sweep.get(t.sweep, 0) + 1
-        out.by_slave[t.slave] = out.by_slave.get(t.slave, 0) + 1
+        if t.slave in slaves:
+            mine.setdefault(t.slave, []).append(t)
+    for slave, tickets in mine.items():
+        waiting = set((slaves[slave].get("heartbeat") or {}).get("waiting", []))
+        started = sorted((t for t in tickets if t.id not in waiting), key=lambda t: t.dispatched)
+        held = [t for t in tickets if t.id in waiting] + started[slots.get(slave, 0):]
+        for t in held:
+            out.by_sweep[t.sweep] = out.by_sweep.get(t.sweep, 0) + 1
+            out.by_slave[t.slave] = out.by_slave.get(t.slave, 0) + 1
     return out
 
 
