@@ -137,7 +137,7 @@ class Sessions:
                 self.lifecycle.extend(ticket, now)
         self.cancel_given_away(session, [*msg.running, *msg.waiting])
         info = msg.info()
-        session.info = info
+        session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
             self.store.slave_state(session.name, self.roster.state_of(session.name), info)

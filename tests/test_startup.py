@@ -68,6 +68,7 @@ def test_address_in_use_is_one_line_naming_it(tmp_path: Path, setting: str) -> N
         result = run_cli("--state", str(master.state), "master", cwd=tmp_path, timeout=30)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"ticketfarm: cannot listen on {address} ({setting}): Address already in use")
-    assert "choose another port" in line
+    # http_bind: the HTTP process says it, then the master that started it says that it did not start
+    line = next(line for line in result.stderr.splitlines() if f"cannot listen on {address}" in line)
+    assert line.endswith(f"cannot listen on {address} ({setting}): Address already in use; another process "
+                         "(perhaps another master) listens there: stop it, or choose another port")
