@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -235,14 +236,14 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def start_master(state: Path, curve: bool) -> tuple[subprocess.Popen, str]:
+def start_master(state: Path, curve: bool, durability: str) -> tuple[subprocess.Popen, str]:
     from master.config import MasterConfig, master_config_path
     from ticketfarm import keys
     from ticketfarm.config import to_toml
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = MasterConfig(bind=endpoint, insecure=not curve, heartbeat_interval=HEARTBEAT, liveness=LIVENESS,
-                          max_message_size=256 * 1024 * 1024, durability="full")
+                          max_message_size=256 * 1024 * 1024, durability=durability)
     state.mkdir(parents=True)
     master_config_path(state).write_text(to_toml(config))
     if curve:
@@ -318,7 +319,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Row:
     state = tmp / f"{'curve' if case.curve else 'plain'}-{case.slaves}-{case.tasks}"
-    proc, endpoint = start_master(state, case.curve)
+    proc, endpoint = start_master(state, case.curve, args.durability)
     master = psutil.Process(proc.pid)
     procs = max(1, min(args.sim_procs, case.slaves))
     shared = Shared.make(procs)
@@ -342,6 +343,9 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Row:
         t0, acked0, beats0 = time.time(), sum(shared.acked), sum(shared.heartbeats)
         cpu0, sim_cpu0 = master_cpu(master), [master_cpu(p) for p in sim_ps]
         shared.window[0] = t0
+        spy = None if args.py_spy is None else subprocess.Popen(
+            ["py-spy", "record", "--pid", str(proc.pid), "--rate", "200", "--format", "raw", "--nonblocking",
+             "--output", str(args.py_spy / f"{state.name}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if case.queued:
             time.sleep(args.window)
         elif not wait_for(lambda: sum(shared.acked) >= case.tasks * 0.95, args.timeout, "95 % of the sweep"):
@@ -349,6 +353,9 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Row:
         t1, acked1, beats1 = time.time(), sum(shared.acked), sum(shared.heartbeats)
         cpu1, sim_cpu1 = master_cpu(master), [master_cpu(p) for p in sim_ps]
         shared.window[1] = t1
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
         rss, size = peak_rss_mb(proc.pid), store_bytes(state)
         time.sleep(0.2)  # the ACKs of the window's last results
         shared.stop.value = 1
@@ -403,12 +410,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=100_000, help="tasks of the run-to-the-end sweep (0: skip)")
     parser.add_argument("--queued", type=int, default=1_000_000, help="tasks of the mostly-queued sweep (0: skip)")
     parser.add_argument("--curve", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--durability", default="full", choices=["full", "normal"], help="the master's")
     parser.add_argument("--slots", type=int, default=2, help="slots per simulated slave")
     parser.add_argument("--sim-procs", type=int, default=4, help="simulator processes")
     parser.add_argument("--window", type=float, default=15.0, help="seconds measured with the big sweep queued")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on each wait of a case")
     parser.add_argument("--quick", action="store_true", help="10 and 100 slaves, 2,000 tasks, 5,000 queued, 3 s")
     parser.add_argument("--json", type=Path, help="also write the rows here as JSON")
+    parser.add_argument("--py-spy", type=Path, metavar="DIR",
+                        help="record the master with py-spy during each window (collapsed stacks, one file per case)")
     args = parser.parse_args(argv)
     if args.quick:
         args.slaves, args.tasks, args.queued, args.window = "10,100", 2000, 5000, 3.0
@@ -419,6 +429,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     raise_fd_limit()
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     curves = {"both": [False, True], "on": [True], "off": [False]}[args.curve]
     cases = [Case(curve, int(n), size, queued) for curve in curves for n in args.slaves.split(",")
              for size, queued in ((args.tasks, False), (args.queued, True)) if size]
