@@ -53,6 +53,7 @@ class SimSlave:
     name: str
     sock: Any
     slots: int
+    welcomed: bool = False
     last_sent: float = 0.0
     asked: deque = field(default_factory=deque)
     answered: dict[int, float] = field(default_factory=dict)
@@ -108,6 +109,7 @@ class Simulator:
 
     def hello(self, s: SimSlave, now: float) -> None:
         s.asked.clear()
+        s.welcomed = False
         self.send(s, self.messages.Hello(name=s.name, slots=s.slots, platform="linux-sim", version="sim",
                                          pid=os.getpid(), running=list(s.answered)).encode(), now)
 
@@ -162,6 +164,7 @@ class Simulator:
         elif raw.command == Command.ACK:
             self.acked(s, msg.tickets, now)
         elif raw.command == Command.WELCOME:
+            s.welcomed = True
             self.shared.welcomed[self.index] += 1
             self.ask(s, s.slots, now)
 
@@ -186,7 +189,7 @@ class Simulator:
         frames = self.messages.Heartbeat(load=0.0, memory=0.0, disk=0.0, busy=0).encode()
         beats = 0
         for s in self.slaves:
-            if now - s.last_sent >= HEARTBEAT:
+            if s.welcomed and now - s.last_sent >= HEARTBEAT:  # like a slave: once its HELLO was answered
                 self.send(s, frames, now)
                 beats += 1
         self.shared.heartbeats[self.index] += beats
