@@ -70,7 +70,8 @@ def main() -> None:
         try:
             for label, (argv, shell_cmd) in workloads.items():
                 xargs = time_shell(cluster, f"seq {n} | xargs -P2 -I{{}} {shell_cmd}")
-                parallel = time_shell(cluster, f"seq {n} | parallel -j2 -N0 {shell_cmd} >/dev/null") if have_parallel else None
+                parallel = (time_shell(cluster, f"seq {n} | parallel -j2 -N0 {shell_cmd} >/dev/null")
+                            if have_parallel else None)
                 tf = time_ticketfarm(cluster, f"bench-{label.replace(' ', '-').replace('/', '')}", argv, n)
                 rows.append((label, xargs, parallel, tf))
         finally:

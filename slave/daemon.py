@@ -21,7 +21,6 @@ from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
-from slave.workdirs import WorkDirs
 from slave.runner import (
     MANIFEST,
     STDERR,
@@ -31,6 +30,7 @@ from slave.runner import (
     Worker,
     remove_workdir,
 )
+from slave.workdirs import WorkDirs
 from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
 from ticketfarm.keys import ClientKeys, dealer

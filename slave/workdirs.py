@@ -2,8 +2,8 @@
 
 Making and above all removing a directory is the slowest file-system step of a tiny ticket (`rmdir` took ~1.2 ms
 on this project's disk with online discard, a `rename` ~15 µs), so an acknowledged ticket's directory is emptied of
-its files and renamed into a small pool of this slave's under `<work_root>/.free/`, and the next ticket's directory is renamed out
-of it. A directory that holds more than plain files is removed whole instead.
+its files and renamed into a small pool of this slave's under `<work_root>/.free/`, and the next ticket's directory
+is renamed out of it. A directory that holds more than plain files is removed whole instead.
 """
 from __future__ import annotations
 
