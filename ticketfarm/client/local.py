@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -67,20 +66,18 @@ class LocalCluster:
         return self.master.store.task_counts(sweep.name)
 
     def close(self, interrupted: bool = False) -> None:
-        """Stop the master (its tickets given back without cost when the user `interrupted` the run), then the
-        slaves."""
+        """The master says goodbye (its tickets given back without cost when the user `interrupted` the run), then
+        every slave is stopped at once: local slaves live and die with this run, and one still starting (or
+        reconnecting) would otherwise wait for a master that is gone."""
         if interrupted:
             self.master.release_all("interrupted by the user")
         self.master.close()
-        deadline = time.time() + 5
         for proc in self.slaves:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.terminate()
         for proc in self.slaves:
             try:
-                proc.wait(timeout=3)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -90,7 +87,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm"))
