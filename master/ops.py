@@ -170,14 +170,18 @@ def forget_results(master: "Master", header: dict[str, Any]) -> Reply:
 
 
 def live_slaves(master: "Master", header: dict[str, Any]) -> Reply:
-    """What only the loop knows about connected slaves: credit, last heard, draining."""
+    """What only the loop knows: connected slaves (credit, last heard, draining, tickets held), keys refused
+    since they last got in, and the state dir (the playbooks check a rollout against all three)."""
     window = master.config.heartbeat_interval * master.config.liveness
     now = time.time()
     return {"ok": True, "slaves": {
         s.name: {"connected": True, "credit": s.credit, "last_heard": s.expiry - window,
                  "last_heartbeat": s.last_heartbeat or None, "seconds_since_heard": round(now - (s.expiry - window), 3),
-                 "draining": s.name in master.draining, "heartbeat": s.info}
-        for s in master.sessions.values()}, "draining": sorted(master.draining)}
+                 "draining": s.name in master.draining, "heartbeat": s.info,
+                 "tickets": len(master.scheduler.tickets_of(s.name))}
+        for s in master.sessions.values()}, "draining": sorted(master.draining),
+        "refused": master.zap.refusals() if master.zap is not None else [],
+        "state_dir": str(master.state_dir.resolve())}
 
 
 OPS: dict[str, Callable[["Master", dict[str, Any]], Reply]] = {
