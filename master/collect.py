@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from master.spec import CollectRule, Sweep
-from master.store import StoredOutput, Store
+from master.store import Store, StoredOutput
+from ticketfarm.spec import CollectRule, Sweep
 
 READ_SIZE = 1024 * 1024
 #: Results larger than this appear in tables as their stored path, not their content.

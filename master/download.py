@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 from master.collect import _cell, _outputs_of, output_chunks
-from master.spec import Sweep
 from master.store import Store
+from ticketfarm.spec import Sweep
 
 #: Download formats: the collection modes that produce one file.
 FORMATS = ("concat", "blockwise", "csv", "jsonl")

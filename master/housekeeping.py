@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from master.protocol import Command
+from ticketfarm.protocol import Command
 
 if TYPE_CHECKING:
     from master.server import Master

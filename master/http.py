@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -25,17 +25,25 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import structlog
 import zmq
 
-from master import protocol
+import ticketfarm
 from master.collect import output_chunks
-from master.config import ConfigError, MasterConfig
+from master.config import MasterConfig
 from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
-from master.keys import dealer
 from master.metrics import Metrics
-from master.protocol import Command
-from master.spec import parse_spec
-from master.stats import SweepStats, all_sweep_stats, format_report, slave_stats, sweep_stats
+from master.stats import (
+    SweepStats,
+    all_sweep_stats,
+    format_report,
+    slave_stats,
+    sweep_stats,
+)
 from master.store import Store
+from ticketfarm import protocol
+from ticketfarm.errors import ConfigError
+from ticketfarm.keys import dealer
+from ticketfarm.protocol import Command
+from ticketfarm.spec import parse_spec
 
 if TYPE_CHECKING:
     from master.server import Master
@@ -575,13 +583,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 # -- endpoints -------------------------------------------------------------------------------------
-def _version() -> str:
-    try:
-        return metadata.version("ticketfarm")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _sweep_json(s: SweepStats, row: Any = None) -> dict[str, Any]:
     d = asdict(s)
     d["progress"] = round(s.settled / s.total, 4) if s.total else 1.0
@@ -736,7 +737,7 @@ class Endpoints:
     def info(req: Request) -> Response:
         api = req.api
         return json_response({
-            "name": "ticketfarm", "version": _version(), "protocol": protocol.VERSION, "epoch": api.epoch,
+            "name": "ticketfarm", "version": ticketfarm.__version__, "protocol": protocol.VERSION, "epoch": api.epoch,
             "started": api.started, "uptime": round(time.time() - api.started, 3), "endpoint": api.master_endpoint,
             "http": api.url, "auth": {"open_reads": api.open_reads, "tokens": len(api.token_hashes)},
         })

@@ -5,7 +5,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from master.spec import Sweep
+from ticketfarm.spec import Sweep
 
 if TYPE_CHECKING:
     from master.server import Master
@@ -35,7 +35,7 @@ def submit(master: "Master", header: dict[str, Any]) -> Reply:
             return _fail("bad_request", "status_callback_url must be an http:// or https:// URL")
         if not secret:
             return _fail("bad_request", "status_callback_secret is required (the master has no callback_secret)")
-    from master.server import SweepExists  # server imports this module
+    from ticketfarm.errors import SweepExists
 
     if url is not None and master.store.sweep(sweep.name) is None:
         # Same transaction as the sweep_submitted event: the sender finds the URL when it reads that event.

@@ -6,7 +6,7 @@ Function bodies live once in the store's `functions` table; a slave asks for a
 body it lacks with CODE_REQUEST and caches it, so a function crosses the wire
 once per slave, not once per task.
 
-API clients (master/api.py) speak CONTROL ops named `py_*` on the master's
+API clients (ticketfarm/client/futures.py) speak CONTROL ops named `py_*` on the master's
 ROUTER socket, each answered by a REPLY echoing the client's `rid`:
 
     py_add     header {sweep, spec, first, fns, reprs, functions, sizes}; payload: one frame per new function
@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from master.protocol import Command, Message, ProtocolError, field_of, split_frame
-from master.spec import NAME_RE, CollectRule, Sweep
 from master.store import FINAL_TASK_STATES, StoredOutput
+from ticketfarm.errors import ProtocolError
+from ticketfarm.protocol import FETCH_MAX, Command, Message, field_of, split_frame
+from ticketfarm.spec import NAME_RE, PYTHON_RESULTS, CollectRule, Sweep
 
 if TYPE_CHECKING:
     from master.scheduler import Ticket
@@ -44,15 +45,11 @@ log = structlog.get_logger("ticketfarm.pysweep")
 
 #: A python task's value: the pickled return value, or the pickled exception and remote traceback.
 VALUE_OUTPUTS = ("result", "error")
-#: Result names of a python sweep: its value, and what the function printed (when it printed anything).
-RESULTS = {"result": "python", "error": "python", "stdout": "python", "stderr": "python"}
 #: Python tickets per TICKET message at most, and about this many bytes of arguments.
 TICKET_BATCH = 256
 TICKET_BYTES = 1024 * 1024
 #: Settled tasks per NOTIFY message at most.
 NOTIFY_BATCH = 1000
-#: Largest piece of a large result one py_fetch returns.
-FETCH_MAX = 1024 * 1024
 #: A client silent this many seconds (it pings every second) stops being sent notifications.
 CLIENT_EXPIRY = 60.0
 
@@ -174,7 +171,7 @@ class PythonSweeps:
             sweep = Sweep.from_json(field_of(msg, "spec", str))
             if sweep.kind != "python" or sweep.name != name or not NAME_RE.match(name):
                 raise ValueError(f"py_add: {name!r} needs a python sweep spec with that name")
-            sweep.params, sweep.results = [], dict(RESULTS)
+            sweep.params, sweep.results = [], dict(PYTHON_RESULTS)
             # `ticketfarm collect` writes a folder per task: params.json (the call) and the pickled result or error.
             # The master never unpickles them: a result's pickle may run code wherever it is loaded.
             sweep.collect = [CollectRule("folders", name)]

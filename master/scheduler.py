@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 import structlog
 
-from master.spec import Sweep
 from master.store import Store
+from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.scheduler")
 

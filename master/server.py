@@ -11,22 +11,24 @@ from typing import Any, Callable
 import structlog
 import zmq
 
-from master import keys, ops, protocol
+from master import ops
 from master.callbacks import CallbackSender
-from master.config import ConfigError, MasterConfig
+from master.config import MasterConfig
 from master.events import EventBatch
 from master.housekeeping import Housekeeping
-from master.keys import KeyRing, Peer, ZapHandler
 from master.metrics import Metrics
-from master.protocol import Command, Message, ProtocolError, field_of
 from master.pysweep import PythonSweeps
 from master.scheduler import Scheduler, Ticket
-from master.spec import Sweep
 from master.stats import all_sweep_stats, format_report
-from master.store import FINAL_TASK_STATES, StoredOutput, Store
+from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from master.stragglers import Stragglers
 from master.validate import Validator
 from master.workers import Placement
+from ticketfarm import keys, protocol
+from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, SweepExists
+from ticketfarm.keys import KeyRing, Peer, ZapHandler
+from ticketfarm.protocol import Command, Message, field_of
+from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.master")
 
@@ -82,9 +84,6 @@ class Transfer:
     outputs: list[StoredOutput]
     files: dict[str, IncomingFile]
 
-
-class SweepExists(ConfigError):
-    """A sweep of that name exists with a different spec."""
 
 
 class Master:
@@ -170,7 +169,7 @@ class Master:
                 log.info("key_created", path=str(path))
         try:
             self._public_key, self._secret_key = keys.load_keypair(secret)
-        except keys.KeyFileError as exc:
+        except KeyFileError as exc:
             raise ConfigError(str(exc)) from None
         ring = KeyRing(self.state_dir / cfg.authorized_slaves, self.state_dir / cfg.authorized_clients)
         try:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
-from master import template
-from master.spec import Validation
+from ticketfarm import template
+from ticketfarm.spec import Validation
 
 if TYPE_CHECKING:
     from master.server import Master, Transfer

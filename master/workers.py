@@ -5,9 +5,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from master import protocol
-from master.protocol import Command, Message, ProtocolError, field_of
-from master.spec import ShippedWorker, Sweep
+from ticketfarm import protocol
+from ticketfarm.errors import ProtocolError
+from ticketfarm.protocol import Command, Message, field_of
+from ticketfarm.spec import ShippedWorker, Sweep
 
 if TYPE_CHECKING:
     from master.scheduler import ActiveSweep

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from master.config import MasterConfig
-from master.local import LocalCluster
-from master.logs import configure_logging
-from master.spec import Sweep
+from ticketfarm.client.local import LocalCluster
+from ticketfarm.logs import configure_logging
+from ticketfarm.spec import Sweep
 
 
 def time_shell(cmd: str) -> float:

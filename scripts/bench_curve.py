@@ -18,9 +18,9 @@ from pathlib import Path
 import zmq
 
 from master.config import MasterConfig
-from master.local import LocalCluster
-from master.logs import configure_logging
-from master.spec import Sweep
+from ticketfarm.client.local import LocalCluster
+from ticketfarm.logs import configure_logging
+from ticketfarm.spec import Sweep
 
 WORKLOADS = {
     "/bin/true": ["/bin/true"],

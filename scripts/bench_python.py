@@ -69,7 +69,7 @@ def timed(run: Callable[[Callable[[Any], Any], int], list[Any]], fn: Callable[[A
 
 
 def bench_ticketfarm(args: argparse.Namespace) -> dict[str, float]:
-    from master import Cluster
+    from ticketfarm import Cluster
 
     with Cluster(local=WORKERS, durability=args.durability) as cluster:
         cluster.wait_for_slaves(WORKERS)

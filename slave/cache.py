@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import structlog
 
-from master import protocol
+from ticketfarm import protocol
 
 log = structlog.get_logger("ticketfarm.cache")
 

@@ -5,7 +5,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from master.config import ConfigError, build, load_toml
+from ticketfarm.config import build, load_toml
+from ticketfarm.errors import ConfigError
 
 
 @dataclass

@@ -17,20 +17,28 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from master import protocol
-from master.config import ConfigError
-from master.keys import ClientKeys, KeyFileError, dealer
-from master.logs import configure_logging
-from master.protocol import Command, Message, ProtocolError
+import ticketfarm
 from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
-from slave.runner import MANIFEST, STDERR, STDOUT, Outcome, TicketSpec, UnsafePath, Worker, remove_workdir
+from slave.runner import (
+    MANIFEST,
+    STDERR,
+    STDOUT,
+    Outcome,
+    TicketSpec,
+    Worker,
+    remove_workdir,
+)
+from ticketfarm import protocol
+from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
+from ticketfarm.keys import ClientKeys, dealer
+from ticketfarm.logs import configure_logging
+from ticketfarm.protocol import Command, Message
 
 log = structlog.get_logger("ticketfarm.slave")
 
-VERSION = "0.1.0"
 #: Results per RESULT message at most, and about this many bytes of inline outputs.
 RESULT_BATCH = 256
 RESULT_BYTES = 1024 * 1024
@@ -129,7 +137,7 @@ class Slave:
         self.send(Command.HELLO, {
             "protocol": protocol.VERSION, "name": self.config.name, "platform": self.platform,
             "cpus": self.cpus, "memory_mb": self.memory_mb,
-            "slots": self.config.slots, "version": VERSION, "pid": os.getpid(),
+            "slots": self.config.slots, "version": ticketfarm.__version__, "pid": os.getpid(),
             "running": list(self.running) + [t.ticket for t in self.waiting], "held": list(self.outbox),
         })
 

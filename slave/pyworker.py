@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from master.protocol import INLINE_LIMIT
-from master.pyerrors import RemoteError
+from ticketfarm.errors import RemoteError
+from ticketfarm.protocol import INLINE_LIMIT
 
 #: Answers are held back at most this long while more tasks of the same request run.
 FLUSH_AFTER = 0.001

@@ -15,8 +15,9 @@ from typing import Any
 
 import psutil
 
-from master import template
-from master.protocol import ProtocolError, split_frame
+from ticketfarm import template
+from ticketfarm.errors import ProtocolError, ResultMissing, UnsafePath
+from ticketfarm.protocol import split_frame
 
 STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
@@ -249,12 +250,6 @@ class Worker:
         return outputs
 
 
-class ResultMissing(Exception):
-    """A declared result file is not there after the worker exited 0."""
-
-
-class UnsafePath(ValueError):
-    """A file name that would leave the ticket's work dir."""
 
 
 def safe_join(root: Path, name: str) -> Path:

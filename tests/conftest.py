@@ -13,9 +13,10 @@ from typing import Any, Callable
 
 import pytest
 
-from master import keys
-from master.client import MasterUnreachable, control
-from master.spec import load_spec
+from ticketfarm import keys
+from ticketfarm.client.control import control
+from ticketfarm.errors import MasterUnreachable
+from ticketfarm.spec import load_spec
 
 HEARTBEAT = 0.2
 LIVENESS = 5
@@ -81,7 +82,7 @@ class MasterProcess:
 
     def start(self) -> "MasterProcess":
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(self.state),
+            self.proc = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(self.state),
                                           "--log-level", "info", "master"], stdout=log, stderr=log)
         wait_for(self.alive, 10, "master to answer")
         return self
@@ -187,5 +188,5 @@ def start_slave(tmp_path: Path, master: MasterProcess):
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "master.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ticketfarm", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)

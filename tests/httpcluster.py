@@ -62,11 +62,11 @@ class HttpCluster:
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = 5\ndeadline_grace = 2.0\n'
             f'http_bind = "127.0.0.1:{hport}"\nhttp_token_hash = "{hash_token(TOKEN)}"\n'
             f'callback_secret = "{CALLBACK_SECRET}"\ncallback_backoff = 0.1\ndurability = "normal"\n' + extra_config)
-        from master.keys import init_state_keys
+        from ticketfarm.keys import init_state_keys
 
         init_state_keys(state)  # before the slaves start: they need the master's public key
         self.log = open(state / "master.log", "wb")
-        self.master = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(state), "master"],
+        self.master = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(state), "master"],
                                        env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.slaves: list[subprocess.Popen[bytes]] = []
         try:

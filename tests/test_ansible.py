@@ -149,8 +149,8 @@ class Hosts:
         return self._run(cmd)
 
     def deploy(self, *args: str) -> Run:
-        """`ticketfarm deploy` (master/deploy.py through the CLI)."""
-        cmd = [sys.executable, "-m", "master.cli", "deploy", "-i", str(self.inventory),
+        """`ticketfarm deploy` (ticketfarm/deploy.py through the CLI)."""
+        cmd = [sys.executable, "-m", "ticketfarm", "deploy", "-i", str(self.inventory),
                "--wheelhouse", str(self.wheelhouse), "-e", f"@{self.vars_file}", *args]
         return self._run(cmd)
 
@@ -211,7 +211,7 @@ class Master:
     proc: subprocess.Popen[bytes]
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "master.cli", "--state", str(self.state), *args],
+        return subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(self.state), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     def slaves(self) -> dict[str, dict[str, str]]:
@@ -247,7 +247,7 @@ def master(hosts: Hosts, tmp_path_factory: pytest.TempPathFactory) -> Any:
         f'bind = "{hosts.master_endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
         'deadline_grace = 3.0\ndurability = "normal"\n')
     log = open(state / "master.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(state), "--log-level", "info",
+    proc = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(state), "--log-level", "info",
                              "master"], cwd=ROOT, stdout=log, stderr=log)
     m = Master(state, hosts.master_endpoint, proc)
     try:
@@ -290,7 +290,7 @@ def results_by_host(csv_path: Path) -> dict[int, str]:
     return seen
 
 
-# -- master/deploy.py without hosts -----------------------------------------------------
+# -- ticketfarm/deploy.py without hosts -----------------------------------------------------
 
 
 def _fake_wheel(path: Path, files: dict[str, bytes]) -> Path:
@@ -302,7 +302,7 @@ def _fake_wheel(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_wheelhouse_sync_changes_only_on_new_contents(tmp_path: Path) -> None:
-    from master import deploy
+    from ticketfarm import deploy
     built, dest = tmp_path / "built", tmp_path / "dest"
     built.mkdir(), dest.mkdir()
     _fake_wheel(built / "ticketfarm-0.1.0-py3-none-any.whl", {"a.py": b"1"})
@@ -320,7 +320,8 @@ def test_wheelhouse_sync_changes_only_on_new_contents(tmp_path: Path) -> None:
 
 def test_deploy_command_line() -> None:
     import argparse
-    from master import deploy
+
+    from ticketfarm import deploy
     parser = argparse.ArgumentParser()
     deploy.add_deploy_parser(parser.add_subparsers())
     args = parser.parse_args(["deploy", "-i", "inv", "--action", "restart", "--check", "-e", "a=1"])
@@ -424,7 +425,7 @@ def test_cut_link_reassigns_tickets_and_the_slave_reconnects(hosts: Hosts, maste
     wait_for(lambda: master.alive() >= set(HOSTS), 20, "all 3 slaves alive")
     cut = "h2"
     spec = sweep_spec(tmp_path / "cut.toml", "cut", 150, "sleep 0.1; echo {x}; hostname")
-    run = subprocess.Popen([sys.executable, "-m", "master.cli", "--state", str(master.state), "run", str(spec),
+    run = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(master.state), "run", str(spec),
                             "--out", str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -504,7 +505,7 @@ def test_master_playbook_installs_a_running_master_and_removes_it(hosts: Hosts, 
     assert run.ok() and run.changed()["h1"] > 0, run.output
     state = hosts.root("h1") / "var" / "lib" / "ticketfarm-master"
     assert endpoint in (state / "master.toml").read_text()
-    status = subprocess.run([sys.executable, "-m", "master.cli", "--master", endpoint, "--state", str(state),
+    status = subprocess.run([sys.executable, "-m", "ticketfarm", "--master", endpoint, "--state", str(state),
                              "status"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert status.returncode == 0, status.stdout + status.stderr
     again = hosts.playbook("master.yml", *extra)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import zmq
 
-from master import protocol
-from master.protocol import Command
 from master.store import Store
 from tests.conftest import HEARTBEAT, LIVENESS, MasterProcess, wait_for, write_spec
+from ticketfarm import protocol
+from ticketfarm.protocol import Command
 
 SLOW_SPEC = """
     name = "{name}"

@@ -389,7 +389,7 @@ def test_cli_uses_the_http_api(cluster: HttpCluster, tmp_path: Path) -> None:
 
     def cli(*args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
         extra = ["--token", token] if token else []
-        return subprocess.run([sys.executable, "-m", "master.cli", "--state", str(tmp_path / "nostate"),
+        return subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(tmp_path / "nostate"),
                                "--http", cluster.url, *extra, *args], env=env(), cwd=ROOT,
                               capture_output=True, text=True, timeout=30)
 
@@ -414,11 +414,12 @@ def test_cli_uses_the_http_api(cluster: HttpCluster, tmp_path: Path) -> None:
 
 # -- in-process: refusal of a remote bind without a token, and 500 with an error id -----------------------------------
 def test_remote_bind_without_token_is_refused(tmp_path: Path) -> None:
-    from master.config import ConfigError, MasterConfig
+    import zmq
+
+    from master.config import MasterConfig
     from master.http import HttpApi
     from master.metrics import Metrics
-
-    import zmq
+    from ticketfarm.errors import ConfigError
 
     config = MasterConfig(http_bind="0.0.0.0:0")
     with pytest.raises(ConfigError, match="not loopback"):
@@ -464,8 +465,8 @@ def test_internal_error_answers_500_with_an_id(tmp_path: Path, monkeypatch: pyte
 
 # -- python sweeps are seen like command sweeps --------------------------------------------------------------
 def test_a_python_sweep_is_visible_over_http_like_a_command_sweep(cluster: HttpCluster) -> None:
-    from master import Cluster
     from tests import fixtures_tasks as tasks
+    from ticketfarm import Cluster
 
     with Cluster(address=cluster.endpoint, keys=cluster.state / "keys") as client:
         handle = client.sweep(tasks.square, range(30), name="py-visible")

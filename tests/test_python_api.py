@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 import zmq
 
-from master import Cluster, TaskFailed, protocol
-from master.keys import dealer
-from master.protocol import Command
-from master.pyerrors import RemoteTraceback
-from master.pysweep import RESULTS
-from master.spec import Sweep
 from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT, run_cli, wait_for
+from ticketfarm import Cluster, protocol
+from ticketfarm.errors import RemoteTraceback, TaskFailed
+from ticketfarm.keys import dealer
+from ticketfarm.protocol import Command
+from ticketfarm.spec import PYTHON_RESULTS, Sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +132,7 @@ def test_slave_killed_mid_map_the_map_completes():
 
 FIRST = """
 import sys
-from master import Cluster
+from ticketfarm import Cluster
 from tests import fixtures_tasks as tasks
 c = Cluster(address=sys.argv[1])
 handle = c.sweep(tasks.slow_square, range(40), name="keep-me")
@@ -143,7 +142,7 @@ c.close()  # returns once the master has stored the tasks; they run on without t
 
 SECOND = """
 import json, sys
-from master import Cluster
+from ticketfarm import Cluster
 with Cluster(address=sys.argv[1]) as c:
     print(json.dumps(list(c.attach("keep-me").results(timeout=60))))
 """
@@ -166,7 +165,7 @@ def test_reattach_by_name_from_a_second_process(master, start_slave):
 
 def _py_add(sock: zmq.Socket, rid: int, sizes: list[int], args: bytes) -> dict:
     """Send a hand-made py_add of two tasks (no function body: nothing runs them) and return the REPLY header."""
-    spec = Sweep(name="hand-made", params=[], kind="python", timeout=30.0, max_attempts=1, results=dict(RESULTS))
+    spec = Sweep(name="hand-made", params=[], kind="python", timeout=30.0, max_attempts=1, results=dict(PYTHON_RESULTS))
     header = {"op": "py_add", "rid": rid, "sweep": spec.name, "spec": spec.to_json(), "first": 0,
               "fns": ["0" * 64] * 2, "reprs": ["a", "b"], "functions": [], "sizes": sizes}
     sock.send_multipart(protocol.encode(Command.CONTROL, header, [args]))

@@ -20,11 +20,20 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from master import keys, protocol
-from master.client import MasterUnreachable, control
-from master.protocol import Command
 from master.store import Store
-from tests.conftest import HEARTBEAT, MasterProcess, free_port, run_cli, slave_key_args, wait_for, write_spec
+from tests.conftest import (
+    HEARTBEAT,
+    MasterProcess,
+    free_port,
+    run_cli,
+    slave_key_args,
+    wait_for,
+    write_spec,
+)
+from ticketfarm import keys, protocol
+from ticketfarm.client.control import control
+from ticketfarm.errors import MasterUnreachable
+from ticketfarm.protocol import Command
 
 ECHO_SPEC = """
     name = "{name}"
@@ -557,8 +566,8 @@ def test_keys_survive_hand_edits_of_the_authorised_dir(tmp_path: Path) -> None:
 
 
 def test_oversized_parameters_are_refused_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from master import spec as spec_module
-    from master.config import ConfigError
+    from ticketfarm import spec as spec_module
+    from ticketfarm.errors import ConfigError
 
     def parse(text: str) -> None:
         spec_module.parse_spec(tomllib.loads(text), tmp_path, "s.toml")

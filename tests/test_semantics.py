@@ -11,14 +11,21 @@ import time
 from pathlib import Path
 
 import psutil
-
 import pytest
 
-from master.config import ConfigError
-from master.spec import parse_spec
 from master.store import Store
 from slave.daemon import platform_tag
-from tests.conftest import HEARTBEAT, MasterProcess, free_port, run_cli, slave_key_args, wait_for, write_spec
+from tests.conftest import (
+    HEARTBEAT,
+    MasterProcess,
+    free_port,
+    run_cli,
+    slave_key_args,
+    wait_for,
+    write_spec,
+)
+from ticketfarm.errors import ConfigError
+from ticketfarm.spec import parse_spec
 
 WORKER_SCRIPT = "#!/bin/sh\necho \"simulated $1\"\n"
 
@@ -90,7 +97,7 @@ def test_new_spec_fields_are_checked_by_name(tmp_path: Path, extra: dict, error:
 
 
 def test_new_spec_fields_parse_and_survive_the_store(tmp_path: Path) -> None:
-    from master.spec import Sweep
+    from ticketfarm.spec import Sweep
 
     (tmp_path / "sim.sh").write_text(WORKER_SCRIPT)
     sweep = parse_spec({"name": "s", "command": "{worker} {n}", "parameters": {"grid": {"n": [1]}},

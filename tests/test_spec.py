@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from master.config import ConfigError
-from master.spec import load_spec
-from master.template import render_shell
 from tests.conftest import run_cli, write_spec
+from ticketfarm.errors import ConfigError
+from ticketfarm.spec import load_spec
+from ticketfarm.template import render_shell
 
 
 def test_csv_with_pipe_delimiter_gives_one_task_per_row(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from master.spec import Sweep
 from master.store import Store, StoredOutput
+from ticketfarm.spec import Sweep
 
 
 def _store_with_sweep(path: Path, tasks: int = 4) -> Store:

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ticketfarm.errors import ProtocolError
+
 PROTOCOL = b"TFP1"
 VERSION = 1
 
@@ -24,6 +26,8 @@ VERSION = 1
 CHUNK_SIZE = 256 * 1024
 #: Outputs up to this size travel inside the RESULT message itself.
 INLINE_LIMIT = 64 * 1024
+#: Largest piece of a large python result one py_fetch returns.
+FETCH_MAX = 1024 * 1024
 
 
 class Command(enum.IntEnum):
@@ -54,9 +58,6 @@ class Command(enum.IntEnum):
     REFUSED = 0x15         # M->S  a sweep this slave cannot run (no worker for its platform): it gets no tickets of it
     NO_WORK = 0x16         # M->S  every sweep is over: nothing more to do (the slave stays or exits, per its config)
 
-
-class ProtocolError(ValueError):
-    """A message that does not follow this protocol; it is logged and dropped."""
 
 
 @dataclass

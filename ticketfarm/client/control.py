@@ -5,13 +5,10 @@ from typing import Any
 
 import zmq
 
-from master import protocol
-from master.keys import ClientKeys, dealer
-from master.protocol import Command
-
-
-class MasterUnreachable(ConnectionError):
-    """No master answered at the given address in time."""
+from ticketfarm import protocol
+from ticketfarm.errors import MasterUnreachable
+from ticketfarm.keys import ClientKeys, dealer
+from ticketfarm.protocol import Command
 
 
 def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | None = None,

@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from master.api_client import TOKEN_FILE, ApiClient, api_url_from_config, find_token
-from master.config import ConfigError, load_master_config, load_toml, master_config_path
-from master.spec import load_spec
+from master.config import load_master_config, master_config_path
 from master.stats import table
+from ticketfarm.client.http import (
+    TOKEN_FILE,
+    ApiClient,
+    api_url_from_config,
+    find_token,
+)
+from ticketfarm.config import load_toml
+from ticketfarm.errors import ConfigError
+from ticketfarm.spec import load_spec
 
 API = "/api/v1"
 

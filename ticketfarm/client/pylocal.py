@@ -1,4 +1,4 @@
-"""`python -m master.pylocal`: a master plus N local slaves in a child process of a `Cluster(local=N)`.
+"""`python -m ticketfarm.client.pylocal`: a master plus N local slaves in a child process of a `Cluster(local=N)`.
 
 Prints one JSON line `{"endpoint": ..., "slaves": [pid, ...]}` on stdout once the master is bound,
 then serves until its stdin closes (the parent exited or closed the cluster) or SIGTERM/SIGINT.
@@ -13,12 +13,12 @@ import threading
 from pathlib import Path
 
 from master.config import MasterConfig
-from master.local import LocalCluster
-from master.logs import configure_logging
+from ticketfarm.client.local import LocalCluster
+from ticketfarm.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m master.pylocal")
+    parser = argparse.ArgumentParser(prog="python -m ticketfarm.client.pylocal")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--slaves", type=int, default=2)
     parser.add_argument("--slots", type=int, default=1)

@@ -8,10 +8,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from master import keys
-from master.config import MasterConfig, load_master_config, master_config_path, write_default_master_config
+from master.config import (
+    MasterConfig,
+    load_master_config,
+    master_config_path,
+    write_default_master_config,
+)
 from master.server import Master
-from master.spec import Sweep
+from ticketfarm import keys
+from ticketfarm.spec import Sweep
 
 
 class LocalCluster:

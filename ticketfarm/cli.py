@@ -10,17 +10,30 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from master import cli_http, keys
-from master.client import MasterUnreachable, client_endpoint, control
 from master.collect import collect, remove_collected
-from master.config import ConfigError, MasterConfig, load_master_config, master_config_path, write_default_master_config
-from master.local import LocalCluster, default_state_dir
-from master.logs import configure_logging
-from master.progress import ProgressBar
+from master.config import (
+    MasterConfig,
+    load_master_config,
+    master_config_path,
+    write_default_master_config,
+)
 from master.server import Master
-from master.spec import load_spec
-from master.stats import SweepStats, all_sweep_stats, format_report, slave_stats, sweep_stats, table
+from master.stats import (
+    SweepStats,
+    all_sweep_stats,
+    format_report,
+    slave_stats,
+    sweep_stats,
+    table,
+)
 from master.store import Store
+from ticketfarm import cli_http, keys
+from ticketfarm.client.control import client_endpoint, control
+from ticketfarm.client.local import LocalCluster, default_state_dir
+from ticketfarm.client.progress import ProgressBar
+from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable
+from ticketfarm.logs import configure_logging
+from ticketfarm.spec import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="save it as STATE/http.token and add its hash to master.toml")
     p.set_defaults(func=lambda args: cli_http.make_token(args.state, args.write))
     try:
-        from master.deploy import add_deploy_parser
+        from ticketfarm.deploy import add_deploy_parser
     except ImportError:
         pass
     else:
@@ -350,7 +363,7 @@ def _keys(args: argparse.Namespace) -> keys.ClientKeys | None:
         return None
     try:
         return keys.client_keys_for(args.state, args.keys)
-    except keys.KeyFileError as exc:
+    except KeyFileError as exc:
         raise ConfigError(str(exc)) from None
 
 

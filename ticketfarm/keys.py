@@ -31,6 +31,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from ticketfarm.errors import KeyFileError
+
 log = structlog.get_logger("ticketfarm.keys")
 
 SLAVE = "slave"
@@ -41,9 +43,6 @@ LOCAL = "local"
 ZAP_DOMAIN = b"ticketfarm"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
-
-class KeyFileError(ValueError):
-    """A key file that is missing or unreadable; the message names it."""
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -382,7 +381,7 @@ def client_keys_for(state_dir: Path | None, keys: Path | str | None = None) -> C
     return ClientKeys.from_dir(keys_dir(state_dir))
 
 
-# -- `ticketfarm keys ...` / `python -m master.keys` ------------------------------------------
+# -- `ticketfarm keys ...` / `python -m ticketfarm.keys` ------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ticketfarm keys", description="Manage CURVE keys of a master state dir.")
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm")))

@@ -12,13 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from master import template
-from master.config import ConfigError, load_toml
+from ticketfarm import template
+from ticketfarm.config import load_toml
+from ticketfarm.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESULT_SOURCES = ("stdout", "stderr", "exit_code")
 COLLECT_MODES = ("concat", "blockwise", "table", "folders")
 TABLE_FORMATS = ("csv", "jsonl")
+#: Result names of a python sweep: its value, and what the function printed (when it printed anything).
+PYTHON_RESULTS = {"result": "python", "error": "python", "stdout": "python", "stderr": "python"}
 #: Most tasks one sweep may have (a grid is counted before it is expanded).
 MAX_TASKS = 5_000_000
 #: Largest parameter file (CSV or JSON lines) read, in bytes.

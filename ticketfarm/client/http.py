@@ -10,20 +10,11 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from master.client import MasterUnreachable
-from master.config import ConfigError, MasterConfig
+from master.config import MasterConfig
+from ticketfarm.errors import ApiRefused, MasterUnreachable
 
 #: File in the state dir holding the CLI's own API token (written by `ticketfarm token`, mode 0600).
 TOKEN_FILE = "http.token"
-
-
-class ApiRefused(ConfigError):
-    """The API answered with an error object; the message is its code and message."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{message} ({status} {code})")
-        self.status = status
-        self.code = code
 
 
 class ApiClient:

@@ -1,7 +1,7 @@
 """Rolling ticketfarm out with Ansible: the wheelhouse build and the `ticketfarm deploy` command."""
 
 # Standard library only: the playbooks run this file directly
-# (`python master/deploy.py wheelhouse ...`) on a controller that may not
+# (`python ticketfarm/deploy.py wheelhouse ...`) on a controller that may not
 # have ticketfarm's dependencies installed.
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def add_deploy_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python master/deploy.py wheelhouse|deploy ...`, used by the playbooks and without the CLI."""
+    """`python ticketfarm/deploy.py wheelhouse|deploy ...`, used by the playbooks and without the CLI."""
     parser = argparse.ArgumentParser(prog="deploy.py")
     sub = parser.add_subparsers(dest="command", required=True)
     wh = sub.add_parser("wheelhouse", help="build the wheelhouse; prints 'changed' or 'unchanged'")

@@ -1,6 +1,6 @@
 """Python functions as tickets: `Cluster` gives futures (submit, map, as_completed, attach) over a ticketfarm master.
 
-    from master import Cluster
+    from ticketfarm import Cluster
     with Cluster(local=2) as cluster:
         print(list(cluster.map(pow, range(10), [2] * 10)))
 
@@ -9,7 +9,7 @@ cluster connection and cached by hash on the master and on each slave. One
 background thread per `Cluster` owns the ZeroMQ socket: it batches submitted
 tasks into `py_add` messages, receives the master's NOTIFY pushes (sent only
 after the results are committed) and resolves the futures. See
-docs/PYTHON-API.md; the wire ops are described in master/pysweep.py.
+docs/PYTHON-API.md; the wire ops are described in master/pysweep.py and docs/PROTOCOL.md.
 """
 from __future__ import annotations
 
@@ -38,12 +38,17 @@ from typing import Any, Callable, Iterable, Iterator
 import cloudpickle
 import zmq
 
-from master import protocol
-from master.keys import client_keys_for, dealer
-from master.protocol import Command
-from master.pyerrors import RemoteError, RemoteTraceback, TaskCancelled, TaskFailed
-from master.pysweep import FETCH_MAX, RESULTS
-from master.spec import Sweep
+from ticketfarm import protocol
+from ticketfarm.errors import (
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    TaskCancelled,
+    TaskFailed,
+)
+from ticketfarm.keys import client_keys_for, dealer
+from ticketfarm.protocol import FETCH_MAX, Command
+from ticketfarm.spec import PYTHON_RESULTS, Sweep
 
 __all__ = ["Cluster", "SweepHandle", "TaskFuture", "TaskFailed", "TaskCancelled", "RemoteError", "as_completed"]
 
@@ -198,7 +203,7 @@ class Cluster:
         # Local slaves see the modules this process sees, so functions pickled by reference import there.
         paths = [str(Path(p or ".").resolve()) for p in sys.path if p == "" or Path(p).is_dir()]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        cmd = [sys.executable, "-m", "master.pylocal", "--state", str(state_dir), "--slaves", str(n),
+        cmd = [sys.executable, "-m", "ticketfarm.client.pylocal", "--state", str(state_dir), "--slaves", str(n),
                "--slots", str(slots), "--prefetch", str(prefetch), "--heartbeat", str(heartbeat),
                "--liveness", str(liveness), "--durability", durability, "--log-level", log_level]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -312,7 +317,7 @@ class Cluster:
         if timeout <= 0 or max_attempts < 1:
             raise ValueError("timeout must be > 0 and max_attempts >= 1")
         return Sweep(name=name, params=[], kind="python", timeout=float(timeout), max_attempts=int(max_attempts),
-                     results=dict(RESULTS))
+                     results=dict(PYTHON_RESULTS))
 
     def _function(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
         try:
@@ -503,7 +508,7 @@ class Cluster:
                 return
             try:
                 msg = protocol.decode(frames)
-            except protocol.ProtocolError:
+            except ProtocolError:
                 continue
             if msg.command == Command.NOTIFY:
                 self._on_notify(msg)
@@ -518,7 +523,7 @@ class Cluster:
         name = str(msg.header.get("sweep"))
         try:
             settled = _notified(msg)
-        except protocol.ProtocolError:
+        except ProtocolError:
             return  # malformed: resolving from it could give a future another task's bytes, so it is dropped whole
         with self._lock:
             state = self._state(name)
@@ -594,12 +599,12 @@ class _Settled:
     def from_item(cls, item: Any) -> "_Settled":
         if not isinstance(item, dict) or not isinstance(item.get("task"), int) or \
                 not isinstance(item.get("state"), str):
-            raise protocol.ProtocolError("NOTIFY: each task needs an int 'task' and a 'state'")
+            raise ProtocolError("NOTIFY: each task needs an int 'task' and a 'state'")
         if item["state"] != "done":
             return cls(item["task"], item["state"], reason=str(item.get("reason") or ""))
         output, size = item.get("output"), item.get("size")
         if not isinstance(output, str) or not isinstance(size, int) or size < 0:
-            raise protocol.ProtocolError("NOTIFY: a done task needs an 'output' and a 'size'")
+            raise ProtocolError("NOTIFY: a done task needs an 'output' and a 'size'")
         return cls(item["task"], "done", output, size, bool(item.get("inline")))
 
 
@@ -607,7 +612,7 @@ def _notified(msg: protocol.Message) -> list[_Settled]:
     """The tasks of a NOTIFY, inline results cut from its one payload frame by their sizes, in item order."""
     items = msg.header.get("tasks")
     if not isinstance(items, list) or len(msg.payload) != 1:
-        raise protocol.ProtocolError("NOTIFY: needs a list 'tasks' and exactly one payload frame")
+        raise ProtocolError("NOTIFY: needs a list 'tasks' and exactly one payload frame")
     settled = [_Settled.from_item(item) for item in items]
     inline = [task for task in settled if task.inline]
     pieces = protocol.split_frame(msg.payload[0], [task.size for task in inline], "NOTIFY: inline sizes")

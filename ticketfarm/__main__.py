@@ -1,0 +1,6 @@
+"""`python -m ticketfarm`: the ticketfarm command."""
+import sys
+
+from ticketfarm.cli import main
+
+sys.exit(main())

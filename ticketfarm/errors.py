@@ -1,0 +1,95 @@
+"""Every error ticketfarm raises on purpose: one base class, one subclass per failure kind.
+
+Errors about something the user wrote (a config file, a sweep spec, a key file) carry the
+offending `source` (file, or file:line) and `field` as attributes, so callers such as the HTTP
+API report the field without reading it back out of the message text.
+"""
+from __future__ import annotations
+
+
+class TicketfarmError(Exception):
+    """Base of every ticketfarm error."""
+
+
+class ConfigError(TicketfarmError, ValueError):
+    """A configuration or spec file that cannot be used; the message names file and field.
+
+    `field` is the offending field's path ("timeout", "inputs[2]", "parameters") when one is to
+    blame, "" otherwise.
+    """
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # keep the field through pickling
+        return (type(self), (str(self), self.field))
+
+
+class SweepExists(ConfigError):
+    """A sweep of that name exists with a different spec."""
+
+
+class KeyFileError(TicketfarmError, ValueError):
+    """A CURVE key file that is missing, unreadable, too open or not a key."""
+
+
+class ProtocolError(TicketfarmError, ValueError):
+    """A message that does not follow the wire protocol; it is logged and dropped."""
+
+
+class MasterUnreachable(TicketfarmError, ConnectionError):
+    """No master answered at the given address in time."""
+
+
+class ApiRefused(ConfigError):
+    """The HTTP API answered with an error object; the message is its code and message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{message} ({status} {code})")
+        self.status = status
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.code, str(self).rsplit(" (", 1)[0]))
+
+
+class TaskFailed(TicketfarmError, RuntimeError):
+    """A task that produced no result: its worker died, timed out or was lost, on every allowed attempt.
+
+    `reason` is the master's readable account, e.g. "python worker died: exit code 3 (after 2 attempts)".
+    """
+
+    def __init__(self, reason: str, sweep: str = "", task: int = -1):
+        super().__init__(reason)
+        self.reason, self.sweep, self.task = reason, sweep, task
+
+    def __reduce__(self):  # keep the fields through pickling
+        return (type(self), (self.reason, self.sweep, self.task))
+
+
+class TaskCancelled(TicketfarmError, RuntimeError):
+    """The task was cancelled (by its client or with its sweep) before it produced a result."""
+
+
+class RemoteTraceback(TicketfarmError):
+    """Carries the traceback text of an exception raised in a worker; set as the exception's __cause__."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class RemoteError(TicketfarmError):
+    """Stands for a worker's exception that could not be pickled or unpickled (its type name and message)."""
+
+
+class ResultMissing(TicketfarmError):
+    """A declared output file that the worker did not write."""
+
+
+class UnsafePath(TicketfarmError, ValueError):
+    """A path in a ticket that would leave its work dir (absolute, `..`, or through a symlink)."""
