@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -32,9 +33,8 @@ NEEDS_WHEELHOUSE = {"install", "restart"}
 BUNDLE = "wheels.tar"
 #: file in the wheelhouse holding source_digest() of the last build
 SOURCE_STAMP = "source.sha256"
-#: what a build leaves out of the checkout (and source_digest() ignores)
-_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "wheelhouse", "*.egg-info",
-                                 "__pycache__", ".*cache", "*.pyc")
+#: files inside the package dirs that are never part of a build
+_JUNK = ("__pycache__", ".pyc")
 #: fixed wheel timestamps, so rebuilding unchanged source gives equal wheels
 SOURCE_DATE_EPOCH = "315532800"
 
@@ -93,10 +93,12 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
             and (dest / BUNDLE).exists()):
         return False                  # same source as the last build: nothing to do
     with tempfile.TemporaryDirectory(prefix="ticketfarm-wheels-") as tmp:
-        # build from a clean copy: setuptools' build/ dir in the checkout
-        # would keep modules that were deleted since the last build
+        # build from a copy of the package's own files: setuptools' build/ dir in the checkout would
+        # keep modules deleted since the last build, and state dirs (keys!) or results have no place in it
         src = Path(tmp) / "src"
-        shutil.copytree(source, src, ignore=_IGNORE)
+        for rel in package_files(source):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, src / rel)
         tmp = str(Path(tmp) / "wheels")
         own = _pip_wheel(python, ["--no-deps", "-w", tmp, str(src)], quiet)
         if own.returncode != 0:
@@ -114,16 +116,32 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
     return changed
 
 
+def package_files(source: Path) -> list[Path]:
+    """What a build needs from the checkout, relative to it: pyproject.toml, the files it names
+    (readme, license) and the files of the packages of [tool.setuptools] packages; nothing else."""
+    try:
+        project = tomllib.loads((source / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DeployError(f"{source / 'pyproject.toml'}: {exc}") from None
+    packages = project.get("tool", {}).get("setuptools", {}).get("packages")
+    if not isinstance(packages, list) or not packages:
+        raise DeployError(f"{source / 'pyproject.toml'}: [tool.setuptools] packages must list the packages "
+                          "(the wheelhouse is built from their files only)")
+    named = [project.get("project", {}).get(k) for k in ("readme", "license")]
+    files = {Path("pyproject.toml"), *(Path(n) for n in named if isinstance(n, str))}
+    for top in sorted({p.split(".")[0] for p in packages}):
+        for path in (source / top).rglob("*"):
+            if path.is_file() and not any(part == _JUNK[0] for part in path.parts) and path.suffix != _JUNK[1]:
+                files.add(path.relative_to(source))
+    return sorted(files)
+
+
 def source_digest(source: Path) -> str:
     """Hash of the files a build copies from the checkout (paths and contents)."""
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(source):
-        ignored = _IGNORE(root, dirs + files)
-        dirs[:] = sorted(d for d in dirs if d not in ignored)
-        for name in sorted(f for f in files if f not in ignored):
-            path = Path(root, name)
-            h.update(str(path.relative_to(source)).encode() + b"\0")
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+    for rel in package_files(source):
+        h.update(str(rel).encode() + b"\0")
+        h.update(hashlib.sha256((source / rel).read_bytes()).digest())
     return h.hexdigest()
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from master import keys
-from master.client import MasterUnreachable, control
+from ticketfarm import keys
+from ticketfarm.client.control import control
+from ticketfarm.errors import MasterUnreachable
 
 #: seconds between two looks at the master while waiting
 POLL = 0.3
@@ -153,7 +154,7 @@ def drain(master: Master, name: str, timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m master.rollout", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ticketfarm.rollout", description=__doc__)
     parser.add_argument("--master", required=True, help="the master's address as the controller reaches it")
     parser.add_argument("--keys-state", type=Path, required=True,
                         help="the controller's keys dir (ticketfarm_keys_state): client keys and slaves' keys")
