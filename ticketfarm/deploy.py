@@ -186,7 +186,7 @@ def playbook_command(source: Path, inventory: str, action: str, *, check: bool =
     cmd = ["ansible-playbook", "-i", inventory, str(source / "playbooks" / PLAYBOOKS[action])]
     if wheelhouse is not None:
         cmd += ["-e", f"ticketfarm_wheelhouse={wheelhouse}", "-e", "ticketfarm_build_wheelhouse=false"]
-    if keys_state is not None:  # the CURVE keys live in the master's state dir (--state); -e below may override
+    if keys_state is not None:  # the controller's keys dir (--state); -e below may override
         cmd += ["-e", f"ticketfarm_keys_state={keys_state}"]
     if check:
         cmd += ["--check", "--diff"]
@@ -195,6 +195,18 @@ def playbook_command(source: Path, inventory: str, action: str, *, check: bool =
     for e in extra or []:
         cmd += ["-e", e]
     return cmd
+
+
+def chosen_state(args: argparse.Namespace) -> Path | None:
+    """`ticketfarm --state DIR deploy` (or $TICKETFARM_STATE): the keys dir; None when neither was given.
+
+    The CLI's bare default (./.ticketfarm of wherever deploy runs) is never passed: in a directory that is
+    no master's state dir it would stand for new keys, and the inventory's ticketfarm_keys_state is meant.
+    """
+    state = getattr(args, "state", None)
+    if state is None or (Path(state) == Path(".ticketfarm") and not os.environ.get("TICKETFARM_STATE")):
+        return None
+    return Path(state).resolve()
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -219,7 +231,7 @@ def deploy(args: argparse.Namespace) -> int:
         return 1
     cmd = playbook_command(source, args.inventory, args.action, check=args.check,
                            wheelhouse=wheelhouse, limit=args.limit, extra=args.extra_vars,
-                           keys_state=Path(args.state).resolve() if getattr(args, "state", None) else None)
+                           keys_state=chosen_state(args))
     print("deploy: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=source).returncode
 
