@@ -26,9 +26,8 @@ import structlog
 import zmq
 
 import ticketfarm
-from master.collect import output_chunks
+from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, output_chunks
 from master.config import MasterConfig
-from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
 from master.metrics import Metrics
 from master.stats import (
@@ -39,10 +38,9 @@ from master.stats import (
     sweep_stats,
 )
 from master.store import Store
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError
 from ticketfarm.keys import dealer
-from ticketfarm.protocol import Command
 from ticketfarm.spec import parse_spec
 
 if TYPE_CHECKING:
@@ -271,10 +269,13 @@ class HttpApi:
         """Send one CONTROL message to the master's loop and wait for its REPLY."""
         sock = dealer(self.context, self.control_endpoint, None)
         try:
-            sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
+            sock.send_multipart(messages.Control(op, fields).encode())
             if not sock.poll(int(CONTROL_TIMEOUT * 1000)):
                 raise ApiError("unavailable", f"the master did not answer {op!r} within {CONTROL_TIMEOUT:g}s")
-            reply = protocol.decode(sock.recv_multipart()).header
+            answer = messages.decode(sock.recv_multipart())
+            if not isinstance(answer, messages.Reply):
+                raise ApiError("unavailable", f"the master answered {op!r} with {answer.COMMAND.name}")
+            reply = answer.as_dict()
         finally:
             sock.close()
         if not reply.get("ok"):
@@ -899,9 +900,9 @@ class Endpoints:
         if result is not None and result not in sweep.results:
             raise ApiError("bad_request", f"no result named {result!r} (known: {', '.join(sweep.results)})",
                            field="result")
-        ext = {"concat": "out", "blockwise": "txt", "csv": "csv", "jsonl": "jsonl"}[fmt]
-        return Stream(collected(req.store, req.api.state_dir, sweep, fmt, result), MEDIA_TYPES[fmt],
-                      {"Content-Disposition": f'attachment; filename="{row.name}.{ext}"'}, after=after)
+        filename = DOWNLOAD_NAMES[fmt].format(row.name)
+        return Stream(Collector(req.store, req.api.state_dir, sweep).chunks(fmt, result), MEDIA_TYPES[fmt],
+                      {"Content-Disposition": f'attachment; filename="{filename}"'}, after=after)
 
     @staticmethod
     def collect(req: Request) -> Stream:

@@ -8,12 +8,14 @@ Every message is a ZeroMQ multipart message:
     frame 3.. payload   raw bytes     binary-safe bodies (file contents, chunks)
 
 On the master's ROUTER socket a routing-id frame precedes frame 0.
-`docs/PROTOCOL.md` describes each command; this module is the reference.
+This module is the reference for frames; `ticketfarm.messages` for each command's header and payload;
+`docs/PROTOCOL.md` describes both.
 """
 from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,8 @@ CHUNK_SIZE = 256 * 1024
 INLINE_LIMIT = 64 * 1024
 #: Largest piece of a large python result one py_fetch returns.
 FETCH_MAX = 1024 * 1024
+#: Deepest nesting of objects and arrays a header may have (the header object itself is level 1).
+MAX_DEPTH = 32
 
 
 class Command(enum.IntEnum):
@@ -87,21 +91,45 @@ def decode(frames: list[bytes]) -> Message:
         command = Command(frames[1][0])
     except ValueError:
         raise ProtocolError(f"unknown command 0x{frames[1][0]:02x}") from None
+    if not _shallow(frames[2]):
+        raise ProtocolError(f"header nested deeper than {MAX_DEPTH} levels")
     try:
         header = json.loads(frames[2])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("header nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     return Message(command, header, [bytes(f) for f in frames[3:]])
 
 
-def field_of(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
-    """A required header field of the given type, or ProtocolError naming it."""
-    value = msg.header.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(f"{msg.command.name}: field {name!r} missing or not {getattr(kind, '__name__', kind)}")
-    return value
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: linear time, never backtracks
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'[]{}"\\')
+
+
+def _shallow(body: bytes) -> bool:
+    """Whether the JSON text nests objects and arrays at most MAX_DEPTH deep (checked before parsing, so a hostile
+    header never reaches the parser's recursion limit). Brackets inside strings do not count.
+
+    Every step runs at C speed: keep only brackets, quotes and backslashes, drop the strings, then strip innermost
+    pairs level by level. Without a backslash quotes alternate open/close, so a string with no brackets is `""`
+    and goes at once, and the others are every other piece between quotes.
+    """
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return True  # the common case, at the cost of two byte counts
+    marks = bytes(body).translate(None, _NOT_MARKS)
+    if b"\\" in marks:
+        brackets = _JSON_STRING.sub(b"", marks)
+    else:
+        brackets = marks.replace(b'""', b"")
+        if b'"' in brackets:
+            brackets = b"".join(brackets.split(b'"')[::2])
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return not brackets
 
 
 def split_frame(frame: bytes, sizes: list[Any], what: str) -> list[bytes]:
