@@ -331,6 +331,11 @@ def test_wheelhouse_takes_the_package_files_only(tmp_path: Path) -> None:
     assert deploy.source_digest(src) == digest                  # a new key or result rebuilds nothing
     (src / "pkg" / "sub" / "m.py").write_text("changed")
     assert deploy.source_digest(src) != digest
+    # a package the list forgets would be missing from the wheel: an error naming it, before any host
+    (src / "pkg" / "new").mkdir()
+    (src / "pkg" / "new" / "__init__.py").write_text("")
+    with pytest.raises(deploy.DeployError, match=r"pkg.new not in \[tool.setuptools\] packages"):
+        deploy.package_files(src)
     (src / "pyproject.toml").write_text('[project]\nname = "x"\n')
     with pytest.raises(deploy.DeployError, match=r"pyproject.toml: \[tool.setuptools\] packages"):
         deploy.package_files(src)

@@ -128,12 +128,25 @@ def package_files(source: Path) -> list[Path]:
         raise DeployError(f"{source / 'pyproject.toml'}: [tool.setuptools] packages must list the packages "
                           "(the wheelhouse is built from their files only)")
     named = [project.get("project", {}).get(k) for k in ("readme", "license")]
+    missing = [name for name in _packages_in(source, packages) if name not in packages]
+    if missing:
+        raise DeployError(f"{source / 'pyproject.toml'}: {', '.join(missing)} not in [tool.setuptools] packages: "
+                          "the wheel would leave them out and the slaves could not import them; add them")
     files = {Path("pyproject.toml"), *(Path(n) for n in named if isinstance(n, str))}
     for top in sorted({p.split(".")[0] for p in packages}):
         for path in (source / top).rglob("*"):
             if path.is_file() and not any(part == _JUNK[0] for part in path.parts) and path.suffix != _JUNK[1]:
                 files.add(path.relative_to(source))
     return sorted(files)
+
+
+def _packages_in(source: Path, packages: list[str]) -> list[str]:
+    """Dotted names of every package (a dir with __init__.py) under the top-level packages listed."""
+    found = set()
+    for top in {p.split(".")[0] for p in packages}:
+        for init in (source / top).rglob("__init__.py"):
+            found.add(".".join(init.parent.relative_to(source).parts))
+    return sorted(found)
 
 
 def source_digest(source: Path) -> str:
