@@ -561,7 +561,7 @@ def test_rolling_restart_drains_each_host_in_turn(walk: Walk, tmp_path: Path) ->
     assert run.ok(), run.output
     # serial 1: one batch per host, each drained before its restart
     assert run.output.count("PLAY [Upgrade and restart ticketfarm slaves") == len(HOSTS), run.output
-    assert run.output.count("TASK [ticketfarm_slave : Drain the slave]") == len(HOSTS), run.output
+    assert run.output.count("RUNNING HANDLER [ticketfarm_slave : Drain the slave]") == len(HOSTS), run.output
     after = {h: walk.pid(h, "slave") for h in HOSTS}
     assert all(after[h] and after[h] != before[h] for h in HOSTS), (before, after)
     assert sweep.returncode == 0, out
