@@ -91,5 +91,5 @@ def load_master_config(state_dir: Path) -> MasterConfig:
     config = build(MasterConfig, load_toml(path), str(path))
     for key, allowed in (("slave_on_no_work", ("", "stay", "exit")), ("slave_delete_workers", ("", "yes", "no"))):
         if getattr(config, key) not in allowed:
-            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}")
+            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}", field=key)
     return config

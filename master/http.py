@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
@@ -42,9 +42,6 @@ from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError
 from ticketfarm.keys import dealer
 from ticketfarm.spec import parse_spec
-
-if TYPE_CHECKING:
-    from master.server import Master
 
 log = structlog.get_logger("ticketfarm.http")
 
@@ -234,16 +231,12 @@ class HttpApi:
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="ticketfarm-http", daemon=True)
 
-    @classmethod
-    def start(cls, master: "Master") -> "HttpApi":
-        api = cls(master.config, master.state_dir, master.context, master.inproc_endpoint, master.endpoint,
-                  master.epoch, master.started, master.metrics)
+    def start(self) -> None:
         # Request threads share the GIL with the event loop: hand it back sooner than the default 5 ms,
         # so the loop never waits long behind a burst of requests (measured by scripts/bench_http.py).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        api._thread.start()
-        log.info("http_listening", url=api.url)
-        return api
+        self._thread.start()
+        log.info("http_listening", url=self.url)
 
     @property
     def url(self) -> str:
@@ -673,9 +666,9 @@ def _submission(req: Request) -> tuple[Any, dict[str, Any]]:
         try:
             sweep = parse_spec(spec, base, "spec")
         except ConfigError as exc:
-            found = re.search(r"field '([^']+)'|(parameters|inputs\[\d+\]|results|collect\[\d+\])", str(exc))
-            fields = {"field": next(g for g in found.groups() if g)} if found else {}
-            raise ApiError("bad_request", str(exc), **fields) from None
+            # Files named in the message are the client's names, not paths in the master's temporary dir.
+            message = str(exc).replace(f"{base}/", "")
+            raise ApiError("bad_request", message, **({"field": exc.field} if exc.field else {})) from None
     return sweep, extra
 
 
@@ -712,7 +705,7 @@ def _check_file_references(spec: dict[str, Any], files: dict[str, Any]) -> None:
         if isinstance(item, dict):
             refs += [(f"inputs[{n}].{k}", item[k]) for k in ("source", "template_file") if k in item]
     for where, name in refs:
-        if name not in files:
+        if isinstance(name, str) and name not in files:  # a name of the wrong type is parse_spec's to report
             raise ApiError("bad_request", f"{where}: file {name!r} must be sent in 'files'", field=where)
 
 

@@ -394,6 +394,11 @@ def test_forged_replayed_and_traversing_results_are_refused(master: MasterProces
     store = Store(master.state / "state.db", readonly=True)
     tickets = store.db.execute("SELECT id, slave FROM tickets WHERE sweep = 'forgery' AND state = 'done'").fetchall()
     store.close()
+    # A hand-made slave sends no heartbeats: it may have been declared dead while the sweep finished, so it says
+    # HELLO again, as a restarted slave would, before it replays.
+    hand.send_multipart(protocol.encode(Command.HELLO, {"protocol": 1, "name": "hand", "slots": 1}))
+    while answer(hand, 10, skip=()).command != Command.WELCOME:
+        pass
     # replay: the same results again, from the slave that held them and from another one
     intruder = dealer(master.endpoint, master.slave_keys())
     intruder.send_multipart(protocol.encode(Command.HELLO, {"protocol": 1, "name": "intruder", "slots": 1}))
@@ -409,7 +414,11 @@ def test_forged_replayed_and_traversing_results_are_refused(master: MasterProces
     assert master.sweep_status("forgery")["failed"] == 0
     # the master's log is written by another process: wait for the lines rather than race them
     wanted = ("unsafe output name", "foreign_ticket", "duplicate_result")
-    wait_for(lambda: all(w in master.log.read_text() for w in wanted), 10, f"{wanted} in the master log")
+    try:
+        wait_for(lambda: all(w in master.log.read_text() for w in wanted), 10, f"{wanted} in the master log")
+    except AssertionError:
+        log = master.log.read_text()
+        raise AssertionError(f"missing {[w for w in wanted if w not in log]} in the master log:\n{log[-4000:]}") from None
     assert master.alive()
 
 

@@ -1,8 +1,7 @@
 """Rolling ticketfarm out with Ansible: the wheelhouse build and the `ticketfarm deploy` command."""
 
-# Standard library only: the playbooks run this file directly
-# (`python ticketfarm/deploy.py wheelhouse ...`) on a controller that may not
-# have ticketfarm's dependencies installed.
+# The playbooks run it from the checkout (`python -m ticketfarm.deploy wheelhouse ...`, cwd the
+# checkout), so the checkout's own code builds the wheelhouse whatever is installed.
 
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
+
+from ticketfarm.errors import DeployError
 
 #: `--action` -> playbook under playbooks/
 PLAYBOOKS = {
@@ -37,10 +38,6 @@ SOURCE_STAMP = "source.sha256"
 _JUNK = ("__pycache__", ".pyc")
 #: fixed wheel timestamps, so rebuilding unchanged source gives equal wheels
 SOURCE_DATE_EPOCH = "315532800"
-
-
-class DeployError(Exception):
-    """The wheelhouse could not be built or the checkout is not usable for deploying."""
 
 
 def find_source(start: Path | None = None) -> Path:
