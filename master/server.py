@@ -14,7 +14,6 @@ from master.control import Control
 from master.dispatch import Dispatch
 from master.events import EventBatch
 from master.housekeeping import Housekeeping
-from master.http import HttpApi
 from master.intake import Intake, Transfer
 from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
@@ -27,6 +26,7 @@ from master.sessions import LOCAL_PEER, Sessions
 from master.store import Store
 from master.stragglers import Stragglers
 from master.validate import Validator
+from master.web.supervisor import WebProcess
 from ticketfarm import keys, messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError
 from ticketfarm.keys import KeyRing, Peer, ZapHandler
@@ -67,12 +67,10 @@ class Master:
         self.socket.bind(self.inproc_endpoint)
         self._wire()
         self.lifecycle.resume(time.time() + self.sessions.window * 2)  # slaves get a liveness period to come back
-        self.http: HttpApi | None = None
+        self.http: WebProcess | None = None
         if config.http_bind:
-            # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
-            self.http = HttpApi(config, self.state_dir, self.context, self.inproc_endpoint, self.endpoint,
-                                self.epoch, self.started, self.metrics)
-            self.http.start()
+            # HTTP API: a process of its own (master/web/) that reads the store and sends CONTROL here as a client.
+            self.http = WebProcess(config, self.state_dir, self.endpoint, self.epoch, self.started)
         if config.http_bind or self.store.has_callbacks():
             self.callbacks.ensure_started()
 
@@ -80,7 +78,7 @@ class Master:
         """The owners, each given only what it needs; the lifecycle's hooks tell the others what settled."""
         config, store = self.config, self.store
         self.events = EventBatch()
-        self.metrics = Metrics(store.path)
+        self.metrics = Metrics()
         self.callbacks = CallbackSender(store.path, store.last_event_id(), config.callback_attempts,
                                         config.callback_backoff)
         self.roster = roster = Roster()
@@ -104,6 +102,7 @@ class Master:
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
+                               metrics_text=self.metrics.render,
                                refusals=self.zap.refusals if self.zap is not None else list)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
@@ -222,7 +221,7 @@ class Master:
         first = self.socket.recv(zmq.NOBLOCK, copy=False)
         try:
             user = first.get("User-Id")
-        except zmq.ZMQError:  # inproc: the master's own HTTP threads, no CURVE there
+        except zmq.ZMQError:  # inproc: an in-process client (no CURVE there)
             self._peer = LOCAL_PEER
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
