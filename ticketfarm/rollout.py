@@ -13,14 +13,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ticketfarm import keys
 from ticketfarm.client.control import control
-from ticketfarm.errors import MasterUnreachable
+from ticketfarm.errors import MasterUnreachable, RolloutError
 
 #: seconds between two looks at the master while waiting
 POLL = 0.3
-
-
-class RolloutError(Exception):
-    """A check of the rollout failed; the message says what differs and what to do."""
 
 
 class Master:
