@@ -1,0 +1,79 @@
+"""The seed job servers' users over HTTP alone: REX (submit with a key, progress, websocket completion),
+joblauncher (POST → 201 + Location, job status, DELETE), shutdown."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.httpcluster import TOKEN, HttpCluster, spec
+
+API = "/api/v1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    c = HttpCluster(tmp_path_factory.mktemp("seeds") / "state")
+    yield c
+    c.close()
+
+
+def ws_url(cluster: HttpCluster, query: str) -> str:
+    return cluster.url.replace("http://", "ws://") + f"{API}/events/ws?{query}"
+
+
+async def ws_messages(url: str, headers: dict[str, str] | None = None) -> tuple[list[dict[str, Any]], int | None]:
+    """Every message of one websocket until the server closes it, and the close code."""
+    async with connect(url, additional_headers=headers, open_timeout=10) as ws:
+        messages = []
+        try:
+            while True:
+                messages.append(json.loads(await ws.recv()))
+        except ConnectionClosed:
+            return messages, ws.close_code
+
+
+def test_rex_submit_with_key_progress_and_websocket_completion(cluster: HttpCluster) -> None:
+    r = cluster.post(f"{API}/sweeps", {"spec": spec("rex", 3, command="echo started {x}; sleep 0.3; echo x={x}")},
+                     token=None, headers={"X-Key": TOKEN})
+    assert r.status == 201, r.body
+    cluster.wait_for(lambda: cluster.sweep("rex")["running"] > 0 or cluster.sweep("rex")["state"] == "finished",
+                     what="progress")
+    events, code = asyncio.run(asyncio.wait_for(ws_messages(
+        ws_url(cluster, "sweep=rex&until_end=1"), {"Authorization": f"Bearer {TOKEN}"}), 30))
+    assert code == 1000
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "sweep_submitted" and kinds[-1] == "sweep_finished", kinds
+    assert all(e["sweep"] == "rex" for e in events)
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    # the same event objects as the SSE stream and the store
+    sse = cluster.get(f"{API}/events?sweep=rex&until_end=1", timeout=30).body.decode()
+    sse_ids = [int(line[4:]) for line in sse.splitlines() if line.startswith("id: ")]
+    assert sse_ids == [e["id"] for e in events]
+    assert cluster.sweep("rex")["done"] == 3
+
+
+def test_websocket_refusals_are_json_with_policy_close(cluster: HttpCluster) -> None:
+    messages, code = asyncio.run(ws_messages(ws_url(cluster, "sweep=ghost")))
+    assert code == 1008 and messages[0]["error"]["code"] == "not_found"
+    messages, code = asyncio.run(ws_messages(ws_url(cluster, "until_end=1")))
+    assert code == 1008 and messages[0]["error"]["field"] == "until_end"
+    messages, code = asyncio.run(ws_messages(ws_url(cluster, "token=wrong")))
+    assert code == 1008 and messages[0]["error"]["code"] == "unauthorized"
+
+
+def test_websocket_follows_new_events_until_the_client_leaves(cluster: HttpCluster) -> None:
+    async def follow() -> list[dict[str, Any]]:
+        async with connect(ws_url(cluster, f"token={TOKEN}"), open_timeout=10) as ws:
+            await asyncio.to_thread(cluster.submit, spec("follow", 2))
+            seen: list[dict[str, Any]] = []
+            while not any(e["kind"] == "sweep_finished" for e in seen):
+                seen.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            return seen
+
+    seen = asyncio.run(follow())
+    assert seen[0]["kind"] == "sweep_submitted" and {e["sweep"] for e in seen} == {"follow"}
