@@ -77,3 +77,17 @@ def test_websocket_follows_new_events_until_the_client_leaves(cluster: HttpClust
 
     seen = asyncio.run(follow())
     assert seen[0]["kind"] == "sweep_submitted" and {e["sweep"] for e in seen} == {"follow"}
+
+
+def test_joblauncher_post_without_name_or_parameters_is_one_job_at_its_location(cluster: HttpCluster) -> None:
+    r = cluster.submit({"command": "echo hello from one job", "timeout": 20})
+    assert r.status == 201, r.body
+    location = r.headers["Location"]
+    name = r.json()["sweep"]
+    assert location == f"{API}/sweeps/{name}" and r.json()["tasks"] == 1 and name.startswith("job-")
+    assert cluster.submit({"command": "echo hello from one job", "timeout": 20}).json()["sweep"] != name
+    cluster.wait_for(lambda: cluster.get(location).json()["state"] == "finished", what="the job to finish")
+    job = cluster.get(location).json()
+    assert job["total"] == 1 and job["done"] == 1 and job["spec"]["parameters"] == []
+    assert cluster.get(f"{location}/collect?format=concat").body == b"hello from one job\n"
+    assert cluster.get(f"{location}/collect?format=csv").body.decode().splitlines()[1:] == ["0,hello from one job"]
