@@ -91,3 +91,39 @@ def test_joblauncher_post_without_name_or_parameters_is_one_job_at_its_location(
     assert job["total"] == 1 and job["done"] == 1 and job["spec"]["parameters"] == []
     assert cluster.get(f"{location}/collect?format=concat").body == b"hello from one job\n"
     assert cluster.get(f"{location}/collect?format=csv").body.decode().splitlines()[1:] == ["0,hello from one job"]
+
+
+def test_joblauncher_status_gives_each_task_state_and_exit_code(cluster: HttpCluster) -> None:
+    s = spec("codes", 3, command='echo "x={x}"; exit $(( {x} == 1 ? 3 : 0 ))', max_attempts=1)
+    location = cluster.submit(s).headers["Location"]
+    cluster.wait_state("codes", "finished")
+    status = cluster.get(f"{location}/status").json()
+    assert status["state"] == "FAILED" and status["exit_code"] is None and status["total"] == 3
+    assert [(t["state"], t["exit_code"]) for t in status["tasks"]] == [("DONE", 0), ("FAILED", 3), ("DONE", 0)]
+    assert status["counts"] == {"QUEUED": 0, "RUNNING": 0, "DONE": 2, "FAILED": 1, "KILLED": 0}
+    page = cluster.get(f"{location}/status?offset=1&limit=1").json()
+    assert [t["task"] for t in page["tasks"]] == [1] and page["next"] == 2
+    assert cluster.get(f"{API}/sweeps/ghost/status").status == 404
+
+    r = cluster.request("DELETE", location, token=TOKEN)
+    assert r.status == 200 and r.json() == {"sweep": "codes", "state": "finished", "cancelled": False,
+                                            "results_removed": True}
+    assert cluster.get(f"{location}/collect?format=concat").status == 410
+    assert cluster.get(f"{location}/status").json()["state"] == "FAILED"  # the record stays
+
+
+def test_joblauncher_delete_cancels_a_running_job_and_removes_its_outputs(cluster: HttpCluster) -> None:
+    r = cluster.submit({"command": "echo partial; sleep 60", "timeout": 120})
+    assert r.status == 201
+    location = r.headers["Location"]
+    cluster.wait_for(lambda: cluster.get(f"{location}/status").json()["state"] == "RUNNING"
+                     and cluster.sweep(r.json()["sweep"])["running"] == 1, what="the job to run")
+    assert cluster.request("DELETE", location).status == 401
+    deleted = cluster.request("DELETE", location, token=TOKEN)
+    assert deleted.status == 200 and deleted.json()["cancelled"] is True and deleted.json()["state"] == "cancelled"
+    status = cluster.get(f"{location}/status").json()
+    assert status["state"] == "KILLED" and status["tasks"][0]["state"] == "KILLED"
+    assert cluster.get(f"{location}/collect?format=concat").status == 410
+    cluster.wait_for(lambda: cluster.sweep(r.json()["sweep"])["running"] == 0, what="the ticket killed")
+    assert cluster.request("DELETE", location, token=TOKEN).status == 200  # deleting again changes nothing
+    assert cluster.request("DELETE", f"{API}/sweeps/ghost", token=TOKEN).status == 404
