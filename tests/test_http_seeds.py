@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from master.store import Store
 from tests.httpcluster import TOKEN, HttpCluster, spec
 
 API = "/api/v1"
@@ -127,3 +129,34 @@ def test_joblauncher_delete_cancels_a_running_job_and_removes_its_outputs(cluste
     cluster.wait_for(lambda: cluster.sweep(r.json()["sweep"])["running"] == 0, what="the ticket killed")
     assert cluster.request("DELETE", location, token=TOKEN).status == 200  # deleting again changes nothing
     assert cluster.request("DELETE", f"{API}/sweeps/ghost", token=TOKEN).status == 404
+
+
+def test_shutdown_over_http_stops_the_master_cleanly_and_loses_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    c = HttpCluster(state, n=1)
+    try:
+        c.slaves.append(c.start_slave("leaver", 2, "--exit-on-shutdown"))
+        c.wait_for(lambda: len([s for s in c.get(f"{API}/slaves").json()["slaves"] if s["connected"]]) == 2,
+                   what="the second slave")
+        assert c.submit(spec("halfway", 16, command="sleep 0.2; echo x={x}")).status == 201
+        c.wait_for(lambda: c.sweep("halfway")["done"] >= 3, what="some tasks done")
+        assert c.post(f"{API}/shutdown", token=None).status == 401
+        done_before = c.sweep("halfway")["done"]
+        r = c.post(f"{API}/shutdown")
+        assert r.status == 202 and r.json() == {"state": "stopping"}
+        assert c.master.wait(timeout=15) == 0
+        assert c.slaves[-1].wait(timeout=15) == 0  # told: a slave that exits on the master's shutdown did
+    finally:
+        c.close()
+    store = Store(state / "state.db", readonly=True)
+    try:
+        assert store.task_counts("halfway").get("done", 0) >= done_before  # every acknowledged result is stored
+    finally:
+        store.close()
+    again = HttpCluster(state, n=1)  # the same state: the sweep goes on where it stopped
+    try:
+        again.wait_state("halfway", "finished")
+        lines = again.get(f"{API}/sweeps/halfway/collect?format=concat").body.decode().splitlines()
+        assert lines == [f"x={x}" for x in range(16)]
+    finally:
+        again.close()
