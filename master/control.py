@@ -46,7 +46,7 @@ class Control:
     def __init__(self, *, epoch: int, state_dir: Path, callback_secret: str, store: Store, lifecycle: Lifecycle,
                  roster: Roster, dispatch: Dispatch, intake: Intake, python: PythonSweeps,
                  housekeeping: Housekeeping, callbacks: CallbackSender, link: Link, commit: Callable[[], None],
-                 liveness_window: float, metrics_text: Callable[[], bytes],
+                 liveness_window: float, metrics_text: Callable[[], bytes], stop: Callable[[], None],
                  refusals: Callable[[], list[dict[str, Any]]] = list):
         self.epoch = epoch
         self.state_dir = state_dir
@@ -65,6 +65,8 @@ class Control:
         self.metrics_text = metrics_text
         #: Keys the master refused lately (ZapHandler.refusals), for `live_slaves`.
         self.refusals = refusals
+        #: Ends the master's loop after this turn; closing it then commits, acknowledges and tells the slaves.
+        self.stop = stop
         self.ops: dict[str, Op] = {
             "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
             "submit": self.submit,
@@ -84,6 +86,7 @@ class Control:
             "forget_results": self.forget_results,
             "live_slaves": self.live_slaves,
             "metrics": lambda _, m: done(text=self.metrics_text().decode()),
+            "shutdown": self.shutdown,
             "py_add": python.add,
             "py_watch": python.watch,
             "py_unwatch": python.unwatch,
@@ -158,6 +161,11 @@ class Control:
         shutil.rmtree(self.state_dir / "results" / name, ignore_errors=True)
         self.store.event("results_removed", sweep=name)
         return done()
+
+    def shutdown(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Stop the master as SIGTERM does: the answer goes out first, then the loop ends and close() runs."""
+        self.stop()
+        return done(state="stopping")
 
     def prune(self, identity: bytes, msg: messages.Control) -> Reply:
         """Prune expired results now (optionally with another keep_days than the configured one)."""
