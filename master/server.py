@@ -110,7 +110,8 @@ class Master:
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
-                               metrics_text=self.metrics.render)
+                               metrics_text=self.metrics.render, stop=self.stop,
+                               refusals=self.zap.refusals if self.zap is not None else list)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {

@@ -209,8 +209,10 @@ def _get(data: dict[str, Any], key: str, kind: Any, source: str, default: Any = 
 
 
 def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]:
+    if spec is None:
+        return [{}]  # no parameter table: a single job, one task without parameters
     if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: table [parameters] is required (csv, jsonl or grid)", field="parameters")
+        raise ConfigError(f"{source}: [parameters] must be a table (csv, jsonl or grid)", field="parameters")
     kinds = [k for k in ("csv", "jsonl", "grid") if k in spec]
     if len(kinds) != 1:
         raise ConfigError(f"{source}: [parameters] needs exactly one of 'csv', 'jsonl', 'grid'", field="parameters")
