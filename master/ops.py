@@ -192,4 +192,5 @@ OPS: dict[str, Callable[["Master", dict[str, Any]], Reply]] = {
     "undrain": lambda m, h: set_draining(m, h, False),
     "forget_results": forget_results,
     "live_slaves": live_slaves,
+    "alloc": lambda m, h: m.allocator.control(h),
 }

@@ -82,6 +82,10 @@ class Scheduler:
         active = self.active.get(name)
         return active is not None and not active.queued and active.running == 0 and not active.held
 
+    def queued_count(self) -> int:
+        """Tasks waiting for a slot in sweeps that are not paused."""
+        return sum(len(a.queued) for a in self._order if not a.paused)
+
     def has_queued(self) -> bool:
         return any(a.queued and not a.paused for a in self._order)
 

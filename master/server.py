@@ -12,6 +12,7 @@ import structlog
 import zmq
 
 from master import ops
+from master.allocation import Allocator, Demand
 from master.callbacks import CallbackSender
 from master.config import MasterConfig
 from master.events import EventBatch
@@ -151,6 +152,8 @@ class Master:
         self.validator = Validator(self, config.validate_workers)
         self.stragglers = Stragglers(self)
         self.housekeeping = Housekeeping(self)
+        # Slaves from a batch scheduler (issue 15): told the demand on each housekeeping tick, nothing more.
+        self.allocator = Allocator.for_master(config, self.state_dir, self.store, self.endpoint)
 
     # -- setup ----------------------------------------------------------------
     def _security(self) -> tuple[KeyRing | None, ZapHandler | None]:
@@ -495,6 +498,9 @@ class Master:
                 self._send(session.identity, Command.HEARTBEAT, {})
         self.stragglers.tick(now)
         self.housekeeping.tick(now)
+        if self.allocator.active:
+            self.allocator.tick(now, Demand(self.scheduler.queued_count(), len(self.scheduler.tickets),
+                                            {s.name: s.slots for s in self.sessions.values()}))
 
     def _expire_tickets(self, now: float) -> None:
         for ticket in self.scheduler.expired(now):
@@ -594,6 +600,9 @@ class Master:
         ticket = self.scheduler.tickets.get(tid)
         if ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
+            if msg.header.get("handback") is True:  # never started: its slave's batch allocation is ending
+                state = "returned"
+                self.store.refund_attempt(ticket.sweep, ticket.task)
             self._fail_ticket(ticket, state, reason, exit_code, elapsed)
         elif self.store.ticket(tid) is None:
             log.warning("foreign_ticket", slave=session.name, ticket=tid, command="FAILURE")
@@ -809,6 +818,7 @@ class Master:
             self.http.stop()
         self.callbacks.stop()
         self.validator.close()
+        self.allocator.close()
         for session in list(self.sessions.values()):
             self.store.slave_state(session.name, "gone")
         self._commit_and_ack()

@@ -1,6 +1,7 @@
 """The slave's settings, read once from its TOML config file."""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,12 @@ class SlaveConfig:
     """MiB offered to tasks that claim memory (0 = all of this machine's)."""
     log_json: bool = False
     """Structured logs as JSON lines."""
+    alloc_end: float = 0.0
+    """When the batch job running this slave is killed (epoch seconds; 0 = never; env TICKETFARM_ALLOC_END)."""
+    handback: float = 0.0
+    """Seconds before alloc_end at which the slave hands back what it holds; it takes no ticket that would run past it."""
+    idle_exit: float = 0.0
+    """Seconds with nothing to run, and nothing unacknowledged, after which the slave exits (0 = never)."""
 
 
 def load_slave_config(path: Path) -> SlaveConfig:
@@ -76,10 +83,13 @@ def finish(config: SlaveConfig, source: str) -> SlaveConfig:
         raise ConfigError(f"{source}: field 'on_master_shutdown' must be \"stay\" or \"exit\"")
     if config.on_no_work not in ("stay", "exit"):
         raise ConfigError(f"{source}: field 'on_no_work' must be \"stay\" or \"exit\"")
+    if config.alloc_end < 0 or config.handback < 0 or config.idle_exit < 0:
+        raise ConfigError(f"{source}: fields 'alloc_end', 'handback' and 'idle_exit' must be >= 0")
     if config.cpus < 0 or config.memory_mb < 0:
         raise ConfigError(f"{source}: fields 'cpus' and 'memory_mb' must be >= 0")
     if not config.insecure and not (config.master_key and config.secret_key):
         raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
                           "unless insecure = true")
-    config.name = config.name or socket.gethostname()
+    # "$VAR" in a name comes from the environment: the slaves of one batch job tell themselves apart by rank.
+    config.name = os.path.expandvars(config.name) or socket.gethostname()
     return config

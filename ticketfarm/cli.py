@@ -1,4 +1,4 @@
-"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, deploy."""
+"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, alloc, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,7 @@ from master.stats import (
     table,
 )
 from master.store import Store
-from ticketfarm import cli_http, keys
+from ticketfarm import cli_alloc, cli_http, keys
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.local import LocalCluster, default_state_dir
 from ticketfarm.client.progress import ProgressBar
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="make an HTTP API token (printed once; only its hash is configured)")
     p.add_argument("--write", action="store_true", help="save it as STATE/http.token and add its hash to master.toml")
     p.set_defaults(func=lambda args: cli_http.make_token(args.state, args.write))
+    cli_alloc.add_parsers(sub, lambda args: (_endpoint(args), _keys(args)))
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:
