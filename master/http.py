@@ -165,6 +165,11 @@ ROUTES = [
     Route("GET", f"{API}/slaves", "read", "list_slaves"),
     Route("POST", f"{API}/slaves/{{slave}}/drain", "write", "drain"),
     Route("POST", f"{API}/slaves/{{slave}}/undrain", "write", "undrain"),
+    Route("GET", f"{API}/allocations", "read", "list_allocations"),
+    Route("POST", f"{API}/allocations", "write", "add_allocation"),
+    Route("POST", f"{API}/allocations/{{queue}}/pause", "write", "pause_allocation"),
+    Route("POST", f"{API}/allocations/{{queue}}/resume", "write", "resume_allocation"),
+    Route("DELETE", f"{API}/allocations/{{queue}}", "write", "remove_allocation"),
 ]
 
 
@@ -828,6 +833,27 @@ class Endpoints:
         reply = req.api.control(op, **fields)
         reply.pop("ok", None)
         return json_response(reply)
+
+    # -- allocation queues (master/allocation.py): every answer comes from the loop, with live job states
+    @staticmethod
+    def list_allocations(req: Request) -> Response:
+        return Endpoints._op(req, "alloc", action="list")
+
+    @staticmethod
+    def add_allocation(req: Request) -> Response:
+        return Endpoints._op(req, "alloc", action="add", queue=req.json_body())
+
+    @staticmethod
+    def pause_allocation(req: Request) -> Response:
+        return Endpoints._op(req, "alloc", action="pause", queue=req.params["queue"])
+
+    @staticmethod
+    def resume_allocation(req: Request) -> Response:
+        return Endpoints._op(req, "alloc", action="resume", queue=req.params["queue"])
+
+    @staticmethod
+    def remove_allocation(req: Request) -> Response:
+        return Endpoints._op(req, "alloc", action="remove", queue=req.params["queue"])
 
     @staticmethod
     def cancel_sweep(req: Request) -> Response:

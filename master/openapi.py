@@ -146,6 +146,29 @@ def _paths() -> dict[str, Any]:
         f"{API}/slaves/{{slave}}/undrain": {"post": _op("Give a drained slave tickets again", {
             "200": ok, **_errors(401, 404, 503)}, params=[_path_param("slave", description="Slave name")],
             write=True, tag="slaves")},
+        **_allocation_paths(ok),
+    }
+
+
+def _allocation_paths(ok: dict[str, Any]) -> dict[str, Any]:
+    queue = [_path_param("queue", description="Allocation queue name")]
+    return {
+        f"{API}/allocations": {
+            "get": _op("Allocation queues: settings, last refused submission, jobs with state, exit code, reason", {
+                "200": _json(_obj({"queues": {"type": "array", "items": _ref("AllocationQueue")},
+                                   "scheduler_calls": _obj({"submit": I, "cancel": I})})),
+                **_errors(401, 503)}, tag="allocations"),
+            "post": _op("Add an allocation queue (fields as in master.toml's [alloc.NAME], with name)", {
+                "200": _json(_obj({"queue": S})), **_errors(400, 401, 409, 503)}, write=True, tag="allocations",
+                body={"required": True, "content": {"application/json": {"schema": {"type": "object"}}}})},
+        f"{API}/allocations/{{queue}}/pause": {"post": _op("Submit no more jobs from this queue", {
+            "200": _json(_obj({"paused": B})), **_errors(401, 404, 503)}, params=queue, write=True,
+            tag="allocations")},
+        f"{API}/allocations/{{queue}}/resume": {"post": _op("Submit jobs from this queue again", {
+            "200": _json(_obj({"paused": B})), **_errors(401, 404, 503)}, params=queue, write=True,
+            tag="allocations")},
+        f"{API}/allocations/{{queue}}": {"delete": _op("Cancel every job of the queue and remove it", {
+            "200": ok, **_errors(401, 404, 503)}, params=queue, write=True, tag="allocations")},
     }
 
 
@@ -158,6 +181,7 @@ def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, 
 
 S, I, N, B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
 NULLN = {"type": "number", "nullable": True}
+NULLS = {"type": "string", "nullable": True}
 
 
 def _schemas() -> dict[str, Any]:
@@ -202,6 +226,11 @@ def _schemas() -> dict[str, Any]:
                        "timed_out": I, "lost": I, "cancelled": I, "busy": {**N, "description": "Busy seconds"},
                        "load": NULLN, "memory": NULLN, "disk": NULLN, "version": S, "first_seen": N,
                        "last_seen": N, "connected": B, "draining": B, "last_heard": N, "seconds_since_heard": N}),
+        "AllocationQueue": _obj({"name": S, "spec": {"type": "object"}, "paused": B, "error": NULLS, "errors": I,
+                                 "retry_at": NULLN, "jobs": {"type": "array", "items": _ref("AllocationJob")}}),
+        "AllocationJob": _obj({"id": I, "queue": S, "native_id": NULLS, "state": S, "slaves": I, "submitted": N,
+                               "started": NULLN, "ended": NULLN, "exit_code": {**I, "nullable": True},
+                               "reason": NULLS, "slaves_seen": {"type": "array", "items": S}}),
         "Progress": _obj({"ticket": I, "sweep": S, "task": I, "slave": S, "state": S, "output": S}),
         "Submission": _obj({
             "toml": {**S, "description": "The spec as TOML text"},
