@@ -162,7 +162,7 @@ def test_walltime_shorter_than_the_sweep_slaves_hand_back_before_the_kill(cluste
     master.wait_finished("walltime", 90)
     rows = done_once(master, "walltime", 24)
     states = {state for _, _, state, _, _ in rows}
-    assert states <= {"done", "returned"}, states  # nothing lost, nothing killed mid-run
+    assert states == {"done", "returned"}, states  # handed back unstarted; nothing lost, nothing killed mid-run
     ended = wait_for(lambda: (js := jobs(master)) and all(j["ended"] for j in js) and js, 30, "every job to end")
     assert len({j["id"] for j in ended}) >= 2  # the sweep outlasted one allocation
     assert all(j["state"] in ("completed", "cancelled") for j in ended), ended  # none reached its time limit
@@ -227,3 +227,32 @@ def test_queue_empties_pending_jobs_are_cancelled_and_idle_slaves_leave(cluster,
     assert "cancelled" in states and "completed" in states, states  # the waiting one cancelled, the others left
     assert master.control("live_slaves")["slaves"] == {}
     assert not squeue()
+
+
+# -- units: queue settings, walltime arithmetic (no scheduler needed) ---------------------------------
+def test_queue_settings_name_the_offending_field() -> None:
+    from master.batch import QueueSpec
+    from ticketfarm.errors import ConfigError
+
+    spec = QueueSpec.parse({"name": "gpu", "walltime": 600, "extra_args": ["--qos=debug"]}, "t")
+    assert spec.walltime == 600.0 and spec.slots_per_job == 1 and spec.rank() == "0"
+    for bad, field in (({"name": "a b"}, "name"), ({"name": "q", "slots_per_slave": 0}, "slots_per_slave"),
+                       ({"name": "q", "walltime": 30, "handback": 60}, "walltime"),
+                       ({"name": "q", "extra_args": ["-x"]}, "extra_args"), ({"name": "q", "nodes": 2}, "nodes"),
+                       ({"name": "q", "walltime": "1h"}, "walltime")):
+        with pytest.raises(ConfigError) as info:
+            QueueSpec.parse(bad, "t")
+        assert info.value.field == field
+
+
+def test_walltime_forms_and_what_a_slave_near_its_end_still_takes() -> None:
+    from slave.walltime import Walltime
+    from ticketfarm.cli_alloc import walltime
+
+    assert [walltime(t) for t in ("90", "90m", "2h", "1:30:00", "1-00:00:00", "05:00")] == \
+        [90, 5400, 7200, 5400, 86400, 300]
+    w = Walltime(end=1000.0, handback=100.0, idle_exit=5.0)
+    assert w.fits(60, now=800) and not w.fits(60, now=850) and w.over(900) and not w.over(899)
+    assert Walltime().fits(10**9) and not Walltime().over(10**12)
+    assert not w.idle_too_long(True, 10) and not w.idle_too_long(True, 14) and w.idle_too_long(True, 15)
+    assert not w.idle_too_long(False, 16) and not w.idle_too_long(True, 17)
