@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ CHUNK_SIZE = 256 * 1024
 INLINE_LIMIT = 64 * 1024
 #: Largest piece of a large python result one py_fetch returns.
 FETCH_MAX = 1024 * 1024
+#: Deepest nesting of objects and arrays a header may have (the header object itself is level 1).
+MAX_DEPTH = 32
 
 
 class Command(enum.IntEnum):
@@ -87,13 +90,34 @@ def decode(frames: list[bytes]) -> Message:
         command = Command(frames[1][0])
     except ValueError:
         raise ProtocolError(f"unknown command 0x{frames[1][0]:02x}") from None
+    if not _shallow(frames[2]):
+        raise ProtocolError(f"header nested deeper than {MAX_DEPTH} levels")
     try:
         header = json.loads(frames[2])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("header nested too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a JSON object")
     return Message(command, header, [bytes(f) for f in frames[3:]])
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: linear time, never backtracks
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _shallow(body: bytes) -> bool:
+    """Whether the JSON text nests objects and arrays at most MAX_DEPTH deep (checked before parsing, so a hostile
+    header never reaches the parser's recursion limit). Brackets inside strings do not count."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return True  # the common case, at the cost of two byte counts
+    brackets = _JSON_STRING.sub(b"", bytes(body)).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):  # each pass removes the innermost level of pairs
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return not brackets
 
 
 def field_of(msg: Message, name: str, kind: type | tuple[type, ...]) -> Any:
