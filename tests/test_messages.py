@@ -65,6 +65,7 @@ EXAMPLES = [
     Chunk(5, "big", 262144, b"\x00\xff"),
     Failure(5, 1, "exit code 1: boom", 0.25),
     Failure(6, None, "timeout after 1s"),
+    Failure(7, None, "handed back: the allocation ends in 30s", 0.0, handback=True),
     Ack([1, 2, 3]),
     Heartbeat([1], [2], 0.5, 40.0, 10.5, 1),
     Heartbeat(),

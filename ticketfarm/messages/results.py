@@ -115,17 +115,21 @@ class Failure:
     exit_code: int | None
     reason: str
     elapsed: float | None = None
+    handback: bool = False
+    """Never started: the slave's batch allocation ends first (re-queued, not counted as an attempt)."""
 
     def encode(self) -> list[bytes]:
-        return protocol.encode(self.COMMAND, {"ticket": self.ticket, "exit_code": self.exit_code,
-                                              "reason": self.reason, "elapsed": self.elapsed})
+        header = {"ticket": self.ticket, "exit_code": self.exit_code, "reason": self.reason, "elapsed": self.elapsed}
+        if self.handback:
+            header["handback"] = True
+        return protocol.encode(self.COMMAND, header)
 
     @classmethod
     def decode(cls, msg: Message) -> "Failure":
         h = Header(msg)
         h.frames(0)
         return cls(h.count("ticket"), h.integer("exit_code", None), h.reason("reason", "failed"),
-                   h.number("elapsed", None))
+                   h.number("elapsed", None), h.flag("handback", False))
 
 
 @dataclass
