@@ -32,6 +32,8 @@ log = structlog.get_logger("ticketfarm.allocation")
 
 #: A slave started by an allocation job: QUEUE-jJOB-RANK.
 SLAVE_NAME = re.compile(r"(\w+)-j(\d+)-.+")
+#: How the error of a queue whose jobs could run no queued task starts.
+TOO_SHORT = "walltime too short"
 #: Longest back-off (s) between two refused submissions of one queue.
 BACKOFF_MAX = 600.0
 
@@ -40,9 +42,10 @@ Reply = dict[str, Any]
 
 @dataclass
 class Demand:
-    """What the allocator is told about the work: queued tasks, tickets out, connected slaves and their slots."""
+    """What the allocator is told about the work: queued tasks (by their timeout), tickets out, connected slaves
+    and their slots."""
 
-    queued: int
+    queued: dict[float, int]
     running: int
     slaves: dict[str, int]
 
@@ -121,15 +124,36 @@ class Allocator:
         for change in self.batch.changes():
             self._apply(change, now)
         self._note_slaves(demand.slaves)
-        if demand.queued == 0:
+        queued = sum(demand.queued.values())
+        if queued == 0:
             self._cancel_pending()
             return
         idle = max(0, sum(demand.slaves.values()) - demand.running)
-        shortfall = demand.queued - idle - sum(self._coming_slots(job) for job in self.jobs.values())
+        shortfall = queued - idle - sum(self._coming_slots(job) for job in self.jobs.values())
         for name, queue in self.queues.items():
+            if shortfall > 0 and not self._can_run(name, queue, demand.queued):
+                continue
             while shortfall > 0 and self._may_submit(name, queue, now):
                 self._submit(name, queue)
                 shortfall -= queue.spec.slots_per_job
+
+    def _can_run(self, name: str, queue: Queue, queued: dict[float, int]) -> bool:
+        """Whether a slave of this queue could take any queued task: else its jobs would start only to hand back."""
+        spec = queue.spec
+        if any(timeout + spec.handback < spec.walltime for timeout in queued):
+            if queue.error and queue.error.startswith(TOO_SHORT):
+                self._set_error(name, queue, None, 0, 0.0)
+            return True
+        error = (f"{TOO_SHORT}: walltime {spec.walltime:g}s less handback {spec.handback:g}s leaves no time for a "
+                 f"task of any queued sweep (shortest timeout {min(queued):g}s); no job submitted")
+        if queue.error != error:
+            self._set_error(name, queue, error, 0, 0.0)
+            log.warning("alloc_walltime_too_short", queue=name, error=error)
+        return False
+
+    def _set_error(self, name: str, queue: Queue, error: str | None, errors: int, retry_at: float) -> None:
+        queue.error, queue.errors, queue.retry_at = error, errors, retry_at
+        self.store.set_alloc_queue(name, error=error, errors=errors, retry_at=retry_at or None)
 
     def _coming_slots(self, job: LiveJob) -> int:
         """Slots of a job's slaves that have not connected yet (all of them while it is pending)."""
@@ -171,18 +195,15 @@ class Allocator:
             if job.state == "submitting":  # PSI/J may have reported QUEUED already
                 job.state = "pending"
             self.store.set_alloc_job(job_id, native_id=job.native_id, state=job.state)
-            if queue.errors:
-                queue.error, queue.errors, queue.retry_at = None, 0, 0.0
-                self.store.set_alloc_queue(job.queue, error=None, errors=0, retry_at=None)
+            if queue.error:
+                self._set_error(job.queue, queue, None, 0, 0.0)
             log.info("alloc_job_submitted", queue=job.queue, job=job_id, native_id=job.native_id)
 
     def _refused(self, job: LiveJob, queue: Queue, error: str, now: float) -> None:
         del self.jobs[job.id]
         self.store.delete_alloc_job(job.id)
-        queue.errors += 1
-        queue.error = error
-        queue.retry_at = now + min(BACKOFF_MAX, self.backoff * 2 ** (queue.errors - 1))
-        self.store.set_alloc_queue(job.queue, error=error, errors=queue.errors, retry_at=queue.retry_at)
+        errors = queue.errors + 1
+        self._set_error(job.queue, queue, error, errors, now + min(BACKOFF_MAX, self.backoff * 2 ** (errors - 1)))
         log.warning("alloc_submit_refused", queue=job.queue, error=error, retry_in=round(queue.retry_at - now, 1))
 
     def _apply(self, change: JobChange, now: float) -> None:

@@ -182,9 +182,12 @@ class BatchSystem:
             if kind not in self._executors:
                 import psij  # the `slurm` extra: only a master with allocation queues needs it
                 from psij.executors.batch.batch_scheduler_executor import BatchSchedulerExecutorConfig
+                # PSI/J fails every job after this many status queries in a row failed: ride out ~5 minutes of a
+                # scheduler that does not answer rather than take its jobs for dead and submit new ones.
                 config = BatchSchedulerExecutorConfig(work_directory=self.work_dir,
                                                       queue_polling_interval=self.poll_interval,  # type: ignore
-                                                      initial_queue_polling_delay=0)
+                                                      initial_queue_polling_delay=0,
+                                                      queue_polling_error_threshold=max(3, int(300 / self.poll_interval)))
                 try:
                     self._executors[kind] = psij.JobExecutor.get_instance(kind, config=config)
                 except ValueError as exc:

@@ -499,7 +499,7 @@ class Master:
         self.stragglers.tick(now)
         self.housekeeping.tick(now)
         if self.allocator.active:
-            self.allocator.tick(now, Demand(self.scheduler.queued_count(), len(self.scheduler.tickets),
+            self.allocator.tick(now, Demand(self.scheduler.queued_by_timeout(), len(self.scheduler.tickets),
                                             {s.name: s.slots for s in self.sessions.values()}))
 
     def _expire_tickets(self, now: float) -> None:

@@ -217,6 +217,16 @@ def test_sbatch_refusing_a_bad_partition_is_shown_and_retried_with_backoff(clust
     assert not (master.state / "authorized" / "slaves" / "alloc-q.key").exists()
 
 
+def test_a_walltime_too_short_for_every_queued_task_submits_nothing(cluster, tmp_path: Path) -> None:
+    master = cluster("walltime = 100.0\nhandback = 60.0\n")
+    master.submit(sweep_spec(tmp_path, "long", 3, "echo {n}", timeout=40))
+    queue = wait_for(lambda: (q := alloc(master, "list")["queues"][0])["error"] and q, 10, "the queue's error")
+    assert queue["error"].startswith("walltime too short") and "40s" in queue["error"]
+    time.sleep(1.0)
+    reply = alloc(master, "list")
+    assert reply["scheduler_calls"]["submit"] == 0 and reply["queues"][0]["jobs"] == []
+
+
 def test_queue_empties_pending_jobs_are_cancelled_and_idle_slaves_leave(cluster, tmp_path: Path) -> None:
     master = cluster("slots_per_slave = 4\nmax_running = 3\nmax_pending = 2\nidle_timeout = 1.0\nhandback = 5.0\n")
     master.submit(sweep_spec(tmp_path, "empties", 30, "sleep 0.2; echo {n}"))
