@@ -104,8 +104,12 @@ class Allocator:
                 self.store.set_alloc_job(row["id"], state="lost", ended=time.time(),
                                          reason="the master stopped while submitting it")
                 continue
+            try:
+                self.batch.attach(row["id"], queue.spec.kind, row["native_id"])
+            except SubmitFailed as exc:
+                self.store.set_alloc_job(row["id"], state="lost", ended=time.time(), reason=f"cannot watch it: {exc}")
+                continue
             self.jobs[row["id"]] = LiveJob(row["id"], row["queue"], row["native_id"], row["state"], row["slaves"])
-            self.batch.attach(row["id"], queue.spec.kind, row["native_id"])
             log.info("alloc_job_reattached", queue=row["queue"], job=row["id"], native_id=row["native_id"])
 
     @classmethod

@@ -155,8 +155,8 @@ class BatchSystem:
 
     def attach(self, key: int, kind: str, native_id: str) -> None:
         """Watch a job submitted before a master restart (found again by its scheduler job id)."""
-        job = self._new_job(key, None)
-        self._executor(kind).attach(job, native_id)
+        executor = self._executor(kind)
+        executor.attach(self._new_job(key, None), native_id)
 
     def cancel(self, key: int) -> Future | None:
         job = self._jobs.get(key)
@@ -180,8 +180,11 @@ class BatchSystem:
     def _executor(self, kind: str) -> Any:
         with self._lock:
             if kind not in self._executors:
-                import psij  # the `slurm` extra: only a master with allocation queues needs it
-                from psij.executors.batch.batch_scheduler_executor import BatchSchedulerExecutorConfig
+                try:  # the `slurm` extra: only a master with allocation queues needs it
+                    import psij
+                    from psij.executors.batch.batch_scheduler_executor import BatchSchedulerExecutorConfig
+                except ImportError:
+                    raise SubmitFailed("psij-python is not installed: pip install 'ticketfarm[slurm]'") from None
                 # PSI/J fails every job after this many status queries in a row failed: ride out ~5 minutes of a
                 # scheduler that does not answer rather than take its jobs for dead and submit new ones.
                 config = BatchSchedulerExecutorConfig(work_directory=self.work_dir,
@@ -195,18 +198,19 @@ class BatchSystem:
             return self._executors[kind]
 
     def _new_job(self, key: int, spec: Any) -> Any:
-        import psij
-        job = psij.Job(spec)
+        from psij import Job
+        job = Job(spec)
         job.set_job_status_callback(lambda _job, status: self._changes.put(_change(key, status)))
         self._jobs[key] = job
         return job
 
     def _submit(self, key: int, request: JobRequest) -> str:
-        import psij
+        executor = self._executor(request.queue.kind)  # first: it says so when PSI/J is missing
+        from psij import SubmitException
         job = self._new_job(key, job_spec(request))
         try:
-            self._executor(request.queue.kind).submit(job)
-        except psij.SubmitException as exc:
+            executor.submit(job)
+        except SubmitException as exc:
             self._jobs.pop(key, None)
             raise SubmitFailed(str(exc).strip() or "the scheduler refused the job") from None
         return str(job.native_id)
