@@ -1,12 +1,14 @@
 """Slaves from a real single-node Slurm (scripts/slurm-single-node.sh): submission, scancel, walltime, restarts, refusals."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +230,9 @@ def test_a_walltime_too_short_for_every_queued_task_submits_nothing(cluster, tmp
 
 
 def test_queue_empties_pending_jobs_are_cancelled_and_idle_slaves_leave(cluster, tmp_path: Path) -> None:
-    master = cluster("slots_per_slave = 4\nmax_running = 3\nmax_pending = 2\nidle_timeout = 1.0\nhandback = 5.0\n")
+    port = free_port()
+    master = cluster("slots_per_slave = 4\nmax_running = 3\nmax_pending = 2\nidle_timeout = 1.0\nhandback = 5.0\n",
+                     http_bind=f'"127.0.0.1:{port}"')
     master.submit(sweep_spec(tmp_path, "empties", 30, "sleep 0.2; echo {n}"))
     master.wait_finished("empties", 60)
     done_once(master, "empties", 30)
@@ -237,6 +241,9 @@ def test_queue_empties_pending_jobs_are_cancelled_and_idle_slaves_leave(cluster,
     assert "cancelled" in states and "completed" in states, states  # the waiting one cancelled, the others left
     assert master.control("live_slaves")["slaves"] == {}
     assert not squeue()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/allocations", timeout=5) as response:
+        served = json.load(response)["queues"][0]
+    assert served["name"] == "q" and [j["state"] for j in served["jobs"]] == [j["state"] for j in ended]
 
 
 # -- units: queue settings, walltime arithmetic (no scheduler needed) ---------------------------------
