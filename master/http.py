@@ -26,9 +26,8 @@ import structlog
 import zmq
 
 import ticketfarm
-from master.collect import output_chunks
+from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, output_chunks
 from master.config import MasterConfig
-from master.download import FORMATS, MEDIA_TYPES, collected
 from master.events import SWEEP_END_KINDS
 from master.metrics import Metrics
 from master.stats import (
@@ -925,9 +924,9 @@ class Endpoints:
         if result is not None and result not in sweep.results:
             raise ApiError("bad_request", f"no result named {result!r} (known: {', '.join(sweep.results)})",
                            field="result")
-        ext = {"concat": "out", "blockwise": "txt", "csv": "csv", "jsonl": "jsonl"}[fmt]
-        return Stream(collected(req.store, req.api.state_dir, sweep, fmt, result), MEDIA_TYPES[fmt],
-                      {"Content-Disposition": f'attachment; filename="{row.name}.{ext}"'}, after=after)
+        filename = DOWNLOAD_NAMES[fmt].format(row.name)
+        return Stream(Collector(req.store, req.api.state_dir, sweep).chunks(fmt, result), MEDIA_TYPES[fmt],
+                      {"Content-Disposition": f'attachment; filename="{filename}"'}, after=after)
 
     @staticmethod
     def collect(req: Request) -> Stream:

@@ -38,7 +38,7 @@ SWEEP = _path_param("sweep", description="Sweep name")
 TASK = _path_param("task", "integer", "Task index (0-based, in parameter order)")
 READ = [{}, {"bearer": []}, {"xkey": []}]
 WRITE = [{"bearer": []}, {"xkey": []}]
-FORMAT = {"type": "string", "enum": ["concat", "blockwise", "csv", "jsonl"], "default": "csv"}
+FORMAT = {"type": "string", "enum": ["concat", "blockwise", "csv", "jsonl", "folders", "failed"], "default": "csv"}
 
 
 def _op(summary: str, responses: dict[str, Any], *, params: list[dict[str, Any]] | None = None,
@@ -123,9 +123,12 @@ def _paths() -> dict[str, Any]:
                 "200": {"description": "The collected file", "content": {
                     "text/csv": {"schema": {"type": "string"}}, "application/x-ndjson": {"schema": {"type": "string"}},
                     "text/plain": {"schema": {"type": "string"}},
+                    "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 **_errors(400, 401, 404)}, params=[
-                SWEEP, _query("format", FORMAT, "concat, blockwise (a parameter header per task), csv or jsonl table"),
+                SWEEP, _query("format", FORMAT, "concat, blockwise (a parameter header per task), csv or jsonl table, "
+                                          "folders (a tar of <task>/params.json and result files), "
+                                          "failed (the failed tasks' CSV)"),
                 _query("result", {"type": "string"}, "Only this result (default: the first for concat/blockwise, all for tables)")]),
             "post": _op("Download the collected output and optionally remove the results from the master afterwards", {
                 "200": {"description": "The collected file (results removed only once it was sent whole)",

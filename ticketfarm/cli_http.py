@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import csv
 import re
 import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from master.collect import READ_SIZE, parts, tar_entries, write_chunks, write_entries
 from master.config import load_master_config, master_config_path
 from master.stats import table
 from ticketfarm.client.http import (
@@ -21,7 +21,7 @@ from ticketfarm.client.http import (
 )
 from ticketfarm.config import load_toml
 from ticketfarm.errors import ConfigError
-from ticketfarm.spec import load_spec
+from ticketfarm.spec import CollectRule, load_spec
 
 API = "/api/v1"
 
@@ -99,62 +99,26 @@ def spec_with_files(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return spec, files
 
 
-#: Download format of each collection rule (folders are assembled here from single result files).
-FORMAT_OF_RULE = {"concat": "concat", "blockwise": "blockwise"}
-
-
 def collect(api: ApiClient, sweep: str, out: Path, remove: bool) -> int:
-    """Write every collection rule of the sweep under `out`, as `ticketfarm collect` does from the store."""
+    """Write every collection rule of the sweep under `out`: the bytes `ticketfarm collect` writes from the store."""
     base = f"{API}/sweeps/{quote(sweep, safe='')}"
     detail = api.get(base)
+    rules = [CollectRule(**rule) for rule in detail["spec"]["collect"]]
     written = []
-    for rule in detail["spec"]["collect"]:
-        target = out / rule["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if rule["mode"] == "folders":
-            _folders(api, base, rule.get("result"), target)
-        else:
-            fmt = FORMAT_OF_RULE.get(rule["mode"], rule.get("format") or "csv")
-            query = f"?format={fmt}" + (f"&result={quote(rule['result'])}" if rule.get("result") else "")
-            with open(target, "wb") as fh:
-                api.download(f"{base}/collect{query}", fh)
-        written.append(target)
-    failures = api.get(f"{base}/failures")["failures"]
-    if failures:
-        target = out / f"{sweep}-failed.csv"
-        with open(target, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["task", *detail["spec"]["parameters"], "reason"])
-            for f in failures:
-                writer.writerow([f["task"], *f["params"].values(), f["reason"]])
+    for part in parts(sweep, rules, detail["failed"] > 0):
+        target = out / part.path
+        query = f"?format={part.format}" + (f"&result={quote(part.result)}" if part.result else "")
+        with api.stream(f"{base}/collect{query}") as response:
+            if part.format == "folders":
+                write_entries(target, tar_entries(response))
+            else:
+                write_chunks(target, iter(lambda: response.read(READ_SIZE), b""))
         written.append(target)
     for path in written:
         print(path)
     if remove:
         api.post(f"{base}/results", method="DELETE")
     return 0
-
-
-def _folders(api: ApiClient, base: str, result: str | None, target: Path) -> None:
-    import json
-
-    target.mkdir(parents=True, exist_ok=True)
-    offset: int | None = 0
-    while offset is not None:
-        page = api.get(f"{base}/tasks?state=done&limit=1000&offset={offset}")
-        for task in page["tasks"]:
-            folder = target / str(task["task"])
-            folder.mkdir(exist_ok=True)
-            (folder / "params.json").write_text(json.dumps(task["params"]))
-            for output in api.get(f"{base}/tasks/{task['task']}")["results"]:
-                name = output["name"]
-                if result is not None and name != result and not name.startswith(result + "/"):
-                    continue
-                path = folder / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as fh:
-                    api.download(quote(output["url"]), fh)
-        offset = page["next"]
 
 
 def make_token(state_dir: Path, write: bool) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import ssl
 import urllib.error
 import urllib.request
@@ -57,11 +56,10 @@ class ApiClient:
         with self._open(method, path, body) as response:
             return json.loads(response.read())
 
-    def download(self, path: str, out: IO[bytes], data: dict[str, Any] | None = None) -> None:
-        """Stream a GET (or, with data, a POST) body into `out` a block at a time."""
+    def stream(self, path: str, data: dict[str, Any] | None = None) -> IO[bytes]:
+        """The response to a GET (or, with data, a POST), to be read as it arrives; use it in a `with`."""
         body = None if data is None else json.dumps(data).encode()
-        with self._open("GET" if data is None else "POST", path, body) as response:
-            shutil.copyfileobj(response, out, 1024 * 1024)
+        return self._open("GET" if data is None else "POST", path, body)
 
 
 def api_url_from_config(config: MasterConfig) -> str | None:
