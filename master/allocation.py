@@ -76,7 +76,7 @@ def _fail(code: str, message: str) -> Reply:
 
 
 class Allocator:
-    """Owns the allocation queues and their jobs; `tick()` runs on the master's loop, `control()` serves the CLI/HTTP."""
+    """Owns the allocation queues and jobs: `tick()` runs on the master's loop, `control()` serves CLI and HTTP."""
 
     def __init__(self, store: Store, files: QueueFiles, batch: BatchSystem, configured: dict[str, QueueSpec],
                  backoff: float):
@@ -162,7 +162,9 @@ class Allocator:
     def _coming_slots(self, job: LiveJob) -> int:
         """Slots of a job's slaves that have not connected yet (all of them while it is pending)."""
         queue = self.queues.get(job.queue)
-        return 0 if queue is None or job.state == "cancelling" else max(0, job.slaves - len(job.seen)) * queue.spec.slots_per_slave
+        if queue is None or job.state == "cancelling":
+            return 0
+        return max(0, job.slaves - len(job.seen)) * queue.spec.slots_per_slave
 
     def _may_submit(self, name: str, queue: Queue, now: float) -> bool:
         if queue.paused or now < queue.retry_at:

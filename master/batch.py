@@ -187,10 +187,9 @@ class BatchSystem:
                     raise SubmitFailed("psij-python is not installed: pip install 'ticketfarm[slurm]'") from None
                 # PSI/J fails every job after this many status queries in a row failed: ride out ~5 minutes of a
                 # scheduler that does not answer rather than take its jobs for dead and submit new ones.
-                config = BatchSchedulerExecutorConfig(work_directory=self.work_dir,
-                                                      queue_polling_interval=self.poll_interval,  # type: ignore
-                                                      initial_queue_polling_delay=0,
-                                                      queue_polling_error_threshold=max(3, int(300 / self.poll_interval)))
+                config = BatchSchedulerExecutorConfig(
+                    work_directory=self.work_dir, queue_polling_interval=self.poll_interval,  # type: ignore[arg-type]
+                    initial_queue_polling_delay=0, queue_polling_error_threshold=max(3, int(300 / self.poll_interval)))
                 try:
                     self._executors[kind] = psij.JobExecutor.get_instance(kind, config=config)
                 except ValueError as exc:

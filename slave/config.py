@@ -61,7 +61,7 @@ class SlaveConfig:
     alloc_end: float = 0.0
     """When the batch job running this slave is killed (epoch seconds; 0 = never; env TICKETFARM_ALLOC_END)."""
     handback: float = 0.0
-    """Seconds before alloc_end at which the slave hands back what it holds; it takes no ticket that would run past it."""
+    """Seconds before alloc_end when the slave hands back what it holds; it takes no ticket that would run past that."""
     idle_exit: float = 0.0
     """Seconds with nothing to run, and nothing unacknowledged, after which the slave exits (0 = never)."""
 

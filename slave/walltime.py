@@ -1,4 +1,4 @@
-"""The end of the batch job a slave runs in, and its idle limit: which tickets still fit, when to hand back, when to go."""
+"""The end of the batch job a slave runs in, and its idle limit: which tickets fit, when to hand back, when to go."""
 from __future__ import annotations
 
 import time

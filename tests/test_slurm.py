@@ -1,4 +1,4 @@
-"""Slaves from a real single-node Slurm (scripts/slurm-single-node.sh): submission, scancel, walltime, restarts, refusals."""
+"""Slaves from a real one-node Slurm (scripts/slurm-single-node.sh): submission, scancel, walltime, restart, refusal."""
 from __future__ import annotations
 
 import json
@@ -180,7 +180,8 @@ def test_master_sigkilled_with_jobs_pending_and_running_finds_them_again(cluster
     master = cluster(queue)
     master.submit(sweep_spec(tmp_path, "restart", 60, "sleep 0.3; echo {n}"))
     wait_for(lambda: sorted(j["state"] for j in jobs(master)) == ["pending", "running", "running"]
-             and all(j["slaves_seen"] for j in jobs(master) if j["state"] == "running"), 30, "2 jobs running, 1 pending")
+             and all(j["slaves_seen"] for j in jobs(master) if j["state"] == "running"), 30,
+             "2 jobs running (their slaves connected), 1 pending")
     before = {j["id"]: j["native_id"] for j in jobs(master)}
     sbatch_before = slurm.read_text().split().count("sbatch")
     master.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -244,6 +245,26 @@ def test_queue_empties_pending_jobs_are_cancelled_and_idle_slaves_leave(cluster,
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/allocations", timeout=5) as response:
         served = json.load(response)["queues"][0]
     assert served["name"] == "q" and [j["state"] for j in served["jobs"]] == [j["state"] for j in ended]
+
+
+def test_a_script_from_slurm_script_submitted_by_hand_runs_slaves(cluster, tmp_path: Path) -> None:
+    master = cluster()
+    made = run_cli("--state", str(master.state), "slurm-script", "--walltime", "5m", "--slaves-per-job", "2",
+                   "--slots", "2", "--idle-timeout", "1", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "#SBATCH --ntasks=2" in made.stdout and "#SBATCH --time=0:05:00" in made.stdout
+    secret = (master.state / "keys" / "alloc" / "alloc-manual.key_secret").read_text()
+    secret_key = next(line.split('"')[1] for line in secret.splitlines() if "secret-key" in line)
+    assert secret_key not in made.stdout  # the script names the key's file, never the key
+    assert (master.state / "alloc" / "manual" / "slave.toml").stat().st_mode & 0o077 == 0
+    (tmp_path / "job.sh").write_text(made.stdout)
+    subprocess.run(["sbatch", "-o", str(tmp_path / "job.out"), str(tmp_path / "job.sh")], check=True,
+                   capture_output=True)
+    master.submit(sweep_spec(tmp_path, "by_hand", 20, "echo {n}"))
+    master.wait_finished("by_hand", 60)
+    rows = done_once(master, "by_hand", 20)
+    assert {slave.rsplit("-", 2)[0] for _, slave, _, _, _ in rows} == {"manual"}
+    wait_for(lambda: not squeue(), 30, "the hand-submitted job to end once its slaves idle")
 
 
 # -- units: queue settings, walltime arithmetic (no scheduler needed) ---------------------------------

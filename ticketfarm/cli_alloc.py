@@ -127,9 +127,9 @@ def format_queue(q: dict[str, Any]) -> str:
     s = q["spec"]
     live = [j for j in q["jobs"] if j["ended"] is None]
     where = "/".join(x for x in (s["partition"], s["account"]) if x) or "default partition"
-    lines = [f"{q['name']}: {s['kind']} {where}, walltime {s['walltime']:g}s, {s['slaves_per_job']} slave(s) x "
-             f"{s['slots_per_slave']} slot(s) per job, {len(live)} job(s) live"
-             f"{' - PAUSED' if q['paused'] else ''}"]
+    head = (f"{q['name']}: {s['kind']} {where}, walltime {s['walltime']:g}s, {s['slaves_per_job']} slave(s) x "
+            f"{s['slots_per_slave']} slot(s) per job, {len(live)} job(s) live{' - PAUSED' if q['paused'] else ''}")
+    lines = [head]
     if q["error"]:
         retry = max(0.0, (q["retry_at"] or 0) - time.time())
         lines.append(f"  submission refused ({q['errors']}x, next try in {retry:.0f}s): {q['error'].strip()}")
@@ -152,15 +152,18 @@ def _slurm_script(args: argparse.Namespace) -> int:
     spec = _spec(args, args.name)
     if spec.kind != "slurm":
         raise ConfigError("slurm-script writes Slurm scripts only (--kind slurm)", "kind")
-    paths = QueueFiles(args.state, config.bind, config.insecure, config.heartbeat_interval, config.liveness).prepare(spec)
+    files = QueueFiles(args.state, config.bind, config.insecure, config.heartbeat_interval, config.liveness)
+    paths = files.prepare(spec)
     hours, rest = divmod(int(spec.walltime), 3600)
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=ticketfarm-{spec.name}", f"#SBATCH --time={hours}:{rest // 60:02d}:{rest % 60:02d}",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=ticketfarm-{spec.name}",
+             f"#SBATCH --time={hours}:{rest // 60:02d}:{rest % 60:02d}",
              f"#SBATCH --ntasks={spec.slaves_per_job}", f"#SBATCH --cpus-per-task={spec.slots_per_slave}"]
     lines += [f"#SBATCH --{opt}={getattr(spec, opt)}" for opt in ("partition", "account") if getattr(spec, opt)]
     lines += [f"#SBATCH {arg}" for arg in spec.extra_args]
-    lines += [f"# Written by `ticketfarm slurm-script`; submit it with sbatch. The slaves read their CURVE key",
-              f"# from {paths.slave_config.parent} (mode 0700): the master's state dir must be reachable from the nodes.",
+    lines += ["# Written by `ticketfarm slurm-script`; submit it with sbatch. The slaves read their CURVE key from",
+              f"# {paths.slave_config.parent} (mode 0700): the master's state dir must be reachable from the nodes.",
               f"source {paths.setup}",
-              f'srun {spec.slave_command} --config {paths.slave_config} --name "{spec.name}-$SLURM_JOB_ID-$SLURM_PROCID"']
+              f"srun {spec.slave_command} --config {paths.slave_config} "
+              f'--name "{spec.name}-$SLURM_JOB_ID-$SLURM_PROCID"']
     print("\n".join(lines))
     return 0
