@@ -50,7 +50,7 @@ class MasterConfig:
     progress_bytes: int = 64 * 1024
     """How much of each running ticket's recent output the master keeps for progress views."""
     slave_exit_when_done: bool = False
-    """Tell slaves to exit when the master shuts down (True for `run --local`)."""
+    """Tell slaves at WELCOME to exit when the master shuts down, whatever their own setting (True for `run --local`)."""
     log_json: bool = False
     """Structured logs as JSON lines instead of key=value text."""
     http_bind: str = ""

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ticketfarm.protocol import Command
+from ticketfarm import messages
 
 if TYPE_CHECKING:
     from master.server import Master
@@ -37,14 +37,14 @@ class Housekeeping:
             self.next_prune = now + max(master.config.prune_every_hours, 0.001) * 3600
             self.prune(now)
 
-    def slave_policy(self) -> dict[str, Any]:
-        """End-of-work settings the master imposes on slaves at WELCOME (seed 004's DeleteWorker; none by default)."""
-        config, policy = self.master.config, {}
-        if config.slave_on_no_work in ("stay", "exit"):
-            policy["on_no_work"] = config.slave_on_no_work
-        if config.slave_delete_workers in ("yes", "no"):
-            policy["delete_workers"] = config.slave_delete_workers == "yes"
-        return {"policy": policy} if policy else {}
+    def slave_policy(self) -> messages.SlavePolicy:
+        """Settings the master imposes on slaves at WELCOME (seed 004's DeleteWorker; none by default)."""
+        config = self.master.config
+        return messages.SlavePolicy(
+            on_no_work=config.slave_on_no_work if config.slave_on_no_work in ("stay", "exit") else "",
+            delete_workers=config.slave_delete_workers == "yes" if config.slave_delete_workers in ("yes", "no")
+            else None,
+            on_master_shutdown="exit" if config.slave_exit_when_done else "")
 
     # -- end of work -----------------------------------------------------------------------------
     def _tell_no_work(self) -> None:
@@ -60,7 +60,7 @@ class Housekeeping:
         for identity, session in list(master.hungry.items()):
             if identity not in self.told_no_work and not master.transfers and not master.validator.pending:
                 self.told_no_work.add(identity)
-                master._send(identity, Command.NO_WORK, {"reason": "every sweep is over"})
+                master._send(identity, messages.NoWork("every sweep is over"))
                 log.info("told_no_work", slave=session.name)
 
     # -- pruning -----------------------------------------------------------------------------------

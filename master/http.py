@@ -38,10 +38,9 @@ from master.stats import (
     sweep_stats,
 )
 from master.store import Store
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError
 from ticketfarm.keys import dealer
-from ticketfarm.protocol import Command
 from ticketfarm.spec import parse_spec
 
 if TYPE_CHECKING:
@@ -275,10 +274,13 @@ class HttpApi:
         """Send one CONTROL message to the master's loop and wait for its REPLY."""
         sock = dealer(self.context, self.control_endpoint, None)
         try:
-            sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
+            sock.send_multipart(messages.Control(op, fields).encode())
             if not sock.poll(int(CONTROL_TIMEOUT * 1000)):
                 raise ApiError("unavailable", f"the master did not answer {op!r} within {CONTROL_TIMEOUT:g}s")
-            reply = protocol.decode(sock.recv_multipart()).header
+            answer = messages.decode(sock.recv_multipart())
+            if not isinstance(answer, messages.Reply):
+                raise ApiError("unavailable", f"the master answered {op!r} with {answer.COMMAND.name}")
+            reply = answer.as_dict()
         finally:
             sock.close()
         if not reply.get("ok"):

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from master.store import FINAL_TASK_STATES, StoredOutput
-from ticketfarm.errors import ProtocolError
-from ticketfarm.protocol import FETCH_MAX, Command, Message, field_of, split_frame
+from ticketfarm import messages
+from ticketfarm.protocol import FETCH_MAX, Command
 from ticketfarm.spec import NAME_RE, PYTHON_RESULTS, CollectRule, Sweep
 
 if TYPE_CHECKING:
@@ -79,33 +79,25 @@ class PythonSweeps:
             self.kinds[sweep] = kind
         return kind
 
-    def ticket_messages(self, tickets: list["Ticket"]) -> list[tuple[dict[str, Any], list[bytes]]]:
-        """TICKET messages (header, payload) for python tickets of one sweep: each names its function by
-        hash and its pickled arguments' `size`; the arguments follow concatenated in one payload frame."""
+    def ticket_messages(self, tickets: list["Ticket"]) -> list[messages.Ticket]:
+        """TICKET messages for python tickets of one sweep: each names its function by hash and carries its
+        pickled arguments (at most TICKET_BATCH tickets and about TICKET_BYTES of arguments per message)."""
         name = tickets[0].sweep
         sweep = self.master.scheduler.active[name].sweep
-        messages, batch, args, size = [], [], [], 0
+        # The sweep's own result names: a sweep stored before printed output was kept does not get it.
+        shared = messages.TicketSweep(name, sweep.timeout, sweep.results, kind="python")
+        out, batch, size = [], [], 0
         for ticket in tickets:
             params = ticket.params if ticket.params is not None else self.master.store.params(name, ticket.task)
             data = base64.b64decode(params["args"])
-            batch.append({"ticket": ticket.id, "task": ticket.task, "attempt": ticket.attempt,
-                          "fn": params["fn"], "size": len(data)})
-            args.append(data)
+            batch.append(messages.TicketEntry(ticket.id, ticket.task, ticket.attempt, fn=params["fn"], args=data))
             size += len(data)
             if len(batch) >= TICKET_BATCH or size >= TICKET_BYTES:
-                messages.append(self._ticket_message(sweep, batch, args))
-                batch, args, size = [], [], 0
+                out.append(messages.Ticket(shared, batch))
+                batch, size = [], 0
         if batch:
-            messages.append(self._ticket_message(sweep, batch, args))
-        return messages
-
-    @staticmethod
-    def _ticket_message(sweep: Sweep, batch: list[dict[str, Any]],
-                        args: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        # The sweep's own result names: a sweep stored before printed output was kept does not get it.
-        header = {"sweep": sweep.name, "kind": "python", "timeout": sweep.timeout, "results": sweep.results,
-                  "tickets": batch}
-        return header, [b"".join(args)]
+            out.append(messages.Ticket(shared, batch))
+        return out
 
     def settled(self, sweep: str, task: int, state: str, outputs: list[StoredOutput] | None = None) -> None:
         """A task reached a final state; watchers hear about it after the next commit."""
@@ -124,13 +116,9 @@ class PythonSweeps:
                 self._notify(identity, sweep, entries)
 
     # -- slaves: function bodies ---------------------------------------------------------------
-    def on_code_request(self, identity: bytes, msg: Message) -> None:
-        digest = field_of(msg, "hash", str)
-        body = self.function(digest)
-        if body is None:
-            self.master._send(identity, Command.CODE, {"hash": digest, "error": f"unknown function {digest}"})
-        else:
-            self.master._send(identity, Command.CODE, {"hash": digest}, [body])
+    def on_code_request(self, identity: bytes, msg: messages.CodeRequest) -> None:
+        body = self.function(msg.hash)
+        self.master._send(identity, messages.Code(msg.hash, body, "" if body else f"unknown function {msg.hash}"))
 
     def function(self, digest: str) -> bytes | None:
         body = self.functions.get(digest)
@@ -141,34 +129,27 @@ class PythonSweeps:
         return body
 
     # -- API clients -------------------------------------------------------------------------------
-    def control(self, identity: bytes, op: str, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        """Answer one `py_*` CONTROL op; the reply echoes the client's request id."""
+    def control(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        """Answer one `py_*` CONTROL op (the master echoes the client's request id)."""
         handler = {
             "py_add": self._add, "py_watch": self._watch, "py_unwatch": self._unwatch,
             "py_fetch": self._fetch, "py_cancel": self._cancel, "py_ping": self._ping,
-        }.get(op)
+        }.get(msg.op)
         if handler is None:
-            raise ValueError(f"unknown control op {op!r}")
+            raise ValueError(f"unknown control op {msg.op!r}")
         reply, payload = handler(identity, msg)
         reply.setdefault("ok", True)
-        reply["rid"] = msg.header.get("rid")
         return reply, payload
 
-    def _add(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        name = field_of(msg, "sweep", str)
-        first = field_of(msg, "first", int)
-        fns = field_of(msg, "fns", list)
-        reprs = msg.header.get("reprs") or [""] * len(fns)
-        functions = field_of(msg, "functions", list)
-        if len(msg.payload) != len(functions) + 1 or len(reprs) != len(fns):
-            raise ProtocolError("py_add: payload must hold each new function body, then one frame of arguments")
-        args = _task_args(msg, len(fns))
-        for digest, body in zip(functions, msg.payload):
-            self.functions[str(digest)] = body
-            self.master.store.add_function(str(digest), body)
+    def _add(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        add = messages.PyAdd.from_control(msg)
+        name = add.sweep
+        for digest, body in add.functions.items():
+            self.functions[digest] = body
+            self.master.store.add_function(digest, body)
         row = self.master.store.sweep(name)
         if row is None:
-            sweep = Sweep.from_json(field_of(msg, "spec", str))
+            sweep = Sweep.from_json(add.spec)
             if sweep.kind != "python" or sweep.name != name or not NAME_RE.match(name):
                 raise ValueError(f"py_add: {name!r} needs a python sweep spec with that name")
             sweep.params, sweep.results = [], dict(PYTHON_RESULTS)
@@ -182,9 +163,8 @@ class PythonSweeps:
         assert row is not None
         if row.state == "cancelled":
             raise ValueError(f"sweep {name!r} was cancelled")
-        params = [{"fn": str(f), "args": base64.b64encode(a).decode(), "repr": str(r)[:200]}
-                  for f, a, r in zip(fns, args, reprs)]
-        new = self.master.store.add_tasks(name, first, params)
+        params = [{"fn": c.fn, "args": base64.b64encode(c.args).decode(), "repr": c.repr} for c in add.calls]
+        new = self.master.store.add_tasks(name, add.first, params)
         if new:
             active = self.master.scheduler.active.get(name)
             if active is None:
@@ -194,10 +174,10 @@ class PythonSweeps:
                 active.queued.extend(new)
         # Dispatch before the fsync: the REPLY waits for on_control's commit, and a crash in between only re-runs tasks.
         self.master._dispatch_hungry()
-        return {"added": len(new), "ntasks": first + len(fns)}, []
+        return {"added": len(new), "ntasks": add.first + len(add.calls)}, []
 
-    def _watch(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        name = field_of(msg, "sweep", str)
+    def _watch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        name = msg.args().text("sweep")
         row = self.master.store.sweep(name)
         if row is None:
             return {"ok": False, "error": f"no sweep named {name!r}"}, []
@@ -215,17 +195,17 @@ class PythonSweeps:
             self._notify(identity, name, batch)
         return {"ntasks": row.ntasks, "state": row.state}, []
 
-    def _unwatch(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        watchers = self.watchers.get(field_of(msg, "sweep", str), {})
+    def _unwatch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        watchers = self.watchers.get(msg.args().text("sweep"), {})
         watchers.pop(identity, None)
         return {}, []
 
-    def _fetch(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        name, task = field_of(msg, "sweep", str), field_of(msg, "task", int)
-        output, offset = field_of(msg, "name", str), field_of(msg, "offset", int)
-        length = min(field_of(msg, "length", int), FETCH_MAX)
+    def _fetch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        args = msg.args()
+        name, task, output = args.text("sweep"), args.count("task"), args.text("name")
+        offset, length = args.count("offset"), min(args.count("length"), FETCH_MAX)
         stored = self.master.store.outputs(name, task).get(output)
-        if stored is None or offset < 0 or length < 0:
+        if stored is None:
             return {"ok": False, "error": f"no result {output!r} for task {task} of {name!r}"}, []
         if stored.data is not None:
             return {"size": stored.size}, [stored.data[offset:offset + length]]
@@ -233,9 +213,9 @@ class PythonSweeps:
             fh.seek(offset)
             return {"size": stored.size}, [fh.read(length)]
 
-    def _cancel(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
-        name = field_of(msg, "sweep", str)
-        tasks = msg.header.get("tasks")
+    def _cancel(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+        args = msg.args()
+        name, tasks = args.text("sweep"), args.counts("tasks", None)
         if tasks is None:
             cancelled = list(self.master.store.tasks_in_state(name, "queued")) + \
                 list(self.master.store.tasks_in_state(name, "running"))
@@ -245,7 +225,7 @@ class PythonSweeps:
             return {"ok": ok, "cancelled": len(cancelled)}, []
         done = 0
         for task in tasks:
-            if isinstance(task, int) and self.cancel_task(name, task):
+            if self.cancel_task(name, task):
                 done += 1
         if name in self.master.scheduler.active:
             self.master._finish_if_done(name)
@@ -264,7 +244,7 @@ class PythonSweeps:
         self.settled(name, task, "cancelled")
         return True
 
-    def _ping(self, identity: bytes, msg: Message) -> tuple[dict[str, Any], list[bytes]]:
+    def _ping(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
         now = time.time()
         for watchers in self.watchers.values():
             if identity in watchers:
@@ -283,26 +263,14 @@ class PythonSweeps:
     def _notify(self, identity: bytes, sweep: str,
                 entries: list[tuple[int, str, str | None, list[StoredOutput]]]) -> None:
         for start in range(0, len(entries), NOTIFY_BATCH):
-            items, payload = [], []
+            tasks = []
             for task, state, reason, outputs in entries[start:start + NOTIFY_BATCH]:
-                item: dict[str, Any] = {"task": task, "state": state}
-                if state == "done":
-                    out = next((o for o in outputs if o.name in VALUE_OUTPUTS), None)
-                    if out is None:
-                        item.update(state="failed", reason="no result stored")
-                    else:
-                        item.update(output=out.name, size=out.size, inline=out.data is not None)
-                        if out.data is not None:
-                            payload.append(out.data)
+                if state != "done":
+                    tasks.append(messages.Settled(task, state, reason=reason or ""))
+                    continue
+                out = next((o for o in outputs if o.name in VALUE_OUTPUTS), None)
+                if out is None:
+                    tasks.append(messages.Settled(task, "failed", reason="no result stored"))
                 else:
-                    item["reason"] = reason
-                items.append(item)
-            self.master._send(identity, Command.NOTIFY, {"sweep": sweep, "tasks": items}, [b"".join(payload)])
-
-
-def _task_args(msg: Message, count: int) -> list[bytes]:
-    """Each task's pickled arguments of a py_add, cut from its last payload frame by the header's `sizes`."""
-    sizes = field_of(msg, "sizes", list)
-    if len(sizes) != count:
-        raise ProtocolError(f"py_add: field 'sizes' has {len(sizes)} entries for {count} tasks")
-    return split_frame(msg.payload[-1], sizes, "py_add: field 'sizes'")
+                    tasks.append(messages.Settled(task, "done", out.name, out.size, out.data))
+            self.master._send(identity, messages.Notify(sweep, tasks))

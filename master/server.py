@@ -25,10 +25,10 @@ from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from master.stragglers import Stragglers
 from master.validate import Validator
 from master.workers import Placement
-from ticketfarm import keys, protocol
+from ticketfarm import keys, messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, SweepExists
 from ticketfarm.keys import KeyRing, Peer, ZapHandler
-from ticketfarm.protocol import Command, Message, field_of
+from ticketfarm.protocol import Command
 from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.master")
@@ -108,7 +108,7 @@ class Master:
         self.transfers: dict[int, Transfer] = {}
         self.progress: dict[int, bytearray] = {}
         self.pending_acks: dict[bytes, list[int]] = {}
-        self._ticket_headers: dict[str, tuple[dict[str, Any], list[bytes]]] = {}
+        self._ticket_headers: dict[str, messages.TicketSweep] = {}
         self._stopping = False
         self._next_housekeeping = 0.0
         self._own_context = context is None
@@ -135,7 +135,7 @@ class Master:
             self.http = HttpApi.start(self)
         if config.http_bind or self.store.has_callbacks():
             self.callbacks.ensure_started()
-        self._handlers: dict[Command, Callable[[bytes, Message], None]] = {
+        self._handlers: dict[Command, Callable[[bytes, Any], None]] = {
             Command.HELLO: self.on_hello,
             Command.REQUEST: self.on_request,
             Command.PROGRESS: self.on_progress,
@@ -329,18 +329,20 @@ class Master:
             return
         identity = frames[0]
         try:
-            msg = protocol.decode(frames[1:])
-            handler = self._handlers.get(msg.command)
+            framed = protocol.decode(frames[1:])
+            handler = self._handlers.get(framed.command)
             if handler is None:
-                raise ProtocolError(f"{msg.command.name} is not a command a master accepts")
+                raise ProtocolError(f"{framed.command.name} is not a command a master accepts")
+            msg = messages.parse(framed)
             if self._peer is not LOCAL_PEER and not self._permitted(identity, msg):
                 return
             session = self.sessions.get(identity)
             if session is not None:
                 session.expiry = time.time() + self._liveness_window()
-            elif msg.command not in (Command.HELLO, Command.CONTROL, Command.DISCONNECT):
+            elif msg.COMMAND not in (Command.HELLO, Command.CONTROL, Command.DISCONNECT):
                 # A slave the master does not know (e.g. after a master restart): it must say hello again.
-                self._send(identity, Command.DISCONNECT, {"reason": "unknown slave: send HELLO", "reconnect": True})
+                self._send(identity, messages.Disconnect(messages.UNKNOWN_PEER, "unknown slave: send HELLO",
+                                                         reconnect=True))
                 return
             handler(identity, msg)
         except ProtocolError as exc:
@@ -348,7 +350,7 @@ class Master:
         except Exception:  # noqa: BLE001 - one bad message must never take the master down
             log.exception("message_handler_failed", peer=identity.hex())
 
-    def _permitted(self, identity: bytes, msg: Message) -> bool:
+    def _permitted(self, identity: bytes, msg: messages.AnyMessage) -> bool:
         """Roles: a client key may send CONTROL, a slave key may register as a slave; a revoked key nothing."""
         peer = self._peer
         if peer is None:
@@ -357,18 +359,16 @@ class Master:
                 self._revoke_session(session)
             elif identity not in self._refused_peers:
                 self._refused_peers.add(identity)
-                log.warning("revoked_key_refused", peer=identity.hex(), command=msg.command.name)
+                log.warning("revoked_key_refused", peer=identity.hex(), command=msg.COMMAND.name)
             return False
-        if msg.command == Command.CONTROL and peer.role != keys.CLIENT and msg.header.get("op") != "ping":
-            log.warning("control_refused", peer=identity.hex(), key_name=peer.name, op=str(msg.header.get("op")))
-            reply: dict[str, Any] = {"ok": False, "code": "forbidden",
-                                     "error": "control operations need an authorised client key"}
-            if "rid" in msg.header:
-                reply["rid"] = msg.header["rid"]
-            self._send(identity, Command.REPLY, reply)
+        if isinstance(msg, messages.Control) and peer.role != keys.CLIENT and msg.op != "ping":
+            log.warning("control_refused", peer=identity.hex(), key_name=peer.name, op=msg.op)
+            self._send(identity, messages.Reply(False, {"code": "forbidden",
+                                                        "error": "control operations need an authorised client key"},
+                                                msg.rid))
             return False
-        if msg.command == Command.HELLO and peer.role != keys.SLAVE:
-            self._send(identity, Command.DISCONNECT, {"reason": "this key is not a slave key", "reconnect": False})
+        if isinstance(msg, messages.Hello) and peer.role != keys.SLAVE:
+            self._send(identity, messages.Disconnect(messages.REFUSED, "this key is not a slave key"))
             log.warning("slave_refused", peer=identity.hex(), key_name=peer.name, reason="not a slave key")
             return False
         return True
@@ -385,14 +385,14 @@ class Master:
 
     def _revoke_session(self, session: SlaveSession) -> None:
         log.warning("slave_revoked", slave=session.name, peer=session.identity.hex())
-        self._send(session.identity, Command.DISCONNECT, {"reason": "key revoked", "reconnect": False})
+        self._send(session.identity, messages.Disconnect(messages.REVOKED, "key revoked"))
         self._drop_session(session, reason="key revoked", lose_tickets=True)
 
-    def _send(self, identity: bytes, command: Command, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
+    def _send(self, identity: bytes, msg: messages.AnyMessage) -> None:
         try:
-            self.socket.send_multipart([identity, *protocol.encode(command, header, payload)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *msg.encode()], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("send_failed", peer=identity.hex(), command=command.name, error=str(exc))
+            log.warning("send_failed", peer=identity.hex(), command=msg.COMMAND.name, error=str(exc))
         session = self.sessions.get(identity)
         if session is not None:
             session.last_sent = time.time()
@@ -404,35 +404,30 @@ class Master:
         self.store.commit()
         acks, self.pending_acks = self.pending_acks, {}
         for identity, tickets in acks.items():
-            self._send(identity, Command.ACK, {"tickets": tickets})
+            self._send(identity, messages.Ack(tickets))
         self.python.after_commit()
 
     # -- slaves: hello, liveness, goodbye ------------------------------------------
-    def on_hello(self, identity: bytes, msg: Message) -> None:
-        version = msg.header.get("protocol")
-        if version != protocol.VERSION:
-            self._send(identity, Command.DISCONNECT, {"reason": f"protocol version {version!r} not supported, "
-                                                                f"master speaks {protocol.VERSION}", "reconnect": False})
-            log.warning("slave_refused", peer=identity.hex(), reason="protocol version", version=version)
+    def on_hello(self, identity: bytes, msg: messages.Hello) -> None:
+        if msg.protocol != protocol.VERSION:
+            self._send(identity, messages.Disconnect(messages.PROTOCOL_VERSION, f"protocol version {msg.protocol} "
+                                                     f"not supported, master speaks {protocol.VERSION}"))
+            log.warning("slave_refused", peer=identity.hex(), reason="protocol version", version=msg.protocol)
             return
-        name = field_of(msg, "name", str)
-        slots = field_of(msg, "slots", int)
-        if not name or slots < 1:
-            raise ProtocolError("HELLO: name must be non-empty and slots >= 1")
+        name, slots = msg.name, msg.slots
         peer = self._peer
         if peer is not None and peer is not LOCAL_PEER and not peer.may_be_slave(name):
-            self._send(identity, Command.DISCONNECT, {"reason": f"key {peer.name!r} may not act as slave {name!r}",
-                                                      "reconnect": False})
+            self._send(identity, messages.Disconnect(messages.REFUSED, f"key {peer.name!r} may not act as slave "
+                                                                       f"{name!r}"))
             log.warning("slave_refused", peer=identity.hex(), slave=name, key_name=peer.name,
                         reason="name not allowed for this key")
             return
-        held = {int(t) for t in msg.header.get("running", []) + msg.header.get("held", [])}
+        held = {*msg.running, *msg.held}
         old = self.by_name.get(name)
         if old is not None and old.identity != identity:
             self._drop_session(old, reason="replaced by a new connection", lose_tickets=False)
         now = time.time()
-        session = SlaveSession(identity, name, str(msg.header.get("platform", "")), slots,
-                               str(msg.header.get("version", "")), now + self._liveness_window())
+        session = SlaveSession(identity, name, msg.platform, slots, msg.version, now + self._liveness_window())
         if peer is not None and peer is not LOCAL_PEER:
             session.key = peer.key
         self.sessions[identity] = session
@@ -446,27 +441,23 @@ class Master:
                 self._lose_ticket(ticket, f"slave {name} restarted without it")
             else:
                 self.scheduler.extend(ticket, now)
-        self._send(identity, Command.WELCOME, {
-            "heartbeat_interval": self.config.heartbeat_interval,
-            "liveness": self.config.liveness,
-            "epoch": self.epoch,
-            **self.housekeeping.slave_policy(),
-        })
+        self._send(identity, messages.Welcome(self.config.heartbeat_interval, self.config.liveness, self.epoch,
+                                              self.housekeeping.slave_policy()))
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
-    def on_disconnect(self, identity: bytes, msg: Message) -> None:
+    def on_disconnect(self, identity: bytes, msg: messages.Disconnect) -> None:
         session = self.sessions.get(identity)
         if session is not None:
-            self._drop_session(session, reason=str(msg.header.get("reason", "slave said goodbye")), lose_tickets=True)
+            self._drop_session(session, reason=msg.reason or "slave said goodbye", lose_tickets=True)
 
-    def on_heartbeat(self, identity: bytes, msg: Message) -> None:
+    def on_heartbeat(self, identity: bytes, msg: messages.Heartbeat) -> None:
         session = self.sessions[identity]
         now = time.time()
-        for tid in msg.header.get("waiting", []):
+        for tid in msg.waiting:
             ticket = self.scheduler.tickets.get(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.scheduler.extend(ticket, now)
-        info = {k: msg.header[k] for k in ("load", "memory", "disk", "busy") if k in msg.header}
+        info = msg.info()
         session.info = info
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
@@ -495,7 +486,7 @@ class Master:
             self._drop_session(session, reason=f"silent for {self._liveness_window():.1f}s", lose_tickets=True)
         for session in self.sessions.values():
             if now - session.last_sent >= self.config.heartbeat_interval:
-                self._send(session.identity, Command.HEARTBEAT, {})
+                self._send(session.identity, messages.Heartbeat())
         self.stragglers.tick(now)
         self.housekeeping.tick(now)
         if self.allocator.active:
@@ -507,16 +498,13 @@ class Master:
             if ticket.slave not in self.by_name:
                 self._lose_ticket(ticket, f"lost: slave {ticket.slave} did not come back")
                 continue
-            self._send(self.by_name[ticket.slave].identity, Command.CANCEL, {"ticket": ticket.id, "reason": "deadline"})
+            self._send(self.by_name[ticket.slave].identity, messages.Cancel(ticket.id, "deadline"))
             self._fail_ticket(ticket, "timeout", "timeout (no answer before the deadline)")
 
     # -- dispatch -------------------------------------------------------------------
-    def on_request(self, identity: bytes, msg: Message) -> None:
+    def on_request(self, identity: bytes, msg: messages.Request) -> None:
         session = self.sessions[identity]
-        credit = field_of(msg, "credit", int)
-        if credit < 0 or credit > 10_000:
-            raise ProtocolError(f"REQUEST: credit {credit} out of range")
-        session.credit += credit
+        session.credit += msg.credit
         self._dispatch(session, since=self._pass_started)
 
     def _dispatch(self, session: SlaveSession, since: float = 0.0) -> None:
@@ -544,63 +532,58 @@ class Master:
         for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
             batch = list(group)
             if self.python.owns(sweep):
-                messages = self.python.ticket_messages(batch)
+                tickets_out = self.python.ticket_messages(batch)
             else:
-                messages = [self._command_tickets(sweep, batch[i:i + TICKET_BATCH])
-                            for i in range(0, len(batch), TICKET_BATCH)]
-            for header, payload in messages:
-                self._send(session.identity, Command.TICKET, header, payload)
+                tickets_out = [self._command_tickets(sweep, batch[i:i + TICKET_BATCH])
+                               for i in range(0, len(batch), TICKET_BATCH)]
+            for message in tickets_out:
+                self._send(session.identity, message)
             for ticket in batch:
                 self.events.dispatched(sweep, ticket.id, ticket.task, session.name)
             self.metrics.tickets_dispatched.inc(len(batch))
 
-    def _command_tickets(self, sweep: str, batch: list[Ticket]) -> tuple[dict[str, Any], list[bytes]]:
-        static, payload = self._ticket_static(sweep)
-        tickets = [{"ticket": t.id, "task": t.task, "attempt": t.attempt,
-                    "params": t.params if t.params is not None else self.store.params(sweep, t.task)} for t in batch]
-        return dict(static, tickets=tickets), payload
+    def _command_tickets(self, sweep: str, batch: list[Ticket]) -> messages.Ticket:
+        return messages.Ticket(self._ticket_static(sweep), [
+            messages.TicketEntry(t.id, t.task, t.attempt,
+                                 t.params if t.params is not None else self.store.params(sweep, t.task))
+            for t in batch])
 
-    def _ticket_static(self, name: str) -> tuple[dict[str, Any], list[bytes]]:
+    def _ticket_static(self, name: str) -> messages.TicketSweep:
         """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""
         cached = self._ticket_headers.get(name)
         if cached is None:
             sweep = self.scheduler.active[name].sweep
-            inputs, payload = [], []
+            inputs, frames = [], []
             for inp in sweep.inputs:
                 if inp.content is not None:
-                    inputs.append({"name": inp.name, "frame": len(payload)})
-                    payload.append(inp.content)
+                    inputs.append(messages.InputFile(inp.name, frame=len(frames)))
+                    frames.append(inp.content)
                 else:
-                    inputs.append({"name": inp.name, "template": inp.template})
-            header = {"sweep": name, "command": sweep.command, "argv": sweep.argv, "env": sweep.env,
-                      "timeout": sweep.timeout, "inputs": inputs, "results": sweep.results,
-                      **Placement.ticket_fields(sweep)}
-            cached = self._ticket_headers[name] = (header, payload)
+                    inputs.append(messages.InputFile(inp.name, template=inp.template))
+            cached = self._ticket_headers[name] = messages.TicketSweep(
+                name, sweep.timeout, sweep.results, command=sweep.command, argv=sweep.argv, env=sweep.env,
+                inputs=inputs, frames=frames, **Placement.ticket_fields(sweep))
         return cached
 
     # -- progress ---------------------------------------------------------------------
-    def on_progress(self, identity: bytes, msg: Message) -> None:
-        tid = field_of(msg, "ticket", int)
+    def on_progress(self, identity: bytes, msg: messages.Progress) -> None:
+        tid = msg.ticket
         ticket = self.scheduler.tickets.get(tid)
         if ticket is None or ticket.slave != self.sessions[identity].name:
             return
         buf = self.progress.setdefault(tid, bytearray())
-        for chunk in msg.payload:
-            buf += chunk
+        buf += msg.data
         if len(buf) > self.config.progress_bytes:
             del buf[: len(buf) - self.config.progress_bytes]
 
     # -- results ------------------------------------------------------------------------
-    def on_failure(self, identity: bytes, msg: Message) -> None:
+    def on_failure(self, identity: bytes, msg: messages.Failure) -> None:
         session = self.sessions[identity]
-        tid = field_of(msg, "ticket", int)
-        reason = str(msg.header.get("reason", "failed"))[:2000]
-        exit_code = msg.header.get("exit_code")
-        elapsed = msg.header.get("elapsed")
+        tid, reason, exit_code, elapsed = msg.ticket, msg.reason, msg.exit_code, msg.elapsed
         ticket = self.scheduler.tickets.get(tid)
         if ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
-            if msg.header.get("handback") is True:  # never started: its slave's batch allocation is ending
+            if msg.handback:  # never started: its slave's batch allocation is ending
                 state = "returned"
                 self.store.refund_attempt(ticket.sweep, ticket.task)
             self._fail_ticket(ticket, state, reason, exit_code, elapsed)
@@ -608,15 +591,15 @@ class Master:
             log.warning("foreign_ticket", slave=session.name, ticket=tid, command="FAILURE")
         self.pending_acks.setdefault(identity, []).append(tid)
 
-    def on_result(self, identity: bytes, msg: Message) -> None:
-        """A batch of finished tickets; a malformed entry is dropped, the others are taken."""
-        for entry in split_results(msg):
+    def on_result(self, identity: bytes, msg: messages.Result) -> None:
+        """A batch of finished tickets; an entry with a refused output name is dropped, the others are taken."""
+        for entry in msg.results:
             try:
                 self._take_result(identity, entry)
             except ProtocolError as exc:
                 log.warning("dropped_message", peer=identity.hex(), reason=str(exc))
 
-    def _take_result(self, identity: bytes, entry: ResultEntry) -> None:
+    def _take_result(self, identity: bytes, entry: messages.ResultEntry) -> None:
         session = self.sessions[identity]
         tid = entry.ticket
         if tid in self.transfers:
@@ -649,42 +632,40 @@ class Master:
             self.scheduler.settle_cancelled(ticket, "duplicate: task already settled")
         self.pending_acks.setdefault(identity, []).append(tid)
 
-    def _parse_outputs(self, entry: ResultEntry, sweep: str,
+    def _parse_outputs(self, entry: messages.ResultEntry, sweep: str,
                        tid: int) -> tuple[list[StoredOutput], dict[str, IncomingFile]]:
         result_names = self.scheduler.active[sweep].sweep.results if sweep in self.scheduler.active else {}
         outputs: list[StoredOutput] = []
         files: dict[str, IncomingFile] = {}
-        for name, size, data in entry.outputs:
+        for out in entry.outputs:
+            name = out.name
             check_output_name(name, result_names)
-            if data is not None:
-                outputs.append(StoredOutput(name, size, data, None))
+            if out.data is not None:
+                outputs.append(StoredOutput(name, out.size, out.data, None))
             else:
-                files[name] = IncomingFile(name, size, self.incoming_dir / str(tid) / name)
+                files[name] = IncomingFile(name, out.size, self.incoming_dir / str(tid) / name)
         return outputs, files
 
     def _request_chunks(self, transfer: Transfer, f: IncomingFile) -> None:
         while f.requested < f.size and f.requested - f.received < FETCH_WINDOW * protocol.CHUNK_SIZE:
             length = min(protocol.CHUNK_SIZE, f.size - f.requested)
-            self._send(transfer.identity, Command.FETCH,
-                       {"ticket": transfer.ticket_id, "name": f.name, "offset": f.requested, "length": length})
+            self._send(transfer.identity, messages.Fetch(transfer.ticket_id, f.name, f.requested, length))
             f.requested += length
         if f.size == 0:
             f.path.parent.mkdir(parents=True, exist_ok=True)
             f.path.touch()
             self._file_complete(transfer)
 
-    def on_chunk(self, identity: bytes, msg: Message) -> None:
-        tid = field_of(msg, "ticket", int)
+    def on_chunk(self, identity: bytes, msg: messages.Chunk) -> None:
+        tid = msg.ticket
         transfer = self.transfers.get(tid)
         if transfer is None or transfer.identity != identity:
             return  # a chunk for a transfer that was aborted; harmless
-        name = field_of(msg, "name", str)
-        offset = field_of(msg, "offset", int)
+        name, offset, data = msg.name, msg.offset, msg.data
         f = transfer.files.get(name)
-        if f is None or offset != f.received or len(msg.payload) != 1:
+        if f is None or offset != f.received:
             self._abort_transfer(tid)
             raise ProtocolError(f"CHUNK: unexpected chunk {name!r}@{offset} for ticket {tid}")
-        data = msg.payload[0]
         if f.received + len(data) > f.size:
             self._abort_transfer(tid)
             raise ProtocolError(f"CHUNK: {name!r} longer than its declared size")
@@ -766,7 +747,7 @@ class Master:
     def _cancel_ticket(self, ticket: Ticket, reason: str) -> None:
         session = self.by_name.get(ticket.slave)
         if session is not None:
-            self._send(session.identity, Command.CANCEL, {"ticket": ticket.id, "reason": reason})
+            self._send(session.identity, messages.Cancel(ticket.id, reason))
         self.progress.pop(ticket.id, None)
         self.scheduler.settle_cancelled(ticket, reason)
         self.metrics.tickets_finished.labels("cancelled").inc()
@@ -780,18 +761,18 @@ class Master:
             log.info("sweep_finished", sweep=name)
 
     # -- control ----------------------------------------------------------------------------
-    def on_control(self, identity: bytes, msg: Message) -> None:
-        op = msg.header.get("op")
+    def on_control(self, identity: bytes, msg: messages.Control) -> None:
+        op = msg.op
         payload: list[bytes] = []
         try:
-            if isinstance(op, str) and op.startswith("py_"):
-                reply, payload = self.python.control(identity, op, msg)
+            if op.startswith("py_"):
+                reply, payload = self.python.control(identity, msg)
             elif op == "submit":
-                reply = ops.submit(self, msg.header)
+                reply = ops.submit(self, msg.fields)
             elif op == "cancel":
-                reply = {"ok": self.cancel(field_of(msg, "sweep", str))}
+                reply = {"ok": self.cancel(msg.args().text("sweep"))}
             elif op == "progress":
-                buf = self.progress.get(field_of(msg, "ticket", int), b"")
+                buf = self.progress.get(msg.args().count("ticket"), b"")
                 reply = {"ok": True, "output": bytes(buf).decode(errors="replace")}
             elif op == "status":
                 reply = {"ok": True, "sweeps": [asdict(s) for s in all_sweep_stats(self.store)]}
@@ -800,16 +781,16 @@ class Master:
             elif op == "ping":
                 reply = {"ok": True, "epoch": self.epoch, "slaves": len(self.sessions)}
             elif op in ops.OPS:
-                reply = ops.OPS[op](self, msg.header)
+                reply = ops.OPS[op](self, msg.fields)
             else:
                 reply = {"ok": False, "error": f"unknown control op {op!r}"}
         except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:
             reply = {"ok": False, "error": str(exc)}
-        if "rid" in msg.header:  # a client with several requests in flight matches replies by its request id
-            reply["rid"] = msg.header["rid"]
+        ok = bool(reply.pop("ok", False))
         # Read-your-writes: whoever asked reads the store next (HTTP, CLI), so commit before answering.
         self._commit_and_ack()
-        self._send(identity, Command.REPLY, reply, payload)
+        # A client with several requests in flight matches replies by its request id.
+        self._send(identity, messages.Reply(ok, reply, msg.rid, payload))
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -823,55 +804,13 @@ class Master:
             self.store.slave_state(session.name, "gone")
         self._commit_and_ack()
         for session in list(self.sessions.values()):
-            self._send(session.identity, Command.DISCONNECT, {
-                "reason": "master shutting down", "reconnect": not self.config.slave_exit_when_done})
+            self._send(session.identity, messages.Disconnect(messages.SHUTDOWN, "master shutting down"))
         self.socket.close(linger=500)
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:
             self.context.destroy(linger=0)
         self.store.close()
-
-
-@dataclass
-class ResultEntry:
-    """One finished ticket of a RESULT message: its outputs as (name, size, inline bytes or None)."""
-
-    ticket: int
-    exit_code: int | None
-    elapsed: float | None
-    outputs: list[tuple[str, int, bytes | None]]
-
-
-def split_results(msg: Message) -> list[ResultEntry]:
-    """The entries of a RESULT with their inline bytes; ProtocolError if the message does not add up."""
-    entries = field_of(msg, "results", list)
-    if len(msg.payload) != 1:
-        raise ProtocolError("RESULT: inline outputs travel in exactly one payload frame")
-    declared = [_declared_outputs(item) for item in entries]
-    sizes = [size for outputs in declared for _, size, inline in outputs if inline]
-    pieces = iter(protocol.split_frame(msg.payload[0], sizes, "RESULT inline outputs"))
-    out = []
-    for item, outputs in zip(entries, declared):
-        exit_code, elapsed = item.get("exit_code"), item.get("elapsed")
-        out.append(ResultEntry(item["ticket"], exit_code if isinstance(exit_code, int) else None,
-                               elapsed if isinstance(elapsed, (int, float)) else None,
-                               [(name, size, next(pieces) if inline else None) for name, size, inline in outputs]))
-    return out
-
-
-def _declared_outputs(item: Any) -> list[tuple[str, int, bool]]:
-    """One RESULT entry's outputs as (name, size, inline), checked for shape."""
-    if not isinstance(item, dict) or not isinstance(item.get("ticket"), int) \
-            or not isinstance(item.get("outputs"), list):
-        raise ProtocolError("RESULT: each result needs an int 'ticket' and a list 'outputs'")
-    outputs = []
-    for o in item["outputs"]:
-        name, size = (o.get("name"), o.get("size")) if isinstance(o, dict) else (None, None)
-        if not isinstance(name, str) or not isinstance(size, int) or size < 0:
-            raise ProtocolError("RESULT: each output needs a name and a size")
-        outputs.append((name, size, bool(o.get("inline"))))
-    return outputs
 
 
 def check_output_name(name: str, result_names: dict[str, str]) -> None:

@@ -5,9 +5,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ticketfarm import protocol
-from ticketfarm.errors import ProtocolError
-from ticketfarm.protocol import Command, Message, field_of
+from ticketfarm import messages
+from ticketfarm.protocol import Command
 from ticketfarm.spec import ShippedWorker, Sweep
 
 if TYPE_CHECKING:
@@ -30,24 +29,18 @@ class Placement:
         master.scheduler.slave_fits = self.fits
 
     # -- hooks called by Master -----------------------------------------------------------
-    def on_hello(self, session: "SlaveSession", msg: Message) -> None:
+    def on_hello(self, session: "SlaveSession", msg: messages.Hello) -> None:
         """Remember what the slave offers; refusals are said again to a slave that comes back."""
-        cpus, memory = msg.header.get("cpus", 0), msg.header.get("memory_mb", 0)
-        self.capacity[session.name] = (cpus if isinstance(cpus, int) else 0, memory if isinstance(memory, int) else 0)
+        self.capacity[session.name] = (msg.cpus, msg.memory_mb)
         self.refused = {r for r in self.refused if r[0] != session.name}
 
     @staticmethod
     def ticket_fields(sweep: Sweep) -> dict[str, Any]:
-        """What a TICKET of this sweep adds: the worker per platform (name, hash, size) and resource claims."""
-        fields: dict[str, Any] = {}
-        if sweep.workers:
-            fields["workers"] = {tag: {"name": w.name, "sha256": w.sha256, "size": len(w.content)}
-                                 for tag, w in sweep.workers.items()}
-        if sweep.memory:
-            fields["memory"] = sweep.memory
-        if sweep.cpus:
-            fields["cpus"] = sweep.cpus
-        return fields
+        """What a TICKET of this sweep adds (`messages.TicketSweep` fields): the worker per platform and resource
+        claims."""
+        return {"workers": {tag: messages.WorkerFile(w.name, w.sha256, len(w.content))
+                            for tag, w in sweep.workers.items()},
+                "memory": sweep.memory, "cpus": sweep.cpus}
 
     # -- may this slave take a ticket of this sweep now? -------------------------------------
     def fits(self, active: "ActiveSweep", slave: str) -> bool:
@@ -88,8 +81,7 @@ class Placement:
         if key in self.refused:
             return
         self.refused.add(key)
-        self.master._send(session.identity, Command.REFUSED,
-                          {"sweep": sweep.name, "platform": session.platform, "reason": reason})
+        self.master._send(session.identity, messages.Refused(sweep.name, session.platform, reason))
         self.master.store.event("slave_refused", sweep=sweep.name, detail={"slave": session.name, "reason": reason})
         log.warning("slave_refused", slave=session.name, sweep=sweep.name, reason=reason)
 
@@ -102,20 +94,17 @@ class Placement:
                     return w
         return None
 
-    def on_worker_request(self, identity: bytes, msg: Message) -> None:
+    def on_worker_request(self, identity: bytes, msg: messages.WorkerRequest) -> None:
         """WORKER_REQUEST {sha256, offset, length} -> WORKER {sha256, offset, size} + the bytes (or an error)."""
         session = self.master.sessions[identity]
-        sha = field_of(msg, "sha256", str)
-        offset, length = field_of(msg, "offset", int), field_of(msg, "length", int)
-        if offset < 0 or not 0 < length <= protocol.CHUNK_SIZE:
-            raise ProtocolError(f"WORKER_REQUEST: bad range {offset}+{length}")
+        sha, offset, length = msg.sha256, msg.offset, msg.length
         shipped = self.worker(sha)
         if shipped is None:
-            self.master._send(identity, Command.WORKER, {"sha256": sha, "error": "no active sweep ships this worker"})
+            self.master._send(identity, messages.Worker(sha, error="no active sweep ships this worker"))
             return
         if offset == 0:
             self.master.store.event("worker_fetched", detail={"slave": session.name, "sha256": sha,
                                                               "name": shipped.name, "platform": session.platform})
             log.info("worker_fetched", slave=session.name, worker=shipped.name, sha256=sha[:12])
-        self.master._send(identity, Command.WORKER, {"sha256": sha, "offset": offset, "size": len(shipped.content)},
-                          [shipped.content[offset:offset + length]])
+        self.master._send(identity, messages.Worker(sha, offset, len(shipped.content),
+                                                    shipped.content[offset:offset + length]))

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import structlog
 
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 
 log = structlog.get_logger("ticketfarm.cache")
 
@@ -41,7 +41,7 @@ class Fetch:
 class WorkerCache:
     """Resolves a ticket's worker to a verified local path; parks tickets while it is fetched."""
 
-    def __init__(self, root: Path, slave: str, send: Callable[[dict[str, Any]], None], lock_stale: float):
+    def __init__(self, root: Path, slave: str, send: Callable[[messages.WorkerRequest], None], lock_stale: float):
         self.root = root
         self.slave = slave
         self.send = send
@@ -54,17 +54,17 @@ class WorkerCache:
         return self.root / sha256 / name
 
     # -- from the daemon ---------------------------------------------------------------------
-    def resolve(self, entry: dict[str, Any], spec: Any) -> Path | None:
+    def resolve(self, entry: messages.WorkerFile, spec: Any) -> Path | None:
         """The verified worker path, or None: then the ticket is parked until the fetch completes."""
-        sha, name = str(entry["sha256"]), str(entry["name"])
-        if "/" in name or name in ("", ".", "..") or len(sha) != 64:
-            raise ValueError(f"bad worker entry {entry!r}")
+        sha, name = entry.sha256, entry.name
+        if "/" in name or name in ("", ".", "..") or not all(c in "0123456789abcdef" for c in sha):
+            raise ValueError(f"bad worker entry {entry!r}")  # it would name a path outside the cache
         path = self.path(sha, name)
         fetch = self.fetches.get(sha)
         if fetch is None and self.valid(path, sha):
             return path
         if fetch is None:
-            fetch = self.fetches[sha] = Fetch(name, sha, int(entry["size"]))
+            fetch = self.fetches[sha] = Fetch(name, sha, entry.size)
             self._try_lock(fetch)
         fetch.parked.append(spec)
         return None
@@ -96,17 +96,17 @@ class WorkerCache:
                 self._try_lock(fetch)
         return ready
 
-    def on_chunk(self, header: dict[str, Any], payload: list[bytes]) -> tuple[list[Any], list[Any], str]:
+    def on_chunk(self, msg: messages.Worker) -> tuple[list[Any], list[Any], str]:
         """A WORKER message: returns (tickets ready to run, tickets that cannot run, why not)."""
-        sha = str(header.get("sha256"))
+        sha = msg.sha256
         fetch = self.fetches.get(sha)
         if fetch is None or fetch.tmp is None:
             return [], [], ""
-        if header.get("error") or int(header.get("offset", -1)) != fetch.received or len(payload) != 1:
-            return self._give_up(fetch, f"cannot fetch worker {fetch.name}: {header.get('error') or 'bad chunk'}")
+        if msg.error or msg.offset != fetch.received:
+            return self._give_up(fetch, f"cannot fetch worker {fetch.name}: {msg.error or 'bad chunk'}")
         with open(fetch.tmp, "ab") as fh:
-            fh.write(payload[0])
-        fetch.received += len(payload[0])
+            fh.write(msg.data)
+        fetch.received += len(msg.data)
         final = self.path(sha, fetch.name)
         try:
             os.utime(self._lock(final))  # still alive: nobody breaks this lock
@@ -176,7 +176,7 @@ class WorkerCache:
 
     def _request(self, fetch: Fetch) -> None:
         length = min(protocol.CHUNK_SIZE, fetch.size - fetch.received) or 1
-        self.send({"sha256": fetch.sha256, "offset": fetch.received, "length": length})
+        self.send(messages.WorkerRequest(fetch.sha256, fetch.received, length))
 
     def _unlock(self, final: Path) -> None:
         self._lock(final).unlink(missing_ok=True)

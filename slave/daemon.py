@@ -10,7 +10,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import structlog
@@ -31,11 +31,11 @@ from slave.runner import (
     remove_workdir,
 )
 from slave.walltime import Walltime
-from ticketfarm import protocol
+from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
 from ticketfarm.keys import ClientKeys, dealer
 from ticketfarm.logs import configure_logging
-from ticketfarm.protocol import Command, Message
+from ticketfarm.protocol import Command
 
 log = structlog.get_logger("ticketfarm.slave")
 
@@ -44,6 +44,9 @@ RESULT_BATCH = 256
 RESULT_BYTES = 1024 * 1024
 #: Progress bytes sent per ticket per heartbeat at most.
 PROGRESS_CHUNK = 16 * 1024
+#: Exit codes of the slave process: configuration error, and a master that speaks another protocol version.
+EXIT_CONFIG = 2
+EXIT_PROTOCOL_VERSION = 3
 
 
 def platform_tag() -> str:
@@ -80,7 +83,7 @@ class Slave:
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = dict(os.environ)
         self.pypool = PyPool(config.slots, self.work_root, config.name,
-                             lambda digest: self.send(Command.CODE_REQUEST, {"hash": digest}),
+                             lambda digest: self.send(messages.CodeRequest(digest)),
                              lambda: self.config.slots - self.commands)
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
@@ -93,7 +96,7 @@ class Slave:
         self.platform = config.platform or platform_tag()
         self.cpus, self.memory_mb = resources.capacity(config.cpus, config.memory_mb)
         self.cache = WorkerCache(Path(config.cache_dir).resolve() if config.cache_dir else self.work_root / ".workers",
-                                 config.name, lambda fields: self.send(Command.WORKER_REQUEST, fields),
+                                 config.name, self.send,
                                  config.lock_stale)
         self.memory_watch = resources.MemoryWatch(min(config.heartbeat_interval / 2, 0.5))
         self.no_work = False
@@ -131,12 +134,10 @@ class Slave:
     def say_hello(self) -> None:
         self.welcomed = False
         self.outstanding = 0
-        self.send(Command.HELLO, {
-            "protocol": protocol.VERSION, "name": self.config.name, "platform": self.platform,
-            "cpus": self.cpus, "memory_mb": self.memory_mb,
-            "slots": self.config.slots, "version": ticketfarm.__version__, "pid": os.getpid(),
-            "running": list(self.running) + [t.ticket for t in self.waiting], "held": list(self.outbox),
-        })
+        self.send(messages.Hello(
+            name=self.config.name, slots=self.config.slots, platform=self.platform, cpus=self.cpus,
+            memory_mb=self.memory_mb, version=ticketfarm.__version__, pid=os.getpid(),
+            running=list(self.running) + [t.ticket for t in self.waiting], held=list(self.outbox)))
 
     def disconnect(self, backoff: bool) -> None:
         if self.socket is not None:
@@ -148,14 +149,14 @@ class Slave:
             log.warning("master_unreachable", retry_in=self.backoff)
             self.backoff = min(self.backoff * 2, self.config.reconnect_max)
 
-    def send(self, command: Command, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
+    def send(self, msg: messages.AnyMessage) -> None:
         if self.socket is None:
             return
         try:
-            self.socket.send_multipart(protocol.encode(command, header, payload), zmq.NOBLOCK)
+            self.socket.send_multipart(msg.encode(), zmq.NOBLOCK)
             self.last_sent = time.time()
         except zmq.Again:
-            log.warning("send_queue_full", command=command.name)
+            log.warning("send_queue_full", command=msg.COMMAND.name)
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> int:
@@ -237,55 +238,37 @@ class Slave:
             self.master_expiry = time.time() + self.interval * self.liveness
             try:
                 self.handle(protocol.decode(frames))
-            except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            except ProtocolError as exc:
                 log.warning("dropped_message", reason=str(exc))
 
-    def handle(self, msg: Message) -> None:
-        if msg.command == Command.WELCOME:
-            self._on_welcome(msg)
-        elif msg.command == Command.TICKET:
-            self._on_ticket(msg)
-        elif msg.command == Command.ACK:
-            self._on_ack(msg)
-        elif msg.command == Command.FETCH:
-            self._on_fetch(msg)
-        elif msg.command == Command.CANCEL:
-            self._on_cancel(msg)
-        elif msg.command == Command.DISCONNECT:
-            self._on_disconnect(msg)
-        elif msg.command == Command.CODE:
-            self.pypool.on_code(str(msg.header["hash"]), msg.payload[0] if msg.payload else None,
-                                msg.header.get("error"))
-        elif msg.command == Command.WORKER:
-            self._on_worker_chunk(msg)
-        elif msg.command == Command.REFUSED:
-            log.warning("sweep_refused", sweep=msg.header.get("sweep"), reason=msg.header.get("reason"))
-        elif msg.command == Command.NO_WORK:
-            log.info("master_has_no_work", reason=msg.header.get("reason"))
-            self.no_work = True
-        elif msg.command != Command.HEARTBEAT:
-            raise ProtocolError(f"{msg.command.name} is not a command a slave accepts")
+    def handle(self, framed: protocol.Message) -> None:
+        handler = self._handlers.get(framed.command)
+        if handler is None:
+            raise ProtocolError(f"{framed.command.name} is not a command a slave accepts")
+        handler(self, messages.parse(framed))
 
     # -- commands from the master ----------------------------------------------------------
-    def _on_welcome(self, msg: Message) -> None:
-        self.interval = float(msg.header.get("heartbeat_interval", self.interval))
-        self.liveness = int(msg.header.get("liveness", self.liveness))
+    def _on_welcome(self, msg: messages.Welcome) -> None:
+        self.interval = float(msg.heartbeat_interval)
+        self.liveness = msg.liveness
         self.master_expiry = time.time() + self.interval * self.liveness
         self.welcomed = True
         self.backoff = self.config.reconnect_min
-        log.info("connected", master=self.config.master, epoch=msg.header.get("epoch"))
-        policy = msg.header.get("policy") or {}
-        if policy.get("on_no_work") in ("stay", "exit"):
-            self.config.on_no_work = policy["on_no_work"]
-        if isinstance(policy.get("delete_workers"), bool):
-            self.config.delete_workers = policy["delete_workers"]
+        log.info("connected", master=self.config.master, epoch=msg.epoch)
+        policy = msg.policy
+        if policy.on_no_work:
+            self.config.on_no_work = policy.on_no_work
+        if policy.delete_workers is not None:
+            self.config.delete_workers = policy.delete_workers
+        if policy.on_master_shutdown:
+            self.config.on_master_shutdown = policy.on_master_shutdown
         for outcome in list(self.outbox.values()):
             self._report(outcome)
         self.pypool.request_missing()
         self.cache.reset()
 
-    def _on_ticket(self, msg: Message) -> None:
-        specs = TicketSpec.batch(msg.header, msg.payload)
+    def _on_ticket(self, msg: messages.Ticket) -> None:
+        specs = TicketSpec.batch(msg)
         self.outstanding = max(0, self.outstanding - len(specs))
         self.no_work = False
         for spec in specs:
@@ -301,8 +284,8 @@ class Slave:
         self.pypool.assign()
         self._start_waiting()
 
-    def _on_ack(self, msg: Message) -> None:
-        for tid in msg.header.get("tickets", []):
+    def _on_ack(self, msg: messages.Ack) -> None:
+        for tid in msg.tickets:
             outcome = self.outbox.pop(tid, None)
             self.sent_at.pop(tid, None)
             if outcome is not None and not outcome.in_memory:
@@ -312,21 +295,19 @@ class Slave:
                 if not self.config.keep_workdirs:
                     self.trash.append(workdir)
 
-    def _on_fetch(self, msg: Message) -> None:
-        tid, name = int(msg.header["ticket"]), str(msg.header["name"])
-        offset, length = int(msg.header["offset"]), int(msg.header["length"])
+    def _on_fetch(self, msg: messages.Fetch) -> None:
+        tid, name = msg.ticket, msg.name
         outcome = self.outbox.get(tid)
         output = next((o for o in outcome.outputs if o.name == name), None) if outcome else None
-        if output is None or length > protocol.CHUNK_SIZE or offset < 0:
+        if output is None:
             raise ProtocolError(f"FETCH for unknown output {name!r} of ticket {tid}")
         with open(output.path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(length)
-        self.send(Command.CHUNK, {"ticket": tid, "name": name, "offset": offset}, [data])
+            fh.seek(msg.offset)
+            data = fh.read(msg.length)
+        self.send(messages.Chunk(tid, name, msg.offset, data))
 
-    def _on_cancel(self, msg: Message) -> None:
-        tid = int(msg.header["ticket"])
-        reason = str(msg.header.get("reason", "cancelled"))
+    def _on_cancel(self, msg: messages.Cancel) -> None:
+        tid, reason = msg.ticket, msg.reason
         worker = self._forget(tid)
         if worker is not None:
             worker.kill(reason)
@@ -341,20 +322,24 @@ class Slave:
         if outcome is not None and not self.config.keep_workdirs:
             remove_workdir(self.workdir(outcome.sweep, tid))
 
-    def _on_disconnect(self, msg: Message) -> None:
-        reason = msg.header.get("reason", "")
-        if msg.header.get("reconnect", True):
+    def _on_disconnect(self, msg: messages.Disconnect) -> None:
+        """Acts on `why`: exit (protocol version; shutdown with on_master_shutdown = "exit"), say HELLO again, or
+        back off and try again later (shutdown otherwise, a revoked or refused key: an admin may fix it)."""
+        if msg.why == messages.PROTOCOL_VERSION:
+            log.error("master_speaks_another_protocol", reason=msg.reason)
+            self.exit_code = EXIT_PROTOCOL_VERSION
+            self.stopping = True
+        elif msg.why == messages.SHUTDOWN and self.config.on_master_shutdown == "exit":
+            log.info("master_says_goodbye", reason=msg.reason)
+            self.stopping = True
+        elif msg.reconnect:
             # Not yet welcomed: our HELLO is on its way, and the other messages queued before it each drew a
             # DISCONNECT from a restarted master; answering each would replay the outbox once per message.
             if self.welcomed:
-                log.info("master_asks_hello", reason=reason)
+                log.info("master_asks_hello", reason=msg.reason)
                 self.say_hello()
-        elif self.config.on_master_shutdown == "exit" or "protocol version" in str(reason):
-            log.info("master_says_goodbye", reason=reason)
-            self.exit_code = 0 if "protocol version" not in str(reason) else 3
-            self.stopping = True
         else:
-            log.info("master_shutting_down", reason=reason)
+            log.info("master_ends_session", why=msg.why, reason=msg.reason)
             self.disconnect(backoff=True)
 
     # -- workers ------------------------------------------------------------------------------
@@ -442,9 +427,19 @@ class Slave:
         outcome.save(workdir)
         self._finished(outcome)
 
-    def _on_worker_chunk(self, msg: Message) -> None:
-        ready, failed, reason = self.cache.on_chunk(msg.header, msg.payload)
+    def _on_worker_chunk(self, msg: messages.Worker) -> None:
+        ready, failed, reason = self.cache.on_chunk(msg)
         self._unpark(ready, failed, reason)
+
+    def _on_code(self, msg: messages.Code) -> None:
+        self.pypool.on_code(msg.hash, msg.body, msg.error)
+
+    def _on_refused(self, msg: messages.Refused) -> None:
+        log.warning("sweep_refused", sweep=msg.sweep, reason=msg.reason)
+
+    def _on_no_work(self, msg: messages.NoWork) -> None:
+        log.info("master_has_no_work", reason=msg.reason)
+        self.no_work = True
 
     def _unpark(self, ready: list[TicketSpec], failed: list[TicketSpec], reason: str) -> None:
         for spec in failed:
@@ -458,8 +453,7 @@ class Slave:
         """A ticket that would outlive the allocation goes back at once, not counted as an attempt."""
         self.walltime.closing = True
         left = max(0, int(self.walltime.limit - time.time()))
-        self.send(Command.FAILURE, {"ticket": ticket, "handback": True, "exit_code": None, "elapsed": 0.0,
-                                    "reason": f"handed back: the allocation ends in {left}s"})
+        self.send(messages.Failure(ticket, None, f"handed back: the allocation ends in {left}s", 0.0, handback=True))
         log.info("ticket_handed_back", ticket=ticket, seconds_left=left)
 
     def _allocation_step(self) -> None:
@@ -517,36 +511,30 @@ class Slave:
     def _report(self, outcome: Outcome) -> None:
         self.sent_at[outcome.ticket] = time.time()
         if not outcome.ok:
-            self.send(Command.FAILURE, {"ticket": outcome.ticket, "exit_code": outcome.exit_code,
-                                        "reason": outcome.reason, "elapsed": outcome.elapsed})
+            self.send(messages.Failure(outcome.ticket, outcome.exit_code, outcome.reason, outcome.elapsed))
         else:
             self.reports.append(outcome)
 
     def _send_reports(self) -> None:
         """The results finished in this step, as few RESULT messages as their size allows."""
         reports, self.reports = self.reports, []
-        entries: list[dict[str, Any]] = []
-        inline: list[bytes] = []
+        entries: list[messages.ResultEntry] = []
         size = 0
         for outcome in reports:
-            declared = []
+            outputs = []
             for out in outcome.outputs:
-                is_inline = out.size <= protocol.INLINE_LIMIT
-                declared.append({"name": out.name, "size": out.size, "inline": is_inline})
-                if is_inline:
+                if out.size <= protocol.INLINE_LIMIT:
                     data = out.data if out.data is not None else Path(out.path).read_bytes()
-                    inline.append(data)
+                    outputs.append(messages.ResultOutput(out.name, len(data), data))
                     size += len(data)
-            entries.append({"ticket": outcome.ticket, "exit_code": outcome.exit_code,
-                            "elapsed": outcome.elapsed, "outputs": declared})
+                else:
+                    outputs.append(messages.ResultOutput(out.name, out.size))
+            entries.append(messages.ResultEntry(outcome.ticket, outcome.exit_code, outcome.elapsed, outputs))
             if len(entries) >= RESULT_BATCH or size >= RESULT_BYTES:
-                self._send_results(entries, inline)
-                entries, inline, size = [], [], 0
+                self.send(messages.Result(entries))
+                entries, size = [], 0
         if entries:
-            self._send_results(entries, inline)
-
-    def _send_results(self, entries: list[dict[str, Any]], inline: list[bytes]) -> None:
-        self.send(Command.RESULT, {"results": entries}, [b"".join(inline)])
+            self.send(messages.Result(entries))
 
     def _resend_unacked(self, now: float) -> None:
         """Results not acknowledged within a few liveness periods are sent again (the master de-duplicates)."""
@@ -562,15 +550,14 @@ class Slave:
         want = capacity - len(self.running) - len(self.waiting) - self.outstanding
         if want > 0:
             self.outstanding += want
-            self.send(Command.REQUEST, {"credit": want})
+            self.send(messages.Request(want))
 
     def _heartbeat(self) -> None:
         self._send_progress()
-        self.send(Command.HEARTBEAT, {
-            "running": list(self.running), "waiting": [t.ticket for t in self.waiting] + self.pypool.not_started(),
-            "load": os.getloadavg()[0], "memory": psutil.virtual_memory().percent,
-            "disk": psutil.disk_usage(str(self.work_root)).percent, "busy": self._busy_slots(),
-        })
+        self.send(messages.Heartbeat(
+            running=list(self.running), waiting=[t.ticket for t in self.waiting] + self.pypool.not_started(),
+            load=os.getloadavg()[0], memory=psutil.virtual_memory().percent,
+            disk=psutil.disk_usage(str(self.work_root)).percent, busy=self._busy_slots()))
 
     def _send_progress(self) -> None:
         """New stdout/stderr of each running worker since the last heartbeat, a bounded piece per stream."""
@@ -587,7 +574,7 @@ class Slave:
                 except OSError:
                     continue
                 worker.progress_sent[name] = sent + len(data)
-                self.send(Command.PROGRESS, {"ticket": tid, "stream": name}, [data])
+                self.send(messages.Progress(tid, name, data))
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -603,10 +590,18 @@ class Slave:
         self.pypool.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
-        self.send(Command.DISCONNECT, {"reason": "slave shutting down"})
+        self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
         if self.socket is not None:
             self.socket.close(linger=200)
         log.info("slave_stopped", name=self.config.name)
+
+    _handlers: dict[Command, Callable[["Slave", Any], None]] = {
+        Command.WELCOME: _on_welcome, Command.TICKET: _on_ticket, Command.ACK: _on_ack, Command.FETCH: _on_fetch,
+        Command.CANCEL: _on_cancel, Command.DISCONNECT: _on_disconnect, Command.CODE: _on_code,
+        Command.WORKER: _on_worker_chunk, Command.REFUSED: _on_refused, Command.NO_WORK: _on_no_work,
+        Command.HEARTBEAT: lambda self, msg: None,  # any message counts as one: master_expiry is already pushed
+    }
+    """What the slave does with each command it accepts from the master."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         slave = Slave(config)
     except (ConfigError, KeyFileError) as exc:
         print(f"ticketfarm-slave: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     return slave.run()
 
 

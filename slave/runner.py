@@ -15,9 +15,8 @@ from typing import Any
 
 import psutil
 
-from ticketfarm import template
-from ticketfarm.errors import ProtocolError, ResultMissing, UnsafePath
-from ticketfarm.protocol import split_frame
+from ticketfarm import messages, template
+from ticketfarm.errors import ResultMissing, UnsafePath
 
 STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
@@ -40,7 +39,7 @@ class TicketSpec:
     command: str | None
     argv: list[str] | None
     env: dict[str, str]
-    inputs: list[dict[str, Any]]
+    inputs: list[messages.InputFile]
     results: dict[str, str]
     payload: list[bytes] = field(default_factory=list)
     kind: str = "command"
@@ -49,35 +48,21 @@ class TicketSpec:
     """Local path of the shipped worker executable (the `{worker}` placeholder), set by the slave's cache."""
     memory: int = 0
     """The task's memory limit in MiB (0 = none): the slave kills a worker tree using more."""
-    workers: dict[str, Any] | None = None
-    """The TICKET's worker executables by platform: {name, sha256, size}."""
+    workers: dict[str, messages.WorkerFile] | None = None
+    """The TICKET's worker executables by platform."""
 
     @classmethod
-    def batch(cls, header: dict[str, Any], payload: list[bytes]) -> list["TicketSpec"]:
-        """The tickets of one TICKET message: shared fields in the header, per-ticket ones in `tickets`.
-
-        A command ticket's literal inputs are the shared payload frames; a python ticket's
-        pickled arguments are its `size` bytes of the one payload frame, in ticket order.
-        """
-        kind = str(header.get("kind", "command"))
-        shared = dict(sweep=str(header["sweep"]), timeout=float(header["timeout"]), command=header.get("command"),
-                      argv=header.get("argv"), env=dict(header.get("env") or {}),
-                      inputs=list(header.get("inputs") or []), results=dict(header["results"]), kind=kind,
-                      memory=int(header.get("memory") or 0), workers=header.get("workers") or None)
-        tickets = header["tickets"]
-        if kind == "python":
-            if len(payload) != 1:
-                raise ProtocolError("TICKET: python arguments travel in exactly one payload frame")
-            args = iter(split_frame(payload[0], [t.get("size") for t in tickets], "TICKET argument sizes"))
-        specs = []
-        for t in tickets:
-            if kind == "python":
-                own, params, fn = [next(args)], {}, str(t["fn"])
-            else:
-                own, params, fn = payload, dict(t["params"]), ""
-            specs.append(cls(ticket=int(t["ticket"]), task=int(t["task"]), attempt=int(t["attempt"]),
-                             params=params, payload=own, fn=fn, **shared))
-        return specs
+    def batch(cls, msg: messages.Ticket) -> list["TicketSpec"]:
+        """The tickets of one TICKET message: a command ticket's literal inputs are the message's payload frames,
+        a python ticket's payload is its own pickled arguments."""
+        s = msg.sweep
+        shared = dict(sweep=s.sweep, timeout=float(s.timeout), command=s.command, argv=s.argv, env=s.env,
+                      inputs=s.inputs, results=s.results, kind=s.kind, memory=s.memory, workers=s.workers or None)
+        if s.kind == "python":
+            return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params={}, payload=[t.args], fn=t.fn,
+                        **shared) for t in msg.tickets]
+        return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params=t.params, payload=s.frames, **shared)
+                for t in msg.tickets]
 
 
 @dataclass
@@ -165,14 +150,14 @@ class Worker:
     def _write_inputs(self, values: dict[str, Any]) -> Path | None:
         stdin = None
         for item in self.spec.inputs:
-            if "frame" in item:
-                data = self.spec.payload[int(item["frame"])]
+            if item.frame is not None:
+                data = self.spec.payload[item.frame]
             else:
-                data = template.render(item["template"], values).encode()
-            target = self.workdir / STDIN if item["name"] == "stdin" else safe_join(self.workdir, item["name"])
+                data = template.render(item.template or "", values).encode()
+            target = self.workdir / STDIN if item.name == "stdin" else safe_join(self.workdir, item.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-            if item["name"] == "stdin":
+            if item.name == "stdin":
                 stdin = target
         return stdin
 

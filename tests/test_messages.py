@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -219,6 +221,13 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), body]).header["op"] == "submit"
     ok = '{"x":' + nested(protocol.MAX_DEPTH - 1) + "}"
     assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), ok.encode()]).header["x"]
+    many = {"op": "x", "quoted": 'a"b\\', "plain": "[{", "other": "}]", "rows": [[{"a": [1]}]] * 40}
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(many).encode()]).header == many
+    many["plain"] = many["quoted"] = "no escapes"
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(many).encode()]).header == many
+    deep = dict(many, rows=json.loads(nested(protocol.MAX_DEPTH)))
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), json.dumps(deep).encode()])
 
 
 def test_py_add_sizes_must_match_calls_and_frames() -> None:
@@ -238,3 +247,31 @@ def test_control_args_name_the_op_and_field() -> None:
     assert control.args().text("sweep") == "s"
     with pytest.raises(ProtocolError, match="CONTROL cancel_task: field 'task'"):
         control.args().count("task")
+
+
+def documented_rows() -> dict[str, str]:
+    """docs/PROTOCOL.md's command table: name -> the row's text, checked against its code."""
+    rows = {}
+    for line in (Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 3 and cells[1].startswith("0x"):
+            assert Command[cells[2]] == int(cells[1], 16), line
+            rows[cells[2]] = line
+    return rows
+
+
+def test_protocol_doc_lists_every_command_and_every_field_its_codec_writes() -> None:
+    rows = documented_rows()
+    assert set(rows) == {c.name for c in Command}
+    for example in EXAMPLES:
+        msg = protocol.decode(example.encode())
+        if isinstance(example, (Control, Reply)):
+            names = {"op", "ok", "rid"} & set(msg.header)  # the other fields are the op's
+        else:
+            names = set(msg.header)
+            for value in msg.header.values():  # the fields of list entries (tickets, results, tasks) too
+                if isinstance(value, list):
+                    names.update(k for entry in value if isinstance(entry, dict) for k in entry)
+        row = rows[example.COMMAND.name]
+        missing = [n for n in sorted(names) if not re.search(rf"\b{n}\b", row)]
+        assert not missing, f"{example.COMMAND.name}: {missing} not in docs/PROTOCOL.md"

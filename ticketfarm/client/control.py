@@ -5,10 +5,9 @@ from typing import Any
 
 import zmq
 
-from ticketfarm import protocol
+from ticketfarm import messages
 from ticketfarm.errors import MasterUnreachable
 from ticketfarm.keys import ClientKeys, dealer
-from ticketfarm.protocol import Command
 
 
 def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | None = None,
@@ -17,14 +16,14 @@ def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | Non
     ctx = zmq.Context.instance()
     sock = dealer(ctx, endpoint, keys)
     try:
-        sock.send_multipart(protocol.encode(Command.CONTROL, {"op": op, **fields}))
+        sock.send_multipart(messages.Control(op, fields).encode())
         if not sock.poll(int(timeout * 1000)):
             hint = "" if keys is not None else " (no client keys given: a CURVE master ignores plain TCP; see --keys)"
             raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s{hint}")
-        msg = protocol.decode(sock.recv_multipart())
-        if msg.command != Command.REPLY:
-            raise MasterUnreachable(f"unexpected answer {msg.command.name} from {endpoint}")
-        return msg.header
+        msg = messages.decode(sock.recv_multipart())
+        if not isinstance(msg, messages.Reply):
+            raise MasterUnreachable(f"unexpected answer {msg.COMMAND.name} from {endpoint}")
+        return msg.as_dict()
     finally:
         sock.close()
 

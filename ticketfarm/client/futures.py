@@ -31,14 +31,13 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import Future, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 import zmq
 
-from ticketfarm import protocol
+from ticketfarm import messages
 from ticketfarm.errors import (
     ProtocolError,
     RemoteError,
@@ -47,7 +46,7 @@ from ticketfarm.errors import (
     TaskFailed,
 )
 from ticketfarm.keys import client_keys_for, dealer
-from ticketfarm.protocol import FETCH_MAX, Command
+from ticketfarm.protocol import FETCH_MAX
 from ticketfarm.spec import PYTHON_RESULTS, Sweep
 
 __all__ = ["Cluster", "SweepHandle", "TaskFuture", "TaskFailed", "TaskCancelled", "RemoteError", "as_completed"]
@@ -368,9 +367,9 @@ class Cluster:
         self._request_async("py_cancel", {"sweep": sweep, "tasks": tasks})
 
     # -- requests -----------------------------------------------------------------------------------
-    def _frames(self, op: str, header: dict[str, Any], payload: list[bytes] | None = None) -> tuple[int, list[bytes]]:
+    def _frames(self, op: str, header: dict[str, Any]) -> tuple[int, list[bytes]]:
         rid = next(self._rids)
-        return rid, protocol.encode(Command.CONTROL, {"op": op, "rid": rid, **header}, payload)
+        return rid, messages.Control(op, header, rid).encode()
 
     def _request_async(self, op: str, header: dict[str, Any],
                        on_reply: Callable[[dict[str, Any], list[bytes]], None] | None = None,
@@ -460,12 +459,11 @@ class Cluster:
                 args.append(arg)
                 size += len(arg)
             new_fns = [d for d in dict.fromkeys(fns) if d not in self._fn_sent]
-            bodies = [self._fn_bodies[d] for d in new_fns]
             self._fn_sent.update(new_fns)
-            rid, frames = self._frames("py_add", {"sweep": name, "spec": spec.to_json(), "first": first,
-                                                  "fns": fns, "reprs": reprs, "functions": new_fns,
-                                                  "sizes": [len(a) for a in args]},
-                                       [*bodies, b"".join(args)])
+            rid = next(self._rids)
+            calls = [messages.PyCall(fn, arg, text) for fn, arg, text in zip(fns, args, reprs)]
+            frames = messages.PyAdd(name, first, calls, {d: self._fn_bodies[d] for d in new_fns},
+                                    spec.to_json()).control(rid).encode()
             self._replies[rid] = self._on_added(name, first, len(fns))
             out.append((rid, frames))
         return out
@@ -507,27 +505,23 @@ class Cluster:
             except zmq.Again:
                 return
             try:
-                msg = protocol.decode(frames)
+                # A malformed NOTIFY is dropped whole: resolving from it could give a future another task's bytes.
+                msg = messages.decode(frames)
             except ProtocolError:
                 continue
-            if msg.command == Command.NOTIFY:
+            if isinstance(msg, messages.Notify):
                 self._on_notify(msg)
-            elif msg.command == Command.REPLY:
-                rid = msg.header.get("rid")
-                self._inflight.pop(rid, None)
-                callback = self._replies.pop(rid, None)
+            elif isinstance(msg, messages.Reply):
+                self._inflight.pop(msg.rid, None)
+                callback = self._replies.pop(msg.rid, None)
                 if callback is not None:
-                    callback(msg.header, msg.payload)
+                    callback(msg.as_dict(), msg.payload)
 
-    def _on_notify(self, msg: protocol.Message) -> None:
-        name = str(msg.header.get("sweep"))
-        try:
-            settled = _notified(msg)
-        except ProtocolError:
-            return  # malformed: resolving from it could give a future another task's bytes, so it is dropped whole
+    def _on_notify(self, msg: messages.Notify) -> None:
+        name = msg.sweep
         with self._lock:
             state = self._state(name)
-            pairs = [(task, state.future(task.task)) for task in settled]
+            pairs = [(task, state.future(task.task)) for task in msg.tasks]
         for task, fut in pairs:
             if fut.done():
                 continue
@@ -581,44 +575,6 @@ class Cluster:
 
         self._replies[rid] = on_reply
         self._outgoing.append(frames)
-
-
-@dataclass
-class _Settled:
-    """One task of a NOTIFY: its final state, and for a done one its result's name, size and inline bytes."""
-
-    task: int
-    state: str
-    output: str = ""
-    size: int = 0
-    inline: bool = False
-    reason: str = ""
-    data: bytes | None = None
-
-    @classmethod
-    def from_item(cls, item: Any) -> "_Settled":
-        if not isinstance(item, dict) or not isinstance(item.get("task"), int) or \
-                not isinstance(item.get("state"), str):
-            raise ProtocolError("NOTIFY: each task needs an int 'task' and a 'state'")
-        if item["state"] != "done":
-            return cls(item["task"], item["state"], reason=str(item.get("reason") or ""))
-        output, size = item.get("output"), item.get("size")
-        if not isinstance(output, str) or not isinstance(size, int) or size < 0:
-            raise ProtocolError("NOTIFY: a done task needs an 'output' and a 'size'")
-        return cls(item["task"], "done", output, size, bool(item.get("inline")))
-
-
-def _notified(msg: protocol.Message) -> list[_Settled]:
-    """The tasks of a NOTIFY, inline results cut from its one payload frame by their sizes, in item order."""
-    items = msg.header.get("tasks")
-    if not isinstance(items, list) or len(msg.payload) != 1:
-        raise ProtocolError("NOTIFY: needs a list 'tasks' and exactly one payload frame")
-    settled = [_Settled.from_item(item) for item in items]
-    inline = [task for task in settled if task.inline]
-    pieces = protocol.split_frame(msg.payload[0], [task.size for task in inline], "NOTIFY: inline sizes")
-    for task, data in zip(inline, pieces):
-        task.data = data
-    return settled
 
 
 def _resolve(fut: TaskFuture, output: str, data: bytes | bytearray) -> None:

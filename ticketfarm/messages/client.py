@@ -19,7 +19,7 @@ def _rid(h: Header) -> RequestId:
     return rid
 
 
-@dataclass
+@dataclass(slots=True)
 class Control:
     """CONTROL C->M: operation `op` with its own fields (read them with `args()`); `rid` is echoed in the REPLY."""
 
@@ -31,9 +31,7 @@ class Control:
 
     def args(self) -> Header:
         """The op's fields, read with checks that name "CONTROL <op>" and the field."""
-        reader = Header(Message(Command.CONTROL, self.fields, self.payload))
-        reader.command = f"CONTROL {self.op}"
-        return reader
+        return Header.of(f"CONTROL {self.op}", self.fields, self.payload)
 
     def encode(self) -> list[bytes]:
         header = {"op": self.op, **self.fields}
@@ -50,7 +48,7 @@ class Control:
         return cls(op, fields, rid, msg.payload)
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """REPLY M->C: `ok`, the op's answer fields (or `error`, and `code` for the HTTP API), `rid` echoed."""
 
@@ -83,7 +81,7 @@ class Reply:
         return cls(ok, fields, rid, msg.payload)
 
 
-@dataclass
+@dataclass(slots=True)
 class Settled:
     """One task of a NOTIFY: its final state; a done one names its result (`output`, `size`, inline `data`)."""
 
@@ -95,7 +93,7 @@ class Settled:
     reason: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Notify:
     """NOTIFY M->C: settled tasks of a watched sweep; ONE payload frame holds the inline results back to back."""
 
@@ -144,7 +142,7 @@ class Notify:
         return cls(sweep, tasks)
 
 
-@dataclass
+@dataclass(slots=True)
 class PyCall:
     """One task of a py_add: its function's hash, pickled (args, kwargs) and a short readable repr."""
 
@@ -153,7 +151,7 @@ class PyCall:
     repr: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class PyAdd:
     """The py_add CONTROL op: tasks first..first+len(calls)-1 of a python sweep, and new function bodies.
 

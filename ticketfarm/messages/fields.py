@@ -84,6 +84,14 @@ class Header:
         self.fields = msg.header
         self.payload = msg.payload
 
+    @classmethod
+    def of(cls, label: str, fields: dict[str, Any], payload: list[bytes] | None = None) -> "Header":
+        """A reader of fields that are not a whole header (a nested object, a CONTROL op's fields), errors naming
+        `label` ("WELCOME policy", "CONTROL py_add")."""
+        reader = cls.__new__(cls)
+        reader.command, reader.fields, reader.payload = label, fields, payload or []
+        return reader
+
     def _get(self, name: str, default: Any) -> Any:
         value = self.fields.get(name, _MISSING)
         if value is _MISSING or (value is None and default is not _MISSING):

@@ -11,7 +11,7 @@ from ticketfarm.protocol import CHUNK_SIZE, Command, Message, split_frame
 STREAMS = ("stdout", "stderr")
 
 
-@dataclass
+@dataclass(slots=True)
 class Progress:
     """PROGRESS S->M: a piece of a running ticket's stdout or stderr."""
 
@@ -29,7 +29,7 @@ class Progress:
         return cls(h.count("ticket"), h.choice("stream", STREAMS), h.one_frame("the output piece"))
 
 
-@dataclass
+@dataclass(slots=True)
 class ResultOutput:
     """One output of a finished ticket: inline (`data`, its size is len(data)), or pulled later with FETCH."""
 
@@ -38,7 +38,7 @@ class ResultOutput:
     data: bytes | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ResultEntry:
     """One finished ticket of a RESULT."""
 
@@ -48,7 +48,7 @@ class ResultEntry:
     outputs: list[ResultOutput] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """RESULT S->M: finished tickets; ONE payload frame holds the inline outputs back to back, in order."""
 
@@ -106,7 +106,7 @@ class Result:
         return cls(entries)
 
 
-@dataclass
+@dataclass(slots=True)
 class Failure:
     """FAILURE S->M: a ticket that produced no result, and why (`timeout after Ns`, `exit code N: ...`, ...)."""
 
@@ -132,7 +132,7 @@ class Failure:
                    h.number("elapsed", None), h.flag("handback", False))
 
 
-@dataclass
+@dataclass(slots=True)
 class Fetch:
     """FETCH M->S: send bytes [offset, offset+length) of a large output (length <= CHUNK_SIZE)."""
 
@@ -153,7 +153,7 @@ class Fetch:
         return cls(h.count("ticket"), h.text("name"), h.count("offset"), h.count("length", maximum=CHUNK_SIZE))
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """CHUNK S->M: the bytes a FETCH asked for."""
 

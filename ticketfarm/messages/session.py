@@ -105,8 +105,7 @@ class Welcome:
         interval = h.number("heartbeat_interval")
         if not interval > 0:
             h.fail("heartbeat_interval", "a positive number")
-        policy = Header(Message(msg.command, h.obj("policy", {})))
-        policy.command = "WELCOME policy"
+        policy = Header.of("WELCOME policy", h.obj("policy", {}))
         return cls(interval, h.count("liveness", minimum=1), h.count("epoch"), SlavePolicy(
             policy.choice("on_no_work", ON_NO_WORK, ""), policy.flag("delete_workers", None),
             policy.choice("on_master_shutdown", ON_MASTER_SHUTDOWN, "")))

@@ -1,4 +1,4 @@
-"""Codecs of what the master ships to slaves on request: python function bodies (CODE) and worker executables (WORKER)."""
+"""Codecs of what the master ships to slaves on request: function bodies (CODE) and worker executables (WORKER)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

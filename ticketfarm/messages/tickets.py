@@ -5,13 +5,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ticketfarm import protocol
-from ticketfarm.messages.fields import Header, bad, count, items, text
+from ticketfarm.messages.fields import MAX_ITEMS, Header, bad, count, items, text
 from ticketfarm.protocol import Command, Message, split_frame
 
 KINDS = ("command", "python")
 
 
-@dataclass
+@dataclass(slots=True)
 class InputFile:
     """An input a command ticket writes into its work dir: a literal payload frame, or a template rendered there."""
 
@@ -25,7 +25,7 @@ class InputFile:
         return {"name": self.name, "template": self.template}
 
 
-@dataclass
+@dataclass(slots=True)
 class WorkerFile:
     """A shipped worker executable of one platform: its file name, SHA-256 (hex) and size."""
 
@@ -37,7 +37,7 @@ class WorkerFile:
         return {"name": self.name, "sha256": self.sha256, "size": self.size}
 
 
-@dataclass
+@dataclass(slots=True)
 class TicketSweep:
     """What every ticket of a sweep shares; a master builds it once per sweep and reuses its header."""
 
@@ -122,7 +122,10 @@ def _inputs(h: Header) -> list[InputFile]:
 
 def _workers(h: Header) -> dict[str, WorkerFile]:
     out = {}
-    for tag, entry in h.obj("workers", {}).items():
+    workers = h.obj("workers", {})
+    if len(workers) > MAX_ITEMS:
+        h.fail("workers", f"an object of at most {MAX_ITEMS} platforms")
+    for tag, entry in workers.items():
         where = f"workers.{tag}"
         if type(entry) is not dict:
             h.fail(where, "an object")
@@ -134,7 +137,7 @@ def _workers(h: Header) -> dict[str, WorkerFile]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class TicketEntry:
     """One ticket of a batch: a command ticket's `params`, or a python ticket's function hash and pickled args."""
 
@@ -146,7 +149,7 @@ class TicketEntry:
     args: bytes = b""
 
 
-@dataclass
+@dataclass(slots=True)
 class Ticket:
     """TICKET M->S: tickets of one sweep. Payload: a command sweep's input frames; for python, ONE frame with
     every ticket's pickled arguments back to back in ticket order (each entry's `size` says how many bytes)."""
