@@ -101,7 +101,7 @@ def done_once(master: MasterProcess, sweep: str, tasks: int) -> list[tuple[Any, 
     """The sweep's tickets, after checking that every task has exactly one done ticket."""
     rows = ticket_rows(master, sweep)
     done = sorted(task for task, _, state, _, _ in rows if state == "done")
-    assert done == list(range(tasks))
+    assert done == list(range(tasks)), [r for r in rows if r[0] not in done or done.count(r[0]) > 1]
     return rows
 
 
@@ -157,19 +157,20 @@ def test_job_scancelled_mid_run_its_tickets_are_requeued_and_a_new_job_finishes(
 
 
 def test_walltime_shorter_than_the_sweep_slaves_hand_back_before_the_kill(cluster, tmp_path: Path) -> None:
-    master = cluster("walltime = 7.0\nhandback = 2.5\nslots_per_slave = 2\nmax_running = 3\nmax_pending = 3\n"
+    master = cluster("walltime = 8.0\nhandback = 2.0\nslots_per_slave = 2\nmax_running = 3\nmax_pending = 3\n"
                      "idle_timeout = 1.0\n")
     # One attempt only: a ticket handed back is not counted, one killed by the walltime would fail its task.
-    master.submit(sweep_spec(tmp_path, "walltime", 24, "sleep 0.9; echo {n}", timeout=1.5, attempts=1))
-    master.wait_finished("walltime", 90)
-    rows = done_once(master, "walltime", 24)
+    # A slave takes tickets until 8 - 2 - 2.5 s after its job started: more work than one wave of jobs does.
+    master.submit(sweep_spec(tmp_path, "walltime", 40, "sleep 0.5; echo {n}", timeout=2.5, attempts=1))
+    master.wait_finished("walltime", 120)
+    rows = done_once(master, "walltime", 40)
     states = {state for _, _, state, _, _ in rows}
     assert states == {"done", "returned"}, states  # handed back unstarted; nothing lost, nothing killed mid-run
     ended = wait_for(lambda: (js := jobs(master)) and all(j["ended"] for j in js) and js, 30, "every job to end")
     assert len({j["id"] for j in ended}) >= 2  # the sweep outlasted one allocation
     assert all(j["state"] in ("completed", "cancelled") for j in ended), ended  # none reached its time limit
     for job in (j for j in ended if j["started"]):
-        end = job["started"] + 7.0
+        end = job["started"] + 8.0
         last = max((f for _, s, _, _, f in rows if s.startswith(f"q-j{job['id']}-") and f), default=0)
         assert last <= end, (job, last - end)
 
