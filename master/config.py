@@ -81,6 +81,14 @@ class MasterConfig:
     """Allocation queues: one [alloc.NAME] table each (fields: see `ticketfarm alloc add --help` and README)."""
 
 
+ALLOC_EXAMPLE = """# [alloc.cpu]                 # slaves as Slurm jobs, 4 slots each, at most 4 jobs at a time
+# partition = "debug"
+# walltime = 3600.0
+# slots_per_slave = 4
+# setup = "module load python"
+"""
+
+
 def master_config_path(state_dir: Path) -> Path:
     return state_dir / "master.toml"
 
@@ -89,7 +97,9 @@ def write_default_master_config(state_dir: Path) -> Path:
     """Write master.toml with every default; returns its path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = master_config_path(state_dir)
-    path.write_text("# ticketfarm master configuration: review, then start the master again.\n\n" + to_toml(MasterConfig()))
+    # An empty inline table could not be extended by [alloc.NAME] tables below it: the queues stay an example.
+    text = to_toml(MasterConfig()).replace("alloc = {}", ALLOC_EXAMPLE)
+    path.write_text("# ticketfarm master configuration: review, then start the master again.\n\n" + text)
     return path
 
 

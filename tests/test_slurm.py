@@ -295,3 +295,17 @@ def test_walltime_forms_and_what_a_slave_near_its_end_still_takes() -> None:
     assert Walltime().fits(10**9) and not Walltime().over(10**12)
     assert not w.idle_too_long(True, 10) and not w.idle_too_long(True, 14) and w.idle_too_long(True, 15)
     assert not w.idle_too_long(False, 16) and not w.idle_too_long(True, 17)
+
+
+def test_alloc_tables_added_below_the_default_master_toml_are_read(tmp_path: Path) -> None:
+    from master.config import load_master_config, write_default_master_config
+    from ticketfarm.errors import ConfigError
+
+    path = write_default_master_config(tmp_path)
+    base = path.read_text()
+    path.write_text(base + '[alloc.gpu]\npartition = "gpu"\nwalltime = 7200\nextra_args = ["--qos=debug"]\n')
+    queue = load_master_config(tmp_path).alloc["gpu"]
+    assert (queue.name, queue.partition, queue.walltime, queue.extra_args) == ("gpu", "gpu", 7200.0, ["--qos=debug"])
+    path.write_text(base + "[alloc.gpu]\nslots = 4\n")
+    with pytest.raises(ConfigError, match=r"\[alloc.gpu\]: unknown field 'slots'"):
+        load_master_config(tmp_path)
