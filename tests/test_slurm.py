@@ -187,6 +187,8 @@ def test_master_sigkilled_with_jobs_pending_and_running_finds_them_again(cluster
     sbatch_before = slurm.read_text().split().count("sbatch")
     master.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     master.proc.wait()  # type: ignore[union-attr]
+    stored = run_cli("--state", str(master.state), "alloc", "list", cwd=tmp_path)  # the store, while it is down
+    assert "as last stored" in stored.stderr and all(f"({n}) " in stored.stdout for n in before.values())
     master.start()
     master.wait_finished("restart", 60)
     done_once(master, "restart", 60)

@@ -11,8 +11,9 @@ from typing import Any, Callable
 from master.alloc_files import QueueFiles
 from master.batch import QueueSpec
 from master.config import load_master_config
+from master.store import Store
 from ticketfarm.client.control import control
-from ticketfarm.errors import ConfigError
+from ticketfarm.errors import ConfigError, MasterUnreachable
 
 #: Gives the running master's endpoint and the client keys for the parsed arguments (from ticketfarm.cli).
 Connect = Callable[[argparse.Namespace], tuple[str, Any]]
@@ -107,7 +108,11 @@ def _verb(args: argparse.Namespace, connect: Connect, verb: str) -> int:
 
 
 def _list(args: argparse.Namespace, connect: Connect) -> int:
-    reply = _ask(args, connect, action="list")
+    try:
+        reply = _ask(args, connect, action="list")
+    except MasterUnreachable:
+        reply = _stored_listing(args.state)  # what the store says: the master may have died mid-run
+        print("ticketfarm alloc: the master does not answer; as last stored:", file=sys.stderr)
     if reply is None:
         return 1
     if args.json:
@@ -120,6 +125,20 @@ def _list(args: argparse.Namespace, connect: Connect) -> int:
     calls = reply["scheduler_calls"]
     print(f"scheduler calls: {calls['submit']} submit, {calls['cancel']} cancel")
     return 0
+
+
+def _stored_listing(state: Path) -> dict[str, Any]:
+    path = state / "state.db"
+    if not path.exists():
+        raise ConfigError(f"{state}: no ticketfarm state here (no state.db)")
+    store = Store(path, readonly=True)
+    try:
+        jobs = store.alloc_jobs()
+        queues = [dict(q, jobs=[dict(j, slaves_seen=[]) for j in jobs if j["queue"] == q["name"]])
+                  for q in store.alloc_queues()]
+    finally:
+        store.close()
+    return {"ok": True, "queues": queues, "scheduler_calls": {"submit": "?", "cancel": "?"}}
 
 
 def format_queue(q: dict[str, Any]) -> str:
