@@ -409,7 +409,11 @@ def test_forged_replayed_and_traversing_results_are_refused(master: MasterProces
     assert master.sweep_status("forgery")["failed"] == 0
     # the master's log is written by another process: wait for the lines rather than race them
     wanted = ("unsafe output name", "foreign_ticket", "duplicate_result")
-    wait_for(lambda: all(w in master.log.read_text() for w in wanted), 10, f"{wanted} in the master log")
+    try:
+        wait_for(lambda: all(w in master.log.read_text() for w in wanted), 10, f"{wanted} in the master log")
+    except AssertionError:
+        log = master.log.read_text()
+        raise AssertionError(f"missing {[w for w in wanted if w not in log]} in the master log:\n{log[-4000:]}") from None
     assert master.alive()
 
 
