@@ -69,6 +69,8 @@ class LiveJob:
     state: str
     slaves: int
     seen: set[str] = field(default_factory=set)
+    reattached: bool = False
+    """Found again after a master restart: its slaves may have come and gone before this master saw them."""
 
 
 def _fail(code: str, message: str) -> Reply:
@@ -109,7 +111,8 @@ class Allocator:
             except SubmitFailed as exc:
                 self.store.set_alloc_job(row["id"], state="lost", ended=time.time(), reason=f"cannot watch it: {exc}")
                 continue
-            self.jobs[row["id"]] = LiveJob(row["id"], row["queue"], row["native_id"], row["state"], row["slaves"])
+            self.jobs[row["id"]] = LiveJob(row["id"], row["queue"], row["native_id"], row["state"], row["slaves"],
+                                           reattached=True)
             log.info("alloc_job_reattached", queue=row["queue"], job=row["id"], native_id=row["native_id"])
 
     @classmethod
@@ -125,9 +128,9 @@ class Allocator:
     # -- the loop -------------------------------------------------------------------------------
     def tick(self, now: float, demand: Demand) -> None:
         self._collect_submissions(now)
+        self._note_slaves(demand.slaves)  # first: a slave that came and went within one tick still counts
         for change in self.batch.changes():
             self._apply(change, now)
-        self._note_slaves(demand.slaves)
         queued = sum(demand.queued.values())
         if queued == 0:
             self._cancel_pending()
@@ -229,6 +232,21 @@ class Allocator:
                                      reason=change.reason)
         log.info("alloc_job_state", queue=job.queue, job=job.id, native_id=job.native_id, state=change.state,
                  exit_code=change.exit_code, reason=change.reason)
+        if change.state in ("completed", "failed") and not job.seen and not job.reattached:
+            self._ended_without_slaves(job, change, now)
+
+    def _ended_without_slaves(self, job: LiveJob, change: JobChange, now: float) -> None:
+        """A job whose slaves never reached the master (wrong address, setup failing): back off, as for a refusal,
+        rather than submit the same failure again and again."""
+        queue = self.queues.get(job.queue)
+        if queue is None:
+            return
+        detail = change.reason or (f"exit code {change.exit_code}" if change.exit_code is not None else "no reason")
+        error = (f"job {job.id} ({job.native_id}) ended {change.state} before any of its slaves connected: "
+                 f"{detail.strip()}; the slaves' output is in {self.files.directory(job.queue) / 'jobs'}")
+        errors = queue.errors + 1
+        self._set_error(job.queue, queue, error, errors, now + min(BACKOFF_MAX, self.backoff * 2 ** (errors - 1)))
+        log.warning("alloc_job_without_slaves", queue=job.queue, error=error)
 
     def _note_slaves(self, slaves: dict[str, int]) -> None:
         for name in slaves:

@@ -223,6 +223,17 @@ def test_sbatch_refusing_a_bad_partition_is_shown_and_retried_with_backoff(clust
     assert not (master.state / "authorized" / "slaves" / "alloc-q.key").exists()
 
 
+def test_jobs_whose_slaves_never_connect_back_off_instead_of_looping(cluster, tmp_path: Path) -> None:
+    master = cluster(f'master_address = "tcp://127.0.0.1:{free_port()}"\nidle_timeout = 1.0\nhandback = 5.0\n'
+                     "max_pending = 1\nmax_running = 1\n")
+    master.submit(sweep_spec(tmp_path, "nobody", 3, "echo {n}"))
+    queue = wait_for(lambda: (q := alloc(master, "list")["queues"][0])["error"] and q, 30, "the queue's error")
+    assert "before any of its slaves connected" in queue["error"] and queue["errors"] == 1
+    assert [j["state"] for j in queue["jobs"]] == ["completed"]
+    time.sleep(2.5)  # the first retry comes 1 s later; the second, after another failure, 2 s after that
+    assert len(alloc(master, "list")["queues"][0]["jobs"]) <= 2
+
+
 def test_a_walltime_too_short_for_every_queued_task_submits_nothing(cluster, tmp_path: Path) -> None:
     master = cluster("walltime = 100.0\nhandback = 60.0\n")
     master.submit(sweep_spec(tmp_path, "long", 3, "echo {n}", timeout=40))
