@@ -3,7 +3,8 @@
 Policy, checked on every tick of the master's loop:
 - a queue submits one job at a time while queued tasks exceed the idle connected slots plus the slots of jobs
   not yet connected, up to its max_pending / max_running;
-- a refused submission is shown with the scheduler's text and retried after a back-off that doubles;
+- a refused submission is shown with the scheduler's text and retried after a back-off that doubles; so is a
+  job that ended before any of its slaves connected, and a queue whose walltime fits no queued task submits none;
 - when nothing is queued, jobs still pending are cancelled (running ones end when their idle slaves leave);
 - queues and jobs live in the store: a restarted master watches its jobs again by scheduler job id, and
   a job that ended (scancel, walltime, node failure) takes its slaves with it: their tickets are re-queued
