@@ -142,7 +142,7 @@ class Allocator:
             if shortfall > 0 and not self._can_run(name, queue, demand.queued):
                 continue
             while shortfall > 0 and self._may_submit(name, queue, now):
-                self._submit(name, queue)
+                self._submit(name, queue, now)
                 shortfall -= queue.spec.slots_per_job
 
     def _can_run(self, name: str, queue: Queue, queued: dict[float, int]) -> bool:
@@ -179,11 +179,15 @@ class Allocator:
         pending = sum(1 for j in jobs if j.state == "pending")
         return pending < queue.spec.max_pending and len(jobs) < queue.spec.max_running
 
-    def _submit(self, name: str, queue: Queue) -> None:
+    def _submit(self, name: str, queue: Queue, now: float) -> None:
         spec = queue.spec
         job_id = self.store.add_alloc_job(name, spec.slaves_per_job)
         self.jobs[job_id] = LiveJob(job_id, name, None, "submitting", spec.slaves_per_job)
-        paths = self.files.prepare(spec)
+        try:
+            paths = self.files.prepare(spec)
+        except OSError as exc:
+            self._refused(self.jobs[job_id], queue, f"cannot write the queue's files: {exc}", now)
+            return
         request = JobRequest(spec, f"ticketfarm-{name}-j{job_id}",
                              ["--config", str(paths.slave_config), "--name", f"{name}-j{job_id}-{spec.rank()}"],
                              paths.setup, paths.directory)
@@ -201,6 +205,10 @@ class Allocator:
                 job.native_id = future.result()
             except (SubmitFailed, OSError, ConfigError) as exc:
                 self._refused(job, queue, str(exc), now)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a failing submission must never take the master down
+                log.exception("alloc_submit_crashed", queue=job.queue, job=job_id)
+                self._refused(job, queue, f"submission failed: {type(exc).__name__}: {exc}", now)
                 continue
             if job.state == "submitting":  # PSI/J may have reported QUEUED already
                 job.state = "pending"

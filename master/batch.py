@@ -97,6 +97,11 @@ class QueueSpec:
             raise ConfigError(f"{source}: field 'walltime' must be longer than 'handback' (>= 0)", "walltime")
         if self.slaves_per_job > 1 and self.kind not in RANK_VARIABLES:
             raise ConfigError(f"{source}: slaves_per_job > 1 needs one of {sorted(RANK_VARIABLES)}", "slaves_per_job")
+        try:
+            if not shlex.split(self.slave_command):
+                raise ValueError("empty")
+        except ValueError as exc:
+            raise ConfigError(f"{source}: field 'slave_command' is no command: {exc}", "slave_command") from None
         for arg in self.extra_args:
             if not isinstance(arg, str) or not re.fullmatch(r"--[A-Za-z][\w-]*=[^\n\"]*", arg):
                 raise ConfigError(f"{source}: extra_args entry {arg!r} must look like \"--key=value\"", "extra_args")
