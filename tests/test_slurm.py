@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,15 +26,28 @@ CPUS = 8
 SHIMMED = ("sbatch", "squeue", "scancel")
 
 
+def controller_port() -> int:
+    """A port for slurmctld with the next one free for slurmd, below the kernel's ephemeral range (which outgoing
+    connections take from at any moment)."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000, 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two free ports for slurmctld and slurmd")
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
     """One Slurm cluster for the module (munged, slurmctld, slurmd); every command it runs is counted."""
     if os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
         pytest.skip("needs root and Debian's slurm-wlm and munge packages (.ci/run installs them)")
     state = Path(f"/tmp/tfslurm-{os.getpid()}")  # munge and slurmstepd put sockets in it: keep it short
-    port = free_port()
-    while port > 65000:
-        port = free_port()
+    port = controller_port()
     env = {**os.environ, "SLURM_TEST_DIR": str(state), "SLURM_TEST_CPUS": str(CPUS), "SLURM_TEST_PORT": str(port)}
     shims = tmp_path_factory.mktemp("shims")
     calls = shims / "calls.log"
@@ -41,6 +56,8 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
         shim.write_text(f'#!/bin/sh\necho {name} >> {calls}\nexec {shutil.which(name)} "$@"\n')
         shim.chmod(0o755)
     up = subprocess.run([str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=60)
+    if up.returncode != 0:  # the logs are in the message: leave no state dir behind
+        subprocess.run([str(SCRIPT), "down"], env=env, capture_output=True, timeout=60)
     assert up.returncode == 0, up.stdout + up.stderr
     saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
