@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
@@ -42,9 +42,6 @@ from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError
 from ticketfarm.keys import dealer
 from ticketfarm.spec import parse_spec
-
-if TYPE_CHECKING:
-    from master.server import Master
 
 log = structlog.get_logger("ticketfarm.http")
 
@@ -239,16 +236,12 @@ class HttpApi:
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="ticketfarm-http", daemon=True)
 
-    @classmethod
-    def start(cls, master: "Master") -> "HttpApi":
-        api = cls(master.config, master.state_dir, master.context, master.inproc_endpoint, master.endpoint,
-                  master.epoch, master.started, master.metrics)
+    def start(self) -> None:
         # Request threads share the GIL with the event loop: hand it back sooner than the default 5 ms,
         # so the loop never waits long behind a burst of requests (measured by scripts/bench_http.py).
         sys.setswitchinterval(SWITCH_INTERVAL)
-        api._thread.start()
-        log.info("http_listening", url=api.url)
-        return api
+        self._thread.start()
+        log.info("http_listening", url=self.url)
 
     @property
     def url(self) -> str:

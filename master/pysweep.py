@@ -28,18 +28,18 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Callable
 
 import structlog
 
-from master.store import FINAL_TASK_STATES, StoredOutput
+from master.lifecycle import Lifecycle
+from master.link import Link
+from master.scheduler import Ticket
+from master.store import Store, StoredOutput
 from ticketfarm import messages
-from ticketfarm.protocol import FETCH_MAX, Command
+from ticketfarm.protocol import FETCH_MAX
 from ticketfarm.spec import NAME_RE, PYTHON_RESULTS, CollectRule, Sweep
-
-if TYPE_CHECKING:
-    from master.scheduler import Ticket
-    from master.server import Master
 
 log = structlog.get_logger("ticketfarm.pysweep")
 
@@ -54,41 +54,51 @@ NOTIFY_BATCH = 1000
 CLIENT_EXPIRY = 60.0
 
 
-class PythonSweeps:
-    """The master's side of python sweeps; `Master` calls its hooks, and it calls back into `Master`."""
+Reply = tuple[dict[str, Any], list[bytes]]
 
-    def __init__(self, master: "Master"):
-        self.master = master
+
+class PythonSweeps:
+    """The master's side of python sweeps: function bodies for slaves, the `py_*` ops, notifications to watchers."""
+
+    def __init__(self, lifecycle: Lifecycle, link: Link, store: Store, state_dir: Path, epoch: int,
+                 commit: Callable[[], None]):
+        self.lifecycle = lifecycle
+        self.link = link
+        self.store = store
+        self.state_dir = state_dir
+        self.epoch = epoch
+        self.commit = commit
         self.functions: dict[str, bytes] = {}
         self.kinds: dict[str, bool] = {}
         self.watchers: dict[str, dict[bytes, float]] = {}
         self.pending: dict[str, list[tuple[int, str, str | None, list[StoredOutput]]]] = {}
-        master._handlers[Command.CODE_REQUEST] = self.on_code_request
 
-    # -- hooks called by Master ---------------------------------------------------------------
+    # -- hooks called by dispatch, the lifecycle and the group commit ----------------------------------------
     def owns(self, sweep: str) -> bool:
         """Whether a sweep is a python sweep (remembered per name)."""
         kind = self.kinds.get(sweep)
         if kind is None:
-            active = self.master.scheduler.active.get(sweep)
+            active = self.lifecycle.active(sweep)
             if active is not None:
                 kind = active.sweep.kind == "python"
             else:
-                row = self.master.store.sweep(sweep)
+                row = self.store.sweep(sweep)
                 kind = row is not None and row.sweep().kind == "python"
             self.kinds[sweep] = kind
         return kind
 
-    def ticket_messages(self, tickets: list["Ticket"]) -> list[messages.Ticket]:
+    def ticket_messages(self, tickets: list[Ticket]) -> list[messages.Ticket]:
         """TICKET messages for python tickets of one sweep: each names its function by hash and carries its
         pickled arguments (at most TICKET_BATCH tickets and about TICKET_BYTES of arguments per message)."""
         name = tickets[0].sweep
-        sweep = self.master.scheduler.active[name].sweep
+        active = self.lifecycle.active(name)
+        assert active is not None
+        sweep = active.sweep
         # The sweep's own result names: a sweep stored before printed output was kept does not get it.
         shared = messages.TicketSweep(name, sweep.timeout, sweep.results, kind="python")
         out, batch, size = [], [], 0
         for ticket in tickets:
-            params = ticket.params if ticket.params is not None else self.master.store.params(name, ticket.task)
+            params = ticket.params if ticket.params is not None else self.store.params(name, ticket.task)
             data = base64.b64decode(params["args"])
             batch.append(messages.TicketEntry(ticket.id, ticket.task, ticket.attempt, fn=params["fn"], args=data))
             size += len(data)
@@ -103,7 +113,7 @@ class PythonSweeps:
         """A task reached a final state; watchers hear about it after the next commit."""
         if not self.owns(sweep) or sweep not in self.watchers:
             return
-        reason = None if state == "done" else self.master.store.task_reason(sweep, task)
+        reason = None if state == "done" else self.store.task_reason(sweep, task)
         self.pending.setdefault(sweep, []).append((task, state, reason, outputs or []))
 
     def after_commit(self) -> None:
@@ -118,36 +128,24 @@ class PythonSweeps:
     # -- slaves: function bodies ---------------------------------------------------------------
     def on_code_request(self, identity: bytes, msg: messages.CodeRequest) -> None:
         body = self.function(msg.hash)
-        self.master._send(identity, messages.Code(msg.hash, body, "" if body else f"unknown function {msg.hash}"))
+        self.link.send(identity, messages.Code(msg.hash, body, "" if body else f"unknown function {msg.hash}"))
 
     def function(self, digest: str) -> bytes | None:
         body = self.functions.get(digest)
         if body is None:
-            body = self.master.store.function(digest)
+            body = self.store.function(digest)
             if body is not None:
                 self.functions[digest] = body
         return body
 
     # -- API clients -------------------------------------------------------------------------------
-    def control(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
-        """Answer one `py_*` CONTROL op (the master echoes the client's request id)."""
-        handler = {
-            "py_add": self._add, "py_watch": self._watch, "py_unwatch": self._unwatch,
-            "py_fetch": self._fetch, "py_cancel": self._cancel, "py_ping": self._ping,
-        }.get(msg.op)
-        if handler is None:
-            raise ValueError(f"unknown control op {msg.op!r}")
-        reply, payload = handler(identity, msg)
-        reply.setdefault("ok", True)
-        return reply, payload
-
-    def _add(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def add(self, identity: bytes, msg: messages.Control) -> Reply:
         add = messages.PyAdd.from_control(msg)
         name = add.sweep
         for digest, body in add.functions.items():
             self.functions[digest] = body
-            self.master.store.add_function(digest, body)
-        row = self.master.store.sweep(name)
+            self.store.add_function(digest, body)
+        row = self.store.sweep(name)
         if row is None:
             sweep = Sweep.from_json(add.spec)
             if sweep.kind != "python" or sweep.name != name or not NAME_RE.match(name):
@@ -156,37 +154,29 @@ class PythonSweeps:
             # `ticketfarm collect` writes a folder per task: params.json (the call) and the pickled result or error.
             # The master never unpickles them: a result's pickle may run code wherever it is loaded.
             sweep.collect = [CollectRule("folders", name)]
-            self.master.store.add_sweep(sweep)
-            row = self.master.store.sweep(name)
+            self.lifecycle.add_sweep(sweep)
+            row = self.store.sweep(name)
         elif not self.owns(name):
             raise ValueError(f"sweep {name!r} exists and is not a python sweep")
         assert row is not None
         if row.state == "cancelled":
             raise ValueError(f"sweep {name!r} was cancelled")
         params = [{"fn": c.fn, "args": base64.b64encode(c.args).decode(), "repr": c.repr} for c in add.calls]
-        new = self.master.store.add_tasks(name, add.first, params)
-        if new:
-            active = self.master.scheduler.active.get(name)
-            if active is None:
-                self.master.store.reopen_sweep(name)
-                self.master.scheduler.activate(row.sweep(), row.created, new)
-            else:
-                active.queued.extend(new)
-        # Dispatch before the fsync: the REPLY waits for on_control's commit, and a crash in between only re-runs tasks.
-        self.master._dispatch_hungry()
+        # Dispatched before the fsync: the REPLY waits for the op's commit; a crash in between only re-runs tasks.
+        new = self.lifecycle.add_tasks(name, add.first, params)
         return {"added": len(new), "ntasks": add.first + len(add.calls)}, []
 
-    def _watch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def watch(self, identity: bytes, msg: messages.Control) -> Reply:
         name = msg.args().text("sweep")
-        row = self.master.store.sweep(name)
+        row = self.store.sweep(name)
         if row is None:
             return {"ok": False, "error": f"no sweep named {name!r}"}, []
         if not self.owns(name):
             return {"ok": False, "error": f"sweep {name!r} is not a python sweep"}, []
-        self.master._commit_and_ack()  # everything settled so far is in the store, and nothing is pending
+        self.commit()  # everything settled so far is in the store, and nothing is pending
         self.watchers.setdefault(name, {})[identity] = time.time()
         batch: list[tuple[int, str, str | None, list[StoredOutput]]] = []
-        for entry in self.master.store.settled_tasks(name):
+        for entry in self.store.settled_tasks(name):
             batch.append(entry)
             if len(batch) >= NOTIFY_BATCH:
                 self._notify(identity, name, batch)
@@ -195,62 +185,41 @@ class PythonSweeps:
             self._notify(identity, name, batch)
         return {"ntasks": row.ntasks, "state": row.state}, []
 
-    def _unwatch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def unwatch(self, identity: bytes, msg: messages.Control) -> Reply:
         watchers = self.watchers.get(msg.args().text("sweep"), {})
         watchers.pop(identity, None)
         return {}, []
 
-    def _fetch(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def fetch(self, identity: bytes, msg: messages.Control) -> Reply:
         args = msg.args()
         name, task, output = args.text("sweep"), args.count("task"), args.text("name")
         offset, length = args.count("offset"), min(args.count("length"), FETCH_MAX)
-        stored = self.master.store.outputs(name, task).get(output)
+        stored = self.store.outputs(name, task).get(output)
         if stored is None:
             return {"ok": False, "error": f"no result {output!r} for task {task} of {name!r}"}, []
         if stored.data is not None:
             return {"size": stored.size}, [stored.data[offset:offset + length]]
-        with open(self.master.state_dir / stored.path, "rb") as fh:
+        with open(self.state_dir / stored.path, "rb") as fh:
             fh.seek(offset)
             return {"size": stored.size}, [fh.read(length)]
 
-    def _cancel(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def cancel(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Cancel the listed tasks, or the whole sweep; watchers hear of each task cancelled."""
         args = msg.args()
         name, tasks = args.text("sweep"), args.counts("tasks", None)
         if tasks is None:
-            cancelled = list(self.master.store.tasks_in_state(name, "queued")) + \
-                list(self.master.store.tasks_in_state(name, "running"))
-            ok = self.master.cancel(name)
-            for task in sorted(cancelled):
-                self.settled(name, task, "cancelled")
-            return {"ok": ok, "cancelled": len(cancelled)}, []
-        done = 0
-        for task in tasks:
-            if self.cancel_task(name, task):
-                done += 1
-        if name in self.master.scheduler.active:
-            self.master._finish_if_done(name)
+            cancelled = self.lifecycle.cancel_sweep(name)
+            return {"ok": cancelled is not None, "cancelled": len(cancelled or [])}, []
+        done = sum(1 for task in tasks if self.lifecycle.cancel_task(name, task, "task cancelled by its client"))
         return {"cancelled": done}, []
 
-    def cancel_task(self, name: str, task: int) -> bool:
-        """Drop one task: out of the queue, its running tickets killed; False if it had already settled."""
-        state = self.master.store.db.execute("SELECT state FROM tasks WHERE sweep = ? AND idx = ?",
-                                             (name, task)).fetchone()
-        if state is None or state[0] in FINAL_TASK_STATES:
-            return False
-        self.master._unqueue(name, task)
-        for ticket in self.master.scheduler.siblings(name, task):
-            self.master._cancel_ticket(ticket, "task cancelled by its client")
-        self.master.store.cancel_task(name, task)
-        self.settled(name, task, "cancelled")
-        return True
-
-    def _ping(self, identity: bytes, msg: messages.Control) -> tuple[dict[str, Any], list[bytes]]:
+    def ping(self, identity: bytes, msg: messages.Control) -> Reply:
         now = time.time()
         for watchers in self.watchers.values():
             if identity in watchers:
                 watchers[identity] = now
         self._expire_watchers(now)
-        return {"epoch": self.master.epoch}, []
+        return {"epoch": self.epoch}, []
 
     def _expire_watchers(self, now: float) -> None:
         for name in list(self.watchers):
@@ -273,4 +242,4 @@ class PythonSweeps:
                     tasks.append(messages.Settled(task, "failed", reason="no result stored"))
                 else:
                     tasks.append(messages.Settled(task, "done", out.name, out.size, out.data))
-            self.master._send(identity, messages.Notify(sweep, tasks))
+            self.link.send(identity, messages.Notify(sweep, tasks))

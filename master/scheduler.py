@@ -1,4 +1,7 @@
-"""The ticket table: queued tasks per sweep, tickets in flight with deadlines, retries and outcomes."""
+"""The ticket table, in memory only: queued tasks per sweep, tickets in flight with deadlines, retries, outcomes.
+
+The store is not touched here: master/lifecycle.py records every change this table makes (it is the one writer).
+"""
 from __future__ import annotations
 
 import heapq
@@ -7,12 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import structlog
-
-from master.store import Store
 from ticketfarm.spec import Sweep
-
-log = structlog.get_logger("ticketfarm.scheduler")
 
 
 @dataclass
@@ -24,6 +22,7 @@ class Ticket:
     task: int
     slave: str
     attempt: int
+    """Which attempt at its task this is (counted by the store when the lifecycle records the start; 0 until then)."""
     dispatched: float
     deadline: float
     params: dict[str, Any] | None = None
@@ -53,8 +52,7 @@ class ActiveSweep:
 class Scheduler:
     """Chooses the next task (priority, then FIFO), issues tickets and settles their outcomes."""
 
-    def __init__(self, store: Store, epoch: int, deadline_grace: float):
-        self.store = store
+    def __init__(self, epoch: int, deadline_grace: float):
         self.grace = deadline_grace
         self._ids = itertools.count((epoch << 32) + 1)
         self.active: dict[str, ActiveSweep] = {}
@@ -62,7 +60,7 @@ class Scheduler:
         self.tickets: dict[int, Ticket] = {}
         self._by_task: dict[tuple[str, int], set[int]] = {}
         self._deadlines: list[tuple[float, int]] = []
-        #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/workers.py).
+        #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/placement.py).
         self.slave_fits: Callable[[ActiveSweep, str], bool] = lambda active, slave: True
         #: Slaves a task should not go back to (they returned a rejected result), while others can take it.
         self.avoid: dict[tuple[str, int], set[str]] = {}
@@ -140,11 +138,8 @@ class Scheduler:
         return self._issue(active, [ticket.task], slave, now)[0]
 
     def _issue(self, active: ActiveSweep, idxs: list[int], slave: str, now: float) -> list[Ticket]:
-        ids = [(next(self._ids), idx) for idx in idxs]
-        started = self.store.start_tickets(active.name, ids, slave, now)
         deadline = now + active.sweep.timeout + self.grace
-        tickets = [Ticket(tid, active.name, idx, slave, attempt, now, deadline, params)
-                   for (tid, idx), (attempt, params) in zip(ids, started)]
+        tickets = [Ticket(next(self._ids), active.name, idx, slave, 0, now, deadline) for idx in idxs]
         for ticket in tickets:
             self._track(ticket)
         active.running += len(tickets)
@@ -196,38 +191,29 @@ class Scheduler:
         return [self.tickets[t] for t in self._by_task.get((sweep, task), ())]
 
     # -- outcomes -----------------------------------------------------------------
-    def settle_success(self, ticket: Ticket, elapsed: float | None, exit_code: int | None) -> None:
-        self.store.finish_ticket(ticket.id, "done", exit_code=exit_code, elapsed=elapsed)
+    def settle_success(self, ticket: Ticket) -> None:
         self._untrack(ticket)
         if self.avoid:
             self.avoid.pop((ticket.sweep, ticket.task), None)
 
-    def settle_failure(self, ticket: Ticket, state: str, reason: str,
-                       exit_code: int | None = None, elapsed: float | None = None) -> str:
-        """Record a failed attempt; requeue the task or fail it when attempts are used up.
+    def settle_failure(self, ticket: Ticket, attempts: int) -> str:
+        """A failed attempt, the task's `attempts` so far counted: requeue it, or fail it when they are used up.
 
-        Returns the task's new state: "queued", "failed", or "running" when another
-        ticket for the same task is still out.
+        Returns the task's new state: "queued", "failed", "running" when another ticket for the same task
+        is still out, or "cancelled" when its sweep is no longer active.
         """
-        self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
         self._untrack(ticket)
         if self.siblings(ticket.sweep, ticket.task):
             return "running"
         active = self.active.get(ticket.sweep)
         if active is None:
             return "cancelled"
-        attempts = self.store.task_attempts(ticket.sweep, ticket.task)
         if attempts >= active.sweep.max_attempts:
-            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
-            log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.avoid.pop((ticket.sweep, ticket.task), None)
             return "failed"
-        self.store.requeue_task(ticket.sweep, ticket.task)
         # Retries go first: a failing parameter set surfaces early, not at the end of a long sweep.
         active.queued.appendleft(ticket.task)
         return "queued"
 
-    def settle_cancelled(self, ticket: Ticket, reason: str) -> None:
-        self.store.finish_ticket(ticket.id, "cancelled", reason=reason)
+    def settle_cancelled(self, ticket: Ticket) -> None:
         self._untrack(ticket)
-

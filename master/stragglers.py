@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
 import structlog
 
-if TYPE_CHECKING:
-    from master.scheduler import ActiveSweep, Ticket
-    from master.server import Master, SlaveSession
+from master.dispatch import Dispatch
+from master.lifecycle import Lifecycle
+from master.roster import Roster, SlaveSession
+from master.scheduler import ActiveSweep, Ticket
+from master.store import Store
 
 log = structlog.get_logger("ticketfarm.stragglers")
 
@@ -19,24 +19,29 @@ MEDIAN_TTL = 1.0
 class Stragglers:
     """Once per housekeeping pass: duplicate tickets running longer than `speculate` x the sweep's median."""
 
-    def __init__(self, master: "Master"):
-        self.master = master
+    def __init__(self, lifecycle: Lifecycle, dispatch: Dispatch, roster: Roster, store: Store,
+                 heartbeat_interval: float):
+        self.lifecycle = lifecycle
+        self.scheduler = lifecycle.scheduler  # read only: copies are made through the lifecycle
+        self.dispatch = dispatch
+        self.roster = roster
+        self.store = store
+        self.heartbeat_interval = heartbeat_interval
         self._medians: dict[str, tuple[float, float | None]] = {}
 
     def tick(self, now: float) -> None:
-        master = self.master
-        if not master.hungry:
+        if not self.dispatch.hungry:
             return
-        for active in list(master.scheduler.active.values()):
+        for active in list(self.scheduler.active.values()):
             if active.sweep.speculate > 0 and not active.queued and not active.paused and active.running:
                 self._speculate(active, now)
 
-    def _speculate(self, active: "ActiveSweep", now: float) -> None:
+    def _speculate(self, active: ActiveSweep, now: float) -> None:
         median = self.median(active.name, now)
         if median is None:
             return
-        threshold = max(median * active.sweep.speculate, self.master.config.heartbeat_interval)
-        scheduler = self.master.scheduler
+        threshold = max(median * active.sweep.speculate, self.heartbeat_interval)
+        scheduler = self.scheduler
         late = sorted((t for t in scheduler.tickets.values()
                        if t.sweep == active.name and now - t.dispatched > threshold
                        and len(scheduler.siblings(t.sweep, t.task)) == 1), key=lambda t: t.dispatched)
@@ -44,24 +49,21 @@ class Stragglers:
             session = self._idle_slave(ticket)
             if session is None:
                 return
-            copy = scheduler.duplicate(ticket, session.name, now)
+            copy = self.lifecycle.duplicate(ticket, session.name, now)
             if copy is None:
                 continue
-            session.credit -= 1
-            if session.credit <= 0:
-                self.master.hungry.pop(session.identity, None)
-            self.master._send_tickets(session, [copy])
-            self.master.store.event("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, ticket=copy.id,
+            self.dispatch.spend(session, [copy])
+            self.store.event("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, ticket=copy.id,
                                     detail={"of": ticket.id, "slave": session.name, "running_for":
                                             round(now - ticket.dispatched, 3), "median": round(median, 3)})
             log.info("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, original=ticket.id, copy=copy.id,
                      slave=session.name)
 
-    def _idle_slave(self, ticket: "Ticket") -> "SlaveSession | None":
+    def _idle_slave(self, ticket: Ticket) -> SlaveSession | None:
         """A slave with unused credit that holds no copy of this task."""
-        holders = {t.slave for t in self.master.scheduler.siblings(ticket.sweep, ticket.task)}
-        for session in self.master.hungry.values():
-            if session.credit > 0 and session.name not in holders and session.name not in self.master.draining:
+        holders = {t.slave for t in self.scheduler.siblings(ticket.sweep, ticket.task)}
+        for session in self.dispatch.hungry.values():
+            if session.credit > 0 and session.name not in holders and session.name not in self.roster.draining:
                 return session
         return None
 
@@ -70,6 +72,6 @@ class Stragglers:
         cached = self._medians.get(sweep)
         if cached is not None and now - cached[0] < MEDIAN_TTL:
             return cached[1]
-        value = self.master.store.median_elapsed(sweep)
+        value = self.store.median_elapsed(sweep)
         self._medians[sweep] = (time.time(), value)
         return value

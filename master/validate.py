@@ -1,11 +1,11 @@
 """Result validation on the master, off its event loop: a command or a Python callable says accept or reject(reason).
 
-A finished result of a sweep with `validate` is not stored at once: its outputs
-are laid out as files in `incoming/<ticket>/` (one per result name) and a pool
-thread runs the validator. The verdict goes back to the loop through a queue and
-a wake-up pipe the loop polls; only there is the result accepted (stored,
-collected later) or rejected (the ticket settles as `rejected`, the task is
-retried on another slave up to `max_attempts`, the result is never stored).
+A finished result of a sweep with `validate` is not stored at once: result intake
+(master/intake.py) lays its outputs out as files in `incoming/<ticket>/` (one per
+result name) and a pool thread runs the validator. The verdict goes back to the
+loop through a queue and a wake-up pipe the loop polls; only there is the result
+accepted (stored, collected later) or rejected (the ticket settles as `rejected`,
+the task is retried on another slave up to `max_attempts`, the result is never stored).
 
 A validation command is a shell template with the task's parameters plus
 `{task}`, `{ticket}`, `{sweep}`, `{attempt}`, `{workdir}` and `{results}` (the folder holding one file per
@@ -22,80 +22,41 @@ from __future__ import annotations
 import importlib
 import os
 import queue
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-import structlog
+from typing import Any, Callable, Generic, TypeVar
 
 from ticketfarm import template
 from ticketfarm.spec import Validation
-
-if TYPE_CHECKING:
-    from master.server import Master, Transfer
-
-log = structlog.get_logger("ticketfarm.validate")
 
 #: Longest reason kept from a validator's output.
 REASON_LIMIT = 2000
 
 Verdict = tuple[bool, str]
+Item = TypeVar("Item")
 
 
-class Validator:
-    """Runs validators in a thread pool; `pump()` (on the loop) applies the verdicts."""
+class Validator(Generic[Item]):
+    """Runs validators in a thread pool; `verdicts()` (on the loop) hands back each item with its verdict."""
 
-    def __init__(self, master: "Master", workers: int):
-        self.master = master
+    def __init__(self, workers: int):
         self.pool: ThreadPoolExecutor | None = None
         self.workers = max(1, workers)
-        self.pending: dict[int, "Transfer"] = {}
-        self.approved: set[int] = set()
-        self.verdicts: queue.SimpleQueue[tuple[int, Verdict]] = queue.SimpleQueue()
+        self.pending: dict[int, Item] = {}
+        self.queue: queue.SimpleQueue[tuple[int, Verdict]] = queue.SimpleQueue()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self._callables: dict[str, Callable[..., Any]] = {}
 
-    # -- called by Master._accept ----------------------------------------------------------
-    def intercept(self, transfer: "Transfer") -> bool:
-        """True when the result goes to validation first (then `_accept` returns and waits for the verdict)."""
-        tid = transfer.ticket_id
-        if tid in self.approved:
-            self.approved.discard(tid)
-            return False
-        active = self.master.scheduler.active.get(transfer.sweep)
-        if active is None or active.sweep.validate is None:
-            return False
-        if tid in self.pending:
-            return True  # the slave sent it again while its verdict is pending
-        self.pending[tid] = transfer
-        folder = self.master.incoming_dir / str(tid)
-        results = self._lay_out(transfer, folder, list(active.sweep.results))
-        params = self.master.store.params(transfer.sweep, transfer.task)
-        values = {**params, "task": transfer.task, "ticket": tid, "sweep": transfer.sweep,
-                  "attempt": self._attempt(tid), "workdir": str(folder), "results": str(folder)}
+    def check(self, ticket: int, item: Item, rule: Validation, params: dict[str, Any], results: dict[str, Path],
+              values: dict[str, Any], folder: Path) -> None:
+        """Validate one ticket's result (laid out in `folder`); `item` comes back with the verdict."""
+        self.pending[ticket] = item
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tf-validate")
-        self.pool.submit(self._run, tid, active.sweep.validate, params, results, values, folder)
-        return True
-
-    def _attempt(self, tid: int) -> int:
-        ticket = self.master.scheduler.tickets.get(tid)
-        return ticket.attempt if ticket is not None else 0
-
-    @staticmethod
-    def _lay_out(transfer: "Transfer", folder: Path, names: list[str]) -> dict[str, Path]:
-        """One file per result in `folder` (large ones are already there, written chunk by chunk)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for out in transfer.outputs:
-            if out.data is not None:
-                path = folder / out.name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(out.data)
-        return {name: folder / name for name in names}
+        self.pool.submit(self._run, ticket, rule, params, results, values, folder)
 
     # -- in a pool thread ------------------------------------------------------------------------
     def _run(self, tid: int, rule: Validation, params: dict[str, Any], results: dict[str, Path],
@@ -104,7 +65,7 @@ class Validator:
             verdict = self._command(rule, values, folder) if rule.command else self._python(rule, params, results)
         except Exception as exc:  # noqa: BLE001 - a broken validator rejects, it never takes the master down
             verdict = (False, f"validator error: {type(exc).__name__}: {exc}")
-        self.verdicts.put((tid, verdict))
+        self.queue.put((tid, verdict))
         try:
             os.write(self.wake_w, b"v")
         except BlockingIOError:
@@ -152,42 +113,22 @@ class Validator:
         return fn
 
     # -- back on the loop ---------------------------------------------------------------------------
-    def pump(self) -> None:
-        """Apply every verdict that has arrived."""
+    def verdicts(self) -> list[tuple[Item, Verdict]]:
+        """Every verdict that has arrived, with its item."""
         try:
             while os.read(self.wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        out = []
         while True:
             try:
-                tid, (ok, reason) = self.verdicts.get_nowait()
+                ticket, verdict = self.queue.get_nowait()
             except queue.Empty:
-                return
-            transfer = self.pending.pop(tid, None)
-            if transfer is None:
-                continue
-            if ok:
-                self.approved.add(tid)
-                self.master._accept(transfer)
-            else:
-                self._reject(transfer, reason)
-
-    def _reject(self, transfer: "Transfer", reason: str) -> None:
-        master, tid = self.master, transfer.ticket_id
-        shutil.rmtree(master.incoming_dir / str(tid), ignore_errors=True)
-        reason = f"rejected: {reason}"
-        master.store.event("result_rejected", sweep=transfer.sweep, task=transfer.task, ticket=tid,
-                           detail={"reason": reason})
-        log.info("result_rejected", sweep=transfer.sweep, task=transfer.task, ticket=tid, reason=reason)
-        ticket = master.scheduler.tickets.get(tid)
-        if ticket is not None:
-            master.scheduler.avoid.setdefault((ticket.sweep, ticket.task), set()).add(ticket.slave)
-            master._fail_ticket(ticket, "rejected", reason, transfer.exit_code, transfer.elapsed)
-        elif (row := master.store.ticket(tid)) is not None and row.state == "running":
-            master.store.finish_ticket(tid, "rejected", exit_code=transfer.exit_code, reason=reason,
-                                       elapsed=transfer.elapsed)
-        master.pending_acks.setdefault(transfer.identity, []).append(tid)
+                return out
+            item = self.pending.pop(ticket, None)
+            if item is not None:
+                out.append((item, verdict))
 
     def close(self) -> None:
         if self.pool is not None:

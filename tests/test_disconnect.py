@@ -11,6 +11,7 @@ import zmq
 from slave.daemon import EXIT_PROTOCOL_VERSION
 from tests.conftest import HEARTBEAT, MasterProcess, free_port, wait_for
 from ticketfarm import messages, protocol
+from ticketfarm.protocol import Command
 
 
 def slave_log(tmp_path: Path, name: str) -> str:
@@ -31,19 +32,37 @@ def test_exit_on_shutdown_slave_exits_when_the_master_stops_and_others_keep_reco
     assert "master_asks_hello" not in slave_log(tmp_path, "staying")
 
 
-def test_a_master_of_another_protocol_version_makes_the_slave_exit_with_its_code(tmp_path: Path) -> None:
-    """A hand-made master answers HELLO with DISCONNECT why=protocol_version and a reason that never says so."""
+def test_a_slave_drops_hostile_bodies_and_exits_with_its_code_for_another_protocol_version(tmp_path: Path) -> None:
+    """A hand-made master sends the slave hostile bodies (it logs them and stays), then DISCONNECT
+    why=protocol_version with a reason that never says so: the slave exits with its documented code."""
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = free_port()
     router.bind(f"tcp://127.0.0.1:{port}")
-    proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", f"tcp://127.0.0.1:{port}", "--name", "old",
-                             "--work-root", str(tmp_path / "work"), "--heartbeat", str(HEARTBEAT), "--insecure"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "slave.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "slave", "--master", f"tcp://127.0.0.1:{port}", "--name", "old",
+                                 "--work-root", str(tmp_path / "work"), "--heartbeat", str(HEARTBEAT), "--insecure",
+                                 "--log-level", "info"], stdout=out, stderr=out)
+    hostile = [
+        protocol.encode(Command.WELCOME, {"heartbeat_interval": 0.2, "liveness": 5, "epoch": 1,
+                                          "policy": {"on_no_work": ["exit"]}}),
+        protocol.encode(Command.TICKET, {"sweep": "s", "timeout": 5, "results": {}, "argv": ["true"],
+                                         "tickets": [None]}),
+        protocol.encode(Command.TICKET, {"sweep": "s", "kind": "python", "timeout": 5, "results": {},
+                                         "tickets": [{"ticket": 1, "task": 0, "attempt": 1, "fn": "f", "size": 9}]},
+                        [b"short"]),
+        protocol.encode(Command.ACK, {"tickets": ["1", None]}),
+        [protocol.PROTOCOL, bytes((Command.CANCEL,)), b'{"ticket":' + b"[" * 5000 + b"]" * 5000 + b"}"],
+    ]
     try:
         assert router.poll(10_000)
         identity, *frames = router.recv_multipart()
         assert isinstance(messages.decode(frames), messages.Hello)
+        for frames in hostile:
+            router.send_multipart([identity, *frames])
+        wait_for(lambda: log.read_text().count("dropped_message") == len(hostile), 10, "each body to be dropped")
+        assert proc.poll() is None and "Traceback" not in log.read_text()
         router.send_multipart([identity, *messages.Disconnect(messages.PROTOCOL_VERSION, "go away").encode()])
         assert proc.wait(10) == EXIT_PROTOCOL_VERSION == 3
     finally:
@@ -59,7 +78,7 @@ def test_the_master_says_why_it_refuses_a_hello_of_another_version(master: Maste
     master.slave_keys().apply(sock)
     sock.connect(master.endpoint)
     try:
-        sock.send_multipart(protocol.encode(protocol.Command.HELLO, {"protocol": 99, "name": "future"}))
+        sock.send_multipart(protocol.encode(Command.HELLO, {"protocol": 99, "name": "future"}))
         assert sock.poll(5000)
         answer = messages.decode(sock.recv_multipart())
         assert answer == messages.Disconnect(messages.PROTOCOL_VERSION, answer.reason, reconnect=False)

@@ -56,7 +56,7 @@ class Command(enum.IntEnum):
     CODE_REQUEST = 0x10  # S->M  send me the function body with this hash (once per slave)
     CODE = 0x11          # M->S  a cloudpickled function body, by hash (payload: the body)
     NOTIFY = 0x12        # M->C  settled tasks of a watched sweep, pushed after commit (inline results in one frame)
-    # Shipped worker executables and the end of work (see master/workers.py and slave/cache.py):
+    # Shipped worker executables and the end of work (see master/placement.py and slave/cache.py):
     WORKER_REQUEST = 0x13  # S->M  send me bytes [offset, offset+length) of the worker executable with this SHA-256
     WORKER = 0x14          # M->S  those bytes (payload), or an error
     REFUSED = 0x15         # M->S  a sweep this slave cannot run (no worker for its platform): it gets no tickets of it

@@ -75,7 +75,7 @@ class TaskFuture(Future):
         if self.done():
             return self.cancelled()
         if super().cancel():
-            self.cluster._send_cancel(self.sweep, [self.task])
+            self.cluster.send_cancel(self.sweep, [self.task])
             return True
         return False
 
@@ -363,7 +363,8 @@ class Cluster:
             state = self._sweeps[name] = _SweepState(self, name)
         return state
 
-    def _send_cancel(self, sweep: str, tasks: list[int]) -> None:
+    def send_cancel(self, sweep: str, tasks: list[int]) -> None:
+        """Ask the master to cancel these tasks; the reply is not waited for (Future.cancel)."""
         self._request_async("py_cancel", {"sweep": sweep, "tasks": tasks})
 
     # -- requests -----------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class Notify:
         sweep, raw = h.text("sweep"), h.items("tasks")
         frame = h.one_frame("the inline results")
         command = h.command
-        tasks, sizes = [], []
+        tasks, offset = [], 0
         for i, item in enumerate(raw):
             if type(item) is not dict or type(item.get("task")) is not int or type(item.get("state")) is not str:
                 bad(command, f"tasks[{i}]", "an object with an integer 'task' and a string 'state'")
@@ -132,13 +132,15 @@ class Notify:
             output, size, inline = item.get("output"), item.get("size"), item.get("inline", False)
             if type(output) is not str or type(size) is not int or size < 0 or type(inline) is not bool:
                 bad(command, f"tasks[{i}]", "a done task with an 'output', a non-negative 'size' and 'inline'")
-            tasks.append(Settled(item["task"], "done", output, size, b"" if inline else None))
             if inline:
-                sizes.append(size)
-        pieces = iter(split_frame(frame, sizes, "NOTIFY: the inline results' sizes"))
-        for t in tasks:
-            if t.data is not None:
-                t.data = next(pieces)
+                end = offset + size
+                tasks.append(Settled(item["task"], "done", output, size, frame[offset:end]))
+                offset = end
+            else:
+                tasks.append(Settled(item["task"], "done", output, size))
+        if offset != len(frame):
+            raise ProtocolError(f"NOTIFY: the inline results' sizes add up to {offset} bytes, "
+                                f"but the frame holds {len(frame)}")
         return cls(sweep, tasks)
 
 

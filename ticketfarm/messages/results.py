@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ticketfarm import protocol
-from ticketfarm.messages.fields import Header, bad, items
-from ticketfarm.protocol import CHUNK_SIZE, Command, Message, split_frame
+from ticketfarm.errors import ProtocolError
+from ticketfarm.messages.fields import MAX_ITEMS, Header, bad
+from ticketfarm.protocol import CHUNK_SIZE, Command, Message
 
 STREAMS = ("stdout", "stderr")
 
@@ -75,7 +76,7 @@ class Result:
         raw = h.items("results")
         frame = h.one_frame("the inline outputs")
         command = h.command
-        entries, sizes = [], []
+        entries, offset = [], 0
         for i, item in enumerate(raw):
             if type(item) is not dict:
                 bad(command, f"results[{i}]", "an object")
@@ -86,23 +87,27 @@ class Result:
                 bad(command, f"results[{i}].exit_code", "an integer or null")
             if elapsed is not None and type(elapsed) is not float and type(elapsed) is not int:
                 bad(command, f"results[{i}].elapsed", "a number or null")
+            declared = item.get("outputs")
+            if type(declared) is not list or len(declared) > MAX_ITEMS:
+                bad(command, f"results[{i}].outputs", f"a list of at most {MAX_ITEMS} entries")
             outputs = []
-            for j, o in enumerate(items(command, f"results[{i}].outputs", item.get("outputs"))):
+            for j, o in enumerate(declared):
                 name, size = (o.get("name"), o.get("size")) if type(o) is dict else (None, None)
                 if type(name) is not str or type(size) is not int or size < 0:
                     bad(command, f"results[{i}].outputs[{j}]", "an object with a 'name' and a non-negative 'size'")
                 inline = o.get("inline", False)
-                if type(inline) is not bool:
+                if inline is True:
+                    end = offset + size
+                    outputs.append(ResultOutput(name, size, frame[offset:end]))
+                    offset = end
+                elif inline is False:
+                    outputs.append(ResultOutput(name, size))
+                else:
                     bad(command, f"results[{i}].outputs[{j}].inline", "true or false")
-                outputs.append(ResultOutput(name, size, b"" if inline else None))
-                if inline:
-                    sizes.append(size)
             entries.append(ResultEntry(ticket, exit_code, elapsed, outputs))
-        pieces = iter(split_frame(frame, sizes, "RESULT: the inline outputs' sizes"))
-        for entry in entries:
-            for o in entry.outputs:
-                if o.data is not None:
-                    o.data = next(pieces)
+        if offset != len(frame):
+            raise ProtocolError(f"RESULT: the inline outputs' sizes add up to {offset} bytes, "
+                                f"but the frame holds {len(frame)}")
         return cls(entries)
 
 

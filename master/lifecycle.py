@@ -1,0 +1,304 @@
+"""Task lifecycle: the one writer of task, ticket and sweep state (issue, accept, fail, lose, cancel, pause, finish)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import structlog
+
+from master.events import EventBatch
+from master.link import Link
+from master.metrics import Metrics
+from master.roster import Roster
+from master.scheduler import ActiveSweep, Scheduler, Ticket
+from master.store import FINAL_TASK_STATES, Store, StoredOutput
+from ticketfarm import messages
+from ticketfarm.errors import SweepExists
+from ticketfarm.spec import Sweep
+
+log = structlog.get_logger("ticketfarm.lifecycle")
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class LifecycleHooks:
+    """Who hears what the lifecycle settled (wired by the master; each part listens only to what it needs)."""
+
+    work_queued: Callable[[], None] = _nothing
+    """Tasks went (back) into a queue: serve the slaves waiting for work."""
+    ticket_ended: Callable[[int], None] = _nothing
+    """A ticket is no longer in flight."""
+    task_settled: Callable[[str, int, str, list[StoredOutput]], None] = _nothing
+    """A task reached done, failed or cancelled (sweep, task, state, outputs)."""
+    sweep_ended: Callable[[str], None] = _nothing
+    """A sweep finished or was cancelled: nothing of it is dispatched again."""
+
+
+@dataclass
+class Completion:
+    """A task's one result, complete and checked: what `complete` stores."""
+
+    ticket: int
+    sweep: str
+    task: int
+    exit_code: int | None
+    elapsed: float | None
+    outputs: list[StoredOutput]
+
+
+class Lifecycle:
+    """Every change of a task's or ticket's state goes through here: the scheduler's table and the store agree."""
+
+    def __init__(self, store: Store, scheduler: Scheduler, link: Link, roster: Roster,
+                 events: EventBatch, metrics: Metrics):
+        self.store = store
+        self.scheduler = scheduler
+        self.link = link
+        self.roster = roster
+        self.events = events
+        self.metrics = metrics
+        self.hooks = LifecycleHooks()
+
+    # -- reading ----------------------------------------------------------------------------
+    def in_flight(self, ticket: int) -> Ticket | None:
+        return self.scheduler.tickets.get(ticket)
+
+    def tickets_of(self, slave: str) -> list[Ticket]:
+        return self.scheduler.tickets_of(slave)
+
+    def active(self, sweep: str) -> ActiveSweep | None:
+        return self.scheduler.active.get(sweep)
+
+    def task_state(self, sweep: str, task: int) -> str | None:
+        row = self.store.task(sweep, task)
+        return None if row is None else row["state"]
+
+    def is_late_duplicate(self, ticket: int, sweep: str, task: int,
+                          settled: tuple[str, ...] = FINAL_TASK_STATES) -> bool:
+        """An answer for a ticket no longer in flight whose task has settled meanwhile: it can never count."""
+        return ticket not in self.scheduler.tickets and self.task_state(sweep, task) in settled
+
+    # -- sweeps -----------------------------------------------------------------------------
+    def resume(self, reclaim_until: float) -> None:
+        """After a restart: reload active sweeps, and adopt the tickets that were out (their slaves may claim them)."""
+        for row in self.store.sweeps():
+            if row.state in ("active", "paused"):
+                queued = self.store.tasks_in_state(row.name, "queued")
+                active = self.scheduler.activate(row.sweep(), row.created, queued)
+                active.paused = row.state == "paused"
+                active.held.update(self.store.tasks_in_state(row.name, "paused"))
+        for t in self.store.running_tickets():
+            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until))
+        for name in list(self.scheduler.active):
+            self.finish_if_done(name)
+        self.store.commit()
+
+    def submit(self, sweep: Sweep) -> str:
+        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished"."""
+        row = self.store.sweep(sweep.name)
+        if row is not None:
+            if row.digest != sweep.digest():
+                raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec; rename it to start anew")
+            return "finished" if row.state in ("finished", "cancelled") else "running"
+        self.store.add_sweep(sweep)
+        self.scheduler.activate(sweep, time.time(), list(range(len(sweep.params))))
+        self.store.commit()
+        log.info("sweep_submitted", sweep=sweep.name, tasks=len(sweep.params))
+        self.hooks.work_queued()
+        return "submitted"
+
+    def add_sweep(self, sweep: Sweep) -> None:
+        """Store a sweep that starts without tasks (a python sweep: its tasks come with `add_tasks`)."""
+        self.store.add_sweep(sweep)
+
+    def add_tasks(self, name: str, first: int, params: list[dict[str, Any]]) -> list[int]:
+        """Append tasks to a stored sweep (python sweeps grow as clients submit); reopens a finished one."""
+        new = self.store.add_tasks(name, first, params)
+        if new:
+            active = self.scheduler.active.get(name)
+            if active is None:
+                row = self.store.sweep(name)
+                assert row is not None
+                self.store.reopen_sweep(name)
+                self.scheduler.activate(row.sweep(), row.created, new)
+            else:
+                active.queued.extend(new)
+            self.hooks.work_queued()
+        return new
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        active = self.scheduler.active[name]
+        if active.paused != paused:
+            active.paused = paused
+            self.store.set_sweep_state(name, "paused" if paused else "active")
+            if not paused:
+                self.hooks.work_queued()
+
+    def cancel_sweep(self, name: str) -> list[int] | None:
+        """Cancel a sweep: queued and paused tasks dropped, running tickets killed; the tasks cancelled, or None."""
+        active = self.scheduler.active.get(name)
+        if active is None:
+            return None
+        tasks = sorted(self.store.tasks_in_state(name, "queued") + self.store.tasks_in_state(name, "running")
+                       + self.store.tasks_in_state(name, "paused"))
+        self.events.flush(self.store)  # the sweep's last tasks_done comes before its sweep_cancelled
+        active.queued.clear()
+        active.held.clear()
+        for ticket in [t for t in self.scheduler.tickets.values() if t.sweep == name]:
+            self.cancel_ticket(ticket, "sweep cancelled")
+        self.store.cancel_tasks(name)
+        self.store.set_sweep_state(name, "cancelled")
+        self.scheduler.deactivate(name)
+        for task in tasks:
+            self.hooks.task_settled(name, task, "cancelled", [])
+        self.hooks.sweep_ended(name)
+        return tasks
+
+    def finish_if_done(self, name: str) -> None:
+        if self.scheduler.is_finished(name):
+            self.events.flush(self.store)  # a sweep's last tasks_done comes before its sweep_finished
+            self.store.set_sweep_state(name, "finished")
+            self.scheduler.deactivate(name)
+            self.hooks.sweep_ended(name)
+            log.info("sweep_finished", sweep=name)
+
+    # -- tickets out --------------------------------------------------------------------------
+    def issue(self, slave: str, limit: int, now: float) -> list[Ticket]:
+        """Up to `limit` tickets for a slave (see Scheduler.next_tickets), recorded as started."""
+        return self._started(self.scheduler.next_tickets(slave, limit, now), slave, now)
+
+    def duplicate(self, ticket: Ticket, slave: str, now: float) -> Ticket | None:
+        """A speculative copy of a running ticket for another slave, recorded as started."""
+        copy = self.scheduler.duplicate(ticket, slave, now)
+        return None if copy is None else self._started([copy], slave, now)[0]
+
+    def _started(self, tickets: list[Ticket], slave: str, now: float) -> list[Ticket]:
+        """Record new tickets in the store; each learns its attempt number and its task's parameters."""
+        for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
+            batch = list(group)
+            started = self.store.start_tickets(sweep, [(t.id, t.task) for t in batch], slave, now)
+            for ticket, (attempt, params) in zip(batch, started):
+                ticket.attempt, ticket.params = attempt, params
+        return tickets
+
+    def extend(self, ticket: Ticket, now: float) -> None:
+        self.scheduler.extend(ticket, now)
+
+    def expire(self, now: float) -> None:
+        """Tickets past their deadline: killed and counted as a timeout, or lost when their slave is gone."""
+        for ticket in self.scheduler.expired(now):
+            session = self.roster.named(ticket.slave)
+            if session is None:
+                self.lose(ticket, f"lost: slave {ticket.slave} did not come back")
+                continue
+            self.link.send(session.identity, messages.Cancel(ticket.id, "deadline"))
+            self.fail(ticket, "timeout", "timeout (no answer before the deadline)")
+
+    # -- outcomes -----------------------------------------------------------------------------------
+    def complete(self, done: Completion) -> None:
+        """Store a task's one result; any other copies still running are cancelled."""
+        self.store.complete_task(done.sweep, done.task, done.ticket, done.outputs)
+        self.events.done(done.sweep, done.task)
+        self.metrics.tickets_finished.labels("done").inc()
+        self.hooks.task_settled(done.sweep, done.task, "done", done.outputs)
+        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, elapsed=done.elapsed)
+        ticket = self.scheduler.tickets.get(done.ticket)
+        if ticket is not None:
+            self.scheduler.settle_success(ticket)
+        else:
+            # A late answer from a slave given up on: still the first valid result for this task.
+            self._unqueue(done.sweep, done.task)
+        self.hooks.ticket_ended(done.ticket)
+        for other in self.scheduler.siblings(done.sweep, done.task):
+            self.cancel_ticket(other, "another copy finished first")
+        self.finish_if_done(done.sweep)
+
+    def fail(self, ticket: Ticket, state: str, reason: str,
+             exit_code: int | None = None, elapsed: float | None = None) -> None:
+        """A failed attempt (failed, timeout, lost, rejected): the task is retried first, or fails for good."""
+        self.hooks.ticket_ended(ticket.id)
+        self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
+        attempts = self.store.task_attempts(ticket.sweep, ticket.task)
+        outcome = self.scheduler.settle_failure(ticket, attempts)
+        self.metrics.tickets_finished.labels(state).inc()
+        if outcome == "queued":
+            self.store.requeue_task(ticket.sweep, ticket.task)
+            self.metrics.reassignments.inc()
+            self.hooks.work_queued()
+        elif outcome == "failed":
+            self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (after {attempts} attempts)")
+            log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
+            self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
+        self.finish_if_done(ticket.sweep)
+
+    def hand_back(self, ticket: Ticket, reason: str) -> None:
+        """A ticket returned unstarted by a slave whose batch allocation ends: re-queued, not counted as an attempt."""
+        self.store.refund_attempt(ticket.sweep, ticket.task)
+        self.fail(ticket, "returned", reason)
+
+    def lose(self, ticket: Ticket, reason: str) -> None:
+        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
+        self.fail(ticket, "lost", reason)
+
+    def reject(self, ticket_id: int, reason: str, exit_code: int | None, elapsed: float | None) -> None:
+        """A result its validator refused: the task goes to another slave if it can; a late one is only recorded."""
+        ticket = self.scheduler.tickets.get(ticket_id)
+        if ticket is not None:
+            self.scheduler.avoid.setdefault((ticket.sweep, ticket.task), set()).add(ticket.slave)
+            self.fail(ticket, "rejected", reason, exit_code, elapsed)
+        elif (row := self.store.ticket(ticket_id)) is not None and row.state == "running":
+            self.store.finish_ticket(ticket_id, "rejected", exit_code=exit_code, reason=reason, elapsed=elapsed)
+
+    def cancel_ticket(self, ticket: Ticket, reason: str) -> None:
+        """Kill one ticket on its slave (if connected) and settle it as cancelled; its task is not touched."""
+        session = self.roster.named(ticket.slave)
+        if session is not None:
+            self.link.send(session.identity, messages.Cancel(ticket.id, reason))
+        self.hooks.ticket_ended(ticket.id)
+        self.store.finish_ticket(ticket.id, "cancelled", reason=reason)
+        self.scheduler.settle_cancelled(ticket)
+        self.metrics.tickets_finished.labels("cancelled").inc()
+
+    # -- one task ---------------------------------------------------------------------------------------
+    def cancel_task(self, name: str, task: int, reason: str) -> bool:
+        """Cancel one unsettled task (queued, paused or running); False when it had already settled or is unknown."""
+        if self.task_state(name, task) in (None, *FINAL_TASK_STATES):
+            return False
+        self._unqueue(name, task)
+        if (active := self.scheduler.active.get(name)) is not None:
+            active.held.discard(task)  # a paused task is neither queued nor running: only `held` keeps the sweep open
+        for ticket in self.scheduler.siblings(name, task):
+            self.cancel_ticket(ticket, reason)
+        self.store.cancel_task(name, task)
+        self.hooks.task_settled(name, task, "cancelled", [])
+        self.finish_if_done(name)
+        return True
+
+    def pause_task(self, name: str, task: int) -> None:
+        """Hold a task back; a running attempt is killed and not counted against max_attempts."""
+        active = self.scheduler.active[name]
+        self._unqueue(name, task)
+        running = self.scheduler.siblings(name, task)
+        for ticket in running:
+            self.cancel_ticket(ticket, "task paused")
+        self.store.hold_task(name, task, refund=bool(running))
+        active.held.add(task)
+
+    def resume_task(self, name: str, task: int) -> None:
+        """Queue a paused task again, first in line."""
+        active = self.scheduler.active[name]
+        active.held.discard(task)
+        self.store.requeue_task(name, task)
+        self.store.event("task_resumed", sweep=name, task=task)
+        active.queued.appendleft(task)
+        self.hooks.work_queued()
+
+    def _unqueue(self, sweep: str, task: int) -> None:
+        active = self.scheduler.active.get(sweep)
+        if active is not None and task in active.queued:
+            active.queued.remove(task)
