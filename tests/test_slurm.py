@@ -295,6 +295,9 @@ def test_a_script_from_slurm_script_submitted_by_hand_runs_slaves(cluster, tmp_p
     master.wait_finished("by_hand", 60)
     rows = done_once(master, "by_hand", 20)
     assert {slave.rsplit("-", 2)[0] for _, slave, _, _, _ in rows} == {"manual"}
+    joined = {line.split("slave=")[1].split()[0] for line in (master.state / "master.log").read_text().splitlines()
+              if "slave_joined" in line}
+    assert len(joined) == 2 and {name.rsplit("-", 1)[1] for name in joined} == {"0", "1"}  # one name per rank
     wait_for(lambda: not squeue(), 30, "the hand-submitted job to end once its slaves idle")
 
 

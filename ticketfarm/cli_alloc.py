@@ -182,7 +182,8 @@ def _slurm_script(args: argparse.Namespace) -> int:
     lines += ["# Written by `ticketfarm slurm-script`; submit it with sbatch. The slaves read their CURVE key from",
               f"# {paths.slave_config.parent} (mode 0700): the master's state dir must be reachable from the nodes.",
               f"source {paths.setup}",
+              "# Single quotes: each slave expands its own rank ($SLURM_PROCID), not this script once for all.",
               f"srun {spec.slave_command} --config {paths.slave_config} "
-              f'--name "{spec.name}-$SLURM_JOB_ID-$SLURM_PROCID"']
+              f"--name '{spec.name}-$SLURM_JOB_ID-$SLURM_PROCID'"]
     print("\n".join(lines))
     return 0
