@@ -113,5 +113,5 @@ def load_master_config(state_dir: Path) -> MasterConfig:
     config.alloc = {name: QueueSpec.parse({**t, "name": name}, f"{path} [alloc.{name}]") for name, t in tables.items()}
     for key, allowed in (("slave_on_no_work", ("", "stay", "exit")), ("slave_delete_workers", ("", "yes", "no"))):
         if getattr(config, key) not in allowed:
-            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}")
+            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}", field=key)
     return config

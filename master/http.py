@@ -671,9 +671,9 @@ def _submission(req: Request) -> tuple[Any, dict[str, Any]]:
         try:
             sweep = parse_spec(spec, base, "spec")
         except ConfigError as exc:
-            found = re.search(r"field '([^']+)'|(parameters|inputs\[\d+\]|results|collect\[\d+\])", str(exc))
-            fields = {"field": next(g for g in found.groups() if g)} if found else {}
-            raise ApiError("bad_request", str(exc), **fields) from None
+            # Files named in the message are the client's names, not paths in the master's temporary dir.
+            message = str(exc).replace(f"{base}/", "")
+            raise ApiError("bad_request", message, **({"field": exc.field} if exc.field else {})) from None
     return sweep, extra
 
 
@@ -710,7 +710,7 @@ def _check_file_references(spec: dict[str, Any], files: dict[str, Any]) -> None:
         if isinstance(item, dict):
             refs += [(f"inputs[{n}].{k}", item[k]) for k in ("source", "template_file") if k in item]
     for where, name in refs:
-        if name not in files:
+        if isinstance(name, str) and name not in files:  # a name of the wrong type is parse_spec's to report
             raise ApiError("bad_request", f"{where}: file {name!r} must be sent in 'files'", field=where)
 
 

@@ -10,7 +10,7 @@ import zmq
 
 from master.allocation import Allocator, Demand
 from master.callbacks import CallbackSender
-from master.config import MasterConfig
+from master.config import MasterConfig, master_config_path
 from master.control import Control
 from master.dispatch import Dispatch
 from master.events import EventBatch
@@ -138,13 +138,16 @@ class Master:
         secret = self.state_dir / cfg.secret_key
         if not secret.exists():
             if cfg.secret_key != MasterConfig.secret_key:
-                raise ConfigError(f"secret_key {str(secret)!r}: no such file")
+                raise ConfigError(f"{master_config_path(self.state_dir)}: field 'secret_key': no such file {secret} "
+                                  "(fix the path, or remove the line to use the keys made at first start)",
+                                  field="secret_key")
             for path in keys.init_state_keys(self.state_dir):
                 log.info("key_created", path=str(path))
         try:
             self._public_key, self._secret_key = keys.load_keypair(secret)
         except KeyFileError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{master_config_path(self.state_dir)}: field 'secret_key': {exc}",
+                              field="secret_key") from None
         ring = KeyRing(self.state_dir / cfg.authorized_slaves, self.state_dir / cfg.authorized_clients)
         try:
             zap = ZapHandler(self.context, ring)

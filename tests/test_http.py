@@ -258,6 +258,32 @@ def test_submit_validation_names_the_field(cluster: HttpCluster) -> None:
     assert cluster.get(f"{API}/sweeps/withcsv/collect?format=concat").body == b"1-2\n3-4\n"
 
 
+def test_bad_spec_answers_400_with_the_field_the_error_carries(cluster: HttpCluster) -> None:
+    good = spec("fields", 2)
+    cases = [
+        ({**good, "colour": "red"}, {}, "colour"),
+        ({**good, "max_attempts": 0}, {}, "max_attempts"),
+        ({**good, "parameters": {"grid": {"x": {"range": [0, 5, 0]}}}}, {}, "parameters.grid.x.range"),
+        ({**good, "parameters": {"csv": "p.csv"}}, {"p.csv": "x,y\n1,2\n3\n"}, "parameters.csv"),  # names p.csv:3
+        ({**good, "inputs": [{"name": "a", "template": "t"}, {"name": "b", "template": "{nope}"}]}, {},
+         "inputs[1].template"),
+        ({**good, "inputs": [{"name": "a", "source": ["x"]}]}, {}, "inputs[0].source"),
+        ({**good, "results": {"size": "stdin"}}, {}, "results.size"),
+        ({**good, "collect": [{"mode": "table", "path": "o"}, {"mode": "table"}]}, {}, "collect[1].path"),
+        ({**good, "collect": {"mode": "concat", "path": "o", "result": ["x"]}}, {}, "collect[0].result"),
+        ({**good, "workers": {"windows": "w"}}, {"w": "x"}, "workers.windows"),
+        ({**good, "validate": {"command": "true", "timeout": -1}}, {}, "validate.timeout"),
+    ]
+    for body, files, field in cases:
+        r = cluster.post(f"{API}/sweeps", {"spec": body, "files": files})
+        assert r.status == 400 and r.error["code"] == "bad_request", r.body
+        assert r.error["field"] == field, r.error
+        message = r.error["message"]
+        assert message.startswith("spec: ") or message.startswith("p.csv:3: "), message  # not the master's temp dir
+        assert field in message or field == "parameters.csv", message
+    assert cluster.get(f"{API}/sweeps/fields").status == 404
+
+
 # -- mutations --------------------------------------------------------------------------------------------
 def test_pause_resume_cancel_and_progress(cluster: HttpCluster) -> None:
     s = spec("slow", 40, command="echo started {x}; sleep 0.4; echo end")
