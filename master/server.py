@@ -15,7 +15,6 @@ from master.control import Control
 from master.dispatch import Dispatch
 from master.events import EventBatch
 from master.housekeeping import Housekeeping
-from master.http import HttpApi
 from master.intake import Intake, Transfer
 from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
@@ -28,6 +27,7 @@ from master.sessions import LOCAL_PEER, Sessions
 from master.store import Store
 from master.stragglers import Stragglers
 from master.validate import Validator
+from master.web.supervisor import WebProcess
 from ticketfarm import keys, messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError
 from ticketfarm.keys import KeyRing, Peer, ZapHandler
@@ -68,12 +68,10 @@ class Master:
         self.socket.bind(self.inproc_endpoint)
         self._wire()
         self.lifecycle.resume(time.time() + self.sessions.window * 2)  # slaves get a liveness period to come back
-        self.http: HttpApi | None = None
+        self.http: WebProcess | None = None
         if config.http_bind:
-            # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
-            self.http = HttpApi(config, self.state_dir, self.context, self.inproc_endpoint, self.endpoint,
-                                self.epoch, self.started, self.metrics)
-            self.http.start()
+            # HTTP API: a process of its own (master/web/) that reads the store and sends CONTROL here as a client.
+            self.http = WebProcess(config, self.state_dir, self.endpoint, self.epoch, self.started)
         if config.http_bind or self.store.has_callbacks():
             self.callbacks.ensure_started()
 
@@ -81,7 +79,7 @@ class Master:
         """The owners, each given only what it needs; the lifecycle's hooks tell the others what settled."""
         config, store = self.config, self.store
         self.events = EventBatch()
-        self.metrics = Metrics(store.path)
+        self.metrics = Metrics()
         self.callbacks = CallbackSender(store.path, store.last_event_id(), config.callback_attempts,
                                         config.callback_backoff)
         self.roster = roster = Roster()
@@ -104,7 +102,8 @@ class Master:
         self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
-                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
+                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
+                               metrics_text=self.metrics.render)
         # Slaves from a batch scheduler (issue 15): told the demand on each housekeeping tick, nothing more.
         self.allocator = Allocator.for_master(config, self.state_dir, store, self.endpoint)
         self.control.ops["alloc"] = lambda _, msg: (self.allocator.control(msg.fields), [])
@@ -227,7 +226,7 @@ class Master:
         first = self.socket.recv(zmq.NOBLOCK, copy=False)
         try:
             user = first.get("User-Id")
-        except zmq.ZMQError:  # inproc: the master's own HTTP threads, no CURVE there
+        except zmq.ZMQError:  # inproc: an in-process client (no CURVE there)
             self._peer = LOCAL_PEER
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
