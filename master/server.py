@@ -238,7 +238,10 @@ class Master:
         """Purge dead slaves, send heartbeats, duplicate stragglers, chores (about 4 times per interval)."""
         self._next_housekeeping = now + self.config.heartbeat_interval / 4
         self.metrics.slaves.set(len(self.roster))
-        self.sessions.purge_dead(now)
+        # A slave is silent only to a master that has read what arrived: while messages wait in the socket (a
+        # join storm, a long submit), a slave's heartbeat may be among them, and it is judged at the next pass.
+        if not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.sessions.purge_dead(now)
         self.sessions.send_heartbeats(now)
         self.stragglers.tick(now)
         self.housekeeping.tick(now)

@@ -31,6 +31,7 @@ from slave.runner import (
     remove_workdir,
 )
 from slave.walltime import Walltime
+from slave.workdirs import WorkDirs
 from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
 from ticketfarm.keys import ClientKeys, dealer
@@ -88,6 +89,7 @@ class Slave:
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
+        self.workdirs = WorkDirs(self.work_root, config.name)
         self.trash: list[Path] = []
         """Work dirs of acknowledged results, removed at the end of a step: never between a worker's exit and the
         next worker's start (rmdir is slow on a disk with online discard)."""
@@ -380,7 +382,7 @@ class Slave:
         if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
             return None
         try:
-            workdir.mkdir(parents=True, exist_ok=False)
+            self.workdirs.make(workdir)
             return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
@@ -493,7 +495,7 @@ class Slave:
 
     def _empty_trash(self) -> None:
         for workdir in self.trash:
-            remove_workdir(workdir)
+            self.workdirs.release(workdir)
         self.trash.clear()
 
     def _kill_overdue(self) -> None:

@@ -17,7 +17,6 @@ from master.config import (
     master_config_path,
     write_default_master_config,
 )
-from master.server import Master
 from master.stats import (
     SweepStats,
     all_sweep_stats,
@@ -29,7 +28,6 @@ from master.stats import (
 from master.store import Store
 from ticketfarm import cli_alloc, cli_http, keys
 from ticketfarm.client.control import client_endpoint, control
-from ticketfarm.client.local import LocalCluster, default_state_dir
 from ticketfarm.client.progress import ProgressBar
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable
 from ticketfarm.logs import configure_logging
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketfarm", description="Parameter sweeps across many machines.")
-    parser.add_argument("--state", type=Path, default=default_state_dir(),
+    parser.add_argument("--state", type=Path, default=Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm")),
                         help="master state directory (default: $TICKETFARM_STATE or ./.ticketfarm)")
     parser.add_argument("--master", help="address of a running master (default: from the state dir's config)")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
@@ -161,6 +159,8 @@ def cmd_master(args: argparse.Namespace) -> int:
         print(f"no master config found: wrote defaults to {path}; review it and start the master again",
               file=sys.stderr)
         return 2
+    from master.server import Master  # only here: the other commands never pay for the master's imports
+
     config = load_master_config(args.state)
     master = Master(config, args.state)
     signal.signal(signal.SIGTERM, lambda *_: master.stop())
@@ -181,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_remote(args, sweep)
     if args.local < 1:
         raise ConfigError("--local needs at least 1 slave")
+    from ticketfarm.client.local import LocalCluster  # imports the master: only `run --local` needs it
+
     bar = ProgressBar()
     started = time.time()
     cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level,

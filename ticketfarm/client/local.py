@@ -1,10 +1,8 @@
 """The embedded default: a master in this process plus N slave processes on this machine."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -66,16 +64,15 @@ class LocalCluster:
         return self.master.store.task_counts(sweep.name)
 
     def close(self) -> None:
+        """The master says goodbye, then every slave is stopped at once: local slaves live and die with this run,
+        and one still starting (or reconnecting) would otherwise wait for a master that is gone."""
         self.master.close()
-        deadline = time.time() + 5
         for proc in self.slaves:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.terminate()
         for proc in self.slaves:
             try:
-                proc.wait(timeout=3)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -85,7 +82,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm"))
