@@ -46,7 +46,8 @@ class Control:
     def __init__(self, *, epoch: int, state_dir: Path, callback_secret: str, store: Store, lifecycle: Lifecycle,
                  roster: Roster, dispatch: Dispatch, intake: Intake, python: PythonSweeps,
                  housekeeping: Housekeeping, callbacks: CallbackSender, link: Link, commit: Callable[[], None],
-                 liveness_window: float, metrics_text: Callable[[], bytes]):
+                 liveness_window: float, metrics_text: Callable[[], bytes],
+                 refusals: Callable[[], list[dict[str, Any]]] = list):
         self.epoch = epoch
         self.state_dir = state_dir
         self.callback_secret = callback_secret
@@ -62,6 +63,8 @@ class Control:
         self.liveness_window = liveness_window
         #: The master's Prometheus text (op `metrics`: the HTTP process serves it on /metrics with its own).
         self.metrics_text = metrics_text
+        #: Keys the master refused lately (ZapHandler.refusals), for `live_slaves`.
+        self.refusals = refusals
         self.ops: dict[str, Op] = {
             "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
             "submit": self.submit,
@@ -208,11 +211,14 @@ class Control:
         return done(draining=draining)
 
     def live_slaves(self, identity: bytes, msg: messages.Control) -> Reply:
-        """What only the loop knows about connected slaves: credit, last heard, draining."""
+        """What only the loop knows: connected slaves (credit, last heard, draining, tickets held), keys refused
+        since they last got in, and the state dir (the playbooks check a rollout against all three)."""
         window, now, draining = self.liveness_window, time.time(), self.roster.draining
         return done(slaves={
             s.name: {"connected": True, "credit": s.credit, "last_heard": s.expiry - window,
                      "last_heartbeat": s.last_heartbeat or None,
                      "seconds_since_heard": round(now - (s.expiry - window), 3),
-                     "draining": s.name in draining, "heartbeat": s.info}
-            for s in self.roster.sessions()}, draining=sorted(draining))
+                     "draining": s.name in draining, "heartbeat": s.info,
+                     "tickets": len(self.lifecycle.tickets_of(s.name))}
+            for s in self.roster.sessions()}, draining=sorted(draining), refused=self.refusals(),
+            state_dir=str(self.state_dir.resolve()))

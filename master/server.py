@@ -103,7 +103,8 @@ class Master:
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
-                               metrics_text=self.metrics.render)
+                               metrics_text=self.metrics.render,
+                               refusals=self.zap.refusals if self.zap is not None else list)
         # Slaves from a batch scheduler (issue 15): told the demand on each housekeeping tick, nothing more.
         self.allocator = Allocator.for_master(config, self.state_dir, store, self.endpoint)
         self.control.ops["alloc"] = lambda _, msg: (self.allocator.control(msg.fields), [])
