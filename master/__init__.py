@@ -6,5 +6,7 @@ sessions.py (HELLO, HEARTBEAT, DISCONNECT, expiry, revoked keys), dispatch.py (c
 intake.py (RESULT, FAILURE, PROGRESS, CHUNK, validation hand-off), control.py (every CONTROL op),
 pysweep.py (python sweeps), placement.py (where a sweep may run, shipped executables), stragglers.py,
 housekeeping.py; all of them settle tasks through lifecycle.py, the one writer of task and ticket state,
-over scheduler.py (the ticket table) and store.py (SQLite). Beside the loop: http.py, collect.py, stats.py.
+over scheduler.py (the ticket table) and store.py (SQLite). allocation.py brings slaves as batch jobs
+(batch.py speaks to the scheduler through PSI/J, alloc_files.py writes what the jobs read), told only the demand.
+Beside the loop: http.py, collect.py, stats.py.
 """

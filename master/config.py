@@ -1,9 +1,10 @@
 """Typed configuration: every master tunable with its default, read once from master.toml."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from master.batch import QueueSpec
 from ticketfarm.config import build, load_toml, to_toml
 from ticketfarm.errors import ConfigError
 
@@ -80,6 +81,20 @@ class MasterConfig:
     """Delivery attempts of one status callback before it is given up (with doubling backoff)."""
     callback_backoff: float = 0.5
     """Seconds before the first retry of a failed status callback; doubles on each retry (capped at 60 s)."""
+    alloc_poll_interval: float = 10.0
+    """Seconds between two scheduler status queries (one squeue for all jobs of the allocation queues)."""
+    alloc_backoff: float = 10.0
+    """Seconds before an allocation queue retries a refused submission; doubles on each refusal (capped at 600 s)."""
+    alloc: dict = field(default_factory=dict)
+    """Allocation queues: one [alloc.NAME] table each (fields: see `ticketfarm alloc add --help` and README)."""
+
+
+ALLOC_EXAMPLE = """# [alloc.cpu]                 # slaves as Slurm jobs, 4 slots each, at most 4 jobs at a time
+# partition = "debug"
+# walltime = 3600.0
+# slots_per_slave = 4
+# setup = "module load python"
+"""
 
 
 def master_config_path(state_dir: Path) -> Path:
@@ -90,13 +105,20 @@ def write_default_master_config(state_dir: Path) -> Path:
     """Write master.toml with every default; returns its path."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = master_config_path(state_dir)
-    path.write_text("# ticketfarm master configuration: review, then start the master again.\n\n" + to_toml(MasterConfig()))
+    # An empty inline table could not be extended by [alloc.NAME] tables below it: the queues stay an example.
+    text = to_toml(MasterConfig()).replace("alloc = {}", ALLOC_EXAMPLE)
+    path.write_text("# ticketfarm master configuration: review, then start the master again.\n\n" + text)
     return path
 
 
 def load_master_config(state_dir: Path) -> MasterConfig:
     path = master_config_path(state_dir)
-    config = build(MasterConfig, load_toml(path), str(path))
+    data = load_toml(path)
+    tables = data.pop("alloc", {})
+    config = build(MasterConfig, data, str(path))
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: 'alloc' must hold one [alloc.NAME] table per queue", "alloc")
+    config.alloc = {name: QueueSpec.parse({**t, "name": name}, f"{path} [alloc.{name}]") for name, t in tables.items()}
     for key, allowed in (("slave_on_no_work", ("", "stay", "exit")), ("slave_delete_workers", ("", "yes", "no"))):
         if getattr(config, key) not in allowed:
             raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}", field=key)

@@ -78,7 +78,9 @@ class Intake:
         session = self.roster.by_identity[identity]
         tid, reason = msg.ticket, msg.reason
         ticket = self.lifecycle.in_flight(tid)
-        if ticket is not None and ticket.slave == session.name:
+        if ticket is not None and ticket.slave == session.name and msg.handback:
+            self.lifecycle.release(ticket, reason, "returned")
+        elif ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
             self.lifecycle.fail(ticket, state, reason, msg.exit_code, msg.elapsed, final=msg.final)
         elif self.store.ticket(tid) is None:

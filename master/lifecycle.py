@@ -242,12 +242,13 @@ class Lifecycle:
         log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
         self.fail(ticket, "lost", reason)
 
-    def release(self, ticket: Ticket, reason: str) -> None:
-        """A ticket given back by an interruption (its slave stopped in order, the user's Ctrl-C), started or only
-        prefetched: its attempt is not counted, and the task goes first in line again."""
-        log.info("ticket_released", ticket=ticket.id, slave=ticket.slave, reason=reason)
+    def release(self, ticket: Ticket, reason: str, state: str = "interrupted") -> None:
+        """A ticket given back through no fault of its task, so its attempt is not counted and the task goes first
+        in line again: "interrupted" (its slave stopped in order, the user's Ctrl-C; started or only prefetched) or
+        "returned" (handed back unstarted by a slave whose batch allocation ends)."""
+        log.info("ticket_released", ticket=ticket.id, slave=ticket.slave, reason=reason, state=state)
         self.store.refund_attempt(ticket.sweep, ticket.task)
-        self.fail(ticket, "interrupted", reason)
+        self.fail(ticket, state, reason)
 
     def release_all(self, reason: str) -> None:
         for ticket in list(self.scheduler.tickets.values()):

@@ -83,6 +83,14 @@ class Scheduler:
         active = self.active.get(name)
         return active is not None and not active.queued and active.running == 0 and not active.held
 
+    def queued_by_timeout(self) -> dict[float, int]:
+        """Tasks waiting for a slot in sweeps that are not paused, by their sweep's timeout."""
+        out: dict[float, int] = {}
+        for a in self._order:
+            if a.queued and not a.paused:
+                out[a.sweep.timeout] = out.get(a.sweep.timeout, 0) + len(a.queued)
+        return out
+
     def has_queued(self) -> bool:
         return any(a.queued and not a.paused for a in self._order)
 

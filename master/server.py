@@ -8,6 +8,7 @@ from typing import Any, Callable
 import structlog
 import zmq
 
+from master.allocation import Allocator, Demand
 from master.callbacks import CallbackSender
 from master.config import MasterConfig, master_config_path
 from master.control import Control
@@ -112,6 +113,11 @@ class Master:
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
                                metrics_text=self.metrics.render, stop=self.stop,
                                refusals=self.zap.refusals if self.zap is not None else list)
+        # Slaves from a batch scheduler (issue 15): told the demand on each housekeeping tick, nothing more.
+        self.allocator = Allocator.for_master(config, self.state_dir, store, self.endpoint)
+        self.control.ops["alloc"] = lambda _, msg: (self.allocator.control(msg.fields), [])
+        self._demand = lambda: Demand(scheduler.queued_by_timeout(), len(scheduler.tickets),
+                                      {s.name: s.slots for s in roster.sessions()})
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
@@ -261,6 +267,8 @@ class Master:
         self.peer_log.flush()
         if self.connections is not None:
             self.connections.drain()
+        if self.allocator.active:
+            self.allocator.tick(now, self._demand())
 
     def handle(self, frames: list[bytes]) -> None:
         """Decode and route one message; anything malformed is logged and dropped."""
@@ -318,6 +326,7 @@ class Master:
             self.http.stop()
         self.callbacks.stop()
         self.validator.close()
+        self.allocator.close()
         self.sessions.goodbye()
         self.commit_and_ack()
         self.sessions.say_goodbye()

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, sweep TEXT, task INTEGER,
     ticket INTEGER, detail TEXT);
 CREATE TABLE IF NOT EXISTS callbacks (sweep TEXT PRIMARY KEY, url TEXT NOT NULL, secret TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS alloc_queues (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, paused INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+    error TEXT, errors INTEGER NOT NULL DEFAULT 0, retry_at REAL);
+CREATE TABLE IF NOT EXISTS alloc_jobs (
+    id INTEGER PRIMARY KEY, queue TEXT NOT NULL, native_id TEXT, state TEXT NOT NULL, slaves INTEGER NOT NULL,
+    submitted REAL NOT NULL, started REAL, ended REAL, exit_code INTEGER, reason TEXT);
 """
 
 #: Terminal task states: nothing more happens to such a task.
@@ -253,7 +259,7 @@ class Store:
         self.event("task_paused", sweep=sweep, task=idx)
 
     def refund_attempt(self, sweep: str, idx: int) -> None:
-        """An attempt given back (an interruption, not the task's doing): not counted against max_attempts."""
+        """An attempt given back (an interruption, or a hand-back at an allocation's end): not counted against max_attempts."""
         self._write("UPDATE tasks SET attempts = max(attempts - 1, 0) WHERE sweep = ? AND idx = ?", (sweep, idx))
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
@@ -470,6 +476,50 @@ class Store:
         """(url, secret) of a sweep's status callback, if it has one."""
         row = self.db.execute("SELECT url, secret FROM callbacks WHERE sweep = ?", (sweep,)).fetchone()
         return (row[0], row[1]) if row else None
+
+    # -- allocation queues and their batch jobs (master/allocation.py) -------------------------
+    def save_alloc_queue(self, name: str, spec: dict[str, Any]) -> None:
+        self._write("INSERT INTO alloc_queues (name, spec, created) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec", (name, json.dumps(spec), time.time()))
+
+    def set_alloc_queue(self, name: str, **values: Any) -> None:
+        """Update columns of a queue: paused, error, errors, retry_at."""
+        assert set(values) <= {"paused", "error", "errors", "retry_at"}
+        self._write(f"UPDATE alloc_queues SET {', '.join(f'{k} = ?' for k in values)} WHERE name = ?",
+                    (*values.values(), name))
+
+    def remove_alloc_queue(self, name: str) -> None:
+        self._write("DELETE FROM alloc_queues WHERE name = ?", (name,))
+        self._write("DELETE FROM alloc_jobs WHERE queue = ?", (name,))
+
+    def alloc_queues(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT name, spec, paused, created, error, errors, retry_at FROM alloc_queues "
+                               "ORDER BY created, name")
+        cols = ("name", "spec", "paused", "created", "error", "errors", "retry_at")
+        return [dict(zip(cols, r), spec=json.loads(r[1]), paused=bool(r[2])) for r in rows]
+
+    def add_alloc_job(self, queue: str, slaves: int) -> int:
+        return self._write("INSERT INTO alloc_jobs (queue, state, slaves, submitted) VALUES (?, 'submitting', ?, ?)",
+                           (queue, slaves, time.time())).lastrowid
+
+    def set_alloc_job(self, job: int, **values: Any) -> None:
+        """Update columns of a job: native_id, state, started, ended, exit_code, reason."""
+        assert set(values) <= {"native_id", "state", "started", "ended", "exit_code", "reason"}
+        self._write(f"UPDATE alloc_jobs SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
+                    (*values.values(), job))
+
+    def delete_alloc_job(self, job: int) -> None:
+        self._write("DELETE FROM alloc_jobs WHERE id = ?", (job,))
+
+    def alloc_jobs(self, queue: str | None = None, ended_limit: int = 20) -> list[dict[str, Any]]:
+        """Jobs not ended, and the last `ended_limit` ended ones, per queue (or of one queue)."""
+        where, args = ("", ()) if queue is None else ("AND queue = ?", (queue,))
+        cols = ("id", "queue", "native_id", "state", "slaves", "submitted", "started", "ended", "exit_code", "reason")
+        rows = self.db.execute(
+            f"SELECT {', '.join(cols)} FROM (SELECT *, row_number() OVER (PARTITION BY queue, ended IS NULL "
+            f"ORDER BY id DESC) AS n FROM alloc_jobs) WHERE (ended IS NULL OR n <= ?) {where} ORDER BY id",
+            (ended_limit, *args))
+        return [dict(zip(cols, r)) for r in rows]
 
     # -- reads for the HTTP API ------------------------------------------------------
     def tasks_page(self, sweep: str, state: str | None, offset: int, limit: int) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The slave's settings, read once from its TOML config file."""
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,12 @@ class SlaveConfig:
     """Structured logs as JSON lines."""
     parent_pid: int = 0
     """Exit once this process is no longer the slave's parent (`run --local` sets it: its slaves die with it)."""
+    alloc_end: float = 0.0
+    """When the batch job running this slave is killed (epoch seconds; 0 = never; env TICKETFARM_ALLOC_END)."""
+    handback: float = 0.0
+    """Seconds before alloc_end when the slave hands back what it holds; it takes no ticket that would run past that."""
+    idle_exit: float = 0.0
+    """Seconds with nothing to run, and nothing unacknowledged, after which the slave exits (0 = never)."""
 
 
 def load_slave_config(path: Path) -> SlaveConfig:
@@ -77,12 +84,13 @@ def finish(config: SlaveConfig, source: str) -> SlaveConfig:
     for key in ("on_master_shutdown", "on_no_work"):
         if getattr(config, key) not in ("stay", "exit"):
             raise ConfigError(f"{source}: field {key!r} must be \"stay\" or \"exit\"", field=key)
-    for key in ("cpus", "memory_mb"):
+    for key in ("cpus", "memory_mb", "alloc_end", "handback", "idle_exit"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
     for key in ("master_key", "secret_key"):
         if not config.insecure and not getattr(config, key):
             raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
                               "unless insecure = true", field=key)
-    config.name = config.name or socket.gethostname()
+    # "$VAR" in a name comes from the environment: the slaves of one batch job tell themselves apart by rank.
+    config.name = os.path.expandvars(config.name) or socket.gethostname()
     return config

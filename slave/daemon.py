@@ -32,6 +32,7 @@ from slave.runner import (
     remove_workdir,
 )
 from slave.watchdog import Watchdog
+from slave.walltime import Walltime
 from slave.workdirs import WorkDirs
 from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
@@ -106,6 +107,7 @@ class Slave:
                                  config.lock_stale)
         self.memory_watch = resources.MemoryWatch(min(config.heartbeat_interval / 2, 0.5))
         self.no_work = False
+        self.walltime = Walltime(config.alloc_end, config.handback, config.idle_exit)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -210,6 +212,7 @@ class Slave:
         self._start_waiting()
         self._kill_overdue()
         self._semantics_step()
+        self._allocation_step()
         if self.reports:
             self._send_reports()
         now = time.time()
@@ -303,6 +306,9 @@ class Slave:
         for spec in specs:
             if spec.ticket in self.running or spec.ticket in self.outbox:
                 continue
+            if not self.walltime.fits(spec.timeout):
+                self._hand_back(spec.ticket)
+                continue
             if spec.kind == "python":  # the pool queues them and runs them on its warm workers
                 self.running[spec.ticket] = self.pypool.start(spec, self.workdir(spec.sweep, spec.ticket))
             else:
@@ -387,6 +393,10 @@ class Slave:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
+            if not self.walltime.fits(spec.timeout):  # it waited for a slot until the allocation grew too short
+                self._drop_prepared(spec.ticket)
+                self._hand_back(spec.ticket)
+                continue
             worker = self.prepared.pop(spec.ticket, None) or self._prepare(spec)
             if worker is None:
                 continue
@@ -474,6 +484,28 @@ class Slave:
         if ready:
             self._start_waiting()
 
+    # -- the end of a batch allocation (issue 15) ---------------------------------------------------
+    def _hand_back(self, ticket: int) -> None:
+        """A ticket that would outlive the allocation goes back at once, not counted as an attempt."""
+        self.walltime.closing = True
+        left = max(0, int(self.walltime.limit - time.time()))
+        self.send(messages.Failure(ticket, None, f"handed back: the allocation ends in {left}s", 0.0, handback=True))
+        log.info("ticket_handed_back", ticket=ticket, seconds_left=left)
+
+    def _allocation_step(self) -> None:
+        """Leave at the hand-back point, when closing and done, or after idling for idle_exit."""
+        now = time.time()
+        held = bool(self.running or self.waiting or self.outbox or self.cache.fetches)
+        if self.walltime.over(now):
+            log.info("allocation_ends", running=len(self.running) + len(self.waiting))
+            self.stopping = True  # shutdown() kills what runs and says goodbye: the master re-queues it
+        elif self.walltime.closing and not held:
+            log.info("allocation_closing_exit")
+            self.stopping = True
+        elif self.walltime.idle_too_long(not held, now):
+            log.info("idle_exit", seconds=self.walltime.idle_exit)
+            self.stopping = True
+
     def _semantics_step(self) -> None:
         if self.cache.fetches:
             self._unpark(self.cache.poll(), [], "")
@@ -549,7 +581,7 @@ class Slave:
                 self._report(self.outbox[tid])
 
     def _request_work(self) -> None:
-        if not self.welcomed:
+        if not self.welcomed or self.walltime.closing:
             return
         capacity = self.config.slots + self.config.prefetch
         want = capacity - len(self.running) - len(self.waiting) - self.outstanding
@@ -631,13 +663,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, help="CPUs offered to tasks that claim CPUs (overrides the config)")
     parser.add_argument("--memory-mb", type=int, help="MiB offered to tasks that claim memory (overrides the config)")
     parser.add_argument("--parent-pid", type=int, help="exit once process PARENT_PID is no longer this one's parent")
+    parser.add_argument("--alloc-end", type=float, default=float(os.environ.get("TICKETFARM_ALLOC_END") or 0) or None,
+                        help="epoch seconds when this slave's batch job ends (default: env TICKETFARM_ALLOC_END)")
+    parser.add_argument("--handback", type=float, help="seconds before --alloc-end to hand back all tickets")
+    parser.add_argument("--idle-exit", type=float, help="exit after this many seconds with nothing to do")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true")
     args = parser.parse_args(argv)
     try:
         config = load_slave_config(args.config) if args.config else SlaveConfig()
         for key in ("master", "name", "slots", "work_root", "prefetch", "cache_dir", "platform", "cpus", "memory_mb",
-                    "master_key", "secret_key", "parent_pid"):
+                    "master_key", "secret_key", "parent_pid", "alloc_end", "handback", "idle_exit"):
             if getattr(args, key) is not None:
                 setattr(config, key, getattr(args, key))
         if args.heartbeat is not None:

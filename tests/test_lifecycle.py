@@ -60,6 +60,16 @@ def test_a_lost_ticket_puts_its_task_back(bench: Bench) -> None:
     assert bench.task(0) == "queued" and bench.lifecycle.in_flight(ticket.id) is None
 
 
+def test_a_ticket_handed_back_at_the_end_of_an_allocation_costs_no_attempt(bench: Bench) -> None:
+    bench.add("s", 1, max_attempts=1)
+    for _ in range(3):  # with one attempt allowed, a counted failure would have failed the task the first time
+        ticket = bench.issue(1)[0]
+        bench.lifecycle.release(ticket, "handed back: the allocation ends in 5s", "returned")
+        assert bench.store.ticket(ticket.id).state == "returned"  # type: ignore[union-attr]
+        assert bench.task(0) == "queued"
+    assert bench.issue(1)[0].attempt == 1
+
+
 def test_a_late_result_after_a_requeue_wins_and_the_new_copy_is_cancelled(bench: Bench) -> None:
     bench.add("s", 1)
     given_up = bench.issue(1)[0]

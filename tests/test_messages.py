@@ -68,6 +68,7 @@ EXAMPLES = [
     Failure(5, 1, "exit code 1: boom", 0.25),
     Failure(6, None, "timeout after 1s"),
     Failure(7, 0, "result refused: 'out' leaves the work dir", 0.1, final=True),
+    Failure(8, None, "handed back: the allocation ends in 30s", 0.0, handback=True),
     Ack([1, 2, 3]),
     Heartbeat([1], [2], 0.5, 40.0, 10.5, 1),
     Heartbeat(),

@@ -1,4 +1,4 @@
-"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, deploy."""
+"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, alloc, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +26,7 @@ from master.stats import (
     table,
 )
 from master.store import Store
-from ticketfarm import cli_http, keys
+from ticketfarm import cli_alloc, cli_http, keys
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.progress import ProgressBar
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=lambda args: cli_http.token_revoke(args.state, args.name))
     t = tokens.add_parser("list", help="named tokens and their scopes")
     t.set_defaults(func=lambda args: cli_http.token_list(args.state))
+    cli_alloc.add_parsers(sub, lambda args: (_endpoint(args), _keys(args)))
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:

@@ -122,17 +122,20 @@ class Failure:
     reason: str
     elapsed: float | None = None
     final: bool = False
+    """No attempt can succeed (e.g. a result refused for an unsafe path): the task fails at once, without retries."""
+    handback: bool = False
+    """Never started: the slave's batch allocation ends first (re-queued, not counted as an attempt)."""
 
     def encode(self) -> list[bytes]:
-        return protocol.encode(self.COMMAND, {"ticket": self.ticket, "exit_code": self.exit_code,
-                                              "reason": self.reason, "elapsed": self.elapsed, "final": self.final})
+        return protocol.encode(self.COMMAND, {"ticket": self.ticket, "exit_code": self.exit_code, "reason": self.reason,
+                                              "elapsed": self.elapsed, "final": self.final, "handback": self.handback})
 
     @classmethod
     def decode(cls, msg: Message) -> "Failure":
         h = Header(msg)
         h.frames(0)
         return cls(h.count("ticket"), h.integer("exit_code", None), h.reason("reason", "failed"),
-                   h.number("elapsed", None), h.flag("final", False))
+                   h.number("elapsed", None), h.flag("final", False), h.flag("handback", False))
 
 
 @dataclass(slots=True)
