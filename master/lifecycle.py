@@ -49,6 +49,8 @@ class Completion:
     exit_code: int | None
     elapsed: float | None
     outputs: list[StoredOutput]
+    warning: str = ""
+    """Kept as the ticket's reason: see messages.ResultEntry.warning."""
 
 
 class Lifecycle:
@@ -206,7 +208,8 @@ class Lifecycle:
         self.events.done(done.sweep, done.task)
         self.metrics.tickets_finished.labels("done").inc()
         self.hooks.task_settled(done.sweep, done.task, "done", done.outputs)
-        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, elapsed=done.elapsed)
+        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, reason=done.warning or None,
+                                 elapsed=done.elapsed)
         ticket = self.scheduler.tickets.get(done.ticket)
         if ticket is not None:
             self.scheduler.settle_success(ticket)

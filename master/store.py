@@ -316,6 +316,13 @@ class Store:
                       reason: str | None = None, elapsed: float | None = None) -> None:
         self._batch(_FINISH_TICKET, (state, exit_code, reason, elapsed, time.time(), ticket))
 
+    def warnings(self, sweep: str) -> list[tuple[int, str]]:
+        """(task, warning) of the done tasks whose result ticket carried a warning, in task order."""
+        rows = self.db.execute(
+            "SELECT t.idx, k.reason FROM tasks t JOIN tickets k ON k.id = t.ticket "
+            "WHERE t.sweep = ? AND t.state = 'done' AND k.reason IS NOT NULL ORDER BY t.idx", (sweep,))
+        return [(idx, reason) for idx, reason in rows]
+
     def ticket(self, ticket: int) -> TicketRow | None:
         row = self.db.execute(
             "SELECT id, sweep, task, slave, attempt, dispatched, state FROM tickets WHERE id = ?", (ticket,)
