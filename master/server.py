@@ -105,7 +105,8 @@ class Master:
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
-                                         task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
+                                         task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep,
+                                         spec_changed=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
             Command.HELLO: lambda identity, msg: self.sessions.on_hello(identity, msg, self._peer),
             Command.HEARTBEAT: self.sessions.on_heartbeat,

@@ -2,6 +2,8 @@
 state found beside the spec, collections that never collide."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from master.store import Store
@@ -63,3 +65,93 @@ def test_a_success_with_empty_results_and_stderr_is_warned_about(tmp_path: Path)
     assert "Warning: 1 done task(s) of quiet exited 0 with every result empty but wrote to stderr" in result.stdout
     assert "task 1: exit code 0, every result empty, stderr: cannot open input" in result.stdout
     assert "task 0:" not in result.stdout
+
+
+def flaky_spec(tmp_path: Path, extra: str = "") -> None:
+    """Task n fails until the file ok-n exists; every run is logged, to tell re-runs apart."""
+    write_spec(tmp_path, f"""
+        name = "flaky"
+        command = "echo {{n}} >> {tmp_path}/runs.log; test -e {tmp_path}/ok-{{n}} || {{ echo 'not yet' >&2; exit 3; }}; echo {{n}}"
+        max_attempts = 1
+        {extra}
+        [parameters.grid]
+        n = [0, 1, 2, 3]
+    """)
+
+
+def runs(tmp_path: Path) -> list[int]:
+    return sorted(int(x) for x in (tmp_path / "runs.log").read_text().split())
+
+
+def test_retry_failed_reruns_only_failed_tasks_under_a_changed_timeout(tmp_path: Path) -> None:
+    (tmp_path / "ok-0").touch()
+    (tmp_path / "ok-2").touch()
+    flaky_spec(tmp_path)
+    first = run_cli("--state", "st", "run", "spec.toml", "--local", "2", cwd=tmp_path)
+    assert first.returncode == 1 and "Failed tasks of flaky (2)" in first.stdout, first.stdout + first.stderr
+    (tmp_path / "ok-1").touch()
+    (tmp_path / "ok-3").touch()
+    flaky_spec(tmp_path, "timeout = 30")
+    refused = run_cli("--state", "st", "run", "spec.toml", "--local", "2", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "(timeout changed)" in refused.stderr and "--retry-failed" in refused.stderr
+    retried = run_cli("--state", "st", "run", "spec.toml", "--local", "2", "--retry-failed", cwd=tmp_path)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert "flaky: retrying 2 failed task(s)" in retried.stderr
+    assert runs(tmp_path) == [0, 1, 1, 2, 3, 3]  # done tasks never ran again
+    store = Store(tmp_path / "st" / "state.db", readonly=True)
+    try:
+        row = store.sweep("flaky")
+        assert row is not None and row.sweep().timeout == 30 and row.state == "finished"
+        assert store.task_counts("flaky") == {"done": 4}
+        assert [a["state"] for a in store.attempts_of("flaky", 1)] == ["failed", "done"]
+    finally:
+        store.close()
+
+
+def test_retry_failed_refuses_a_spec_changed_beyond_timeout_and_attempts(tmp_path: Path) -> None:
+    flaky_spec(tmp_path)
+    assert run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path).returncode == 1
+    (tmp_path / "spec.toml").write_text((tmp_path / "spec.toml").read_text().replace("echo {n}\"", "echo x{n}\""))
+    result = run_cli("--state", "st", "run", "spec.toml", "--local", "1", "--retry-failed", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "a retry may change only timeout, max_attempts, but command differs" in result.stderr
+    assert "ticketfarm forget flaky" in result.stderr
+    assert runs(tmp_path) == [0, 1, 2, 3]
+
+
+def test_retry_one_task_without_a_master_then_run_resumes_it(tmp_path: Path) -> None:
+    flaky_spec(tmp_path)
+    assert run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path).returncode == 1
+    (tmp_path / "ok-2").touch()
+    done_one = run_cli("--state", "st", "retry", "flaky", "--task", "2", cwd=tmp_path)
+    assert done_one.returncode == 0, done_one.stderr
+    assert "flaky: queued again: task(s) 2" in done_one.stdout
+    again = run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path)
+    assert again.returncode == 1  # 0, 1 and 3 still failed
+    assert runs(tmp_path) == [0, 1, 2, 2, 3]
+    store = Store(tmp_path / "st" / "state.db", readonly=True)
+    try:
+        assert store.task_counts("flaky") == {"done": 1, "failed": 3}
+    finally:
+        store.close()
+    bad = run_cli("--state", "st", "retry", "flaky", "--task", "2", cwd=tmp_path)
+    assert bad.returncode == 1 and "task 2 of 'flaky' is done: only a failed or cancelled task" in bad.stderr
+
+
+def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
+    flaky_spec(tmp_path)
+    assert run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path).returncode == 1
+    asked = subprocess.run([sys.executable, "-m", "ticketfarm", "--state", "st", "forget", "flaky"], cwd=tmp_path,
+                           input="n\n", capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 1 and "nothing deleted" in asked.stdout
+    forgot = run_cli("--state", "st", "forget", "flaky", "--yes", cwd=tmp_path)
+    assert forgot.returncode == 0, forgot.stderr
+    for n in range(4):
+        (tmp_path / f"ok-{n}").touch()
+    again = run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming" not in again.stderr
+    assert runs(tmp_path) == [0, 0, 1, 1, 2, 2, 3, 3]
+    gone = run_cli("--state", "st", "forget", "nosuch", "--yes", cwd=tmp_path)
+    assert gone.returncode == 1 and "no sweep named 'nosuch'" in gone.stderr

@@ -1,4 +1,4 @@
-"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, deploy."""
+"""The `ticketfarm` command: init, master, run, submit, status, stats, slaves, collect, cancel, retry, forget, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from master.collect import collect, remove_collected
 from master.config import (
@@ -27,7 +27,7 @@ from master.stats import (
     table,
 )
 from master.store import Store
-from ticketfarm import cli_http, keys
+from ticketfarm import cli_http, keys, messages
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.local import LocalCluster, default_state_dir
 from ticketfarm.client.progress import ProgressBar
@@ -78,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"), help="where collected files go")
     p.add_argument("--http", dest="serve_http", metavar="HOST:PORT",
                    help="with --local: serve the HTTP API and dashboard at HOST:PORT (e.g. 127.0.0.1:8080)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="an existing sweep's failed tasks run again with fresh attempts; the spec may change "
+                        "timeout and max_attempts")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("retry", help="queue a sweep's failed tasks (or one failed or cancelled task) again")
+    p.add_argument("sweep")
+    p.add_argument("--task", type=int, help="only this task (its index)")
+    p.set_defaults(func=cmd_retry)
+    p = sub.add_parser("forget", help="delete a finished or cancelled sweep with its results, so its name starts anew")
+    p.add_argument("sweep")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_forget)
     p = sub.add_parser("submit", help="submit a sweep to a running master and return")
     p.add_argument("spec", type=Path)
     p.add_argument("--callback", metavar="URL", help="status_callback_url: POSTed on every state change (HTTP API)")
@@ -173,6 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     interrupted = False
     final = None
     try:
+        if args.retry_failed:
+            _retry_failed(lambda op, **f: cluster.master.control.answer(b"", messages.Control(op, f))[0], sweep)
         state = cluster.master.submit(sweep)
         if state != "submitted":
             print(f"resuming sweep {sweep.name} ({state}) from {args.state}", file=sys.stderr)
@@ -198,8 +211,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish_run(args.state, sweep.name, args.out, time.time() - started)
 
 
+def _retry_failed(send: Callable[..., dict[str, Any]], sweep: Any) -> None:
+    """--retry-failed: an existing sweep takes this spec and its failed tasks are queued again (a new one is not)."""
+    reply = send("retry", sweep=sweep.name, spec=sweep.to_json())
+    if reply.get("ok"):
+        print(f"{sweep.name}: retrying {len(reply['tasks'])} failed task(s)", file=sys.stderr)
+    elif reply.get("code") != "not_found":
+        raise ConfigError(reply.get("error", "retry refused"))
+
+
 def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
     endpoint = _endpoint(args)
+    if args.retry_failed:
+        _retry_failed(lambda op, **f: control(endpoint, op, keys=_keys(args), **f), sweep)
     reply = _submit(args, endpoint, sweep)
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
@@ -325,6 +349,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 1
     print(f"pruned {reply['results']} results of {len(reply['sweeps'])} sweeps, {reply['events']} events")
     return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    fields = {"sweep": args.sweep} if args.task is None else {"sweep": args.sweep, "task": args.task}
+    reply = _answer(args, "retry", **fields)
+    if not reply.get("ok"):
+        print(f"ticketfarm: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    if not reply["tasks"]:
+        print(f"{args.sweep}: no failed tasks to retry")
+        return 1
+    print(f"{args.sweep}: queued again: task(s) {', '.join(map(str, reply['tasks']))}"
+          f" (`ticketfarm run SPEC` or a running master runs them)")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    if not args.yes:
+        answer = input(f"delete sweep {args.sweep!r} with all its tasks and results from {args.state}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    reply = _answer(args, "forget", sweep=args.sweep)
+    if not reply.get("ok"):
+        print(f"ticketfarm: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    print(f"{args.sweep}: forgotten; its name can start anew")
+    return 0
+
+
+def _answer(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
+    """One control op on the running master or, when none answers, on the state dir by an in-process master."""
+    if args.master or master_config_path(args.state).exists():
+        try:
+            return control(_endpoint(args), op, timeout=2.0, keys=_keys(args), **fields)
+        except MasterUnreachable:
+            if args.master:
+                raise
+    if not (args.state / "state.db").exists():
+        raise ConfigError(f"{args.state}: no ticketfarm state here (no state.db); pass --state DIR")
+    config = load_master_config(args.state) if master_config_path(args.state).exists() else MasterConfig()
+    config.bind, config.http_bind = "tcp://127.0.0.1:*", ""  # nobody is meant to connect to this one
+    master = Master(config, args.state)
+    try:
+        return master.control.answer(b"", messages.Control(op, fields))[0]
+    finally:
+        master.close()
 
 
 def _control_verb(args: argparse.Namespace, op: str, done: str, **fields: Any) -> int:

@@ -30,6 +30,10 @@ class SweepExists(ConfigError):
     """A sweep of that name exists with a different spec."""
 
 
+class RetryRefused(ConfigError):
+    """A retry that cannot apply: unknown sweep or task, nothing to retry, or a spec changed beyond what may change."""
+
+
 class KeyFileError(TicketfarmError, ValueError):
     """A CURVE key file that is missing, unreadable, too open or not a key."""
 
