@@ -155,3 +155,40 @@ def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
     assert runs(tmp_path) == [0, 0, 1, 1, 2, 2, 3, 3]
     gone = run_cli("--state", "st", "forget", "nosuch", "--yes", cwd=tmp_path)
     assert gone.returncode == 1 and "no sweep named 'nosuch'" in gone.stderr
+
+
+COUNTED = """
+    name = "walk"
+    command = "echo {n} >> RUNS; echo {n}"
+    [parameters.grid]
+    n = [0, 1, 2]
+"""
+
+
+def test_a_local_run_keeps_its_state_beside_the_spec_from_any_directory(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    write_spec(job, COUNTED.replace("RUNS", str(tmp_path / "runs.log")), name="sweep.toml")
+    first = run_cli("run", "sweep.toml", "--local", "1", cwd=job)
+    assert first.returncode == 0, first.stderr
+    assert "new state dir .ticketfarm for walk" in first.stderr
+    from_parent = run_cli("run", "job/sweep.toml", "--local", "1", "--out", "out", cwd=tmp_path)
+    assert from_parent.returncode == 0, from_parent.stderr
+    assert "resuming sweep walk (finished) from job/.ticketfarm" in from_parent.stderr
+    assert not (tmp_path / ".ticketfarm").exists()
+    assert runs(tmp_path) == [0, 1, 2]
+
+
+def test_a_local_run_refuses_a_fresh_state_beside_the_spec_when_one_is_here(tmp_path: Path) -> None:
+    write_spec(tmp_path, COUNTED.replace("RUNS", str(tmp_path / "runs.log")), name="sweep.toml")
+    assert run_cli("run", "sweep.toml", "--local", "1", cwd=tmp_path).returncode == 0
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "sweep.toml").write_text((tmp_path / "sweep.toml").read_text())
+    refused = run_cli("run", "job/sweep.toml", "--local", "1", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "ticketfarm: job/sweep.toml's state would be a new job/.ticketfarm (a local run keeps it beside its spec), "
+        "but ./.ticketfarm exists here: pass --state .ticketfarm to use it, or --state job/.ticketfarm to start there"]
+    assert not (job / ".ticketfarm").exists()
+    assert runs(tmp_path) == [0, 1, 2]

@@ -29,7 +29,7 @@ from master.stats import (
 from master.store import Store
 from ticketfarm import cli_http, keys, messages
 from ticketfarm.client.control import client_endpoint, control
-from ticketfarm.client.local import LocalCluster, default_state_dir
+from ticketfarm.client.local import LocalCluster, default_state_dir, state_dir_for
 from ticketfarm.client.progress import ProgressBar
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable
 from ticketfarm.logs import configure_logging
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
     try:
+        if args.state is None:
+            local_run = getattr(args, "local", None) is not None and "TICKETFARM_STATE" not in os.environ
+            args.state = state_dir_for(args.spec) if local_run else default_state_dir()
         return args.func(args)
     except ConfigError as exc:
         print(f"ticketfarm: {exc}", file=sys.stderr)
@@ -51,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketfarm", description="Parameter sweeps across many machines.")
-    parser.add_argument("--state", type=Path, default=default_state_dir(),
-                        help="master state directory (default: $TICKETFARM_STATE or ./.ticketfarm)")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="master state directory (default: $TICKETFARM_STATE, else for `run SPEC --local` "
+                             ".ticketfarm beside SPEC, else ./.ticketfarm)")
     parser.add_argument("--master", help="address of a running master (default: from the state dir's config)")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true", help="logs as JSON lines")
@@ -175,6 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_remote(args, sweep)
     if args.local < 1:
         raise ConfigError("--local needs at least 1 slave")
+    if not (args.state / "state.db").exists():
+        print(f"new state dir {args.state} for {sweep.name} (--state DIR to choose another)", file=sys.stderr)
     bar = ProgressBar()
     started = time.time()
     cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level,
