@@ -192,3 +192,52 @@ def test_a_local_run_refuses_a_fresh_state_beside_the_spec_when_one_is_here(tmp_
         "but ./.ticketfarm exists here: pass --state .ticketfarm to use it, or --state job/.ticketfarm to start there"]
     assert not (job / ".ticketfarm").exists()
     assert runs(tmp_path) == [0, 1, 2]
+
+
+def collected_sweep(name: str, runs_log: Path, mode: str, path: str) -> str:
+    return f"""
+        name = "{name}"
+        command = "echo {name} >> {runs_log}; echo {{n}}"
+        [parameters.grid]
+        n = [0, 1]
+        [[collect]]
+        mode = "{mode}"
+        path = "{path}"
+    """
+
+
+def test_a_second_sweep_never_overwrites_the_collection_of_the_first(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    write_spec(tmp_path, collected_sweep("walk", log, "table", "walk.csv"), name="walk.toml")
+    write_spec(tmp_path, collected_sweep("walk2", log, "table", "walk.csv"), name="walk2.toml")
+    assert run_cli("--state", "st", "run", "walk.toml", "--local", "1", "--out", "out", cwd=tmp_path).returncode == 0
+    before = (tmp_path / "out" / "walk.csv").read_bytes()
+    second = run_cli("--state", "st", "run", "walk2.toml", "--local", "1", "--out", "out", cwd=tmp_path)
+    assert second.returncode == 2
+    assert ("out/walk.csv holds the collection of sweep 'walk'; sweep 'walk2' collects to the same path"
+            in second.stderr)
+    assert log.read_text().split() == ["walk", "walk"]  # refused before anything ran
+    assert (tmp_path / "out" / "walk.csv").read_bytes() == before
+    # Collected later by hand, from the store, it is refused the same way.
+    assert run_cli("--state", "st", "run", "walk2.toml", "--local", "1", "--out", "elsewhere",
+                   cwd=tmp_path).returncode == 0
+    by_hand = run_cli("--state", "st", "collect", "walk2", "--out", "out", cwd=tmp_path)
+    assert by_hand.returncode == 2 and "sweep 'walk2' collects to the same path" in by_hand.stderr
+    assert (tmp_path / "out" / "walk.csv").read_bytes() == before
+    again = run_cli("--state", "st", "collect", "walk", "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr  # a sweep may always rewrite its own
+
+
+def test_folders_collections_never_mix_sweeps(tmp_path: Path) -> None:
+    log = tmp_path / "runs.log"
+    write_spec(tmp_path, collected_sweep("a", log, "folders", "res"), name="a.toml")
+    write_spec(tmp_path, collected_sweep("b", log, "folders", "res"), name="b.toml")
+    assert run_cli("--state", "st", "run", "a.toml", "--local", "1", "--out", "out", cwd=tmp_path).returncode == 0
+    stale = tmp_path / "out" / "res" / "7" / "stdout"
+    stale.parent.mkdir()
+    stale.write_text("left over")
+    refused = run_cli("--state", "st", "run", "b.toml", "--local", "1", "--out", "out", cwd=tmp_path)
+    assert refused.returncode == 2 and "holds the collection of sweep 'a'; sweep 'b'" in refused.stderr
+    again = run_cli("--state", "st", "collect", "a", "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "res").iterdir()) == ["0", "1"]  # nothing stale kept

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from master.collect import collect, remove_collected
+from master.collect import check_claims, collect, remove_collected
 from master.config import (
     MasterConfig,
     load_master_config,
@@ -175,6 +175,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     sweep = load_spec(args.spec)
+    check_claims(args.out, sweep.name, [rule.path for rule in sweep.collect])  # a collision stops it before it runs
     if args.local is None:
         return _run_remote(args, sweep)
     if args.local < 1:

@@ -30,6 +30,10 @@ class SweepExists(ConfigError):
     """A sweep of that name exists with a different spec."""
 
 
+class CollectionCollision(ConfigError):
+    """A sweep would write a collection path another sweep's collection already holds."""
+
+
 class RetryRefused(ConfigError):
     """A retry that cannot apply: unknown sweep or task, nothing to retry, or a spec changed beyond what may change."""
 
