@@ -88,7 +88,8 @@ class Master:
         scheduler = Scheduler(self.epoch, config.deadline_grace)
         self.lifecycle = lifecycle = Lifecycle(store, scheduler, link, roster, self.events, self.metrics)
         placement = Placement(roster, scheduler, link, store)
-        self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack)
+        self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack,
+                                   config.max_message_size)
         self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,

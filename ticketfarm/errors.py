@@ -76,6 +76,10 @@ class TaskFailed(TicketfarmError, RuntimeError):
         return (type(self), (self.reason, self.sweep, self.task))
 
 
+class ArgumentTooLarge(TicketfarmError, ValueError):
+    """A task's pickled arguments (with its function) do not fit in one message to the master."""
+
+
 class TaskCancelled(TicketfarmError, RuntimeError):
     """The task was cancelled (by its client or with its sweep) before it produced a result."""
 
