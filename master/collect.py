@@ -7,6 +7,7 @@ CLI writes as files and HTTP sends as a tar archive (which the CLI, going throug
 """
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -26,6 +27,8 @@ READ_SIZE = 1024 * 1024
 LEDGER = ".ticketfarm-collections.json"
 #: Results larger than this appear in tables as their stored file's path on the master, not their content.
 TABLE_CELL_LIMIT = 64 * 1024
+#: How a CSV table cell that holds bytes rather than UTF-8 text begins (the rest is base64).
+BASE64_PREFIX = "base64:"
 #: Every collection format: a collect rule's (table rules by their `format`), and the failed-tasks CSV.
 FORMATS = ("concat", "blockwise", "csv", "jsonl", "folders", "failed")
 #: Media type of each format when it is downloaded.
@@ -134,7 +137,8 @@ class Collector:
         yield _csv_line(["task", *self.columns, *names])
         for idx, params in self.store.done_tasks(self.sweep.name):
             outputs = self.store.outputs(self.sweep.name, idx)
-            yield _csv_line([idx, *(params.get(c) for c in self.columns), *(self._cell(outputs, n) for n in names)])
+            yield _csv_line([idx, *(params.get(c) for c in self.columns),
+                             *(csv_cell(self._cell(outputs, n)) for n in names)])
 
     def table_jsonl(self, result: str | None) -> Iterator[bytes]:
         """A line `{"task", "params", "results"}` per done task, parameters in the sweep's order."""
@@ -142,7 +146,7 @@ class Collector:
         for idx, params in self.store.done_tasks(self.sweep.name):
             outputs = self.store.outputs(self.sweep.name, idx)
             line = {"task": idx, "params": self._ordered(params),
-                    "results": {n: self._cell(outputs, n) for n in names}}
+                    "results": {n: json_cell(self._cell(outputs, n)) for n in names}}
             yield (json.dumps(line) + "\n").encode()
 
     def folder_entries(self, result: str | None) -> Iterator[Entry]:
@@ -173,16 +177,34 @@ class Collector:
         return sorted((n, o) for n, o in outputs.items()
                       if result is None or n == result or n.startswith(result + "/"))
 
-    def _cell(self, outputs: dict[str, StoredOutput], name: str) -> Any:
-        """A result as table text: its content, its file's path when large, a glob result's matched paths."""
+    def _cell(self, outputs: dict[str, StoredOutput], name: str) -> str | bytes:
+        """A result as a table cell: its text (or its bytes when not UTF-8), its file's path when large, a glob
+        result's matched paths."""
         output = outputs.get(name)
         if output is None:
             matches = sorted(n for n in outputs if n.startswith(name + "/"))
             return " ".join(m.partition("/")[2] for m in matches)
         if output.size > TABLE_CELL_LIMIT:
             return str((self.state_dir / output.path).resolve()) if output.path else f"<{output.size} bytes>"
-        # Not UTF-8 (a pickle, an image) comes out with U+FFFD in place of bad bytes: issue 14.
-        return b"".join(output_chunks(self.state_dir, output)).decode(errors="replace").strip()
+        data = b"".join(output_chunks(self.state_dir, output))
+        try:
+            return data.decode().strip()
+        except UnicodeDecodeError:
+            return data  # a pickle, an image: written base64-encoded, never with bytes replaced
+
+
+def csv_cell(value: str | bytes) -> str:
+    """A CSV cell: text as it is; bytes that are not UTF-8 (and text that starts with the prefix) as
+    `base64:<data>`, so every cell decodes back to exactly what the task wrote."""
+    if isinstance(value, str) and not value.startswith(BASE64_PREFIX):
+        return value
+    raw = value if isinstance(value, bytes) else value.encode()
+    return BASE64_PREFIX + base64.b64encode(raw).decode()
+
+
+def json_cell(value: str | bytes) -> str | dict[str, str]:
+    """A JSON-lines cell: text as a string, bytes that are not UTF-8 as {"base64": "<data>"}."""
+    return value if isinstance(value, str) else {"base64": base64.b64encode(value).decode()}
 
 
 def _csv_line(cells: list[Any]) -> bytes:

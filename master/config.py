@@ -55,15 +55,23 @@ class MasterConfig:
     http_bind: str = ""
     """HOST:PORT of the HTTP API and dashboard (e.g. "127.0.0.1:8080"; port 0 picks one); empty = no HTTP server."""
     http_token_hash: str = ""
-    """SHA-256 hex digests of accepted API tokens, comma-separated (`ticketfarm token` makes one); tokens are never stored."""
+    """SHA-256 hex digests of accepted API tokens (every scope), comma-separated; named tokens with scopes live in
+    STATE/http-tokens.json (`ticketfarm token add|revoke|list`). Both are re-read live; tokens are never stored."""
     http_tls_cert: str = ""
     """PEM certificate (chain) file: with http_tls_key, the HTTP API speaks HTTPS only (relative: to the state dir)."""
     http_tls_key: str = ""
     """PEM private key file of http_tls_cert."""
+    http_allow_master_code: bool = False
+    """Sweeps submitted over HTTP may carry `validate` (run on the master host) and `workers` (executables the
+    master ships): off, such a submission is refused (400 naming the field); on, only for admin-scope tokens."""
     http_open_reads: bool = True
     """Read-only endpoints need no token when bound to loopback (any other bind always requires one)."""
     http_cache_ttl: float = 0.5
     """Seconds a status/statistics answer is reused for other clients (many pollers cost one query)."""
+    http_nice: int = 10
+    """Nice increment of the HTTP process: where the CPUs are busy, the master's loop and the slaves get them first."""
+    http_metrics_keep: float = 3600.0
+    """Seconds a sweep's ticketfarm_tasks series stays in /metrics after it ended (then only the totals count it)."""
     http_max_body: int = 16 * 1024 * 1024
     """Largest request body (bytes) the HTTP API accepts (a submitted spec with its files)."""
     callback_secret: str = ""
@@ -91,5 +99,5 @@ def load_master_config(state_dir: Path) -> MasterConfig:
     config = build(MasterConfig, load_toml(path), str(path))
     for key, allowed in (("slave_on_no_work", ("", "stay", "exit")), ("slave_delete_workers", ("", "yes", "no"))):
         if getattr(config, key) not in allowed:
-            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}")
+            raise ConfigError(f"{path}: field {key!r} must be one of {', '.join(repr(a) for a in allowed)}", field=key)
     return config

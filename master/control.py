@@ -46,7 +46,7 @@ class Control:
     def __init__(self, *, epoch: int, state_dir: Path, callback_secret: str, store: Store, lifecycle: Lifecycle,
                  roster: Roster, dispatch: Dispatch, intake: Intake, python: PythonSweeps,
                  housekeeping: Housekeeping, callbacks: CallbackSender, link: Link, commit: Callable[[], None],
-                 liveness_window: float):
+                 liveness_window: float, metrics_text: Callable[[], bytes]):
         self.epoch = epoch
         self.state_dir = state_dir
         self.callback_secret = callback_secret
@@ -60,6 +60,8 @@ class Control:
         self.link = link
         self.commit = commit
         self.liveness_window = liveness_window
+        #: The master's Prometheus text (op `metrics`: the HTTP process serves it on /metrics with its own).
+        self.metrics_text = metrics_text
         self.ops: dict[str, Op] = {
             "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
             "submit": self.submit,
@@ -80,6 +82,7 @@ class Control:
             "retry": self.retry,
             "forget": self.forget,
             "live_slaves": self.live_slaves,
+            "metrics": lambda _, m: done(text=self.metrics_text().decode()),
             "py_add": python.add,
             "py_watch": python.watch,
             "py_unwatch": python.unwatch,

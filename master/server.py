@@ -9,12 +9,11 @@ import structlog
 import zmq
 
 from master.callbacks import CallbackSender
-from master.config import MasterConfig
+from master.config import MasterConfig, master_config_path
 from master.control import Control
 from master.dispatch import Dispatch
 from master.events import EventBatch
 from master.housekeeping import Housekeeping
-from master.http import HttpApi
 from master.intake import Intake, Transfer
 from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
@@ -27,6 +26,7 @@ from master.sessions import LOCAL_PEER, Sessions
 from master.store import Store
 from master.stragglers import Stragglers
 from master.validate import Validator
+from master.web.supervisor import WebProcess
 from ticketfarm import keys, messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError
 from ticketfarm.keys import KeyRing, Peer, ZapHandler
@@ -67,12 +67,10 @@ class Master:
         self.socket.bind(self.inproc_endpoint)
         self._wire()
         self.lifecycle.resume(time.time() + self.sessions.window * 2)  # slaves get a liveness period to come back
-        self.http: HttpApi | None = None
+        self.http: WebProcess | None = None
         if config.http_bind:
-            # HTTP API: its threads only read the store and send CONTROL messages here (see master/http.py).
-            self.http = HttpApi(config, self.state_dir, self.context, self.inproc_endpoint, self.endpoint,
-                                self.epoch, self.started, self.metrics)
-            self.http.start()
+            # HTTP API: a process of its own (master/web/) that reads the store and sends CONTROL here as a client.
+            self.http = WebProcess(config, self.state_dir, self.endpoint, self.epoch, self.started)
         if config.http_bind or self.store.has_callbacks():
             self.callbacks.ensure_started()
 
@@ -80,7 +78,7 @@ class Master:
         """The owners, each given only what it needs; the lifecycle's hooks tell the others what settled."""
         config, store = self.config, self.store
         self.events = EventBatch()
-        self.metrics = Metrics(store.path)
+        self.metrics = Metrics()
         self.callbacks = CallbackSender(store.path, store.last_event_id(), config.callback_attempts,
                                         config.callback_backoff)
         self.roster = roster = Roster()
@@ -104,7 +102,8 @@ class Master:
         self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
-                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window)
+                               link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
+                               metrics_text=self.metrics.render)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep,
                                          spec_changed=dispatch.forget_sweep)
@@ -134,13 +133,16 @@ class Master:
         secret = self.state_dir / cfg.secret_key
         if not secret.exists():
             if cfg.secret_key != MasterConfig.secret_key:
-                raise ConfigError(f"secret_key {str(secret)!r}: no such file")
+                raise ConfigError(f"{master_config_path(self.state_dir)}: field 'secret_key': no such file {secret} "
+                                  "(fix the path, or remove the line to use the keys made at first start)",
+                                  field="secret_key")
             for path in keys.init_state_keys(self.state_dir):
                 log.info("key_created", path=str(path))
         try:
             self._public_key, self._secret_key = keys.load_keypair(secret)
         except KeyFileError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{master_config_path(self.state_dir)}: field 'secret_key': {exc}",
+                              field="secret_key") from None
         ring = KeyRing(self.state_dir / cfg.authorized_slaves, self.state_dir / cfg.authorized_clients)
         try:
             zap = ZapHandler(self.context, ring)
@@ -220,7 +222,7 @@ class Master:
         first = self.socket.recv(zmq.NOBLOCK, copy=False)
         try:
             user = first.get("User-Id")
-        except zmq.ZMQError:  # inproc: the master's own HTTP threads, no CURVE there
+        except zmq.ZMQError:  # inproc: an in-process client (no CURVE there)
             self._peer = LOCAL_PEER
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]

@@ -135,7 +135,7 @@ class Sessions:
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
         info = msg.info()
-        session.info = info
+        session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
         if now - session.info_saved > 5 * self.config.heartbeat_interval:
             session.info_saved = now
             self.store.slave_state(session.name, self.roster.state_of(session.name), info)

@@ -84,7 +84,9 @@ class Store:
     def __init__(self, path: Path, durability: str = "full", readonly: bool = False):
         self.path = Path(path)
         if readonly:
-            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            # A reader may move between threads (an HTTP stream's chunks are made in pool threads), one at a time.
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                         check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
             self._batched = {}
             return
@@ -174,7 +176,8 @@ class Store:
             "INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')",
             ((sweep.name, i, json.dumps(p)) for i, p in enumerate(sweep.params)),
         )
-        self.event("sweep_submitted", sweep=sweep.name, detail={"tasks": len(sweep.params)})
+        self.event("sweep_submitted", sweep=sweep.name,
+                   detail={"tasks": len(sweep.params), "counts": {"queued": len(sweep.params)}})
 
     def sweep(self, name: str) -> SweepRow | None:
         row = self.db.execute(
@@ -206,7 +209,8 @@ class Store:
     def set_sweep_state(self, name: str, state: str) -> None:
         finished = time.time() if state in ("finished", "cancelled") else None
         self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
-        self.event(f"sweep_{state}", sweep=name)
+        # The counts at this moment travel with the event (a status callback sent later reports these).
+        self.event(f"sweep_{state}", sweep=name, detail={"counts": self.task_counts(name)})
 
     # -- tasks ---------------------------------------------------------------
     def tasks_in_state(self, sweep: str, state: str) -> list[int]:
@@ -397,8 +401,15 @@ class Store:
                                (sweep,)).fetchone() is not None
 
     def prune_events(self, cutoff: float) -> int:
-        """Delete events older than `cutoff` (a sweep's submission event stays); returns how many."""
-        return self._write("DELETE FROM events WHERE ts < ? AND kind != 'sweep_submitted'", (cutoff,)).rowcount
+        """Delete events older than `cutoff` (a sweep's submission and result removal stay); returns how many."""
+        return self._write("DELETE FROM events WHERE ts < ? AND kind NOT IN ('sweep_submitted', 'results_removed')",
+                           (cutoff,)).rowcount
+
+    def results_removed(self, sweep: str) -> float | None:
+        """When the sweep's results were removed after collection (None: they were not)."""
+        row = self.db.execute("SELECT max(ts) FROM events WHERE sweep = ? AND kind = 'results_removed'",
+                              (sweep,)).fetchone()
+        return row[0]
 
     def reclaim_space(self) -> None:
         """After a prune: checkpoint the WAL and hand free pages back (databases with incremental auto_vacuum)."""

@@ -51,7 +51,7 @@ def main() -> None:
         config = MasterConfig(heartbeat_interval=1.0, durability=args.durability)
         t0 = time.perf_counter()
         cluster = LocalCluster(Path(tmp) / "state", 2, slots=1, config=config)
-        cluster.run_until(lambda: len(cluster.master.sessions) == 2)
+        cluster.run_until(lambda: len(cluster.master.roster) == 2)
         startup = time.perf_counter() - t0
         try:
             for label, (argv, shell_cmd) in workloads.items():

@@ -41,7 +41,7 @@ def start(state: Path, insecure: bool) -> LocalCluster:
     """A local cluster; `insecure` = plain TCP (its warning at start is expected here)."""
     config = MasterConfig(heartbeat_interval=1.0, durability="normal", insecure=insecure)
     cluster = LocalCluster(state, 2, slots=1, config=config)
-    cluster.run_until(lambda: len(cluster.master.sessions) == 2)
+    cluster.run_until(lambda: len(cluster.master.roster) == 2)
     return cluster
 
 

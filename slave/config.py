@@ -67,19 +67,20 @@ def load_slave_config(path: Path) -> SlaveConfig:
 def finish(config: SlaveConfig, source: str) -> SlaveConfig:
     """Fill derived defaults and check values, naming the field at fault."""
     if not config.master:
-        raise ConfigError(f"{source}: field 'master' (the master's address) is required")
+        raise ConfigError(f"{source}: field 'master' (the master's address) is required", field="master")
     if config.slots < 1:
-        raise ConfigError(f"{source}: field 'slots' must be >= 1")
+        raise ConfigError(f"{source}: field 'slots' must be >= 1", field="slots")
     if config.prefetch < 0:
-        raise ConfigError(f"{source}: field 'prefetch' must be >= 0")
-    if config.on_master_shutdown not in ("stay", "exit"):
-        raise ConfigError(f"{source}: field 'on_master_shutdown' must be \"stay\" or \"exit\"")
-    if config.on_no_work not in ("stay", "exit"):
-        raise ConfigError(f"{source}: field 'on_no_work' must be \"stay\" or \"exit\"")
-    if config.cpus < 0 or config.memory_mb < 0:
-        raise ConfigError(f"{source}: fields 'cpus' and 'memory_mb' must be >= 0")
-    if not config.insecure and not (config.master_key and config.secret_key):
-        raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
-                          "unless insecure = true")
+        raise ConfigError(f"{source}: field 'prefetch' must be >= 0", field="prefetch")
+    for key in ("on_master_shutdown", "on_no_work"):
+        if getattr(config, key) not in ("stay", "exit"):
+            raise ConfigError(f"{source}: field {key!r} must be \"stay\" or \"exit\"", field=key)
+    for key in ("cpus", "memory_mb"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
+    for key in ("master_key", "secret_key"):
+        if not config.insecure and not getattr(config, key):
+            raise ConfigError(f"{source}: fields 'master_key' and 'secret_key' (CURVE key files) are required "
+                              "unless insecure = true", field=key)
     config.name = config.name or socket.gethostname()
     return config

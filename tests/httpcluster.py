@@ -49,7 +49,7 @@ class HttpCluster:
     """Master subprocess (ZeroMQ + HTTP on free loopback ports) and `n` slave subprocesses."""
 
     def __init__(self, state: Path, n: int = 2, slots: int = 2, extra_config: str = "", cafile: Path | None = None):
-        from master.http import hash_token
+        from master.web.tokens import hash_token
 
         self.state = state
         state.mkdir(parents=True, exist_ok=True)

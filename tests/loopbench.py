@@ -95,7 +95,7 @@ def open_bench(tmp_path: Path) -> Iterator[Bench]:
     roster.add(SlaveSession(SLAVE, "slave-a", "linux", 4, "test", expiry=1e12))
     link = Link(router, roster)
     lifecycle = Lifecycle(store, Scheduler(1, deadline_grace=1.0), link, roster, EventBatch(),
-                          Metrics(store.path))
+                          Metrics())
     python = PythonSweeps(lifecycle, link, store, tmp_path, 1, store.commit)
     dispatch = Dispatch(lifecycle, roster, link, store, lifecycle.events, lifecycle.metrics, python)
     validator: Validator[Transfer] = Validator(1)

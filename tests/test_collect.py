@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import base64
 import json
 import os
 import pickle
@@ -216,15 +217,18 @@ def test_jsonl_table_has_parameters_in_sweep_order_and_every_result(farm: Farm) 
     assert json.loads(lines[1])["results"] == {"out": "", "parts": ""}  # nothing stored: empty cells
 
 
-def test_table_cells_of_bytes_that_are_not_utf8_are_the_same_both_ways_with_replacement_characters(
+def test_table_cells_of_bytes_that_are_not_utf8_come_base64_encoded_and_decode_to_the_bytes(
         farm: Farm, tmp_path: Path) -> None:
-    # Kept as it is, in one place now: issue 14 decides how tables carry binary results.
     farm.done(0, out=BINARY)
+    farm.done(1, out=b"base64:looks encoded\n")  # text with the prefix is encoded too: no cell is ambiguous
     collect(farm.store, farm.state, farm.sweep, tmp_path / "o")
     assert (tmp_path / "o" / "blocks.txt").read_bytes() == farm.bytes_of("blockwise", "parts")
-    cell = csv_rows(farm.bytes_of("csv", "out"))[1][-1]
-    assert "\ufffd" in cell and cell.startswith("\ufffdPNG")
-    assert json.loads(farm.bytes_of("jsonl", "out"))["results"]["out"] == cell
+    rows = csv_rows(farm.bytes_of("csv", "out"))
+    assert rows[1][-1].startswith("base64:") and base64.b64decode(rows[1][-1][len("base64:"):]) == BINARY
+    assert base64.b64decode(rows[2][-1][len("base64:"):]) == b"base64:looks encoded"
+    first, second = (json.loads(line) for line in farm.bytes_of("jsonl", "out").splitlines())
+    assert base64.b64decode(first["results"]["out"]["base64"]) == BINARY
+    assert second["results"]["out"] == "base64:looks encoded"  # JSON tells strings from objects: no escaping
 
 
 def test_binary_results_pass_untouched_through_concat_blockwise_and_folders(farm: Farm, tmp_path: Path) -> None:

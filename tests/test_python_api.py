@@ -19,7 +19,7 @@ from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT, run_cli, wait_for
 from ticketfarm import Cluster, protocol
-from ticketfarm.errors import RemoteTraceback, TaskFailed
+from ticketfarm.errors import ClusterClosed, ConfigError, MasterRefused, NotEnoughSlaves, RemoteTraceback, TaskFailed
 from ticketfarm.keys import dealer
 from ticketfarm.protocol import Command
 from ticketfarm.spec import PYTHON_RESULTS, Sweep
@@ -121,6 +121,16 @@ def test_50_mb_bytes_result_round_trips(cluster):
     assert value == tasks.blob(size)
 
 
+def test_the_clusters_own_failures_are_ticketfarm_errors(cluster):
+    with pytest.raises(NotEnoughSlaves, match="fewer than 3 slaves"):
+        cluster.wait_for_slaves(3, timeout=0.3)
+    with pytest.raises(ConfigError) as info:
+        cluster.map(tasks.square, range(3), timeout=0)
+    assert info.value.field == "timeout"
+    with pytest.raises(MasterRefused, match="no sweep named 'never-submitted'"):
+        cluster.attach("never-submitted")
+
+
 def test_slave_killed_mid_map_the_map_completes():
     with Cluster(local=2, heartbeat=HEARTBEAT, durability="normal", prefetch=8) as c:
         c.wait_for_slaves(2, timeout=20)
@@ -128,6 +138,8 @@ def test_slave_killed_mid_map_the_map_completes():
         wait_for(lambda: sum(f.done() for f in handle.futures) >= 20, 30, "first results")
         os.kill(c.local_slaves[0], signal.SIGKILL)
         assert list(handle.results(timeout=60)) == [x * x for x in range(200)]
+    with pytest.raises(ClusterClosed):
+        c.submit(tasks.square, 2)
 
 
 FIRST = """

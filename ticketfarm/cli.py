@@ -125,9 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove expired uncollected results now (see keep_days)")
     p.add_argument("--keep-days", type=float, help="instead of the configured keep_days")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("token", help="make an HTTP API token (printed once; only its hash is configured)")
-    p.add_argument("--write", action="store_true", help="save it as STATE/http.token and add its hash to master.toml")
+    p = sub.add_parser("http", help="serve a master's HTTP API and dashboard from this process (a master with "
+                                    "http_bind starts one itself): needs the state dir's master.toml and state.db")
+    p.add_argument("--bind", metavar="HOST:PORT", help="instead of master.toml's http_bind")
+    p.set_defaults(func=cmd_http)
+    p = sub.add_parser("token", help="HTTP API tokens: make one (printed once; only hashes are kept), add, revoke, list")
+    p.add_argument("--write", action="store_true",
+                   help="save it as STATE/http.token, the \"default\" token (replacing the previous one)")
     p.set_defaults(func=lambda args: cli_http.make_token(args.state, args.write))
+    tokens = p.add_subparsers(dest="token_command")
+    t = tokens.add_parser("add", help="a new named token with scopes (works at once, no restart)")
+    t.add_argument("name")
+    t.add_argument("--scope", action="append", dest="scopes", choices=("read", "submit", "admin"),
+                   help="read, submit, admin (repeat; default: read and submit)")
+    t.set_defaults(func=lambda args: cli_http.token_add(args.state, args.name, args.scopes or ["read", "submit"]))
+    t = tokens.add_parser("revoke", help="a named token is refused from now on")
+    t.add_argument("name")
+    t.set_defaults(func=lambda args: cli_http.token_revoke(args.state, args.name))
+    t = tokens.add_parser("list", help="named tokens and their scopes")
+    t.set_defaults(func=lambda args: cli_http.token_list(args.state))
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:
@@ -346,6 +362,12 @@ def cmd_pause(args: argparse.Namespace, paused: bool) -> int:
     if args.task is not None:
         return _control_verb(args, f"{verb}_task", f"{verb}d", sweep=args.sweep, task=args.task)
     return _control_verb(args, verb, f"{verb}d", sweep=args.sweep)
+
+
+def cmd_http(args: argparse.Namespace) -> int:
+    from master.web.process import serve
+
+    return serve(args.state, _endpoint(args), args.keys, None, None, None, args.bind)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

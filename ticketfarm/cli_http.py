@@ -6,6 +6,7 @@ import base64
 import copy
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -13,6 +14,16 @@ from urllib.parse import quote
 from master.collect import READ_SIZE, claim, parts, tar_entries, write_chunks, write_entries
 from master.config import load_master_config, master_config_path
 from master.stats import table
+from master.web.tokens import (
+    SCOPES,
+    add_token,
+    check_scopes,
+    config_hashes,
+    hash_token,
+    load_tokens,
+    revoke_token,
+    tokens_path,
+)
 from ticketfarm.client.http import (
     TOKEN_FILE,
     ApiClient,
@@ -124,29 +135,56 @@ def collect(api: ApiClient, sweep: str, out: Path, remove: bool) -> int:
 
 
 def make_token(state_dir: Path, write: bool) -> int:
-    """Print a fresh API token; with write, keep it in the state dir and add its hash to master.toml."""
-    from master.http import hash_token
-
-    token = secrets.token_urlsafe(32)
-    digest = hash_token(token)
+    """Print a fresh API token; with write, it becomes the "default" token (the previous one stops working)."""
     if not write:
-        print(f"token: {token}\nhttp_token_hash entry: {digest}")
+        token = secrets.token_urlsafe(32)
+        print(f"token: {token}\nhttp_token_hash entry: {hash_token(token)}")
         return 0
-    config_path = master_config_path(state_dir)
-    if not config_path.exists():
-        raise ConfigError(f"{config_path}: no master config (run `ticketfarm init` first)")
-    text = config_path.read_text()
-    match = re.search(r'^http_token_hash = "([^"]*)"$', text, re.M)
-    if match:
-        joined = ",".join(h for h in (match.group(1), digest) if h)
-        text = text[:match.start()] + f'http_token_hash = "{joined}"' + text[match.end():]
-    else:
-        text += f'\nhttp_token_hash = "{digest}"\n'
-    config_path.write_text(text)
+    _need_master_config(state_dir)
     token_path = state_dir / TOKEN_FILE
+    if token_path.exists():
+        _drop_config_hash(state_dir, hash_token(token_path.read_text().strip()))
+    token = add_token(state_dir, "default", list(SCOPES), replace=True)
     token_path.touch(mode=0o600)
     token_path.chmod(0o600)
     token_path.write_text(token + "\n")
-    print(f"wrote the token to {token_path} (mode 0600) and its hash to {config_path}; restart the master")
+    print(f"wrote the token to {token_path} (mode 0600) and its hash to {tokens_path(state_dir)}; "
+          "the previous default token no longer works (no restart needed)")
     print(token)
     return 0
+
+
+def token_add(state_dir: Path, name: str, scopes: list[str]) -> int:
+    _need_master_config(state_dir)
+    token = add_token(state_dir, name, scopes)
+    print(f"token {name!r} ({', '.join(check_scopes(scopes))}), shown once:\n{token}")
+    return 0
+
+
+def token_revoke(state_dir: Path, name: str) -> int:
+    if not revoke_token(state_dir, name):
+        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}", field="name")
+    print(f"revoked {name!r}: refused from now on")
+    return 0
+
+
+def token_list(state_dir: Path) -> int:
+    rows = [[e.name, ",".join(e.scopes), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))]
+            for e in load_tokens(state_dir)]
+    print(table(["name", "scopes", "created"], rows) if rows else "no named tokens")
+    return 0
+
+
+def _need_master_config(state_dir: Path) -> None:
+    if not master_config_path(state_dir).exists():
+        raise ConfigError(f"{master_config_path(state_dir)}: no master config (run `ticketfarm init` first)")
+
+
+def _drop_config_hash(state_dir: Path, digest: str) -> None:
+    """Take a replaced token's hash out of master.toml's http_token_hash (where older versions put it)."""
+    path = master_config_path(state_dir)
+    text = path.read_text()
+    match = re.search(r'^http_token_hash = "([^"]*)"$', text, re.M)
+    if match and digest in config_hashes(match.group(1)):
+        kept = ",".join(h for h in config_hashes(match.group(1)) if h != digest)
+        path.write_text(text[:match.start()] + f'http_token_hash = "{kept}"' + text[match.end():])

@@ -32,12 +32,12 @@ def build(cls: type, data: dict[str, Any], source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(fields))})")
+            raise ConfigError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(fields))})", field=key)
         expected = type(fields[key].default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             data[key] = float(value)
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: field {key!r} must be {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{source}: field {key!r} must be {expected.__name__}, got {value!r}", field=key)
     return cls(**data)
 
 

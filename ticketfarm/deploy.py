@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ticketfarm.errors import DeployError
+
 #: `--action` -> playbook under playbooks/
 PLAYBOOKS = {
     "install": "slaves.yml",
@@ -37,10 +39,6 @@ _IGNORE = shutil.ignore_patterns(".git", "build", "dist", "wheelhouse", "*.egg-i
                                  "__pycache__", ".*cache", "*.pyc")
 #: fixed wheel timestamps, so rebuilding unchanged source gives equal wheels
 SOURCE_DATE_EPOCH = "315532800"
-
-
-class DeployError(Exception):
-    """The wheelhouse could not be built or the checkout is not usable for deploying."""
 
 
 def find_source(start: Path | None = None) -> Path:

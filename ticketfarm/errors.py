@@ -1,8 +1,15 @@
 """Every error ticketfarm raises on purpose: one base class, one subclass per failure kind.
 
-Errors about something the user wrote (a config file, a sweep spec, a key file) carry the
-offending `source` (file, or file:line) and `field` as attributes, so callers such as the HTTP
-API report the field without reading it back out of the message text.
+Errors about something the user wrote (a config file, a sweep spec) name the file (or file:line)
+and the field in their message, and carry the field's path as `field`, so callers such as the
+HTTP API report it without reading it back out of the message text.
+
+A field path is written as in the TOML it came from: table keys joined by dots, array entries
+by their index in brackets, e.g. "timeout", "parameters", "parameters.csv",
+"parameters.grid.x.range", "inputs[2]", "inputs[2].template", "results.size",
+"collect[0].path", "workers.linux-x86_64", "validate.timeout". An unknown key is itself the
+field ("colour", "inputs[0].colour"). A row of a parameter file is blamed on the key naming
+the file ("parameters.csv"), with the file and line in the message.
 """
 from __future__ import annotations
 
@@ -12,10 +19,9 @@ class TicketfarmError(Exception):
 
 
 class ConfigError(TicketfarmError, ValueError):
-    """A configuration or spec file that cannot be used; the message names file and field.
+    """A config file, spec or argument that cannot be used; the message names file and field.
 
-    `field` is the offending field's path ("timeout", "inputs[2]", "parameters") when one is to
-    blame, "" otherwise.
+    `field` is the offending field's path (syntax above) when one is to blame, "" otherwise.
     """
 
     def __init__(self, message: str, field: str = ""):
@@ -42,24 +48,40 @@ class KeyFileError(TicketfarmError, ValueError):
     """A CURVE key file that is missing, unreadable, too open or not a key."""
 
 
+class DeployError(TicketfarmError):
+    """The wheelhouse could not be built or the checkout is not usable for deploying."""
+
+
 class ProtocolError(TicketfarmError, ValueError):
     """A message that does not follow the wire protocol; it is logged and dropped."""
 
 
 class MasterUnreachable(TicketfarmError, ConnectionError):
-    """No master answered at the given address in time."""
+    """No master answered at the given address in time (or a local master did not start)."""
+
+
+class NotEnoughSlaves(TicketfarmError, TimeoutError):
+    """Fewer slaves than asked for connected to the master within the wait."""
+
+
+class MasterRefused(TicketfarmError, RuntimeError):
+    """The master answered a control request with an error; the message is the master's reason."""
+
+
+class ClusterClosed(TicketfarmError, RuntimeError):
+    """Work was submitted to a Cluster after close()."""
 
 
 class ApiRefused(ConfigError):
-    """The HTTP API answered with an error object; the message is its code and message."""
+    """The HTTP API answered with an error object; the message is its code and message, `field` its field."""
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{message} ({status} {code})")
+    def __init__(self, status: int, code: str, message: str, field: str = ""):
+        super().__init__(f"{message} ({status} {code})", field)
         self.status = status
         self.code = code
 
     def __reduce__(self):
-        return (type(self), (self.status, self.code, str(self).rsplit(" (", 1)[0]))
+        return (type(self), (self.status, self.code, str(self).rsplit(" (", 1)[0], self.field))
 
 
 class TaskFailed(TicketfarmError, RuntimeError):

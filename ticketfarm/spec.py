@@ -154,17 +154,19 @@ def load_spec(path: Path) -> Sweep:
 def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
     unknown = set(data) - SPEC_KEYS
     if unknown:
-        raise ConfigError(f"{source}: unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(SPEC_KEYS))})")
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{source}: unknown field {key!r} (known: {', '.join(sorted(SPEC_KEYS))})", field=key)
     name = _get(data, "name", str, source)
     if not NAME_RE.match(name):
-        raise ConfigError(f"{source}: field 'name' must match {NAME_RE.pattern}, got {name!r}")
+        raise ConfigError(f"{source}: field 'name' must match {NAME_RE.pattern}, got {name!r}", field="name")
     command, argv = data.get("command"), data.get("argv")
     if (command is None) == (argv is None):
-        raise ConfigError(f"{source}: exactly one of 'command' (shell template) or 'argv' (list) is required")
+        raise ConfigError(f"{source}: exactly one of 'command' (shell template) or 'argv' (list) is required",
+                          field="command")
     if command is not None and not isinstance(command, str):
-        raise ConfigError(f"{source}: field 'command' must be a string")
+        raise ConfigError(f"{source}: field 'command' must be a string", field="command")
     if argv is not None and (not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv)):
-        raise ConfigError(f"{source}: field 'argv' must be a non-empty list of strings")
+        raise ConfigError(f"{source}: field 'argv' must be a non-empty list of strings", field="argv")
     params = _load_parameters(data.get("parameters"), base, source)
     sweep = Sweep(
         name=name,
@@ -187,11 +189,11 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
     sweep.memory = _load_memory(data.get("memory", 0), source)
     for key in ("speculate", "max_concurrent", "cpus"):
         if getattr(sweep, key) < 0:
-            raise ConfigError(f"{source}: field {key!r} must be >= 0")
+            raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
     if sweep.timeout <= 0:
-        raise ConfigError(f"{source}: field 'timeout' must be > 0")
+        raise ConfigError(f"{source}: field 'timeout' must be > 0", field="timeout")
     if sweep.max_attempts < 1:
-        raise ConfigError(f"{source}: field 'max_attempts' must be >= 1")
+        raise ConfigError(f"{source}: field 'max_attempts' must be >= 1", field="max_attempts")
     _check_templates(sweep, source)
     return sweep
 
@@ -199,30 +201,33 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
 def _get(data: dict[str, Any], key: str, kind: Any, source: str, default: Any = ...) -> Any:
     if key not in data:
         if default is ...:
-            raise ConfigError(f"{source}: field {key!r} is required")
+            raise ConfigError(f"{source}: field {key!r} is required", field=key)
         return default
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise ConfigError(f"{source}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        raise ConfigError(f"{source}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}",
+                          field=key)
     return value
 
 
 def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]:
     if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: table [parameters] is required (csv, jsonl or grid)")
+        raise ConfigError(f"{source}: table [parameters] is required (csv, jsonl or grid)", field="parameters")
     kinds = [k for k in ("csv", "jsonl", "grid") if k in spec]
     if len(kinds) != 1:
-        raise ConfigError(f"{source}: [parameters] needs exactly one of 'csv', 'jsonl', 'grid'")
+        raise ConfigError(f"{source}: [parameters] needs exactly one of 'csv', 'jsonl', 'grid'", field="parameters")
     extra = set(spec) - {"csv", "jsonl", "grid", "delimiter"}
     if extra:
-        raise ConfigError(f"{source}: unknown field 'parameters.{sorted(extra)[0]}'")
+        raise ConfigError(f"{source}: unknown field 'parameters.{sorted(extra)[0]}'",
+                          field=f"parameters.{sorted(extra)[0]}")
     for kind in ("csv", "jsonl"):
         if kind in spec and not (base / str(spec[kind])).is_file():
-            raise ConfigError(f"{source}: parameters.{kind}: no such file {base / str(spec[kind])}")
+            raise ConfigError(f"{source}: parameters.{kind}: no such file {base / str(spec[kind])}",
+                              field=f"parameters.{kind}")
         if kind in spec and (size := (base / str(spec[kind])).stat().st_size) > MAX_PARAMETER_FILE:
             raise ConfigError(f"{source}: parameters.{kind}: {base / str(spec[kind])} is {size} bytes, over the "
-                              f"limit of {MAX_PARAMETER_FILE} (split the sweep)")
+                              f"limit of {MAX_PARAMETER_FILE} (split the sweep)", field=f"parameters.{kind}")
     if "csv" in spec:
         rows = read_csv(base / spec["csv"], spec.get("delimiter", ","))
     elif "jsonl" in spec:
@@ -230,47 +235,52 @@ def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]
     else:
         rows = expand_grid(spec["grid"], source)
     if not rows:
-        raise ConfigError(f"{source}: [parameters] yields no tasks")
+        raise ConfigError(f"{source}: [parameters] yields no tasks (give at least one row)", field="parameters")
     if len(rows) > MAX_TASKS:
-        raise ConfigError(f"{source}: [parameters] has {len(rows)} tasks, over the limit of {MAX_TASKS}")
+        raise ConfigError(f"{source}: [parameters] has {len(rows)} tasks, over the limit of {MAX_TASKS} "
+                          "(split the sweep)", field="parameters")
     return rows
 
 
 def read_csv(path: Path, delimiter: str) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header line; a row with the wrong cell count is an error at file:line."""
-    if len(delimiter) != 1:
-        raise ConfigError(f"{path}: delimiter must be one character, got {delimiter!r}")
+    """Rows of a CSV file with a header line; a row with the wrong cell count is an error at file:line.
+
+    Errors blame field "parameters.csv" (or "parameters.delimiter"): the spec key that names this file.
+    """
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        raise ConfigError(f"{path}: parameters.delimiter must be one character, got {delimiter!r}",
+                          field="parameters.delimiter")
     try:
         fh = open(path, newline="", encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
+        raise ConfigError(f"{path}: {exc.strerror}", field="parameters.csv") from None
     with fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = next(reader, None)
         if not header or any(not h.strip() for h in header):
-            raise ConfigError(f"{path}:1: header line with parameter names is required")
+            raise ConfigError(f"{path}:1: header line with parameter names is required", field="parameters.csv")
         header = [h.strip() for h in header]
         if len(set(header)) != len(header):
-            raise ConfigError(f"{path}:1: duplicate parameter name in header")
+            raise ConfigError(f"{path}:1: duplicate parameter name in header", field="parameters.csv")
         rows = []
         for cells in reader:
             if not cells:
                 continue
             if len(cells) != len(header):
                 raise ConfigError(
-                    f"{path}:{reader.line_num}: expected {len(header)} cells like the header, got {len(cells)}"
-                )
+                    f"{path}:{reader.line_num}: expected {len(header)} cells like the header, got {len(cells)}",
+                    field="parameters.csv")
             rows.append(dict(zip(header, cells)))
     return rows
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per line; every object must have the first one's keys."""
+    """One JSON object per line; every object must have the first one's keys (errors blame "parameters.jsonl")."""
     rows: list[dict[str, Any]] = []
     try:
         fh = open(path, encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
+        raise ConfigError(f"{path}: {exc.strerror}", field="parameters.jsonl") from None
     with fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -278,11 +288,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno}: not JSON: {exc.msg}") from None
+                raise ConfigError(f"{path}:{lineno}: not JSON: {exc.msg}", field="parameters.jsonl") from None
             if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{lineno}: each line must be a JSON object")
+                raise ConfigError(f"{path}:{lineno}: each line must be a JSON object", field="parameters.jsonl")
             if rows and set(row) != set(rows[0]):
-                raise ConfigError(f"{path}:{lineno}: keys {sorted(row)} differ from the first line's {sorted(rows[0])}")
+                raise ConfigError(f"{path}:{lineno}: keys {sorted(row)} differ from the first line's {sorted(rows[0])}",
+                                  field="parameters.jsonl")
             rows.append(row)
     return rows
 
@@ -290,79 +301,88 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def expand_grid(grid: Any, source: str) -> list[dict[str, Any]]:
     """The product of every axis, first axis outermost; an axis is a list or {range = [start, stop, step]}."""
     if not isinstance(grid, dict) or not grid:
-        raise ConfigError(f"{source}: [parameters.grid] must map names to lists")
+        raise ConfigError(f"{source}: [parameters.grid] must map names to lists", field="parameters.grid")
     axes = {}
     for key, axis in grid.items():
+        at = f"parameters.grid.{key}"
         if isinstance(axis, dict) and set(axis) == {"range"}:
             bounds = axis["range"]
             if not (isinstance(bounds, list) and 1 <= len(bounds) <= 3 and all(isinstance(b, int) for b in bounds)):
-                raise ConfigError(f"{source}: parameters.grid.{key}.range must be [stop], [start, stop] or [start, stop, step]")
+                raise ConfigError(f"{source}: {at}.range must be [stop], [start, stop] or [start, stop, step]",
+                                  field=f"{at}.range")
             try:
                 axes[key] = range(*bounds)
             except ValueError as exc:
-                raise ConfigError(f"{source}: parameters.grid.{key}.range: {exc}") from None
+                raise ConfigError(f"{source}: {at}.range: {exc}", field=f"{at}.range") from None
         elif isinstance(axis, list) and axis:
             axes[key] = axis
         else:
-            raise ConfigError(f"{source}: parameters.grid.{key} must be a non-empty list or {{range = [...]}}")
+            raise ConfigError(f"{source}: {at} must be a non-empty list or {{range = [...]}}", field=at)
     total = math.prod(len(a) for a in axes.values())
     if total > MAX_TASKS:
-        raise ConfigError(f"{source}: [parameters.grid] makes {total} tasks, over the limit of {MAX_TASKS}")
+        raise ConfigError(f"{source}: [parameters.grid] makes {total} tasks, over the limit of {MAX_TASKS} "
+                          "(split the sweep)", field="parameters.grid")
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def _load_inputs(items: Any, base: Path, source: str) -> list[InputFile]:
     if not isinstance(items, list):
-        raise ConfigError(f"{source}: 'inputs' must be an array of tables ([[inputs]])")
+        raise ConfigError(f"{source}: 'inputs' must be an array of tables ([[inputs]])", field="inputs")
     inputs = []
     for n, item in enumerate(items):
-        where = f"{source}: inputs[{n}]"
+        at = f"inputs[{n}]"
+        where = f"{source}: {at}"
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ConfigError(f"{where}: field 'name' (file name or \"stdin\") is required")
+            raise ConfigError(f"{where}: field 'name' (file name or \"stdin\") is required", field=f"{at}.name")
         extra = set(item) - {"name", "source", "template", "template_file"}
         if extra:
-            raise ConfigError(f"{where}: unknown field {sorted(extra)[0]!r}")
-        _check_relative(item["name"], f"{where}.name")
+            raise ConfigError(f"{where}: unknown field {sorted(extra)[0]!r}", field=f"{at}.{sorted(extra)[0]}")
+        _check_relative(item["name"], source, f"{at}.name")
         given = [k for k in ("source", "template", "template_file") if k in item]
         if len(given) != 1:
-            raise ConfigError(f"{where}: exactly one of 'source', 'template', 'template_file' is required")
+            raise ConfigError(f"{where}: exactly one of 'source', 'template', 'template_file' is required", field=at)
+        if given[0] != "template" and not isinstance(item[given[0]], str):
+            raise ConfigError(f"{where}.{given[0]} must be a file name (a string), got {item[given[0]]!r}",
+                              field=f"{at}.{given[0]}")
         if "source" in item:
-            inputs.append(InputFile(item["name"], content=_read_bytes(base / item["source"], f"{where}.source")))
+            inputs.append(InputFile(item["name"], content=_read_bytes(base / item["source"], source, f"{at}.source")))
         elif "template" in item:
             inputs.append(InputFile(item["name"], template=str(item["template"])))
         else:
-            text = _read_bytes(base / item["template_file"], f"{where}.template_file").decode()
+            text = _read_bytes(base / item["template_file"], source, f"{at}.template_file").decode()
             inputs.append(InputFile(item["name"], template=text))
     return inputs
 
 
-def _read_bytes(path: Path, where: str) -> bytes:
+def _read_bytes(path: Path, source: str, field: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{source}: {field}: cannot read {path}: {exc.strerror}", field=field) from None
 
 
-def _check_relative(name: str, where: str) -> None:
+def _check_relative(name: str, source: str, field: str) -> None:
     if name == "stdin":
         return
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or not name.strip():
-        raise ConfigError(f"{where}: must be a relative path inside the work dir, got {name!r}")
+        raise ConfigError(f"{source}: {field}: must be a relative path inside the work dir, got {name!r}", field=field)
 
 
 def _load_results(results: Any, source: str) -> dict[str, str]:
     if not isinstance(results, dict) or not results:
-        raise ConfigError(f"{source}: [results] must map result names to stdout, stderr, exit_code or file:PATH")
+        raise ConfigError(f"{source}: [results] must map result names to stdout, stderr, exit_code or file:PATH",
+                          field="results")
     for name, src in results.items():
+        at = f"results.{name}"
         if not NAME_RE.match(name):
-            raise ConfigError(f"{source}: results.{name}: result names must match {NAME_RE.pattern}")
+            raise ConfigError(f"{source}: {at}: result names must match {NAME_RE.pattern}", field=at)
         if not isinstance(src, str):
-            raise ConfigError(f"{source}: results.{name} must be a string")
+            raise ConfigError(f"{source}: {at} must be a string", field=at)
         if src.startswith("file:"):
-            _check_relative(src[5:], f"{source}: results.{name}")
+            _check_relative(src[5:], source, at)
         elif src not in RESULT_SOURCES:
-            raise ConfigError(f"{source}: results.{name} must be stdout, stderr, exit_code or file:PATH, got {src!r}")
+            raise ConfigError(f"{source}: {at} must be stdout, stderr, exit_code or file:PATH, got {src!r}", field=at)
     return dict(results)
 
 
@@ -372,26 +392,31 @@ def _load_collect(rules: Any, sweep: Sweep, source: str) -> list[CollectRule]:
     if isinstance(rules, dict):
         rules = [rules]
     if not isinstance(rules, list):
-        raise ConfigError(f"{source}: 'collect' must be a table or an array of tables")
+        raise ConfigError(f"{source}: 'collect' must be a table or an array of tables", field="collect")
     out = []
     for n, rule in enumerate(rules):
-        where = f"{source}: collect[{n}]"
+        at = f"collect[{n}]"
+        where = f"{source}: {at}"
+        if not isinstance(rule, dict):
+            raise ConfigError(f"{where} must be a table with 'mode' and 'path'", field=at)
         extra = set(rule) - {"mode", "path", "result", "format"}
         if extra:
-            raise ConfigError(f"{where}: unknown field {sorted(extra)[0]!r}")
+            raise ConfigError(f"{where}: unknown field {sorted(extra)[0]!r}", field=f"{at}.{sorted(extra)[0]}")
         mode, path = rule.get("mode"), rule.get("path")
         if mode not in COLLECT_MODES:
-            raise ConfigError(f"{where}.mode must be one of {', '.join(COLLECT_MODES)}, got {mode!r}")
+            raise ConfigError(f"{where}.mode must be one of {', '.join(COLLECT_MODES)}, got {mode!r}",
+                              field=f"{at}.mode")
         if not isinstance(path, str) or not path:
-            raise ConfigError(f"{where}.path is required")
+            raise ConfigError(f"{where}.path is required", field=f"{at}.path")
         result = rule.get("result")
         if mode in ("concat", "blockwise"):
             result = result or next(iter(sweep.results))
-        if result is not None and result not in sweep.results:
-            raise ConfigError(f"{where}.result: no result named {result!r} (known: {', '.join(sweep.results)})")
+        if result is not None and (not isinstance(result, str) or result not in sweep.results):
+            raise ConfigError(f"{where}.result: no result named {result!r} (known: {', '.join(sweep.results)})",
+                              field=f"{at}.result")
         fmt = rule.get("format", "csv")
         if fmt not in TABLE_FORMATS:
-            raise ConfigError(f"{where}.format must be csv or jsonl, got {fmt!r}")
+            raise ConfigError(f"{where}.format must be csv or jsonl, got {fmt!r}", field=f"{at}.format")
         out.append(CollectRule(mode=mode, path=path, result=result, format=fmt))
     return out
 
@@ -401,17 +426,19 @@ def _load_workers(spec: Any, base: Path, source: str) -> dict[str, ShippedWorker
     if spec is None:
         return {}
     if not isinstance(spec, dict) or not spec:
-        raise ConfigError(f"{source}: [workers] must map platform tags (e.g. linux-x86_64) to executable paths")
+        raise ConfigError(f"{source}: [workers] must map platform tags (e.g. linux-x86_64) to executable paths",
+                          field="workers")
     out = {}
     for tag, rel in spec.items():
+        at = f"workers.{tag}"
         if not PLATFORM_RE.match(tag):
-            raise ConfigError(f"{source}: workers.{tag}: a platform tag looks like linux-x86_64")
+            raise ConfigError(f"{source}: {at}: a platform tag looks like linux-x86_64", field=at)
         if not isinstance(rel, str) or not rel:
-            raise ConfigError(f"{source}: workers.{tag} must be the path of an executable")
-        content = _read_bytes(base / rel, f"{source}: workers.{tag}")
+            raise ConfigError(f"{source}: {at} must be the path of an executable", field=at)
+        content = _read_bytes(base / rel, source, at)
         name = Path(rel).name
         if not NAME_RE.match(name):
-            raise ConfigError(f"{source}: workers.{tag}: file name {name!r} must match {NAME_RE.pattern}")
+            raise ConfigError(f"{source}: {at}: file name {name!r} must match {NAME_RE.pattern}", field=at)
         out[tag] = ShippedWorker(name, hashlib.sha256(content).hexdigest(), content)
     return out
 
@@ -423,30 +450,33 @@ def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
     if isinstance(spec, str):
         spec = {"command": spec}
     if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: 'validate' must be a command string or a table")
+        raise ConfigError(f"{source}: 'validate' must be a command string or a table", field="validate")
     extra = set(spec) - {"command", "python", "timeout"}
     if extra:
-        raise ConfigError(f"{source}: unknown field 'validate.{sorted(extra)[0]}'")
+        key = f"validate.{sorted(extra)[0]}"
+        raise ConfigError(f"{source}: unknown field {key!r}", field=key)
     if ("command" in spec) == ("python" in spec):
-        raise ConfigError(f"{source}: validate needs exactly one of 'command' or 'python'")
+        raise ConfigError(f"{source}: validate needs exactly one of 'command' or 'python'", field="validate")
     timeout = spec.get("timeout", 60.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise ConfigError(f"{source}: validate.timeout must be a number > 0")
+        raise ConfigError(f"{source}: validate.timeout must be a number > 0", field="validate.timeout")
     if "command" in spec:
         if not isinstance(spec["command"], str) or not spec["command"].strip():
-            raise ConfigError(f"{source}: validate.command must be a non-empty string")
+            raise ConfigError(f"{source}: validate.command must be a non-empty string", field="validate.command")
         return Validation(command=spec["command"], timeout=float(timeout))
     target = spec["python"]
     if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
-        raise ConfigError(f"{source}: validate.python must be \"module:function\" or \"file.py:function\"")
+        raise ConfigError(f"{source}: validate.python must be \"module:function\" or \"file.py:function\"",
+                          field="validate.python")
     module, _ = target.split(":")
     text = None
     if module.endswith(".py"):
-        text = _read_bytes(base / module, f"{source}: validate.python").decode()
+        text = _read_bytes(base / module, source, "validate.python").decode()
         try:
             compile(text, module, "exec")
         except SyntaxError as exc:
-            raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}") from None
+            raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}",
+                              field="validate.python") from None
     return Validation(python=target, source=text, timeout=float(timeout))
 
 
@@ -458,7 +488,8 @@ def _load_memory(value: Any, source: str) -> int:
         m = re.fullmatch(r"\s*(\d+)\s*([MmGg])i?[Bb]?\s*", value)
         if m:
             return int(m.group(1)) * (1024 if m.group(2) in "Gg" else 1)
-    raise ConfigError(f"{source}: field 'memory' must be MiB (an integer >= 0) or a size like \"512M\" or \"2G\"")
+    raise ConfigError(f"{source}: field 'memory' must be MiB (an integer >= 0) or a size like \"512M\" or \"2G\"",
+                      field="memory")
 
 
 def _check_templates(sweep: Sweep, source: str) -> None:
@@ -466,18 +497,16 @@ def _check_templates(sweep: Sweep, source: str) -> None:
     for row_no, row in enumerate(sweep.params[:1]):
         clash = set(row) & (set(template.BUILTINS) | ({"worker"} if sweep.workers else set()))
         if clash:
-            raise ConfigError(f"{source}: parameter name {sorted(clash)[0]!r} is reserved")
-    try:
-        if sweep.command is not None:
-            template.check(sweep.command, known, f"{source}: command")
-        for n, arg in enumerate(sweep.argv or []):
-            template.check(arg, known, f"{source}: argv[{n}]")
-        for n, inp in enumerate(sweep.inputs):
-            if inp.template is not None:
-                template.check(inp.template, known, f"{source}: inputs[{n}].template")
-        for name, src in sweep.results.items():
-            template.check(src, known, f"{source}: results.{name}")
-        if sweep.validate is not None and sweep.validate.command is not None:
-            template.check(sweep.validate.command, [*known, "results"], f"{source}: validate.command")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+            raise ConfigError(f"{source}: parameter name {sorted(clash)[0]!r} is reserved (rename that parameter)",
+                              field="parameters")
+    if sweep.command is not None:
+        template.check(sweep.command, known, source, "command")
+    for n, arg in enumerate(sweep.argv or []):
+        template.check(arg, known, source, f"argv[{n}]")
+    for n, inp in enumerate(sweep.inputs):
+        if inp.template is not None:
+            template.check(inp.template, known, source, f"inputs[{n}].template")
+    for name, src in sweep.results.items():
+        template.check(src, known, source, f"results.{name}")
+    if sweep.validate is not None and sweep.validate.command is not None:
+        template.check(sweep.validate.command, [*known, "results"], source, "validate.command")

@@ -6,6 +6,8 @@ import shlex
 import shutil
 from typing import Any, Callable, Iterable, Mapping
 
+from ticketfarm.errors import ConfigError
+
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: Placeholders every template may use besides the sweep's parameters.
@@ -21,12 +23,14 @@ def placeholders(template: str) -> list[str]:
     return [m.group(1) for m in _TOKEN.finditer(template) if m.group(1)]
 
 
-def check(template: str, known: Iterable[str], where: str) -> None:
-    """Raise ValueError naming `where` if the template uses an unknown placeholder."""
+def check(template: str, known: Iterable[str], source: str, field: str) -> None:
+    """Raise ConfigError naming the file and field if the template uses an unknown placeholder."""
     allowed = set(known) | set(BUILTINS)
     for name in placeholders(template):
         if name not in allowed:
-            raise ValueError(f"{where}: unknown placeholder {{{name}}} (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{source}: {field}: unknown placeholder {{{name}}} "
+                              f"(known: {', '.join(sorted(allowed))}; write {{{{ and }}}} for literal braces)",
+                              field=field)
 
 
 def render(template: str, values: Mapping[str, Any], quote: Callable[[str], str] = str) -> str:

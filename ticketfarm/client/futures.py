@@ -41,6 +41,11 @@ from master.config import MasterConfig
 from ticketfarm import messages
 from ticketfarm.errors import (
     ArgumentTooLarge,
+    ClusterClosed,
+    ConfigError,
+    MasterRefused,
+    MasterUnreachable,
+    NotEnoughSlaves,
     ProtocolError,
     RemoteError,
     RemoteTraceback,
@@ -185,7 +190,8 @@ class Cluster(concurrent.futures.Executor):
                  connect_timeout: float = 30.0, log_level: str = "warning",
                  keys: str | os.PathLike[str] | None = None):
         if (address is None) == (local is None):
-            raise ValueError("give exactly one of address= (a running master) or local=N (start one)")
+            raise ConfigError("give exactly one of address= (a running master) or local=N (start one)",
+                              field="address")
         self.timeout, self.max_attempts = float(timeout), int(max_attempts)
         self.session = uuid.uuid4().hex[:8]
         self._proc: subprocess.Popen[bytes] | None = None
@@ -244,7 +250,7 @@ class Cluster(concurrent.futures.Executor):
         line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait(connect_timeout)
-            raise RuntimeError(f"local ticketfarm master did not start (exit code {code})")
+            raise MasterUnreachable(f"local ticketfarm master did not start (exit code {code})")
         info = json.loads(line)
         self.local_slaves = list(info["slaves"])
         return str(info["endpoint"]), info.get("keys")
@@ -330,7 +336,7 @@ class Cluster(concurrent.futures.Executor):
         deadline = time.monotonic() + timeout
         while self._call("ping", {}).get("slaves", 0) < n:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fewer than {n} slaves connected after {timeout:g}s")
+                raise NotEnoughSlaves(f"fewer than {n} slaves connected after {timeout:g}s")
             time.sleep(0.05)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -382,7 +388,8 @@ class Cluster(concurrent.futures.Executor):
     # -- submitting --------------------------------------------------------------------------------
     def _spec(self, name: str, timeout: float, max_attempts: int) -> Sweep:
         if timeout <= 0 or max_attempts < 1:
-            raise ValueError("timeout must be > 0 and max_attempts >= 1")
+            raise ConfigError(f"timeout must be > 0 and max_attempts >= 1, got {timeout!r} and {max_attempts!r}",
+                              field="timeout" if timeout <= 0 else "max_attempts")
         return Sweep(name=name, params=[], kind="python", timeout=float(timeout), max_attempts=int(max_attempts),
                      results=dict(PYTHON_RESULTS))
 
@@ -403,7 +410,7 @@ class Cluster(concurrent.futures.Executor):
     def _add(self, spec: Sweep, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
              ) -> list[TaskFuture]:
         if self._closed or self._shut_down:
-            raise RuntimeError("cannot schedule new futures after shutdown (the cluster is closed)")
+            raise ClusterClosed("cannot schedule new futures after shutdown: open a new Cluster to submit more work")
         digest, body = self._function(fn)
         pickled = [cloudpickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL) for c in calls]
         refused = {i: self._too_large(fn, len(p), len(body)) for i, p in enumerate(pickled)
@@ -480,10 +487,10 @@ class Cluster(concurrent.futures.Executor):
 
         self._request_async(op, header, on_reply)
         if not done.wait(timeout):
-            raise TimeoutError(f"no answer from the master at {self.address} to {op!r} within {timeout:g}s")
+            raise MasterUnreachable(f"no answer from the master at {self.address} to {op!r} within {timeout:g}s")
         reply = box[0]
         if not reply.get("ok", False) and op not in ("py_cancel",):
-            raise RuntimeError(f"master refused {op!r}: {reply.get('error', reply)}")
+            raise MasterRefused(f"master refused {op!r}: {reply.get('error', reply)}")
         return reply
 
     def _wake(self) -> None:
@@ -559,7 +566,7 @@ class Cluster(concurrent.futures.Executor):
     def _on_added(self, name: str, first: int, count: int) -> Callable[[dict[str, Any], list[bytes]], None]:
         def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:
             if not reply.get("ok"):
-                error = RuntimeError(f"master refused tasks of {name!r}: {reply.get('error')}")
+                error = MasterRefused(f"master refused tasks of {name!r}: {reply.get('error')}")
                 state = self._sweeps[name]
                 for idx in range(first, first + count):
                     fut = state.futures.get(idx)

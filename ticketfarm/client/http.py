@@ -43,7 +43,7 @@ class ApiClient:
                 err = json.loads(raw)["error"]
             except (ValueError, KeyError, TypeError):
                 err = {"code": "http_error", "message": raw.decode(errors="replace")[:200] or exc.reason}
-            raise ApiRefused(exc.code, err.get("code", "?"), err.get("message", "")) from None
+            raise ApiRefused(exc.code, err.get("code", "?"), err.get("message", ""), err.get("field", "")) from None
         except (urllib.error.URLError, OSError) as exc:
             raise MasterUnreachable(f"no HTTP API at {self.base}: {getattr(exc, 'reason', exc)}") from None
 

@@ -1,0 +1,1 @@
+"""The HTTP API and dashboard, a process of its own (FastAPI on uvicorn): reads the store, sends CONTROL."""

@@ -1,0 +1,71 @@
+"""What every route module shares: the API prefix, JSON answers, the request's context, the token check."""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from master.web.context import WebContext
+from master.web.errors import ApiError
+
+API = "/api/v1"
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer TOKEN`")
+_xkey = APIKeyHeader(name="X-Key", auto_error=False, description="`X-Key: TOKEN` (the same token)")
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+class Json(Response):
+    """A JSON answer from ready-made bytes (cached answers are serialised once, not once per poller)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else json_bytes(content)
+
+
+def context(request: Request) -> WebContext:
+    return request.app.state.ctx
+
+
+async def cached_json(request: Request, key: str, build: Callable[[], Any]) -> Json:
+    """A pollable answer: from the cache on the event loop, or built in a worker thread when stale."""
+    ctx = context(request)
+    hit = ctx.fresh(key)
+    if hit is None:
+        hit = await run_in_threadpool(ctx.cached, key, lambda: json_bytes(build()))
+    return Json(hit)
+
+
+def need(scope: str) -> Callable[..., set[str]]:
+    """A dependency: the request's token has `scope` (reads need none on an open loopback bind); its scopes."""
+
+    # async: checked on the event loop (a hash and a dict look-up), not handed to a thread per request
+    async def check(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    xkey: str | None = Depends(_xkey)) -> set[str]:
+        ctx = context(request)
+        header = request.headers.get("Authorization", "")
+        token = bearer.credentials if bearer is not None else xkey
+        if token is None and header and not header.lower().startswith("bearer "):
+            raise ApiError("unauthorized", "only bearer tokens are accepted")
+        if token:
+            scopes = ctx.tokens.scopes_of(token)
+            if scopes is None:
+                raise ApiError("unauthorized", "invalid API token")
+            if scope not in scopes:
+                raise ApiError("forbidden", f"this token's scopes ({', '.join(sorted(scopes))}) do not include "
+                                            f"{scope!r}")
+            return scopes
+        if scope != "read" or not ctx.open_reads:
+            hint = "" if len(ctx.tokens) else " (this master has no token: see `ticketfarm token`)"
+            raise ApiError("unauthorized", "an API token is required: header 'Authorization: Bearer TOKEN' "
+                                           f"or 'X-Key: TOKEN'{hint}")
+        return {"read"}
+
+    return check

@@ -1,0 +1,108 @@
+"""What every request of the HTTP process shares: settings, tokens, the master link, store readers, a cache."""
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from master.config import MasterConfig
+from master.store import Store
+from master.web.link import MasterLink
+from master.web.tokens import TokenSet
+from ticketfarm.errors import ConfigError
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"http_bind must be HOST:PORT, got {bind!r}", field="http_bind")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_config(config: MasterConfig, tokens: TokenSet) -> None:
+    """Refuse what must not be served: a bind beyond this machine with no token, half a TLS setting."""
+    host, _ = parse_bind(config.http_bind)
+    if not is_loopback(host) and not len(tokens):
+        raise ConfigError(f"http_bind {config.http_bind!r} is not loopback: make a token (`ticketfarm token "
+                          "--write` or `token add`) before serving HTTP beyond this machine", field="http_bind")
+    if bool(config.http_tls_cert) != bool(config.http_tls_key):
+        raise ConfigError("http_tls_cert and http_tls_key go together: set both or neither", field="http_tls_cert")
+
+
+@dataclass
+class MasterInfo:
+    """What the API tells about the master it fronts (given by the master that started it, or asked for)."""
+
+    endpoint: str
+    epoch: int
+    started: float | None
+
+
+@dataclass
+class WebContext:
+    """Shared by the request handlers; holds no master objects, only its link and read-only store readers."""
+
+    config: MasterConfig
+    state_dir: Path
+    master: MasterInfo
+    link: MasterLink
+    tokens: TokenSet
+    url: str = ""
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _readers: threading.local = field(default_factory=threading.local)
+    _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    _cache_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def open_reads(self) -> bool:
+        return self.config.http_open_reads and is_loopback(parse_bind(self.config.http_bind)[0])
+
+    def store(self) -> Store:
+        """This thread's read-only connection (each statement reads the newest commit: WAL, autocommit)."""
+        store = getattr(self._readers, "store", None)
+        if store is None:
+            store = self._readers.store = Store(self.db_path, readonly=True)
+        return store
+
+    def control(self, op: str, **fields: Any) -> dict[str, Any]:
+        reply = self.link.call(op, **fields)
+        self.invalidate()
+        return reply
+
+    def fresh(self, key: str) -> Any:
+        """The cached answer under `key` if still fresh, else None."""
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        return hit[1] if hit and time.monotonic() - hit[0] < self.config.http_cache_ttl else None
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """The same answer to every poller for http_cache_ttl seconds (many pollers cost one query)."""
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit and now - hit[0] < self.config.http_cache_ttl:
+            return hit[1]
+        value = build()
+        with self._cache_lock:
+            self._cache[key] = (now, value)
+        return value
+
+    def invalidate(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()

@@ -1,0 +1,158 @@
+"""Streamed answers: a task's result file, a sweep's collection (every format), the server-sent event stream."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, output_chunks
+from master.events import SWEEP_END_KINDS
+from master.store import Store
+from master.web import models
+from master.web.base import API, context, need
+from master.web.errors import ApiError
+from master.web.reads import SweepName, TaskIndex, sweep_row
+from master.web.submission import json_object
+
+router = APIRouter()
+#: Seconds between two reads of the events table by one event stream.
+SSE_POLL = 0.2
+#: Seconds of silence after which an event stream sends a keep-alive comment.
+SSE_KEEPALIVE = 10.0
+#: Every media type a collection answers, by format (the format picks one).
+COLLECT_CONTENT = {MEDIA_TYPES[f].split(";")[0]: {"schema": {"type": "string", "format": "binary"}}
+                   for f in FORMATS}
+COLLECT_DOC = ("concat: application/octet-stream; blockwise: text/plain; csv and failed: text/csv; jsonl: "
+               "application/x-ndjson; folders: application/x-tar (`<task>/params.json` and `<task>/<result>`). "
+               "Table cells that are not UTF-8 text come as `base64:<data>` (CSV) or `{\"base64\": ...}` (JSON lines).")
+
+
+def _closing(store: Store, chunks: Iterator[bytes], after: Callable[[], Any] | None = None) -> Iterator[bytes]:
+    """The chunks, then `after` once all were made; the stream's own store is closed however it ends."""
+    try:
+        yield from chunks
+        if after is not None:
+            after()
+    finally:
+        store.close()
+
+
+@router.get(f"{API}/sweeps/{{sweep}}/tasks/{{task}}/results/{{name:path}}", operation_id="getResultFile",
+            dependencies=[Depends(need("read"))], response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}},
+                       **models.error_responses(400, 404)})
+def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex, name: str = ...) -> StreamingResponse:
+    ctx = context(request)
+    row = sweep_row(request, sweep)
+    output = ctx.store().outputs(row.name, task).get(name)
+    if output is None:
+        raise ApiError("not_found", f"task {task} of {row.name!r} has no stored result {name!r}")
+    filename = name.replace("/", "_").replace('"', "")
+    return StreamingResponse(output_chunks(ctx.state_dir, output), media_type="application/octet-stream",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                      "Content-Length": str(output.size)})
+
+
+def _collection(request: Request, sweep: str, fmt: str, result: str | None, remove: bool) -> StreamingResponse:
+    ctx = context(request)
+    row = sweep_row(request, sweep)
+    spec = row.sweep()
+    if fmt not in FORMATS:
+        raise ApiError("bad_request", f"format must be one of {', '.join(FORMATS)}, got {fmt!r}", field="format")
+    if result is not None and result not in spec.results:
+        raise ApiError("bad_request", f"no result named {result!r} (known: {', '.join(spec.results)})",
+                       field="result")
+    if remove and row.state not in ("finished", "cancelled"):
+        raise ApiError("conflict", f"sweep {row.name!r} is {row.state}: results are removed only after it ended")
+    removed = ctx.store().results_removed(row.name)
+    if removed is not None and fmt != "failed":
+        raise ApiError("gone", f"the results of sweep {row.name!r} were removed after collection; the failed-tasks "
+                               "list (format=failed) is still there", removed=removed)
+    store = Store(ctx.db_path, readonly=True)
+    after = (lambda: ctx.control("forget_results", sweep=row.name)) if remove else None
+    chunks = _closing(store, Collector(store, ctx.state_dir, spec).chunks(fmt, result), after)
+    return StreamingResponse(chunks, media_type=MEDIA_TYPES[fmt],
+                             headers={"Content-Disposition": f'attachment; filename="{DOWNLOAD_NAMES[fmt].format(row.name)}"'})
+
+
+@router.get(f"{API}/sweeps/{{sweep}}/collect", operation_id="collectSweep", dependencies=[Depends(need("read"))],
+            response_class=StreamingResponse, description=COLLECT_DOC,
+            responses={200: {"content": COLLECT_CONTENT}, **models.error_responses(400, 404, 410)})
+def collect(request: Request, sweep: str = SweepName, format: str = Query("csv", json_schema_extra={"enum": list(FORMATS)}),
+            result: str | None = None) -> StreamingResponse:
+    return _collection(request, sweep, format, result, False)
+
+
+@router.post(f"{API}/sweeps/{{sweep}}/collect", operation_id="collectSweepAndRemove",
+             dependencies=[Depends(need("submit"))], response_class=StreamingResponse,
+             description=COLLECT_DOC + " With remove: the results are removed once the whole answer was sent.",
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/CollectBody"}}}}},
+             responses={200: {"content": COLLECT_CONTENT}, **models.error_responses(400, 401, 403, 404, 409, 410)})
+async def collect_remove(request: Request, sweep: str = SweepName) -> StreamingResponse:
+    try:
+        body = models.CollectBody.model_validate(json_object(await request.body()), strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ApiError("bad_request", f"field {field!r}: {first['msg']}", field=field) from None
+    return _collection(request, sweep, body.format, body.result, body.remove)
+
+
+@router.get(f"{API}/events", operation_id="streamEvents", dependencies=[Depends(need("read"))],
+            response_class=StreamingResponse,
+            description="Server-sent events: `id:` the event id, `event:` its kind, `data:` an Event (JSON). With "
+                        "`sweep`, from that sweep's first event; else from the newest. `Last-Event-ID` or `after` "
+                        "resume; `until_end=1` (needs `sweep`) closes the stream after the sweep ended.",
+            responses={200: {"content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}}}},
+                       **models.error_responses(400, 404)})
+async def events(request: Request, sweep: str | None = None, after: int | None = Query(None, ge=0),
+                 until_end: bool = False,
+                 last_event_id: str | None = Header(None, alias="Last-Event-ID")) -> StreamingResponse:
+    ctx = context(request)
+    store = Store(ctx.db_path, readonly=True)
+    try:
+        if sweep is not None and store.sweep(sweep) is None:
+            raise ApiError("not_found", f"no sweep named {sweep!r}")
+        if until_end and sweep is None:
+            raise ApiError("bad_request", "until_end needs a sweep", field="until_end")
+        if after is None:
+            # A client waiting on one sweep gets its whole history (so it cannot miss the end); others what's new.
+            after = int(last_event_id) if last_event_id and last_event_id.isdigit() else \
+                0 if sweep else store.last_event_id()
+    except BaseException:
+        store.close()
+        raise
+    # The content type as a header: Starlette would add "; charset=utf-8" to a text/* media type.
+    return StreamingResponse(_event_stream(request, store, after, sweep, until_end),
+                             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(request: Request, store: Store, cursor: int, sweep: str | None,
+                        until_end: bool) -> AsyncIterator[bytes]:
+    ctx = context(request)
+    loop = asyncio.get_running_loop()
+    try:
+        yield b"retry: 2000\n\n"
+        last_write = loop.time()
+        while not ctx.stopping.is_set():
+            ended = False
+            for event in store.events_of(cursor, sweep, limit=500):
+                cursor = event["id"]
+                data = json.dumps(event, separators=(",", ":"))
+                yield f"id: {cursor}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+                ended |= event["kind"] in SWEEP_END_KINDS
+                last_write = loop.time()
+            if ended and until_end:
+                return
+            if loop.time() - last_write > SSE_KEEPALIVE:
+                yield b": keep-alive\n\n"
+                last_write = loop.time()
+            await asyncio.sleep(SSE_POLL)
+    finally:
+        store.close()
