@@ -46,7 +46,8 @@ class Control:
     def __init__(self, *, epoch: int, state_dir: Path, callback_secret: str, store: Store, lifecycle: Lifecycle,
                  roster: Roster, dispatch: Dispatch, intake: Intake, python: PythonSweeps,
                  housekeeping: Housekeeping, callbacks: CallbackSender, link: Link, commit: Callable[[], None],
-                 liveness_window: float, metrics_text: Callable[[], bytes]):
+                 liveness_window: float, metrics_text: Callable[[], bytes], stop: Callable[[], None],
+                 refusals: Callable[[], list[dict[str, Any]]] = list):
         self.epoch = epoch
         self.state_dir = state_dir
         self.callback_secret = callback_secret
@@ -62,6 +63,10 @@ class Control:
         self.liveness_window = liveness_window
         #: The master's Prometheus text (op `metrics`: the HTTP process serves it on /metrics with its own).
         self.metrics_text = metrics_text
+        #: Keys the master refused lately (ZapHandler.refusals), for `live_slaves`.
+        self.refusals = refusals
+        #: Ends the master's loop after this turn; closing it then commits, acknowledges and tells the slaves.
+        self.stop = stop
         self.ops: dict[str, Op] = {
             "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
             "submit": self.submit,
@@ -83,6 +88,7 @@ class Control:
             "forget": self.forget,
             "live_slaves": self.live_slaves,
             "metrics": lambda _, m: done(text=self.metrics_text().decode()),
+            "shutdown": self.shutdown,
             "py_add": python.add,
             "py_watch": python.watch,
             "py_unwatch": python.unwatch,
@@ -189,6 +195,11 @@ class Control:
         shutil.rmtree(self.state_dir / "results" / name, ignore_errors=True)
         return done()
 
+    def shutdown(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Stop the master as SIGTERM does: the answer goes out first, then the loop ends and close() runs."""
+        self.stop()
+        return done(state="stopping")
+
     def prune(self, identity: bytes, msg: messages.Control) -> Reply:
         """Prune expired results now (optionally with another keep_days than the configured one)."""
         keep = msg.fields.get("keep_days")
@@ -241,11 +252,14 @@ class Control:
         return done(draining=draining)
 
     def live_slaves(self, identity: bytes, msg: messages.Control) -> Reply:
-        """What only the loop knows about connected slaves: credit, last heard, draining."""
+        """What only the loop knows: connected slaves (credit, last heard, draining, tickets held), keys refused
+        since they last got in, and the state dir (the playbooks check a rollout against all three)."""
         window, now, draining = self.liveness_window, time.time(), self.roster.draining
         return done(slaves={
             s.name: {"connected": True, "credit": s.credit, "last_heard": s.expiry - window,
                      "last_heartbeat": s.last_heartbeat or None,
                      "seconds_since_heard": round(now - (s.expiry - window), 3),
-                     "draining": s.name in draining, "heartbeat": s.info}
-            for s in self.roster.sessions()}, draining=sorted(draining))
+                     "draining": s.name in draining, "heartbeat": s.info,
+                     "tickets": len(self.lifecycle.tickets_of(s.name))}
+            for s in self.roster.sessions()}, draining=sorted(draining), refused=self.refusals(),
+            state_dir=str(self.state_dir.resolve()))

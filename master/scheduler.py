@@ -7,7 +7,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ticketfarm.spec import Sweep
@@ -59,6 +59,7 @@ class Scheduler:
         self._order: list[ActiveSweep] = []
         self.tickets: dict[int, Ticket] = {}
         self._by_task: dict[tuple[str, int], set[int]] = {}
+        self._by_slave: dict[str, set[int]] = {}
         self._deadlines: list[tuple[float, int]] = []
         #: Asked before a restricted sweep's task goes to a slave: platform and resources (see master/placement.py).
         self.slave_fits: Callable[[ActiveSweep, str], bool] = lambda active, slave: True
@@ -67,7 +68,9 @@ class Scheduler:
 
     # -- sweeps -----------------------------------------------------------------
     def activate(self, sweep: Sweep, created: float, queued: list[int]) -> ActiveSweep:
-        active = ActiveSweep(sweep, created, deque(queued))
+        # Without its params: the store has them (each TICKET reads its own), and a million tasks' dicts would
+        # be most of the master's memory.
+        active = ActiveSweep(replace(sweep, params=[]), created, deque(queued))
         self.active[sweep.name] = active
         self._order = sorted(self.active.values(), key=ActiveSweep.sort_key)
         return active
@@ -140,6 +143,7 @@ class Scheduler:
     def _track(self, ticket: Ticket) -> None:
         self.tickets[ticket.id] = ticket
         self._by_task.setdefault((ticket.sweep, ticket.task), set()).add(ticket.id)
+        self._by_slave.setdefault(ticket.slave, set()).add(ticket.id)
         heapq.heappush(self._deadlines, (ticket.deadline, ticket.id))
 
     def _untrack(self, ticket: Ticket) -> None:
@@ -149,6 +153,11 @@ class Scheduler:
             siblings.discard(ticket.id)
             if not siblings:
                 del self._by_task[(ticket.sweep, ticket.task)]
+        held = self._by_slave.get(ticket.slave)
+        if held is not None:
+            held.discard(ticket.id)
+            if not held:
+                del self._by_slave[ticket.slave]
         active = self.active.get(ticket.sweep)
         if active is not None:
             active.running -= 1
@@ -177,7 +186,8 @@ class Scheduler:
         return out
 
     def tickets_of(self, slave: str) -> list[Ticket]:
-        return [t for t in self.tickets.values() if t.slave == slave]
+        """A slave's tickets in flight, in the order they were issued (an index: not a scan of every ticket)."""
+        return sorted((self.tickets[t] for t in self._by_slave.get(slave, ())), key=lambda t: t.id)
 
     def siblings(self, sweep: str, task: int) -> list[Ticket]:
         return [self.tickets[t] for t in self._by_task.get((sweep, task), ())]

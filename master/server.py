@@ -103,7 +103,8 @@ class Master:
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
-                               metrics_text=self.metrics.render)
+                               metrics_text=self.metrics.render, stop=self.stop,
+                               refusals=self.zap.refusals if self.zap is not None else list)
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
                                          task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep,
                                          spec_changed=dispatch.forget_sweep)
@@ -234,7 +235,10 @@ class Master:
         """Purge dead slaves, send heartbeats, duplicate stragglers, chores (about 4 times per interval)."""
         self._next_housekeeping = now + self.config.heartbeat_interval / 4
         self.metrics.slaves.set(len(self.roster))
-        self.sessions.purge_dead(now)
+        # A slave is silent only to a master that has read what arrived: while messages wait in the socket (a
+        # join storm, a long submit), a slave's heartbeat may be among them, and it is judged at the next pass.
+        if not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.sessions.purge_dead(now)
         self.sessions.send_heartbeats(now)
         self.stragglers.tick(now)
         self.housekeeping.tick(now)

@@ -504,6 +504,13 @@ class Store:
             "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_task_dict(r) for r in rows]
 
+    def exit_codes(self, sweep: str, first: int, last: int) -> dict[int, int | None]:
+        """The exit code of each task's latest finished attempt, for tasks first..last."""
+        rows = self.db.execute(
+            "SELECT task, exit_code FROM tickets WHERE id IN (SELECT max(id) FROM tickets WHERE sweep = ? "
+            "AND task BETWEEN ? AND ? AND finished IS NOT NULL GROUP BY task)", (sweep, first, last))
+        return dict(rows.fetchall())
+
     def task(self, sweep: str, idx: int) -> dict[str, Any] | None:
         row = self.db.execute(
             f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks "

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import psutil
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import ticketfarm
 from slave import resources
@@ -30,6 +31,7 @@ from slave.runner import (
     Worker,
     remove_workdir,
 )
+from slave.workdirs import WorkDirs
 from ticketfarm import messages, protocol
 from ticketfarm.errors import ConfigError, KeyFileError, ProtocolError, UnsafePath
 from ticketfarm.keys import ClientKeys, dealer
@@ -65,6 +67,8 @@ class Slave:
         self.interval = config.heartbeat_interval
         self.liveness = config.liveness
         self.socket: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        """CURVE handshake events of `socket`: how a slave learns that the master refused its key."""
         self.welcomed = False
         self.master_expiry = 0.0
         self.last_sent = 0.0
@@ -87,6 +91,7 @@ class Slave:
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
+        self.workdirs = WorkDirs(self.work_root, config.name)
         self.trash: list[Path] = []
         """Work dirs of acknowledged results, removed at the end of a step: never between a worker's exit and the
         next worker's start (rmdir is slow on a disk with online discard)."""
@@ -124,6 +129,8 @@ class Slave:
     # -- connection ------------------------------------------------------------------
     def connect(self) -> None:
         self.socket = dealer(self.context, self.config.master, self.keys, hwm=100_000)
+        if self.keys is not None:
+            self.monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.welcomed = False
         self.outstanding = 0
         self.master_expiry = time.time() + self.interval * self.liveness
@@ -138,6 +145,9 @@ class Slave:
             running=list(self.running) + [t.ticket for t in self.waiting], held=list(self.outbox)))
 
     def disconnect(self, backoff: bool) -> None:
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.socket is not None:
             self.socket.close(linger=0)
         self.socket = None
@@ -199,6 +209,7 @@ class Slave:
         now = time.time()
         if self.socket is not None:
             if now > self.master_expiry:
+                self._log_refusal()
                 log.warning("master_silent", seconds=self.interval * self.liveness)
                 self.disconnect(backoff=True)
             elif self.welcomed:
@@ -208,6 +219,21 @@ class Slave:
                     self._heartbeat()
         self._prepare_waiting()
         self._empty_trash()
+
+    def _log_refusal(self) -> None:
+        """Say so when the master refused this slave's key (read once the master went silent: off the hot path)."""
+        refusals, status = 0, None
+        while self.monitor is not None:
+            try:
+                status = int(recv_monitor_message(self.monitor, zmq.NOBLOCK)["value"])
+            except zmq.Again:
+                break
+            refusals += 1
+        if refusals:
+            log.error("master_refused_key", master=self.config.master, status=status, attempts=refusals,
+                      secret_key=str(self.config.secret_key),
+                      detail="the master does not accept this slave's key: authorise its public key on the master "
+                             "(`ticketfarm keys add-slave NAME`, or deploy with the playbooks)")
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout = self.interval / 2
@@ -370,7 +396,7 @@ class Slave:
         if spec.workers and not spec.worker and not self._resolve_worker(spec, workdir):
             return None
         try:
-            workdir.mkdir(parents=True, exist_ok=False)
+            self.workdirs.make(workdir)
             return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
@@ -461,7 +487,7 @@ class Slave:
 
     def _empty_trash(self) -> None:
         for workdir in self.trash:
-            remove_workdir(workdir)
+            self.workdirs.release(workdir)
         self.trash.clear()
 
     def _kill_overdue(self) -> None:

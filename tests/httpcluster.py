@@ -77,12 +77,12 @@ class HttpCluster:
             self.close()  # a cluster that never came up leaves no processes behind
             raise
 
-    def start_slave(self, name: str, slots: int) -> subprocess.Popen[bytes]:
+    def start_slave(self, name: str, slots: int, *extra: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "slave", "--master", self.endpoint, "--name", name, "--slots", str(slots),
              "--work-root", str(self.state / "work" / name), "--heartbeat", str(HEARTBEAT),
              "--master-key", str(self.state / "keys" / "master.key"),
-             "--secret-key", str(self.state / "keys" / "slave.key_secret")],
+             "--secret-key", str(self.state / "keys" / "slave.key_secret"), *extra],
             env=env(), cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     # -- HTTP --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ BAD_SPECS = [
     ("argv-placeholder", 'name = "e"\nargv = ["echo", "{nope}"]\n' + GRID, {}, "argv[1]", None, None),
     ("toml-syntax", TOP + "[parameters\n", {}, "", "line 3", None),
     # parameters: the table, CSV, JSON lines, grid
-    ("parameters-missing", TOP, {}, "parameters", "[parameters] is required", None),
+    ("parameters-not-table", TOP + "parameters = 3\n", {}, "parameters", "[parameters] must be a table", None),
     ("parameters-two-kinds", TOP + GRID + 'csv = "p.csv"\n', {}, "parameters", None, None),
     ("parameters-unknown", TOP + GRID + 'sep = ","\n', {}, "parameters.sep", None, None),
     ("csv-missing", TOP + '[parameters]\ncsv = "nope.csv"\n', {}, "parameters.csv", "no such file", None),

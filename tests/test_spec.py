@@ -25,6 +25,14 @@ def test_csv_with_pipe_delimiter_gives_one_task_per_row(tmp_path: Path) -> None:
     assert spec.params == [{"a": "1", "b": "x y"}, {"a": "2", "b": "z"}]
 
 
+def test_a_spec_without_parameters_is_one_task(tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path, """
+        name = "single"
+        command = "echo {task}"
+    """))
+    assert spec.params == [{}] and spec.param_names == []
+
+
 def test_csv_short_row_is_reported_as_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "p.csv").write_text("a|b\n1|2\n3\n4|5\n")
     path = write_spec(tmp_path, """

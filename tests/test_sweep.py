@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from master.store import Store
-from tests.conftest import run_cli, wait_for, write_spec
+from tests.conftest import free_port, run_cli, wait_for, write_spec
+from ticketfarm.client.control import control
+from ticketfarm.errors import MasterUnreachable
 
 
 def read_table(path: Path) -> list[dict[str, str]]:
@@ -146,6 +149,32 @@ def test_timeout_kills_the_whole_process_tree_retries_then_fails(tmp_path: Path)
     assert len(children) == 2  # retried once
     for pid in children:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_short_local_sweep_ends_quietly_and_status_reads_the_store_without_a_master(tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name = "six"
+        command = "echo {n}"
+        [parameters.grid]
+        n = {range = [6]}
+    """)
+    # 4 slaves for 6 tiny tasks: some are still starting when the sweep is over, and must not wait for a master
+    # that is gone (master_silent, master_unreachable).
+    result = run_cli("--state", "st", "run", "spec.toml", "--local", "4", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr and "error" not in result.stderr, result.stderr
+    assert len((tmp_path / "out" / "six-results.csv").read_text().splitlines()) == 7
+    status = run_cli("--state", "st", "status", cwd=tmp_path)
+    assert status.returncode == 0 and status.stderr == ""
+    assert status.stdout.splitlines()[2].split()[:4] == ["six", "finished", "6", "6"]
+
+
+def test_a_client_says_at_once_when_nothing_listens_at_the_master_address(tmp_path: Path) -> None:
+    port = free_port()
+    with pytest.raises(MasterUnreachable, match="nothing listens"):
+        control(f"tcp://127.0.0.1:{port}", "ping", timeout=600)
+    status = run_cli("--master", f"tcp://127.0.0.1:{port}", "status", cwd=tmp_path)
+    assert status.returncode == 3 and "nothing listens" in status.stderr
 
 
 def test_status_and_stats_against_a_running_master(master, start_slave, tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from master.config import (
     master_config_path,
     write_default_master_config,
 )
-from master.server import Master
 from master.stats import (
     SweepStats,
     all_sweep_stats,
@@ -29,8 +28,8 @@ from master.stats import (
 from master.store import Store
 from ticketfarm import cli_http, keys, messages
 from ticketfarm.client.control import client_endpoint, control
-from ticketfarm.client.local import LocalCluster, default_state_dir, state_dir_for
 from ticketfarm.client.progress import ProgressBar
+from ticketfarm.client.statedir import default_state_dir, state_dir_for
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable
 from ticketfarm.logs import configure_logging
 from ticketfarm.spec import load_spec
@@ -175,6 +174,8 @@ def cmd_master(args: argparse.Namespace) -> int:
         print(f"no master config found: wrote defaults to {path}; review it and start the master again",
               file=sys.stderr)
         return 2
+    from master.server import Master  # only here: the other commands never pay for the master's imports
+
     config = load_master_config(args.state)
     master = Master(config, args.state)
     signal.signal(signal.SIGTERM, lambda *_: master.stop())
@@ -198,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--local needs at least 1 slave")
     if not (args.state / "state.db").exists():
         print(f"new state dir {args.state} for {sweep.name} (--state DIR to choose another)", file=sys.stderr)
+    from ticketfarm.client.local import LocalCluster  # imports the master: only `run --local` needs it
+
     bar = ProgressBar()
     started = time.time()
     cluster = LocalCluster(args.state, args.local, slots=args.slots, log_level=args.log_level,
@@ -420,6 +423,7 @@ def _answer(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
         raise ConfigError(f"{args.state}: no ticketfarm state here (no state.db); pass --state DIR")
     config = load_master_config(args.state) if master_config_path(args.state).exists() else MasterConfig()
     config.bind, config.http_bind = "tcp://127.0.0.1:*", ""  # nobody is meant to connect to this one
+    from master.server import Master  # only here: the other commands never pay for the master's imports
     master = Master(config, args.state)
     try:
         return master.control.answer(b"", messages.Control(op, fields))[0]

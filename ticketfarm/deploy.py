@@ -1,8 +1,7 @@
 """Rolling ticketfarm out with Ansible: the wheelhouse build and the `ticketfarm deploy` command."""
 
-# Standard library only: the playbooks run this file directly
-# (`python ticketfarm/deploy.py wheelhouse ...`) on a controller that may not
-# have ticketfarm's dependencies installed.
+# The playbooks run it from the checkout (`python -m ticketfarm.deploy wheelhouse ...`, cwd the
+# checkout), so the checkout's own code builds the wheelhouse whatever is installed.
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -34,9 +34,8 @@ NEEDS_WHEELHOUSE = {"install", "restart"}
 BUNDLE = "wheels.tar"
 #: file in the wheelhouse holding source_digest() of the last build
 SOURCE_STAMP = "source.sha256"
-#: what a build leaves out of the checkout (and source_digest() ignores)
-_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "wheelhouse", "*.egg-info",
-                                 "__pycache__", ".*cache", "*.pyc")
+#: files inside the package dirs that are never part of a build
+_JUNK = ("__pycache__", ".pyc")
 #: fixed wheel timestamps, so rebuilding unchanged source gives equal wheels
 SOURCE_DATE_EPOCH = "315532800"
 
@@ -91,10 +90,12 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
             and (dest / BUNDLE).exists()):
         return False                  # same source as the last build: nothing to do
     with tempfile.TemporaryDirectory(prefix="ticketfarm-wheels-") as tmp:
-        # build from a clean copy: setuptools' build/ dir in the checkout
-        # would keep modules that were deleted since the last build
+        # build from a copy of the package's own files: setuptools' build/ dir in the checkout would
+        # keep modules deleted since the last build, and state dirs (keys!) or results have no place in it
         src = Path(tmp) / "src"
-        shutil.copytree(source, src, ignore=_IGNORE)
+        for rel in package_files(source):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, src / rel)
         tmp = str(Path(tmp) / "wheels")
         own = _pip_wheel(python, ["--no-deps", "-w", tmp, str(src)], quiet)
         if own.returncode != 0:
@@ -112,16 +113,45 @@ def build_wheelhouse(source: Path, dest: Path, python: str = sys.executable,
     return changed
 
 
+def package_files(source: Path) -> list[Path]:
+    """What a build needs from the checkout, relative to it: pyproject.toml, the files it names
+    (readme, license) and the files of the packages of [tool.setuptools] packages; nothing else."""
+    try:
+        project = tomllib.loads((source / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DeployError(f"{source / 'pyproject.toml'}: {exc}") from None
+    packages = project.get("tool", {}).get("setuptools", {}).get("packages")
+    if not isinstance(packages, list) or not packages:
+        raise DeployError(f"{source / 'pyproject.toml'}: [tool.setuptools] packages must list the packages "
+                          "(the wheelhouse is built from their files only)")
+    named = [project.get("project", {}).get(k) for k in ("readme", "license")]
+    missing = [name for name in _packages_in(source, packages) if name not in packages]
+    if missing:
+        raise DeployError(f"{source / 'pyproject.toml'}: {', '.join(missing)} not in [tool.setuptools] packages: "
+                          "the wheel would leave them out and the slaves could not import them; add them")
+    files = {Path("pyproject.toml"), *(Path(n) for n in named if isinstance(n, str))}
+    for top in sorted({p.split(".")[0] for p in packages}):
+        for path in (source / top).rglob("*"):
+            if path.is_file() and not any(part == _JUNK[0] for part in path.parts) and path.suffix != _JUNK[1]:
+                files.add(path.relative_to(source))
+    return sorted(files)
+
+
+def _packages_in(source: Path, packages: list[str]) -> list[str]:
+    """Dotted names of every package (a dir with __init__.py) under the top-level packages listed."""
+    found = set()
+    for top in {p.split(".")[0] for p in packages}:
+        for init in (source / top).rglob("__init__.py"):
+            found.add(".".join(init.parent.relative_to(source).parts))
+    return sorted(found)
+
+
 def source_digest(source: Path) -> str:
     """Hash of the files a build copies from the checkout (paths and contents)."""
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(source):
-        ignored = _IGNORE(root, dirs + files)
-        dirs[:] = sorted(d for d in dirs if d not in ignored)
-        for name in sorted(f for f in files if f not in ignored):
-            path = Path(root, name)
-            h.update(str(path.relative_to(source)).encode() + b"\0")
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+    for rel in package_files(source):
+        h.update(str(rel).encode() + b"\0")
+        h.update(hashlib.sha256((source / rel).read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -166,7 +196,7 @@ def playbook_command(source: Path, inventory: str, action: str, *, check: bool =
     cmd = ["ansible-playbook", "-i", inventory, str(source / "playbooks" / PLAYBOOKS[action])]
     if wheelhouse is not None:
         cmd += ["-e", f"ticketfarm_wheelhouse={wheelhouse}", "-e", "ticketfarm_build_wheelhouse=false"]
-    if keys_state is not None:  # the CURVE keys live in the master's state dir (--state); -e below may override
+    if keys_state is not None:  # the controller's keys dir (--state); -e below may override
         cmd += ["-e", f"ticketfarm_keys_state={keys_state}"]
     if check:
         cmd += ["--check", "--diff"]
@@ -175,6 +205,18 @@ def playbook_command(source: Path, inventory: str, action: str, *, check: bool =
     for e in extra or []:
         cmd += ["-e", e]
     return cmd
+
+
+def chosen_state(args: argparse.Namespace) -> Path | None:
+    """`ticketfarm --state DIR deploy` (or $TICKETFARM_STATE): the keys dir; None when neither was given.
+
+    The CLI's bare default (./.ticketfarm of wherever deploy runs) is never passed: in a directory that is
+    no master's state dir it would stand for new keys, and the inventory's ticketfarm_keys_state is meant.
+    """
+    state = getattr(args, "state", None)
+    if state is None or (Path(state) == Path(".ticketfarm") and not os.environ.get("TICKETFARM_STATE")):
+        return None
+    return Path(state).resolve()
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -199,7 +241,7 @@ def deploy(args: argparse.Namespace) -> int:
         return 1
     cmd = playbook_command(source, args.inventory, args.action, check=args.check,
                            wheelhouse=wheelhouse, limit=args.limit, extra=args.extra_vars,
-                           keys_state=Path(args.state).resolve() if getattr(args, "state", None) else None)
+                           keys_state=chosen_state(args))
     print("deploy: " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=source).returncode
 

@@ -52,6 +52,10 @@ class DeployError(TicketfarmError):
     """The wheelhouse could not be built or the checkout is not usable for deploying."""
 
 
+class RolloutError(TicketfarmError):
+    """A check of the rollout failed (keys, registration, drain); the message says what differs and what to do."""
+
+
 class ProtocolError(TicketfarmError, ValueError):
     """A message that does not follow the wire protocol; it is logged and dropped."""
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,19 @@ def authorize(state_dir: Path, role: str, name: str, public_file: Path, replace:
     return target
 
 
+def remove_slave(state_dir: Path, name: str) -> bool:
+    """Revoke slave `name` and delete its keypair under keys/slaves/ (a host taken out of the cluster)."""
+    revoked = revoke(state_dir, SLAVE, name)
+    deleted = False
+    for suffix in (".key", ".key_secret"):
+        try:
+            (keys_dir(state_dir) / "slaves" / f"{name}{suffix}").unlink()
+            deleted = True
+        except FileNotFoundError:
+            pass
+    return revoked or deleted
+
+
 def revoke(state_dir: Path, role: str, name: str) -> bool:
     target = authorized_dir(state_dir, role) / f"{name}.key"
     try:
@@ -245,8 +259,13 @@ class ZapHandler:
     key is refused from the next message on.
     """
 
+    #: how many refused keys `refusals()` remembers (the oldest is forgotten first)
+    REFUSALS_KEPT = 256
+
     def __init__(self, context: zmq.Context, ring: KeyRing):
         self.ring = ring
+        self._refused: dict[str, dict[str, object]] = {}
+        self._refused_lock = threading.Lock()
         self.socket = context.socket(zmq.REP)
         self.socket.linger = 0
         self.socket.bind(ZAP_ENDPOINT)
@@ -292,9 +311,27 @@ class ZapHandler:
             peer = self.ring.lookup(key)
         if peer is None:
             log.warning("peer_refused", address=addr, key=key.decode(), reason="key not authorised")
+            self._note_refused(key.decode(), addr, "key not authorised")
             return [version, rid, b"400", b"key not authorised", b"", b""]
+        self._forget_refused(key.decode())
         log.info("peer_authenticated", address=addr, role=peer.role, key_name=peer.name)
         return [version, rid, b"200", b"OK", key, b""]
+
+    def _note_refused(self, key: str, address: str, reason: str) -> None:
+        with self._refused_lock:
+            self._refused.pop(key, None)
+            self._refused[key] = {"key": key, "address": address, "reason": reason, "at": time.time()}
+            while len(self._refused) > self.REFUSALS_KEPT:
+                del self._refused[next(iter(self._refused))]
+
+    def _forget_refused(self, key: str) -> None:
+        with self._refused_lock:
+            self._refused.pop(key, None)
+
+    def refusals(self) -> list[dict[str, object]]:
+        """Keys refused since they last got in: key (z85), address, reason, time; for `ticketfarm deploy`'s checks."""
+        with self._refused_lock:
+            return list(self._refused.values())
 
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
@@ -357,8 +394,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The key subcommands (the caller provides --state)."""
     sub = parser.add_subparsers(dest="keys_command", required=True)
     sub.add_parser("init", help="create the master, client and shared slave keypairs (kept when present)")
-    p = sub.add_parser("add-slave", help="create keys/slaves/NAME.key[_secret] and authorise it for slave NAME")
-    p.add_argument("name")
+    p = sub.add_parser("add-slave", help="create keys/slaves/NAME.key[_secret] and authorise it for slave NAME "
+                                         "(kept when present)")
+    p.add_argument("names", nargs="+", metavar="name")
+    p = sub.add_parser("remove-slave", help="revoke slave NAME and delete its keypair under keys/slaves/")
+    p.add_argument("names", nargs="+", metavar="name")
     p = sub.add_parser("authorize", help="authorise a public key file as a slave or a client")
     p.add_argument("role", choices=(SLAVE, CLIENT))
     p.add_argument("name")
@@ -376,8 +416,16 @@ def run(args: argparse.Namespace) -> int:
             for path in init_state_keys(state):
                 print(f"wrote {path}")
         elif args.keys_command == "add-slave":
-            public, secret = add_slave(state, args.name)
-            print(f"slave {args.name}: {secret} (copy to the host with {keys_dir(state) / 'master.key'})")
+            for name in args.names:
+                known = (authorized_dir(state, SLAVE) / f"{name}.key").exists() and \
+                    (keys_dir(state) / "slaves" / f"{name}.key_secret").exists()
+                public, secret = add_slave(state, name)
+                # "made" tells the playbooks (and you) that something was written
+                print(f"{'kept' if known else 'made'} slave {name}: {secret} "
+                      f"(copy to the host with {keys_dir(state) / 'master.key'})")
+        elif args.keys_command == "remove-slave":
+            for name in args.names:
+                print(f"{'removed' if remove_slave(state, name) else 'no keys of'} slave {name}")
         elif args.keys_command == "authorize":
             print(authorize(state, args.role, args.name, args.public_key))
         elif args.keys_command == "revoke":

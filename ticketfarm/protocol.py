@@ -73,10 +73,17 @@ class Message:
     payload: list[bytes] = field(default_factory=list)
 
 
+#: One encoder for every message: json.dumps with non-default options builds a new one per call.
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
+#: The command frame of each command, and the command of each byte (Enum lookups cost µs per message).
+_FRAMES = {c: bytes((c,)) for c in Command}
+_COMMANDS = {c.value: c for c in Command}
+
+
 def encode(command: Command, header: dict[str, Any] | None = None, payload: list[bytes] | None = None) -> list[bytes]:
     """Frames for one message (without any routing id)."""
-    body = json.dumps(header or {}, separators=(",", ":")).encode()
-    return [PROTOCOL, bytes((command,)), body, *(payload or [])]
+    body = _to_json(header or {}).encode()
+    return [PROTOCOL, _FRAMES[command], body, *(payload or [])]
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -87,10 +94,9 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"unknown protocol tag {bytes(frames[0][:16])!r}")
     if len(frames[1]) != 1:
         raise ProtocolError("command frame must be exactly one byte")
-    try:
-        command = Command(frames[1][0])
-    except ValueError:
-        raise ProtocolError(f"unknown command 0x{frames[1][0]:02x}") from None
+    command = _COMMANDS.get(frames[1][0])
+    if command is None:
+        raise ProtocolError(f"unknown command 0x{frames[1][0]:02x}")
     if not _shallow(frames[2]):
         raise ProtocolError(f"header nested deeper than {MAX_DEPTH} levels")
     try:

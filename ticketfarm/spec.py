@@ -8,7 +8,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,15 @@ class Sweep:
         return list(self.params[0]) if self.params else []
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data["inputs"] = [
-            {**i, "content": None if i["content"] is None else base64.b64encode(i["content"]).decode()}
-            for i in data["inputs"]
-        ]
-        data["workers"] = {p: {**w, "content": base64.b64encode(w["content"]).decode()}
-                           for p, w in data["workers"].items()}
+        # Field by field rather than asdict(self): asdict deep-copies the params, a transient copy of every task
+        # (hundreds of MB for a million) just to be serialised once.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["collect"] = [asdict(c) for c in self.collect]
+        data["validate"] = None if self.validate is None else asdict(self.validate)
+        data["inputs"] = [{**asdict(i), "content": None if i.content is None else base64.b64encode(i.content).decode()}
+                          for i in self.inputs]
+        data["workers"] = {p: {**asdict(w), "content": base64.b64encode(w.content).decode()}
+                           for p, w in self.workers.items()}
         return json.dumps(data)
 
     @classmethod
@@ -212,8 +214,10 @@ def _get(data: dict[str, Any], key: str, kind: Any, source: str, default: Any = 
 
 
 def _load_parameters(spec: Any, base: Path, source: str) -> list[dict[str, Any]]:
+    if spec is None:
+        return [{}]  # no parameter table: a single job, one task without parameters
     if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: table [parameters] is required (csv, jsonl or grid)", field="parameters")
+        raise ConfigError(f"{source}: [parameters] must be a table (csv, jsonl or grid)", field="parameters")
     kinds = [k for k in ("csv", "jsonl", "grid") if k in spec]
     if len(kinds) != 1:
         raise ConfigError(f"{source}: [parameters] needs exactly one of 'csv', 'jsonl', 'grid'", field="parameters")

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from master.web.context import WebContext
 from master.web.errors import ApiError
@@ -30,7 +31,7 @@ class Json(Response):
         return content if isinstance(content, bytes) else json_bytes(content)
 
 
-def context(request: Request) -> WebContext:
+def context(request: HTTPConnection) -> WebContext:
     return request.app.state.ctx
 
 
@@ -43,29 +44,32 @@ async def cached_json(request: Request, key: str, build: Callable[[], Any]) -> J
     return Json(hit)
 
 
+def token_scopes(ctx: WebContext, token: str | None, authorization: str, scope: str) -> set[str]:
+    """The scopes of the presented token, which must include `scope` (reads need none on an open loopback bind)."""
+    if token is None and authorization and not authorization.lower().startswith("bearer "):
+        raise ApiError("unauthorized", "only bearer tokens are accepted")
+    if token:
+        scopes = ctx.tokens.scopes_of(token)
+        if scopes is None:
+            raise ApiError("unauthorized", "invalid API token")
+        if scope not in scopes:
+            raise ApiError("forbidden", f"this token's scopes ({', '.join(sorted(scopes))}) do not include "
+                                        f"{scope!r}")
+        return scopes
+    if scope != "read" or not ctx.open_reads:
+        hint = "" if len(ctx.tokens) else " (this master has no token: see `ticketfarm token`)"
+        raise ApiError("unauthorized", "an API token is required: header 'Authorization: Bearer TOKEN' "
+                                       f"or 'X-Key: TOKEN'{hint}")
+    return {"read"}
+
+
 def need(scope: str) -> Callable[..., set[str]]:
-    """A dependency: the request's token has `scope` (reads need none on an open loopback bind); its scopes."""
+    """A dependency: the request's token has `scope` (see token_scopes); its scopes."""
 
     # async: checked on the event loop (a hash and a dict look-up), not handed to a thread per request
     async def check(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
                     xkey: str | None = Depends(_xkey)) -> set[str]:
-        ctx = context(request)
-        header = request.headers.get("Authorization", "")
         token = bearer.credentials if bearer is not None else xkey
-        if token is None and header and not header.lower().startswith("bearer "):
-            raise ApiError("unauthorized", "only bearer tokens are accepted")
-        if token:
-            scopes = ctx.tokens.scopes_of(token)
-            if scopes is None:
-                raise ApiError("unauthorized", "invalid API token")
-            if scope not in scopes:
-                raise ApiError("forbidden", f"this token's scopes ({', '.join(sorted(scopes))}) do not include "
-                                            f"{scope!r}")
-            return scopes
-        if scope != "read" or not ctx.open_reads:
-            hint = "" if len(ctx.tokens) else " (this master has no token: see `ticketfarm token`)"
-            raise ApiError("unauthorized", "an API token is required: header 'Authorization: Bearer TOKEN' "
-                                           f"or 'X-Key: TOKEN'{hint}")
-        return {"read"}
+        return token_scopes(context(request), token, request.headers.get("Authorization", ""), scope)
 
     return check

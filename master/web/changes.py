@@ -100,3 +100,10 @@ def drain(request: Request, slave: str) -> Json:
              response_model=None, responses={200: {"model": models.Draining}, **CHANGE_ERRORS})
 def undrain(request: Request, slave: str) -> Json:
     return _op(request, "undrain", slave=slave)
+
+
+@router.post(f"{API}/shutdown", operation_id="shutdownMaster", dependencies=ADMIN, status_code=202,
+             response_model=None, responses={202: {"model": models.StateReply}, **CHANGE_ERRORS},
+             summary="Stop the master cleanly (as SIGTERM does): results committed and acknowledged, slaves told")
+def shutdown(request: Request) -> Json:
+    return Json({"state": context(request).control("shutdown")["state"]}, 202)

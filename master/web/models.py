@@ -206,6 +206,36 @@ class Removed(BaseModel):
     pass
 
 
+JobState = Literal["QUEUED", "RUNNING", "DONE", "FAILED", "KILLED"]
+
+
+class JobTask(BaseModel):
+    task: int
+    state: JobState
+    exit_code: int | None = Field(description="of the latest finished attempt; null before one finished")
+    attempts: int
+    reason: str | None
+
+
+class JobStatus(BaseModel):
+    sweep: str
+    state: JobState
+    exit_code: int | None = Field(description="a one-task job's exit code; null for a sweep of several tasks")
+    counts: dict[str, int]
+    offset: int
+    limit: int
+    total: int
+    next: int | None
+    tasks: list[JobTask]
+
+
+class Deleted(BaseModel):
+    sweep: str
+    state: str
+    cancelled: bool = Field(description="the DELETE cancelled it (it had not ended)")
+    results_removed: bool
+
+
 class Event(BaseModel):
     """One `data:` of the event stream (its `event:` is the kind, its `id:` the id)."""
 

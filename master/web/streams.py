@@ -1,11 +1,11 @@
-"""Streamed answers: a task's result file, a sweep's collection (every format), the server-sent event stream."""
+"""Streamed answers: a task's result file, a sweep's collection (every format), the event stream (SSE, websocket)."""
 from __future__ import annotations
 
 import asyncio
 import json
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
@@ -13,7 +13,8 @@ from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, outp
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
-from master.web.base import API, context, need
+from master.web.base import API, context, need, token_scopes
+from master.web.context import WebContext
 from master.web.errors import ApiError
 from master.web.reads import SweepName, TaskIndex, sweep_row
 from master.web.submission import json_object
@@ -108,13 +109,59 @@ async def collect_remove(request: Request, sweep: str = SweepName) -> StreamingR
             response_class=StreamingResponse,
             description="Server-sent events: `id:` the event id, `event:` its kind, `data:` an Event (JSON). With "
                         "`sweep`, from that sweep's first event; else from the newest. `Last-Event-ID` or `after` "
-                        "resume; `until_end=1` (needs `sweep`) closes the stream after the sweep ended.",
+                        "resume; `until_end=1` (needs `sweep`) closes the stream after the sweep ended. The same "
+                        "events, one JSON text message each, on the websocket `/api/v1/events/ws` (same query).",
             responses={200: {"content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Event"}}}},
                        **models.error_responses(400, 404)})
 async def events(request: Request, sweep: str | None = None, after: int | None = Query(None, ge=0),
                  until_end: bool = False,
                  last_event_id: str | None = Header(None, alias="Last-Event-ID")) -> StreamingResponse:
-    ctx = context(request)
+    store, cursor = _open_events(context(request), sweep, after, until_end, last_event_id)
+    # The content type as a header: Starlette would add "; charset=utf-8" to a text/* media type.
+    return StreamingResponse(_sse(_events_after(context(request), store, cursor, sweep, until_end)),
+                             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+
+
+@router.websocket(f"{API}/events/ws")
+async def events_ws(websocket: WebSocket, sweep: str | None = None, after: int | None = Query(None, ge=0),
+                    until_end: bool = False, token: str | None = None) -> None:
+    """The event stream as websocket text messages, one Event (JSON) each; a refusal is one `{"error": ...}`
+    message and close code 1008. The token: Authorization or X-Key header, or `token=` (browsers set no header)."""
+    ctx = context(websocket)
+    await websocket.accept()
+    try:
+        bearer = websocket.headers.get("Authorization", "")
+        presented = token or websocket.headers.get("X-Key") or \
+            (bearer[7:] if bearer.lower().startswith("bearer ") else None)
+        token_scopes(ctx, presented, bearer, "read")
+        store, cursor = _open_events(ctx, sweep, after, until_end, None)
+    except ApiError as exc:
+        await websocket.send_text(json.dumps(exc.body()))
+        await websocket.close(1008, exc.message[:120])
+        return
+    sender = asyncio.create_task(_send_events(websocket, _events_after(ctx, store, cursor, sweep, until_end)))
+    receiver = asyncio.create_task(_until_disconnect(websocket))
+    await asyncio.wait((sender, receiver), return_when=asyncio.FIRST_COMPLETED)
+    for task in (sender, receiver):
+        task.cancel()
+    if sender.done() and not sender.cancelled() and sender.exception() is None:
+        await websocket.close(1000, "sweep ended" if until_end else "master stopping")
+
+
+async def _send_events(websocket: WebSocket, events: AsyncIterator[dict[str, Any] | None]) -> None:
+    async for event in events:
+        if event is not None:  # keep-alive: uvicorn pings websockets itself
+            await websocket.send_text(json.dumps(event, separators=(",", ":")))
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def _open_events(ctx: WebContext, sweep: str | None, after: int | None, until_end: bool,
+                 last_event_id: str | None) -> tuple[Store, int]:
+    """A store for one event stream and the id it starts after; ApiError for a bad request."""
     store = Store(ctx.db_path, readonly=True)
     try:
         if sweep is not None and store.sweep(sweep) is None:
@@ -128,30 +175,36 @@ async def events(request: Request, sweep: str | None = None, after: int | None =
     except BaseException:
         store.close()
         raise
-    # The content type as a header: Starlette would add "; charset=utf-8" to a text/* media type.
-    return StreamingResponse(_event_stream(request, store, after, sweep, until_end),
-                             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
+    return store, after
 
 
-async def _event_stream(request: Request, store: Store, cursor: int, sweep: str | None,
-                        until_end: bool) -> AsyncIterator[bytes]:
-    ctx = context(request)
+async def _sse(events: AsyncIterator[dict[str, Any] | None]) -> AsyncIterator[bytes]:
+    yield b"retry: 2000\n\n"
+    async for event in events:
+        if event is None:
+            yield b": keep-alive\n\n"
+        else:
+            data = json.dumps(event, separators=(",", ":"))
+            yield f"id: {event['id']}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+
+
+async def _events_after(ctx: WebContext, store: Store, cursor: int, sweep: str | None,
+                        until_end: bool) -> AsyncIterator[dict[str, Any] | None]:
+    """Events after `cursor` as they are stored, None after SSE_KEEPALIVE of silence; closes the store."""
     loop = asyncio.get_running_loop()
     try:
-        yield b"retry: 2000\n\n"
         last_write = loop.time()
         while not ctx.stopping.is_set():
             ended = False
             for event in store.events_of(cursor, sweep, limit=500):
                 cursor = event["id"]
-                data = json.dumps(event, separators=(",", ":"))
-                yield f"id: {cursor}\nevent: {event['kind']}\ndata: {data}\n\n".encode()
+                yield event
                 ended |= event["kind"] in SWEEP_END_KINDS
                 last_write = loop.time()
             if ended and until_end:
                 return
             if loop.time() - last_write > SSE_KEEPALIVE:
-                yield b": keep-alive\n\n"
+                yield None
                 last_write = loop.time()
             await asyncio.sleep(SSE_POLL)
     finally:

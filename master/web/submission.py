@@ -11,6 +11,7 @@ import binascii
 import json
 import tempfile
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ def parse_submission(data: dict[str, Any], allow_master_code: bool, admin: bool)
     if unknown:
         raise ApiError("bad_request", f"unknown field {unknown[0]!r}", field=unknown[0])
     spec = _spec_of(data)
+    if "name" not in spec:  # the client need not invent a unique name: the job gets an id
+        spec = {**spec, "name": f"job-{uuid.uuid4().hex[:16]}"}
     refuse_master_code(spec, allow_master_code, admin)  # before parsing: a refused validator is never read
     files = data.get("files", {})
     if not isinstance(files, dict):

@@ -1,7 +1,9 @@
 """Control client: CONTROL requests to a running master over its ZeroMQ socket."""
 from __future__ import annotations
 
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -13,6 +15,8 @@ from ticketfarm.keys import ClientKeys, dealer
 def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | None = None,
             **fields: Any) -> dict[str, Any]:
     """Send one CONTROL operation and wait for its REPLY (CURVE-encrypted with `keys`, else plain TCP)."""
+    if not listening(endpoint):
+        raise MasterUnreachable(f"no master runs at {endpoint} (nothing listens there)")
     ctx = zmq.Context.instance()
     sock = dealer(ctx, endpoint, keys)
     try:
@@ -26,6 +30,23 @@ def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | Non
         return msg.as_dict()
     finally:
         sock.close()
+
+
+def listening(endpoint: str, timeout: float = 1.0) -> bool:
+    """False when nothing listens at a TCP endpoint (refused at once): ZeroMQ would retry until the timeout.
+
+    Any other answer (accepted, slow, another transport) is left for the CONTROL itself to find out.
+    """
+    parts = urlsplit(endpoint)
+    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
+        return True
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def client_endpoint(bind: str) -> str:

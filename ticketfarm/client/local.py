@@ -1,10 +1,8 @@
 """The embedded default: a master in this process plus N slave processes on this machine."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +14,6 @@ from master.config import (
 )
 from master.server import Master
 from ticketfarm import keys
-from ticketfarm.errors import ConfigError
 from ticketfarm.spec import Sweep
 
 
@@ -67,16 +64,15 @@ class LocalCluster:
         return self.master.store.task_counts(sweep.name)
 
     def close(self) -> None:
+        """The master says goodbye, then every slave is stopped at once: local slaves live and die with this run,
+        and one still starting (or reconnecting) would otherwise wait for a master that is gone."""
         self.master.close()
-        deadline = time.time() + 5
         for proc in self.slaves:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.terminate()
         for proc in self.slaves:
             try:
-                proc.wait(timeout=3)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -86,23 +82,3 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-#: The state dir's name where no --state or $TICKETFARM_STATE names one.
-STATE_DIR_NAME = ".ticketfarm"
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("TICKETFARM_STATE", STATE_DIR_NAME))
-
-
-def state_dir_for(spec: Path) -> Path:
-    """A local run's state dir when neither --state nor $TICKETFARM_STATE names one: beside the spec, so that
-    `run job/sweep.toml` finds job/.ticketfarm from any directory; never a silent fresh start next to an old one."""
-    beside = spec.parent / STATE_DIR_NAME
-    here = Path(STATE_DIR_NAME)
-    if not beside.exists() and here.is_dir() and here.resolve() != beside.resolve():
-        raise ConfigError(f"{spec}'s state would be a new {beside} (a local run keeps it beside its spec), but "
-                          f"./{STATE_DIR_NAME} exists here: pass --state {STATE_DIR_NAME} to use it, "
-                          f"or --state {beside} to start there")
-    return beside
