@@ -19,10 +19,12 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterable, Iterator
 
 from master.store import Store, StoredOutput
-from ticketfarm.errors import TicketfarmError
+from ticketfarm.errors import CollectionCollision, TicketfarmError
 from ticketfarm.spec import CollectRule, Sweep
 
 READ_SIZE = 1024 * 1024
+#: In an output dir: which sweep each collected path (file or folder) came from, so no sweep overwrites another's.
+LEDGER = ".ticketfarm-collections.json"
 #: Results larger than this appear in tables as their stored file's path on the master, not their content.
 TABLE_CELL_LIMIT = 64 * 1024
 #: How a CSV table cell that holds bytes rather than UTF-8 text begins (the rest is base64).
@@ -212,11 +214,40 @@ def _csv_line(cells: list[Any]) -> bytes:
 
 
 # -- writing a collection to files ---------------------------------------------------------------------------
+def check_claims(out_dir: Path, sweep: str, paths: Iterable[str]) -> dict[str, str]:
+    """The output dir's ledger, after checking that no path of `paths` holds another sweep's collection."""
+    ledger = out_dir / LEDGER
+    owners: dict[str, str] = json.loads(ledger.read_text()) if ledger.exists() else {}
+    for path in paths:
+        other = owners.get(path)
+        if other is not None and other != sweep:
+            raise CollectionCollision(
+                f"{out_dir / path} holds the collection of sweep {other!r}; sweep {sweep!r} collects to the same "
+                f"path: give its [[collect]] another path, or collect to another --out DIR")
+    return owners
+
+
+def claim(out_dir: Path, sweep: str, paths: list[str]) -> None:
+    """Record `sweep` as the source of `paths` under out_dir (refused when another sweep's collection is there);
+    a folders collection of this sweep written before is removed, so the new one holds nothing stale."""
+    owners = check_claims(out_dir, sweep, paths)
+    for path in paths:
+        if owners.get(path) == sweep and (out_dir / path).is_dir():
+            shutil.rmtree(out_dir / path)
+    owners.update(dict.fromkeys(paths, sweep))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (LEDGER + ".tmp")
+    tmp.write_text(json.dumps(owners, indent=1, sort_keys=True))
+    tmp.replace(out_dir / LEDGER)
+
+
 def collect(store: Store, state_dir: Path, sweep: Sweep, out_dir: Path) -> list[Path]:
     """Write every collection rule of the sweep under out_dir (and the failed-tasks CSV); returns what was written."""
     collector = Collector(store, state_dir, sweep)
     written = []
-    for part in parts(sweep.name, sweep.collect, store.task_counts(sweep.name).get("failed", 0) > 0):
+    todo = parts(sweep.name, sweep.collect, store.task_counts(sweep.name).get("failed", 0) > 0)
+    claim(out_dir, sweep.name, [part.path for part in todo])
+    for part in todo:
         target = out_dir / part.path
         if part.format == "folders":
             write_entries(target, collector.folder_entries(part.result))

@@ -18,7 +18,7 @@ from master.roster import Roster
 from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store
 from ticketfarm import messages
-from ticketfarm.errors import ConfigError, SweepExists
+from ticketfarm.errors import ConfigError, RetryRefused, SweepExists
 from ticketfarm.spec import Sweep
 
 Reply = tuple[dict[str, Any], list[bytes]]
@@ -84,6 +84,8 @@ class Control:
             "drain": lambda _, m: self.set_draining(m, True),
             "undrain": lambda _, m: self.set_draining(m, False),
             "forget_results": self.forget_results,
+            "retry": self.retry,
+            "forget": self.forget,
             "live_slaves": self.live_slaves,
             "metrics": lambda _, m: done(text=self.metrics_text().decode()),
             "shutdown": self.shutdown,
@@ -96,6 +98,13 @@ class Control:
         }
 
     def on_control(self, identity: bytes, msg: messages.Control) -> None:
+        reply, payload = self.answer(identity, msg)
+        ok = bool(reply.pop("ok", True))
+        # A client with several requests in flight matches replies by its request id.
+        self.link.send(identity, messages.Reply(ok, reply, msg.rid, payload))
+
+    def answer(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Run one op and commit; the reply's fields include `ok` (in-process callers use this directly)."""
         op = self.ops.get(msg.op)
         payload: list[bytes] = []
         try:
@@ -105,11 +114,9 @@ class Control:
                 reply, payload = op(identity, msg)
         except (ConfigError, KeyError, TypeError, ValueError, OSError) as exc:  # ProtocolError is a ValueError
             reply = {"ok": False, "error": str(exc)}
-        ok = bool(reply.pop("ok", True))
         # Read-your-writes: whoever asked reads the store next (HTTP, CLI), so commit before answering.
         self.commit()
-        # A client with several requests in flight matches replies by its request id.
-        self.link.send(identity, messages.Reply(ok, reply, msg.rid, payload))
+        return reply, payload
 
     # -- sweeps ---------------------------------------------------------------------------------------
     def submit(self, identity: bytes, msg: messages.Control) -> Reply:
@@ -160,6 +167,32 @@ class Control:
             (self.state_dir / path).unlink(missing_ok=True)
         shutil.rmtree(self.state_dir / "results" / name, ignore_errors=True)
         self.store.event("results_removed", sweep=name)
+        return done()
+
+    def retry(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Queue failed tasks again with fresh attempts; `spec` (JSON) may change timeout and max_attempts."""
+        args = msg.args()
+        name = args.text("sweep", empty=False)
+        task = args.count("task", None)
+        spec_json = args.text("spec", None, limit=1 << 30)
+        spec = None if spec_json is None else Sweep.from_json(spec_json)
+        if spec is not None and spec.name != name:
+            return refused("bad_request", f"the spec is sweep {spec.name!r}, not {name!r}")
+        try:
+            return done(tasks=self.lifecycle.retry(name, task, spec))
+        except RetryRefused as exc:
+            return refused("not_found" if self.store.sweep(name) is None else "conflict", str(exc))
+
+    def forget(self, identity: bytes, msg: messages.Control) -> Reply:
+        """Delete a settled sweep, its tasks and results (files too), so its name can start anew."""
+        name = msg.args().text("sweep", empty=False)
+        try:
+            paths = self.lifecycle.forget(name)
+        except RetryRefused as exc:
+            return refused("not_found" if self.store.sweep(name) is None else "conflict", str(exc))
+        for path in paths:
+            (self.state_dir / path).unlink(missing_ok=True)
+        shutil.rmtree(self.state_dir / "results" / name, ignore_errors=True)
         return done()
 
     def shutdown(self, identity: bytes, msg: messages.Control) -> Reply:

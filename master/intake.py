@@ -45,6 +45,7 @@ class Transfer:
     elapsed: float | None
     outputs: list[StoredOutput]
     files: dict[str, IncomingFile]
+    warning: str = ""
 
 
 class Intake:
@@ -127,7 +128,8 @@ class Intake:
             self.duplicate(session.identity, tid, row.sweep, row.task)
             return
         outputs, files = self.parse_outputs(entry, row.sweep, tid)
-        transfer = Transfer(tid, row.sweep, row.task, session.identity, entry.exit_code, entry.elapsed, outputs, files)
+        transfer = Transfer(tid, row.sweep, row.task, session.identity, entry.exit_code, entry.elapsed, outputs, files,
+                            entry.warning)
         if files:
             self.transfers[tid] = transfer
             for f in files.values():
@@ -219,7 +221,8 @@ class Intake:
             outputs.append(StoredOutput(f.name, f.size, None, str(final.relative_to(self.state_dir))))
         if transfer.files:  # only fetched outputs ever had an incoming dir
             shutil.rmtree(self.incoming_dir / str(tid), ignore_errors=True)
-        self.lifecycle.complete(Completion(tid, sweep, task, transfer.exit_code, transfer.elapsed, outputs))
+        self.lifecycle.complete(Completion(tid, sweep, task, transfer.exit_code, transfer.elapsed, outputs,
+                                           transfer.warning))
         self.link.ack(transfer.identity, tid)
 
     def validate(self, transfer: Transfer) -> bool:

@@ -15,7 +15,7 @@ from master.roster import Roster
 from master.scheduler import ActiveSweep, Scheduler, Ticket
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from ticketfarm import messages
-from ticketfarm.errors import SweepExists
+from ticketfarm.errors import RetryRefused, SweepExists
 from ticketfarm.spec import Sweep
 
 log = structlog.get_logger("ticketfarm.lifecycle")
@@ -37,6 +37,8 @@ class LifecycleHooks:
     """A task reached done, failed or cancelled (sweep, task, state, outputs)."""
     sweep_ended: Callable[[str], None] = _nothing
     """A sweep finished or was cancelled: nothing of it is dispatched again."""
+    spec_changed: Callable[[str], None] = _nothing
+    """A sweep's spec was replaced (a retry with a new timeout or max_attempts): forget what was built from it."""
 
 
 @dataclass
@@ -49,6 +51,12 @@ class Completion:
     exit_code: int | None
     elapsed: float | None
     outputs: list[StoredOutput]
+    warning: str = ""
+    """Kept as the ticket's reason: see messages.ResultEntry.warning."""
+
+
+#: The spec fields a retry may change on an existing sweep.
+RETRY_CHANGEABLE = ("timeout", "max_attempts")
 
 
 class Lifecycle:
@@ -103,7 +111,10 @@ class Lifecycle:
         row = self.store.sweep(sweep.name)
         if row is not None:
             if row.digest != sweep.digest():
-                raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec; rename it to start anew")
+                changed = ", ".join(sweep.differing_fields(row.sweep()))
+                raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec ({changed} changed): "
+                                  f"rename it, `ticketfarm forget {sweep.name}` to start anew, or "
+                                  f"`run --retry-failed` if only {' or '.join(RETRY_CHANGEABLE)} changed")
             return "finished" if row.state in ("finished", "cancelled") else "running"
         self.store.add_sweep(sweep)
         self.scheduler.activate(sweep, time.time(), list(range(len(sweep.params))))
@@ -130,6 +141,61 @@ class Lifecycle:
                 active.queued.extend(new)
             self.hooks.work_queued()
         return new
+
+    def retry(self, name: str, task: int | None = None, spec: Sweep | None = None) -> list[int]:
+        """Queue a sweep's failed tasks (or one failed or cancelled task) again with a fresh attempt budget,
+        under `spec` when given (it may differ from the stored one in RETRY_CHANGEABLE only); returns the tasks
+        (none when nothing had failed: a changed spec still applies to what runs next)."""
+        row = self.store.sweep(name)
+        if row is None:
+            raise RetryRefused(f"no sweep named {name!r}")
+        if row.sweep().kind == "python":
+            raise RetryRefused(f"sweep {name!r} runs python functions: submit them again from the client")
+        if spec is not None:
+            changed = [f for f in spec.differing_fields(row.sweep()) if f not in RETRY_CHANGEABLE]
+            if changed:
+                raise RetryRefused(f"sweep {name!r}: a retry may change only {', '.join(RETRY_CHANGEABLE)}, but "
+                                   f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the stored "
+                                   f"spec; `ticketfarm forget {name}` to start anew")
+        tasks = self._retryable(name, task)
+        if spec is not None and spec.digest() != row.digest:
+            self.store.replace_spec(spec)
+            self.hooks.spec_changed(name)
+            if (active := self.scheduler.active.get(name)) is not None:
+                active.sweep = spec
+        if not tasks:
+            return []
+        self.store.retry_tasks(name, tasks)
+        for idx in tasks:
+            self.scheduler.avoid.pop((name, idx), None)
+        active = self.scheduler.active.get(name)
+        if active is None:
+            self.store.reopen_sweep(name)
+            self.scheduler.activate(spec or row.sweep(), row.created, tasks)
+        else:
+            active.queued.extend(tasks)
+        log.info("tasks_retried", sweep=name, tasks=len(tasks))
+        self.hooks.work_queued()
+        return tasks
+
+    def _retryable(self, name: str, task: int | None) -> list[int]:
+        if task is None:
+            return self.store.tasks_in_state(name, "failed")
+        state = self.task_state(name, task)
+        if state is None:
+            raise RetryRefused(f"sweep {name!r} has no task {task}")
+        if state not in ("failed", "cancelled"):
+            raise RetryRefused(f"task {task} of {name!r} is {state}: only a failed or cancelled task can be retried")
+        return [task]
+
+    def forget(self, name: str) -> list[str]:
+        """Delete a settled sweep with its tasks, tickets and results; returns its result files (state-relative)."""
+        row = self.store.sweep(name)
+        if row is None:
+            raise RetryRefused(f"no sweep named {name!r}")
+        if name in self.scheduler.active:
+            raise RetryRefused(f"sweep {name!r} is {row.state}: cancel it first (`ticketfarm cancel {name}`)")
+        return self.store.delete_sweep(name)
 
     def set_paused(self, name: str, paused: bool) -> None:
         active = self.scheduler.active[name]
@@ -206,7 +272,8 @@ class Lifecycle:
         self.events.done(done.sweep, done.task)
         self.metrics.tickets_finished.labels("done").inc()
         self.hooks.task_settled(done.sweep, done.task, "done", done.outputs)
-        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, elapsed=done.elapsed)
+        self.store.finish_ticket(done.ticket, "done", exit_code=done.exit_code, reason=done.warning or None,
+                                 elapsed=done.elapsed)
         ticket = self.scheduler.tickets.get(done.ticket)
         if ticket is not None:
             self.scheduler.settle_success(ticket)

@@ -61,7 +61,9 @@ class PythonSweeps:
     """The master's side of python sweeps: function bodies for slaves, the `py_*` ops, notifications to watchers."""
 
     def __init__(self, lifecycle: Lifecycle, link: Link, store: Store, state_dir: Path, epoch: int,
-                 commit: Callable[[], None]):
+                 commit: Callable[[], None], max_message_size: int = 8 * 1024 * 1024):
+        self.max_message_size = max_message_size
+        """The largest message the master's socket takes (a larger one drops the connection): clients learn it."""
         self.lifecycle = lifecycle
         self.link = link
         self.store = store
@@ -219,7 +221,7 @@ class PythonSweeps:
             if identity in watchers:
                 watchers[identity] = now
         self._expire_watchers(now)
-        return {"epoch": self.epoch}, []
+        return {"epoch": self.epoch, "max_message_size": self.max_message_size}, []
 
     def _expire_watchers(self, now: float) -> None:
         for name in list(self.watchers):

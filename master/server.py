@@ -95,7 +95,8 @@ class Master:
         scheduler = Scheduler(self.epoch, config.deadline_grace)
         self.lifecycle = lifecycle = Lifecycle(store, scheduler, link, roster, self.events, self.metrics)
         placement = Placement(roster, scheduler, link, store)
-        self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack)
+        self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack,
+                                   config.max_message_size)
         self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,
@@ -119,7 +120,8 @@ class Master:
         self._demand = lambda: Demand(scheduler.queued_by_timeout(), len(scheduler.tickets),
                                       {s.name: s.slots for s in roster.sessions()})
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
-                                         task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep)
+                                         task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep,
+                                         spec_changed=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
             Command.HELLO: lambda identity, msg: self.sessions.on_hello(identity, msg, self._peer),
             Command.HEARTBEAT: self.sessions.on_heartbeat,

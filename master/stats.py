@@ -122,4 +122,11 @@ def format_report(store: Store, sweeps: list[str] | None = None, failures: int =
             parts += [f"  task {idx} {params}: {reason}" for idx, params, reason in failed[:failures]]
             if len(failed) > failures:
                 parts.append(f"  ... and {len(failed) - failures} more")
+        warned = store.warnings(s.name)
+        if warned:
+            parts += ["", f"Warning: {len(warned)} done task(s) of {s.name} exited 0 with every result empty "
+                          "but wrote to stderr (a failure the exit status hid?)"]
+            parts += [f"  task {idx}: {reason}" for idx, reason in warned[:failures]]
+            if len(warned) > failures:
+                parts.append(f"  ... and {len(warned) - failures} more")
     return "\n".join(parts)

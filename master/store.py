@@ -197,6 +197,21 @@ class Store:
         ).fetchall()
         return [SweepRow(*r) for r in rows]
 
+    def replace_spec(self, sweep: Sweep) -> None:
+        """Store a changed spec of an existing sweep (same tasks: only what a retry may change differs)."""
+        self._write("UPDATE sweeps SET digest = ?, spec = ?, priority = ? WHERE name = ?",
+                    (sweep.digest(), sweep.to_json(), sweep.priority, sweep.name))
+
+    def delete_sweep(self, name: str) -> list[str]:
+        """Remove a sweep and everything of it; returns the paths (state-relative) of its result files."""
+        paths = self.remove_results(name)
+        for table in ("tasks", "tickets"):
+            self._write(f"DELETE FROM {table} WHERE sweep = ?", (name,))
+        self._write("DELETE FROM callbacks WHERE sweep = ?", (name,))
+        self._write("DELETE FROM sweeps WHERE name = ?", (name,))
+        self.event("sweep_forgotten", sweep=name)
+        return paths
+
     def set_sweep_state(self, name: str, state: str) -> None:
         finished = time.time() if state in ("finished", "cancelled") else None
         self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
@@ -226,6 +241,12 @@ class Store:
             "SELECT idx, params, reason FROM tasks WHERE sweep = ? AND state = 'failed' ORDER BY idx", (sweep,)
         )
         return [(i, json.loads(p), r) for i, p, r in rows]
+
+    def retry_tasks(self, sweep: str, idxs: list[int]) -> None:
+        """Queue settled tasks again with no attempts counted."""
+        self._write_many("UPDATE tasks SET state = 'queued', attempts = 0, reason = NULL, ticket = NULL, "
+                         "finished = NULL WHERE sweep = ? AND idx = ?", ((sweep, i) for i in idxs))
+        self.event("tasks_retried", sweep=sweep, detail={"tasks": len(idxs)})
 
     def requeue_task(self, sweep: str, idx: int) -> None:
         self._write("UPDATE tasks SET state = 'queued' WHERE sweep = ? AND idx = ?", (sweep, idx))
@@ -329,6 +350,13 @@ class Store:
     def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
                       reason: str | None = None, elapsed: float | None = None) -> None:
         self._batch(_FINISH_TICKET, (state, exit_code, reason, elapsed, time.time(), ticket))
+
+    def warnings(self, sweep: str) -> list[tuple[int, str]]:
+        """(task, warning) of the done tasks whose result ticket carried a warning, in task order."""
+        rows = self.db.execute(
+            "SELECT t.idx, k.reason FROM tasks t JOIN tickets k ON k.id = t.ticket "
+            "WHERE t.sweep = ? AND t.state = 'done' AND k.reason IS NOT NULL ORDER BY t.idx", (sweep,))
+        return [(idx, reason) for idx, reason in rows]
 
     def ticket(self, ticket: int) -> TicketRow | None:
         row = self.db.execute(

@@ -78,7 +78,7 @@ class Validator(Generic[Item]):
         env = {**os.environ, "TICKETFARM_RESULTS": str(folder), "TICKETFARM_TASK": str(values["task"]),
                "TICKETFARM_SWEEP": str(values["sweep"])}
         try:
-            proc = subprocess.run(["/bin/sh", "-c", line], cwd=folder, env=env, capture_output=True,
+            proc = subprocess.run(template.shell_argv(line), cwd=folder, env=env, capture_output=True,
                                   timeout=rule.timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return False, f"validator timed out after {rule.timeout:g}s"

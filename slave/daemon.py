@@ -566,7 +566,8 @@ class Slave:
                     size += len(data)
                 else:
                     outputs.append(messages.ResultOutput(out.name, out.size))
-            entries.append(messages.ResultEntry(outcome.ticket, outcome.exit_code, outcome.elapsed, outputs))
+            entries.append(messages.ResultEntry(outcome.ticket, outcome.exit_code, outcome.elapsed, outputs,
+                                                outcome.reason))
             if len(entries) >= RESULT_BATCH or size >= RESULT_BYTES:
                 self.send(messages.Result(entries))
                 entries, size = [], 0

@@ -23,8 +23,8 @@ STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
 STDIN = ".tf-stdin"
 MANIFEST = ".tf-result.json"
-#: How much of stderr a failure report carries, so the user sees why a worker failed.
-STDERR_TAIL = 2000
+#: How much of stderr (its last bytes) a failure report carries, so the user sees why a worker failed.
+STDERR_TAIL = 4096
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Worker:
         values = self.values
         stdin = self._write_inputs(values)
         if spec.command is not None:
-            self.args = ["/bin/sh", "-c", template.render_shell(spec.command, values)]
+            self.args = template.shell_argv(template.render_shell(spec.command, values))
         else:
             self.args = [template.render(a, values) for a in spec.argv or []]
         self.env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
@@ -191,7 +191,8 @@ class Worker:
         else:
             try:
                 outputs = self._collect_outputs(code)
-                outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, code, elapsed, outputs=outputs)
+                outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, code, elapsed,
+                                  self._empty_result_warning(outputs), outputs)
             except ResultMissing as exc:
                 outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, str(exc))
             except UnsafePath as exc:  # a symlink or a name leading out of the work dir: never sent
@@ -200,6 +201,14 @@ class Worker:
         outcome.slave = self.slave
         outcome.save(self.workdir)
         return outcome
+
+    def _empty_result_warning(self, outputs: list[Output]) -> str:
+        """A success whose every result is empty but which wrote to stderr is likely a silent failure: say so."""
+        written = [o for o in outputs if self.spec.results.get(o.name.partition("/")[0]) != "exit_code"]
+        if not self.spec.results or any(o.size for o in written):
+            return ""
+        tail = self._stderr_tail()
+        return f"exit code 0, every result empty, stderr{tail}" if tail else ""
 
     def _stderr_tail(self) -> str:
         path = self.workdir / STDERR

@@ -125,7 +125,7 @@ def test_the_clusters_own_failures_are_ticketfarm_errors(cluster):
     with pytest.raises(NotEnoughSlaves, match="fewer than 3 slaves"):
         cluster.wait_for_slaves(3, timeout=0.3)
     with pytest.raises(ConfigError) as info:
-        cluster.map(tasks.square, range(3), timeout=0)
+        cluster.map(tasks.square, range(3), task_timeout=0)  # map's own `timeout` bounds the wait, as Executor.map
     assert info.value.field == "timeout"
     with pytest.raises(MasterRefused, match="no sweep named 'never-submitted'"):
         cluster.attach("never-submitted")

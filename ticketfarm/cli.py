@@ -1,4 +1,4 @@
-"""The `ticketfarm` control command: init, master, run, submit, status, stats, slaves, collect, cancel, alloc, deploy."""
+"""The `ticketfarm` command: init, master, run, submit, status, stats, slaves, collect, cancel, retry, forget, alloc, deploy."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,9 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from master.collect import collect, remove_collected
+from master.collect import check_claims, collect, remove_collected
 from master.config import (
     MasterConfig,
     load_master_config,
@@ -26,9 +26,10 @@ from master.stats import (
     table,
 )
 from master.store import Store
-from ticketfarm import cli_alloc, cli_http, keys
+from ticketfarm import cli_alloc, cli_http, keys, messages
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.progress import ProgressBar
+from ticketfarm.client.statedir import default_state_dir, state_dir_for
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
 from ticketfarm.logs import configure_logging
 from ticketfarm.spec import load_spec
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_json)
     try:
+        if args.state is None:
+            local_run = getattr(args, "local", None) is not None and "TICKETFARM_STATE" not in os.environ
+            args.state = state_dir_for(args.spec) if local_run else default_state_dir()
         return args.func(args)
     except ConfigError as exc:
         print(f"ticketfarm: {exc}", file=sys.stderr)
@@ -52,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketfarm", description="Parameter sweeps across many machines.")
-    parser.add_argument("--state", type=Path, default=Path(os.environ.get("TICKETFARM_STATE", ".ticketfarm")),
-                        help="master state directory (default: $TICKETFARM_STATE or ./.ticketfarm)")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="master state directory (default: $TICKETFARM_STATE, else for `run SPEC --local` "
+                             ".ticketfarm beside SPEC, else ./.ticketfarm)")
     parser.add_argument("--master", help="address of a running master (default: from the state dir's config)")
     parser.add_argument("--log-level", default=os.environ.get("TICKETFARM_LOG", "warning"))
     parser.add_argument("--log-json", action="store_true", help="logs as JSON lines")
@@ -79,7 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"), help="where collected files go")
     p.add_argument("--http", dest="serve_http", metavar="HOST:PORT",
                    help="with --local: serve the HTTP API and dashboard at HOST:PORT (e.g. 127.0.0.1:8080)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="an existing sweep's failed tasks run again with fresh attempts; the spec may change "
+                        "timeout and max_attempts")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("retry", help="queue a sweep's failed tasks (or one failed or cancelled task) again")
+    p.add_argument("sweep")
+    p.add_argument("--task", type=int, help="only this task (its index)")
+    p.set_defaults(func=cmd_retry)
+    p = sub.add_parser("forget", help="delete a finished or cancelled sweep with its results, so its name starts anew")
+    p.add_argument("sweep")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_forget)
     p = sub.add_parser("submit", help="submit a sweep to a running master and return")
     p.add_argument("spec", type=Path)
     p.add_argument("--callback", metavar="URL", help="status_callback_url: POSTed on every state change (HTTP API)")
@@ -180,10 +196,13 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     sweep = load_spec(args.spec)
+    check_claims(args.out, sweep.name, [rule.path for rule in sweep.collect])  # a collision stops it before it runs
     if args.local is None:
         return _run_remote(args, sweep)
     if args.local < 1:
         raise ConfigError("--local needs at least 1 slave")
+    if not (args.state / "state.db").exists():
+        print(f"new state dir {args.state} for {sweep.name} (--state DIR to choose another)", file=sys.stderr)
     from ticketfarm.client.local import LocalCluster  # imports the master: only `run --local` needs it
 
     bar = ProgressBar()
@@ -204,6 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     try:
+        if args.retry_failed:
+            _retry_failed(lambda op, **f: cluster.master.control.answer(b"", messages.Control(op, f))[0], sweep)
         state = cluster.master.submit(sweep)
         if state != "submitted":
             print(f"resuming sweep {sweep.name} ({state}) from {args.state}", file=sys.stderr)
@@ -230,8 +251,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish_run(args.state, sweep.name, args.out, time.time() - started)
 
 
+def _retry_failed(send: Callable[..., dict[str, Any]], sweep: Any) -> None:
+    """--retry-failed: an existing sweep takes this spec and its failed tasks are queued again (a new one is not)."""
+    reply = send("retry", sweep=sweep.name, spec=sweep.to_json())
+    if reply.get("ok"):
+        print(f"{sweep.name}: retrying {len(reply['tasks'])} failed task(s)", file=sys.stderr)
+    elif reply.get("code") != "not_found":
+        raise ConfigError(reply.get("error", "retry refused"))
+
+
 def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
     endpoint = _endpoint(args)
+    if args.retry_failed:
+        _retry_failed(lambda op, **f: control(endpoint, op, keys=_keys(args), **f), sweep)
     reply = _submit(args, endpoint, sweep)
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
@@ -363,6 +395,54 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 1
     print(f"pruned {reply['results']} results of {len(reply['sweeps'])} sweeps, {reply['events']} events")
     return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    fields = {"sweep": args.sweep} if args.task is None else {"sweep": args.sweep, "task": args.task}
+    reply = _answer(args, "retry", **fields)
+    if not reply.get("ok"):
+        print(f"ticketfarm: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    if not reply["tasks"]:
+        print(f"{args.sweep}: no failed tasks to retry")
+        return 1
+    print(f"{args.sweep}: queued again: task(s) {', '.join(map(str, reply['tasks']))}"
+          f" (`ticketfarm run SPEC` or a running master runs them)")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    if not args.yes:
+        answer = input(f"delete sweep {args.sweep!r} with all its tasks and results from {args.state}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    reply = _answer(args, "forget", sweep=args.sweep)
+    if not reply.get("ok"):
+        print(f"ticketfarm: {reply.get('error', 'refused')}", file=sys.stderr)
+        return 1
+    print(f"{args.sweep}: forgotten; its name can start anew")
+    return 0
+
+
+def _answer(args: argparse.Namespace, op: str, **fields: Any) -> dict[str, Any]:
+    """One control op on the running master or, when none answers, on the state dir by an in-process master."""
+    if args.master or master_config_path(args.state).exists():
+        try:
+            return control(_endpoint(args), op, timeout=2.0, keys=_keys(args), **fields)
+        except MasterUnreachable:
+            if args.master:
+                raise
+    if not (args.state / "state.db").exists():
+        raise ConfigError(f"{args.state}: no ticketfarm state here (no state.db); pass --state DIR")
+    config = load_master_config(args.state) if master_config_path(args.state).exists() else MasterConfig()
+    config.bind, config.http_bind = "tcp://127.0.0.1:*", ""  # nobody is meant to connect to this one
+    from master.server import Master  # only here: the other commands never pay for the master's imports
+    master = Master(config, args.state)
+    try:
+        return master.control.answer(b"", messages.Control(op, fields))[0]
+    finally:
+        master.close()
 
 
 def _control_verb(args: argparse.Namespace, op: str, done: str, **fields: Any) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from master.collect import READ_SIZE, parts, tar_entries, write_chunks, write_entries
+from master.collect import READ_SIZE, claim, parts, tar_entries, write_chunks, write_entries
 from master.config import load_master_config, master_config_path
 from master.stats import table
 from master.web.tokens import (
@@ -116,7 +116,9 @@ def collect(api: ApiClient, sweep: str, out: Path, remove: bool) -> int:
     detail = api.get(base)
     rules = [CollectRule(**rule) for rule in detail["spec"]["collect"]]
     written = []
-    for part in parts(sweep, rules, detail["failed"] > 0):
+    todo = parts(sweep, rules, detail["failed"] > 0)
+    claim(out, sweep, [part.path for part in todo])
+    for part in todo:
         target = out / part.path
         query = f"?format={part.format}" + (f"&result={quote(part.result)}" if part.result else "")
         with api.stream(f"{base}/collect{query}") as response:

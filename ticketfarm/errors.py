@@ -36,6 +36,14 @@ class SweepExists(ConfigError):
     """A sweep of that name exists with a different spec."""
 
 
+class CollectionCollision(ConfigError):
+    """A sweep would write a collection path another sweep's collection already holds."""
+
+
+class RetryRefused(ConfigError):
+    """A retry that cannot apply: unknown sweep or task, nothing to retry, or a spec changed beyond what may change."""
+
+
 class KeyFileError(TicketfarmError, ValueError):
     """A CURVE key file that is missing, unreadable, too open or not a key."""
 
@@ -92,6 +100,10 @@ class TaskFailed(TicketfarmError, RuntimeError):
 
     def __reduce__(self):  # keep the fields through pickling
         return (type(self), (self.reason, self.sweep, self.task))
+
+
+class ArgumentTooLarge(TicketfarmError, ValueError):
+    """A task's pickled arguments (with its function) do not fit in one message to the master."""
 
 
 class TaskCancelled(TicketfarmError, RuntimeError):

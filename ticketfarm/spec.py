@@ -140,6 +140,11 @@ class Sweep:
         """Identifies the spec's content, so a resumed sweep is known to be the same sweep."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    def differing_fields(self, other: "Sweep") -> list[str]:
+        """The spec fields whose values differ from `other`'s, in field order."""
+        mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
+        return [name for name in mine if mine[name] != theirs.get(name)]
+
 
 def load_spec(path: Path) -> Sweep:
     """Read and validate a sweep spec; every error names the file (and line or field)."""

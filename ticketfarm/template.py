@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from typing import Any, Callable, Iterable, Mapping
 
 from ticketfarm.errors import ConfigError
@@ -11,6 +12,10 @@ _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: Placeholders every template may use besides the sweep's parameters.
 BUILTINS = ("ticket", "task", "sweep", "workdir", "attempt")
+
+#: The shell of `command` lines: bash with pipefail where bash exists (so `a | b` fails when `a` does),
+#: else POSIX sh, which has no pipefail (dash: a pipeline's status is its last command's).
+SHELL = ["bash", "-o", "pipefail", "-c"] if shutil.which("bash") else ["/bin/sh", "-c"]
 
 
 def placeholders(template: str) -> list[str]:
@@ -39,6 +44,11 @@ def render(template: str, values: Mapping[str, Any], quote: Callable[[str], str]
         return quote(str(values[m.group(1)]))
 
     return _TOKEN.sub(substitute, template)
+
+
+def shell_argv(line: str) -> list[str]:
+    """The argv that runs a rendered command line in SHELL."""
+    return [*SHELL, line]
 
 
 def render_shell(template: str, values: Mapping[str, Any]) -> str:

@@ -37,8 +37,10 @@ from typing import Any, Callable, Iterable, Iterator
 import cloudpickle
 import zmq
 
+from master.config import MasterConfig
 from ticketfarm import messages
 from ticketfarm.errors import (
+    ArgumentTooLarge,
     ClusterClosed,
     ConfigError,
     MasterRefused,
@@ -64,8 +66,21 @@ FETCH_PIECE = FETCH_MAX
 FETCH_WINDOW = 4
 #: Seconds between the client's pings (they also keep its watches alive on the master).
 PING_INTERVAL = 1.0
+#: Bytes of a py_add message besides the pickled arguments and functions (header, reprs, the sweep's spec).
+MESSAGE_HEADROOM = 64 * 1024
 
-_short = reprlib.Repr()
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, except that array-likes (numpy, torch, ...) are described, never rendered whole."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if shape is not None and dtype is not None and not isinstance(x, type):
+            return f"<{type(x).__name__} shape={tuple(shape)} dtype={dtype}>"
+        return super().repr1(x, level)
+
+
+_short = _ShortRepr()
 _short.maxstring, _short.maxother, _short.maxlevel = 40, 40, 2
 
 
@@ -79,10 +94,18 @@ class TaskFuture(Future):
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()
-        if super().cancel():
+        if self.cancel_here():
             self.cluster.send_cancel(self.sweep, [self.task])
             return True
         return False
+
+    def cancel_here(self) -> bool:
+        """Cancel this future only (not the task on the cluster), notifying `wait` and `as_completed` at once:
+        no executor thread will ever pick it up to do so, as in the standard library's executors."""
+        if self.done() or not Future.cancel(self):
+            return False
+        self.set_running_or_notify_cancel()
+        return True
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.sweep}[{self.task}] {self._state.lower()}>"
@@ -117,10 +140,9 @@ class SweepHandle:
         return self.results()
 
     def results(self, timeout: float | None = None) -> Iterator[Any]:
-        """Each task's value in task order; a task's exception is raised when its turn comes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for fut in self.futures:
-            yield fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        """Each task's value in task order; a task's exception is raised when its turn comes; `timeout` bounds
+        the whole wait, counted from this call (TimeoutError)."""
+        return _in_order(self.futures, None if timeout is None else time.monotonic() + timeout)
 
     def as_completed(self, timeout: float | None = None) -> Iterator[TaskFuture]:
         return as_completed(self.futures, timeout)
@@ -143,8 +165,16 @@ class SweepHandle:
         return out
 
 
-class Cluster:
+def _in_order(futures: list[TaskFuture], deadline: float | None) -> Iterator[Any]:
+    for fut in futures:
+        yield fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+class Cluster(concurrent.futures.Executor):
     """A connection to a ticketfarm master for running Python functions; or a private local cluster.
+
+    A `concurrent.futures.Executor`: `submit`, `map(fn, *iterables, timeout=None, chunksize=1)`, `shutdown(wait,
+    cancel_futures)`, and `with` (which shuts down waiting for every future, as executors do).
 
     Cluster(address="tcp://host:5555")  connect to a running master (`ticketfarm master`); CURVE keys from
                                         `keys=DIR` (master.key + client.key_secret), $TICKETFARM_KEYS,
@@ -189,6 +219,8 @@ class Cluster:
         self._fetches: dict[tuple[str, int], dict[str, Any]] = {}
         self._epoch: int | None = None
         self._closed = False
+        self._shut_down = False
+        self._message_limit = MasterConfig.max_message_size
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -196,7 +228,9 @@ class Cluster:
         self._thread = threading.Thread(target=self._io_loop, name="ticketfarm-client", daemon=True)
         self._thread.start()
         # The epoch is known from the start: a master restarted before the first periodic ping is noticed too.
-        self._epoch = self._call("py_ping", {}, timeout=connect_timeout).get("epoch")
+        hello = self._call("py_ping", {}, timeout=connect_timeout)
+        self._epoch = hello.get("epoch")
+        self._message_limit = int(hello.get("max_message_size", self._message_limit))
         atexit.register(self.close)
 
     # -- local cluster -------------------------------------------------------------------------
@@ -228,14 +262,39 @@ class Cluster:
         return self._add(spec, fn, [(args, kwargs)])[0]
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            max_attempts: int | None = None, name: str | None = None) -> Iterator[Any]:
-        """fn over the zipped iterables as one sweep; yields results in input order.
+            chunksize: int = 1, task_timeout: float | None = None, max_attempts: int | None = None,
+            name: str | None = None) -> Iterator[Any]:
+        """Executor.map: fn over the zipped iterables as one sweep; yields results in input order.
 
-        `timeout` is each task's run-time limit in seconds (not a wait limit), `max_attempts`
-        how often a task whose worker died or timed out is tried; `name` names the sweep so
-        another process can attach() to it.
+        `timeout` bounds the wait in seconds, counted from this call (TimeoutError), as in Executor.map;
+        `chunksize` is accepted for compatibility (tasks travel in batches anyway). `task_timeout` is each
+        task's run-time limit, `max_attempts` how often a task whose worker died or timed out is tried;
+        `name` names the sweep so another process can attach() to it. Unfinished tasks are cancelled when
+        the iterator is closed early or raises, as Executor.map does.
         """
-        return self.sweep(fn, *iterables, timeout=timeout, max_attempts=max_attempts, name=name).results()
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handle = self.sweep(fn, *iterables, timeout=task_timeout, max_attempts=max_attempts, name=name)
+        return self._map_results(handle, deadline)
+
+    def _map_results(self, handle: SweepHandle, deadline: float | None) -> Iterator[Any]:
+        try:
+            yield from _in_order(handle.futures, deadline)
+        finally:
+            self._cancel_unsettled(handle.futures, wait=False)
+
+    def _cancel_unsettled(self, futures: Iterable[TaskFuture], wait: bool) -> None:
+        """Cancel the futures not settled yet, with one py_cancel per sweep (waited for with `wait`)."""
+        by_sweep: dict[str, list[int]] = {}
+        for fut in futures:
+            if fut.task >= 0 and fut.cancel_here():
+                by_sweep.setdefault(fut.sweep, []).append(fut.task)
+        for name, tasks in by_sweep.items():
+            if wait:
+                self._call("py_cancel", {"sweep": name, "tasks": tasks})
+            else:
+                self.send_cancel(name, tasks)
 
     def sweep(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
               max_attempts: int | None = None, name: str | None = None) -> SweepHandle:
@@ -265,7 +324,7 @@ class Cluster:
         state = self._sweeps.get(name)
         if state is not None:
             for fut in list(state.futures.values()):
-                Future.cancel(fut)
+                fut.cancel_here()
         return bool(reply.get("ok"))
 
     def status(self) -> dict[str, Any]:
@@ -279,6 +338,21 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise NotEnoughSlaves(f"fewer than {n} slaves connected after {timeout:g}s")
             time.sleep(0.05)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Executor.shutdown: no new tasks; `cancel_futures` cancels every unsettled one on the cluster, `wait`
+        blocks until every future of this client has settled; then close(). After close() it does nothing: no
+        future settles any more."""
+        if self._closed:
+            return
+        self._shut_down = True
+        with self._lock:
+            futures = [f for state in self._sweeps.values() for f in state.futures.values()]
+        if cancel_futures and not self._closed:
+            self._cancel_unsettled(futures, wait=True)
+        if wait:
+            concurrent.futures.wait(futures)
+        self.close()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the client thread once the master has stored every submitted task (at most `timeout` s).
@@ -311,12 +385,6 @@ class Cluster:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "Cluster":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- submitting --------------------------------------------------------------------------------
     def _spec(self, name: str, timeout: float, max_attempts: int) -> Sweep:
         if timeout <= 0 or max_attempts < 1:
@@ -341,15 +409,20 @@ class Cluster:
 
     def _add(self, spec: Sweep, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
              ) -> list[TaskFuture]:
-        if self._closed:
-            raise ClusterClosed("cluster is closed: open a new Cluster to submit more work")
+        if self._closed or self._shut_down:
+            raise ClusterClosed("cannot schedule new futures after shutdown: open a new Cluster to submit more work")
         digest, body = self._function(fn)
-        items = [(cloudpickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL), _short.repr(c[0])[:200]) for c in calls]
+        pickled = [cloudpickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL) for c in calls]
+        refused = {i: self._too_large(fn, len(p), len(body)) for i, p in enumerate(pickled)
+                   if len(p) + len(body) + MESSAGE_HEADROOM > self._message_limit}
+        items = [(p, _short.repr(c[0])[:200]) for i, (p, c) in enumerate(zip(pickled, calls)) if i not in refused]
         with self._lock:
             state = self._state(spec.name)
             first = state.next_index
             state.next_index += len(items)
-            futures = [state.future(first + i) for i in range(len(items))]
+            indices = iter(range(first, first + len(items)))
+            # A refused call takes no task index: the next ones stay contiguous, as the master requires.
+            futures = [refused[i] if i in refused else state.future(next(indices)) for i in range(len(calls))]
             if not state.watched:
                 state.watched = True
                 watch = True
@@ -363,6 +436,15 @@ class Cluster:
             self._request_async("py_watch", {"sweep": spec.name}, defer=True)
         self._wake()
         return futures
+
+    def _too_large(self, fn: Callable[..., Any], size: int, body: int) -> TaskFuture:
+        """A future failed at once: these arguments could never reach the master (it drops larger messages)."""
+        fut = TaskFuture(self, "", -1)
+        fut.set_exception(ArgumentTooLarge(
+            f"the arguments of {getattr(fn, '__qualname__', fn)!r} pickle to {size} bytes ({body} more for the "
+            f"function): over the master's max_message_size of {self._message_limit} bytes; pass large data by "
+            f"path (a file the workers can read) or raise max_message_size in master.toml"))
+        return fut
 
     def _state(self, name: str) -> _SweepState:
         state = self._sweeps.get(name)
@@ -460,12 +542,17 @@ class Cluster:
         while self._adds:
             name, first, _, _, _, spec = self._adds[0]
             fns, reprs, args, size = [], [], [], 0
-            while self._adds and self._adds[0][0] == name and len(fns) < ADD_BATCH and size < MAX_ADD_BYTES:
+            while self._adds and self._adds[0][0] == name and len(fns) < ADD_BATCH:
+                digest, arg = self._adds[0][2], self._adds[0][3]
+                cost = len(arg) + (len(self._fn_bodies[digest]) if digest not in self._fn_sent
+                                   and digest not in fns else 0)
+                if fns and size + cost > MAX_ADD_BYTES:
+                    break  # the next message takes it: each stays within what the master accepts
                 _, _, digest, arg, text, _ = self._adds.popleft()
                 fns.append(digest)
                 reprs.append(text)
                 args.append(arg)
-                size += len(arg)
+                size += cost
             new_fns = [d for d in dict.fromkeys(fns) if d not in self._fn_sent]
             self._fn_sent.update(new_fns)
             rid = next(self._rids)
@@ -538,7 +625,7 @@ class Cluster:
             elif task.state == "done":
                 self._start_fetch(fut, task.output, task.size)
             elif task.state == "cancelled":
-                Future.cancel(fut)
+                fut.cancel_here()
             else:
                 fut.set_exception(TaskFailed(task.reason or task.state, name, fut.task))
 

@@ -15,7 +15,7 @@ MAX_ITEMS = 100_000
 #: Characters in a name-like string field at most (sweep, output, platform, reason is cut, not refused).
 MAX_TEXT = 4096
 #: Readable reasons are cut to this many characters (they end up in logs and in the store).
-MAX_REASON = 2000
+MAX_REASON = 4500
 
 _MISSING: Any = object()
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from ticketfarm import protocol
 from ticketfarm.errors import ProtocolError
-from ticketfarm.messages.fields import MAX_ITEMS, Header, bad
+from ticketfarm.messages.fields import MAX_ITEMS, MAX_REASON, Header, bad
 from ticketfarm.protocol import CHUNK_SIZE, Command, Message
 
 STREAMS = ("stdout", "stderr")
@@ -47,6 +47,8 @@ class ResultEntry:
     exit_code: int | None
     elapsed: float | None
     outputs: list[ResultOutput] = field(default_factory=list)
+    warning: str = ""
+    """Why a success looks suspicious (exit 0, every result empty, stderr written), with the stderr's tail."""
 
 
 @dataclass(slots=True)
@@ -67,7 +69,7 @@ class Result:
                     declared.append({"name": o.name, "size": len(o.data), "inline": True})
                     inline.append(o.data)
             entries.append({"ticket": r.ticket, "exit_code": r.exit_code, "elapsed": r.elapsed,
-                            "outputs": declared})
+                            "outputs": declared, "warning": r.warning})
         return protocol.encode(self.COMMAND, {"results": entries}, [b"".join(inline)])
 
     @classmethod
@@ -104,7 +106,10 @@ class Result:
                     outputs.append(ResultOutput(name, size))
                 else:
                     bad(command, f"results[{i}].outputs[{j}].inline", "true or false")
-            entries.append(ResultEntry(ticket, exit_code, elapsed, outputs))
+            warning = item.get("warning", "")
+            if type(warning) is not str:
+                bad(command, f"results[{i}].warning", "a string")
+            entries.append(ResultEntry(ticket, exit_code, elapsed, outputs, warning[:MAX_REASON]))
         if offset != len(frame):
             raise ProtocolError(f"RESULT: the inline outputs' sizes add up to {offset} bytes, "
                                 f"but the frame holds {len(frame)}")
