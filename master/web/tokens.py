@@ -101,8 +101,8 @@ def config_hashes(text: str) -> list[str]:
 class TokenSet:
     """The tokens the API accepts now: the tokens file's, and master.toml's http_token_hash (every scope).
 
-    Both files are looked at again at most every RELOAD_INTERVAL: an added token works and a revoked one is
-    refused within that time, with no restart.
+    Both files are looked at again at most every RELOAD_INTERVAL, and at once for a token not known yet: an added
+    token works immediately and a revoked one is refused within RELOAD_INTERVAL, with no restart.
     """
 
     def __init__(self, state_dir: Path):
@@ -124,10 +124,10 @@ class TokenSet:
                 out.append(None)
         return tuple(out)
 
-    def refresh(self) -> None:
+    def refresh(self, now_please: bool = False) -> None:
         with self._lock:
             now = time.monotonic()
-            if now < self._next_look:
+            if now < self._next_look and not now_please:
                 return
             self._next_look = now + RELOAD_INTERVAL
             stamp = self._stamps()
@@ -148,8 +148,15 @@ class TokenSet:
         """The scopes of a token, or None when it is not (or no longer) one of ours."""
         self.refresh()
         digest = hash_token(token)
+        found = self._match(digest)
+        if found is None:  # a token added a moment ago works at once: look at the files now (a stat each)
+            self.refresh(now_please=True)
+            found = self._match(digest)
+        return set(found.scopes) if found is not None else None
+
+    def _match(self, digest: str) -> TokenEntry | None:
         found = None
         for entry in self.entries:  # compare with every hash: no early exit
             if hmac.compare_digest(digest, entry.sha256):
                 found = entry
-        return set(found.scopes) if found is not None else None
+        return found
