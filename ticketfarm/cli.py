@@ -32,6 +32,7 @@ from ticketfarm.client.progress import ProgressBar
 from ticketfarm.client.statedir import default_state_dir, state_dir_for
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
 from ticketfarm.logs import configure_logging
+from ticketfarm.parallel import command as parallel_command
 from ticketfarm.spec import load_spec
 
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tokens.add_parser("list", help="named tokens and their scopes")
     t.set_defaults(func=lambda args: cli_http.token_list(args.state))
     cli_alloc.add_parsers(sub, lambda args: (_endpoint(args), _keys(args)))
+    parallel_command.add_parser(sub)
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:

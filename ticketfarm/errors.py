@@ -139,3 +139,8 @@ class StateDirInUse(TicketfarmError):
 
 class BindFailed(ConfigError):
     """The master cannot listen on a configured address (in use, not on this host); `field` names the setting."""
+
+
+class ParallelUsage(ConfigError):
+    """A `ticketfarm parallel` command line that cannot run: an unsupported GNU parallel option or replacement
+    string (named), a bad value, or a missing input file; `ticketfarm parallel` exits 255 on it, as parallel does."""
