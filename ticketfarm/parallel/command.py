@@ -32,6 +32,9 @@ def main(words: list[str], state: Path | None = None, master: str | None = None,
         cwd = (cwd or Path.cwd()).resolve()
         opts = options.parse(words)
         options.anchor(opts, cwd)
+        if opts.help:
+            streams.stdout.write(options.usage().encode())
+            return 0
         runner = None
         if opts.master or opts.state or master:
             from ticketfarm.parallel.remote import RemoteMaster

@@ -60,6 +60,7 @@ class Options:
     master: str | None = None
     state: str | None = None
     local: bool = False
+    help: bool = False
 
 
 Handler = Callable[[Options, str], None]
@@ -137,11 +138,22 @@ LONG: dict[str, tuple[bool, Handler]] = {
     "dry-run": (False, _flag("dry_run")), "dryrun": (False, _flag("dry_run")), "verbose": (False, _flag("verbose")),
     "tag": (False, _tag), "tagstring": (True, _set("tagstring")),
     "will-cite": (False, _ignore), "no-notice": (False, _ignore), "group": (False, _ignore), "gnu": (False, _ignore),
-    "local": (False, _flag("local")), "master": (True, _set("master")), "state": (True, _set("state")),
+    "help": (False, _flag("help")), "local": (False, _flag("local")), "master": (True, _set("master")), "state": (True, _set("state")),
 }
 #: Short option letter -> its long name.
-SHORT = {"j": "jobs", "P": "max-procs", "k": "keep-order", "C": "colsep", "a": "arg-file", "0": "null",
+SHORT = {"h": "help", "j": "jobs", "P": "max-procs", "k": "keep-order", "C": "colsep", "a": "arg-file", "0": "null",
          "d": "delimiter", "r": "no-run-if-empty", "v": "verbose"}
+
+
+def usage() -> str:
+    """--help: the command line's shape and every option accepted."""
+    letters = {long: short for short, long in SHORT.items()}
+    names = ", ".join(f"-{letters[n]}/--{n}" if n in letters else f"--{n}" for n in sorted(LONG))
+    return ("usage: ticketfarm parallel [OPTIONS] [COMMAND [ARGS...]] [::: VALUES...] [:::: FILES...] [:::+ ...]\n"
+            "       (no ::: and no :::: : one argument per line of stdin)\n"
+            f"options: {names}\n"
+            "replacement strings: {} {.} {/} {//} {/.} {#} and {n} {n.} {n/} {n//} {n/.} (n from 1, or -1)\n"
+            "GNU parallel's behaviour and what differs: docs/PARALLEL.md\n")
 
 
 def parse(argv: list[str]) -> Options:

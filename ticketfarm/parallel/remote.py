@@ -4,8 +4,10 @@ The sweep is forgotten on the master once every job is reported (or cancelled fi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from master.config import load_master_config, master_config_path
 from master.store import Store
@@ -18,6 +20,9 @@ from ticketfarm.parallel.options import Options
 from ticketfarm.parallel.replace import CommandTemplate
 from ticketfarm.parallel.run import Report, Streams, bar, poll_until_complete
 from ticketfarm.parallel.sweep import build_sweep
+
+#: Seconds between two checks that the master still answers.
+PING_EVERY = 2.0
 
 
 @dataclass
@@ -52,14 +57,28 @@ class RemoteMaster:
             reply = self._control("submit", sweep=sweep.to_json())
             if not reply.get("ok"):
                 raise ConfigError(f"the master at {self.endpoint} refused the jobs: {reply.get('error')}")
+            show_bar, alive = bar(opts, streams, store, sweep.name), self.liveness()
             try:
-                poll_until_complete(report, follower.poll, bar(opts, streams, store, sweep.name))
+                poll_until_complete(report, follower.poll, lambda: (show_bar(), alive()))
             finally:
                 if not report.complete:
                     self._control("cancel", sweep=sweep.name)
                 self._control("forget", sweep=sweep.name)
         finally:
             store.close()
+
+    def liveness(self) -> Callable[[], None]:
+        """A check, every PING_EVERY seconds at most, that the master still answers (MasterUnreachable if not):
+        a run never waits for ever on a master that is gone."""
+        next_ping = time.monotonic() + PING_EVERY
+
+        def check() -> None:
+            nonlocal next_ping
+            if time.monotonic() >= next_ping:
+                self._control("ping")
+                next_ping = time.monotonic() + PING_EVERY
+
+        return check
 
     def _control(self, op: str, **fields: object) -> dict[str, object]:
         return control(self.endpoint, op, keys=self.keys, **fields)

@@ -23,6 +23,8 @@ from ticketfarm.parallel.replace import CommandTemplate
 MAX_EXIT = 101
 #: Seconds between two looks at a running master's store.
 REMOTE_POLL = 0.1
+#: Job slots at most for -j 0 ("as many as possible"): about what GNU parallel's file handles allow.
+MAX_SLOTS = 256
 
 
 @dataclass
@@ -142,7 +144,7 @@ def job_slots(opts: Options, njobs: int) -> int:
         return max(1, cores * int(spec[:-1]) // 100)
     if spec[0] in "+-":
         return max(1, cores + int(spec))
-    return int(spec) or max(1, njobs)
+    return int(spec) or max(1, min(njobs, MAX_SLOTS))
 
 
 def run_local(opts: Options, jobs: list[Job], template: CommandTemplate, cwd: Path, report: Report,
