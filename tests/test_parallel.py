@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +102,40 @@ def test_on_a_running_master_with_its_slaves(tmp_path: Path, master: MasterProce
 def test_the_state_dir_of_a_running_master_is_required(tmp_path: Path) -> None:
     code, _, err = in_process("--state", str(tmp_path / "nothing"), "echo", ":::", "a", cwd=tmp_path)
     assert code == 255 and "no master state here" in err
+
+
+DOCS = [Path(__file__).resolve().parent.parent / name for name in ("README.md", "docs/PARALLEL.md")]
+
+
+def walkthroughs() -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every ```console block of the docs that runs `ticketfarm parallel`: ($ command, the output shown) pairs."""
+    found = []
+    for doc in DOCS:
+        for n, block in enumerate(re.findall(r"```console\n(.*?)```", doc.read_text(), re.S)):
+            if "ticketfarm parallel" not in block:
+                continue
+            steps: list[list[str]] = []
+            for line in block.splitlines(keepends=True):
+                if line.startswith("$ "):
+                    steps.append([line[2:].rstrip("\n"), ""])
+                else:
+                    steps[-1][1] += line
+            found.append((f"{doc.name}-{n}", [(cmd, out) for cmd, out in steps]))
+    return found
+
+
+@pytest.mark.parametrize("tool", ["ticketfarm parallel", "parallel"])
+@pytest.mark.parametrize("name, steps", walkthroughs(), ids=[name for name, _ in walkthroughs()])
+def test_walkthroughs_print_what_the_docs_show(name: str, steps: list[tuple[str, str]], tool: str,
+                                               tmp_path: Path) -> None:
+    """As written, and with GNU parallel instead: the docs claim both print the same."""
+    if tool == "parallel" and shutil.which("parallel") is None:
+        pytest.skip("GNU parallel is not installed")
+    (tmp_path / ".parallel").mkdir()
+    (tmp_path / ".parallel" / "will-cite").touch()
+    work = tmp_path / "work"
+    work.mkdir()
+    for command, shown in steps:
+        proc = subprocess.run(["bash", "-c", command.replace("ticketfarm parallel", tool)], cwd=work,
+                              capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+        assert proc.stdout.decode() == shown, (command, proc.stderr.decode())
