@@ -6,13 +6,15 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import MasterProcess
+from tests.conftest import MasterProcess, wait_for
 from ticketfarm.logs import configure_logging
 from ticketfarm.parallel.command import main
 from ticketfarm.parallel.run import Streams
@@ -139,3 +141,30 @@ def test_walkthroughs_print_what_the_docs_show(name: str, steps: list[tuple[str,
         proc = subprocess.run(["bash", "-c", command.replace("ticketfarm parallel", tool)], cwd=work,
                               capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
         assert proc.stdout.decode() == shown, (command, proc.stderr.decode())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_kills_its_jobs_keeps_the_joblog_and_resumes(sig: int, tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    words = ["-j2", "--joblog", "jl", "sleep {}; echo {}", ":::", "0.1", "300.5", "301.5"]
+    proc = subprocess.Popen([sys.executable, "-m", "ticketfarm", "parallel", *words], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        wait_for(lambda: (tmp_path / "jl").exists() and len((tmp_path / "jl").read_text().splitlines()) == 2, 60,
+                 "the first job in the joblog")
+        wait_for(lambda: len(sleepers()) == 2, 30, "both long jobs to run")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (130, b"0.1\n"), err
+    assert b"--resume" in err
+    wait_for(lambda: not sleepers(), 10, "the jobs to be killed")
+    assert list(scratch.iterdir()) == []
+    again = tf_parallel("-k", "--resume", *words[1:3], "echo", ":::", "0.1", "x", "y", cwd=tmp_path)
+    assert (again.returncode, again.stdout) == (0, b"x\ny\n"), again.stderr  # job 1 is in the joblog: skipped
+
+
+def sleepers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in (["sleep", "300.5"], ["sleep", "301.5"])]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ def main(words: list[str], state: Path | None = None, master: str | None = None,
     """Run one command line; `state`, `master` and `keys_dir` are the CLI's global options (the state dir is read
     only when --master or --state asks for a running master)."""
     streams = streams or Streams(sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         cwd = (cwd or Path.cwd()).resolve()
         opts = options.parse(words)
@@ -49,3 +53,11 @@ def main(words: list[str], state: Path | None = None, master: str | None = None,
     except KeyboardInterrupt:
         streams.stderr.write(b"ticketfarm parallel: interrupted; with --joblog, --resume runs the jobs not done\n")
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(*_: object) -> None:
+    """SIGTERM ends a run as Ctrl-C does: jobs killed, the state dir removed, the joblog kept."""
+    raise KeyboardInterrupt
