@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import psutil
 import pytest
 
 from tests.conftest import MasterProcess, wait_for
+from tests.walkthrough import ROOT, Shell, walkthroughs
 from ticketfarm.logs import configure_logging
 from ticketfarm.parallel.command import main
 from ticketfarm.parallel.run import Streams
@@ -106,41 +106,35 @@ def test_the_state_dir_of_a_running_master_is_required(tmp_path: Path) -> None:
     assert code == 255 and "no master state here" in err
 
 
-DOCS = [Path(__file__).resolve().parent.parent / name for name in ("README.md", "docs/PARALLEL.md")]
+#: The walkthroughs of ticketfarm parallel (listed in tests/test_walkthroughs.py RUN_BY): page, name.
+WALKTHROUGHS = [(ROOT / "README.md", "parallel"), (ROOT / "docs" / "PARALLEL.md", "parallel-tour")]
 
 
-def walkthroughs() -> list[tuple[str, list[tuple[str, str]]]]:
-    """Every ```console block of the docs that runs `ticketfarm parallel`: ($ command, the output shown) pairs."""
-    found = []
-    for doc in DOCS:
-        for n, block in enumerate(re.findall(r"```console\n(.*?)```", doc.read_text(), re.S)):
-            if "ticketfarm parallel" not in block:
-                continue
-            steps: list[list[str]] = []
-            for line in block.splitlines(keepends=True):
-                if line.startswith("$ "):
-                    steps.append([line[2:].rstrip("\n"), ""])
-                else:
-                    steps[-1][1] += line
-            found.append((f"{doc.name}-{n}", [(cmd, out) for cmd, out in steps]))
-    return found
+def console_steps(body: str) -> list[tuple[str, str]]:
+    """A console block as ($ command, the output shown after it) pairs."""
+    steps: list[list[str]] = []
+    for line in body.splitlines(keepends=True):
+        if line.startswith("$ "):
+            steps.append([line[2:].rstrip("\n"), ""])
+        else:
+            steps[-1][1] += line
+    return [(command, shown) for command, shown in steps]
 
 
 @pytest.mark.parametrize("tool", ["ticketfarm parallel", "parallel"])
-@pytest.mark.parametrize("name, steps", walkthroughs(), ids=[name for name, _ in walkthroughs()])
-def test_walkthroughs_print_what_the_docs_show(name: str, steps: list[tuple[str, str]], tool: str,
-                                               tmp_path: Path) -> None:
-    """As written, and with GNU parallel instead: the docs claim both print the same."""
+@pytest.mark.parametrize("page, name", WALKTHROUGHS, ids=[name for _, name in WALKTHROUGHS])
+def test_walkthroughs_print_what_the_docs_show(page: Path, name: str, tool: str, tmp_path: Path) -> None:
+    """As written, and with GNU parallel instead: the pages claim both print the same."""
     if tool == "parallel" and shutil.which("parallel") is None:
         pytest.skip("GNU parallel is not installed")
     (tmp_path / ".parallel").mkdir()
     (tmp_path / ".parallel" / "will-cite").touch()
     work = tmp_path / "work"
     work.mkdir()
-    for command, shown in steps:
-        proc = subprocess.run(["bash", "-c", command.replace("ticketfarm parallel", tool)], cwd=work,
-                              capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
-        assert proc.stdout.decode() == shown, (command, proc.stderr.decode())
+    shell = Shell(work, env={"HOME": str(tmp_path)})
+    for command, shown in console_steps(walkthroughs(page)[name]):
+        result = shell.run(command.replace("ticketfarm parallel", tool))
+        assert result.stdout == shown, (command, result.stderr)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
