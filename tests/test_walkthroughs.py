@@ -234,7 +234,7 @@ def test_python_api_example_and_attach_run_as_written(tmp_path: Path, shell: She
     (shell.cwd / "example_attach.py").write_text(shell.substitute(page["attach"]))
     attach = shell.run("python example_attach.py", timeout=240)
     assert attach.returncode == 0, attach.stderr
-    assert attach.stdout.split() == ["10000", "261"]
+    assert attach.stdout.split() == ["1000", "178"]
 
 
 # -- docs/SPEC-REFERENCE.md -------------------------------------------------------------------
