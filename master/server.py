@@ -100,7 +100,7 @@ class Master:
         self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,
-                                      config.progress_bytes, self.peer_log)
+                                      config.progress_bytes, self.peer_log, self.metrics)
         self.housekeeping = Housekeeping(config, store, self.state_dir, link, scheduler, dispatch, intake,
                                          self.commit_and_ack)
         self.sessions = Sessions(config, self.epoch, roster, link, lifecycle, store, self.keyring,

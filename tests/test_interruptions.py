@@ -10,8 +10,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from master.store import Store
-from tests.conftest import HEARTBEAT, LIVENESS, run_cli, wait_for, write_spec
+from tests.conftest import HEARTBEAT, LIVENESS, MasterProcess, run_cli, wait_for, write_spec
 
 LOGGING = """
     name = "{name}"
@@ -72,7 +74,14 @@ def test_slave_stopped_with_sigterm_costs_no_attempt(master, start_slave, tmp_pa
     assert status["done"] == 4 and status["failed"] == 0, status
 
 
-def test_resumed_slave_is_cancelled_the_prefetched_ticket_given_away(master, start_slave, tmp_path: Path) -> None:
+def promise_metrics(master: MasterProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The master's Prometheus samples (CONTROL op `metrics`, what /metrics serves), by name and labels."""
+    text = master.control("metrics")["text"]
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_resumed_slave_starts_nothing_given_away_and_the_metrics_count_it(master, start_slave, tmp_path: Path) -> None:
     spec, log = one_attempt_spec(tmp_path, "resumed", 2, 1.5, attempts=5)
     sleepy = start_slave("sleepy", 1)  # task 0 running, task 1 prefetched
     master.submit(spec)
@@ -81,14 +90,22 @@ def test_resumed_slave_is_cancelled_the_prefetched_ticket_given_away(master, sta
     try:
         time.sleep(HEARTBEAT * LIVENESS + 0.5)  # silent past the liveness: its tickets are given away
         start_slave("helper", 2)
-        wait_for(lambda: lines(log, "end").get("1"), 20, "the helper to run task 1")
+        # both tasks done by the helper: sleepy's task 0, which ended while sleepy was stopped, is a duplicate
+        master.wait_finished("resumed", timeout=30)
     finally:
         sleepy.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: "ticket_cancelled" in (tmp_path / "slave-sleepy.log").read_text(), 10,
              "the master to cancel what it gave away")
-    time.sleep(2.0)  # longer than a task: a prefetched task 1 left running on sleepy would have ended by now
-    assert lines(log, "end")["1"] == 1, log.read_text()
-    master.wait_finished("resumed", timeout=30)
+    wait_for(lambda: promise_metrics(master).get(("ticketfarm_duplicate_results_suppressed_total", ())), 10,
+             "sleepy's late result of task 0 to be suppressed")
+    time.sleep(2.0)  # longer than a task: a prefetched task 1 started on sleepy would have ended by now
+    assert lines(log, "start")["1"] == 1 and lines(log, "end")["1"] == 1, log.read_text()
+    samples = promise_metrics(master)
+    silent = (("cause", "slave_silent"),)
+    assert samples[("ticketfarm_tickets_lost_total", silent)] == 2, samples
+    assert samples[("ticketfarm_reassignments_total", silent)] == 2, samples
+    assert samples[("ticketfarm_duplicate_results_suppressed_total", ())] == 1, samples
+    assert task_states(master.state, "resumed") == {"done": 2}
 
 
 def test_result_refused_for_an_unsafe_path_is_not_retried(master, start_slave, tmp_path: Path) -> None:
