@@ -485,7 +485,10 @@ class Slave:
         return True
 
     def _fail_to_start(self, spec: TicketSpec, workdir: Path, reason: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a full or broken disk: the outcome is then kept in memory only (Outcome.save)
         outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, reason, slave=self.config.name)
         outcome.save(workdir)
         self._finished(outcome)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import structlog
 
 from ticketfarm import messages, template
 from ticketfarm.errors import ResultMissing, UnsafePath
@@ -23,6 +24,8 @@ STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
 STDIN = ".tf-stdin"
 MANIFEST = ".tf-result.json"
+log = structlog.get_logger("ticketfarm.slave")
+
 #: How much of stderr (its last bytes) a failure report carries, so the user sees why a worker failed.
 STDERR_TAIL = 4096
 
@@ -93,13 +96,20 @@ class Outcome:
     """A failure no other attempt can mend (a result refused for an unsafe path): the master does not retry it."""
 
     def save(self, workdir: Path) -> None:
-        """The manifest, written atomically; an output with no file (an exit code) carries its bytes in it."""
+        """The manifest, written atomically; an output with no file (an exit code) carries its bytes in it.
+
+        A disk that refuses it (full: ENOSPC, or gone) leaves the outcome in memory only: it is reported all the
+        same, and if the slave dies before the master's ACK it is lost unacknowledged, so its task runs again."""
         tmp = workdir / (MANIFEST + ".tmp")
         data = {**self.__dict__, "outputs": [
             {**o.__dict__, "data": base64.b64encode(o.data).decode() if not o.path and o.data is not None else None}
             for o in self.outputs]}
-        tmp.write_text(json.dumps(data))
-        tmp.replace(workdir / MANIFEST)
+        try:
+            tmp.write_text(json.dumps(data))
+            tmp.replace(workdir / MANIFEST)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.warning("manifest_not_saved", ticket=self.ticket, workdir=str(workdir), error=str(exc))
 
     @classmethod
     def load(cls, path: Path) -> "Outcome":

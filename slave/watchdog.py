@@ -183,8 +183,12 @@ def serve(pipe: int, state: Path, keep_workdirs: bool) -> None:
                 apply_line(groups, line)
             dirty = True
         if dirty and time.monotonic() - saved >= SAVE_EVERY:
-            write_state(fd, groups)
-            dirty, saved = False, time.monotonic()
+            try:
+                write_state(fd, groups)
+                dirty = False
+            except OSError:  # a full work disk: the pipe's list is what counts; the file is tried again later
+                pass
+            saved = time.monotonic()
     for pgid, (started, workdir) in groups.items():
         kill_group(pgid, started)
         if not keep_workdirs:
