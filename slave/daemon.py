@@ -87,7 +87,7 @@ class Slave:
         """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
-        self.base_env = dict(os.environ)
+        self.base_env = {**os.environ, **self.watchdog.marker}
         self.last_step = 0.0
         self.confirming = False
         """Back from a freeze (SIGSTOP, a suspended VM): start no held ticket until the master has had its say."""

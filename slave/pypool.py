@@ -56,7 +56,7 @@ class WarmWorker:
         directory.mkdir(parents=True, exist_ok=True)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
+        env = {**os.environ, **watchdog.marker}
         # The worker runs the same code as this slave, wherever that was imported from.
         root = str(Path(slave.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
