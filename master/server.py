@@ -194,7 +194,10 @@ class Master:
         self._stopping = True
 
     def release_all(self, reason: str) -> None:
-        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close."""
+        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close.
+        Only on the way out: the tasks go back in the queue and nothing is dispatched any more."""
+        self._stopping = True
+        self.lifecycle.hooks.work_queued = lambda: None
         self.lifecycle.release_all(reason)
 
     def sweep_done(self, name: str) -> bool:

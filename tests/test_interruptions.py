@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from master.store import Store
@@ -129,3 +131,72 @@ def test_result_refused_for_an_unsafe_path_is_not_retried(master, start_slave, t
         assert all("result refused" in r and "not retried" in r for r in reasons), reasons
     finally:
         store.close()
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from ticketfarm import Cluster
+
+def slow(x):
+    time.sleep(0.4)
+    return x * x
+
+with Cluster(local=2, state_dir=sys.argv[1], heartbeat=0.2) as cluster:
+    if sys.argv[2] == "map":
+        for result in cluster.map(slow, range(40)):
+            print(result, flush=True)
+    else:
+        for future in [cluster.submit(slow, x) for x in range(40)]:
+            print(future.result(), flush=True)
+"""
+
+
+def session_processes(sid: int) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("api", ["map", "submit"])
+@pytest.mark.parametrize("whom", ["foreground job", "script alone"])
+def test_ctrl_c_of_a_script_on_a_local_cluster_stops_it_cleanly(tmp_path: Path, whom: str, api: str) -> None:
+    """Ctrl-C at a terminal reaches the whole foreground job (the script, its local master and slaves); `kill
+    -INT` the script alone. Either way: prompt exit, no process left, no ticket left running, no attempt charged,
+    every result the script got is stored."""
+    script = tmp_path / "user.py"
+    script.write_text(CTRL_C_SCRIPT)
+    state = tmp_path / "st"
+    user = subprocess.Popen([sys.executable, str(script), str(state), api], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert user.stdout is not None
+        got = [int(user.stdout.readline()) for _ in range(4)]
+        if whom == "foreground job":
+            os.killpg(user.pid, signal.SIGINT)
+        else:
+            user.send_signal(signal.SIGINT)
+        out, err = user.communicate(timeout=20)
+        got += [int(line) for line in out.split()]
+    finally:
+        if user.poll() is None:
+            os.killpg(user.pid, signal.SIGKILL)
+            user.wait()
+    assert "KeyboardInterrupt" in err, err
+    wait_for(lambda: not session_processes(user.pid), 10, "every process of the script's session to end")
+    store = Store(state / "state.db", readonly=True)
+    try:
+        tickets = Counter(s for (s,) in store.db.execute("SELECT state FROM tickets"))
+        tasks = dict(store.db.execute("SELECT idx, state FROM tasks").fetchall())
+        charged = store.db.execute("SELECT count(*) FROM tasks WHERE state = 'queued' AND attempts > 0").fetchone()[0]
+    finally:
+        store.close()
+    assert tickets["running"] == 0 and tickets["lost"] == 0 and tickets["failed"] == 0, tickets
+    # map's unfinished tasks are cancelled as Executor.map's are when its iterator is left; submit's stay queued
+    assert len(tasks) == 40 and set(tasks.values()) <= {"done", "queued", "cancelled"}, tasks
+    assert charged == 0
+    assert set(got) <= {x * x for x, state in tasks.items() if state == "done"}, got
