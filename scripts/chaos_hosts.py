@@ -34,7 +34,9 @@ class Hosts:
         free = next(k for k in range(70, 100) if f" 10.231.{k}.1/" not in taken and f"cx{k}br" not in taken)
         self.net, self.tag, self.count = f"10.231.{free}", f"cx{free}", count
         self.dir = root / "hosts"
-        self.env = dict(os.environ, TH_DIR=str(self.dir), TH_COUNT=str(count), TH_NET=self.net, TH_TAG=self.tag)
+        # TH_KEEP: `down` keeps the hosts' files, the slaves' logs among them (read by the check after it)
+        self.env = dict(os.environ, TH_DIR=str(self.dir), TH_COUNT=str(count), TH_NET=self.net, TH_TAG=self.tag,
+                        TH_KEEP="1")
         self.sh("up")
 
     def sh(self, *args: str) -> None:
