@@ -260,10 +260,10 @@ class Lifecycle:
         for ticket in self.scheduler.expired(now):
             session = self.roster.named(ticket.slave)
             if session is None:
-                self.lose(ticket, f"lost: slave {ticket.slave} did not come back")
+                self.lose(ticket, f"lost: slave {ticket.slave} did not come back", "slave_gone")
                 continue
             self.link.send(session.identity, messages.Cancel(ticket.id, "deadline"))
-            self.fail(ticket, "timeout", "timeout (no answer before the deadline)")
+            self.fail(ticket, "timeout", "timeout (no answer before the deadline)", "deadline")
 
     # -- outcomes -----------------------------------------------------------------------------------
     def complete(self, done: Completion) -> None:
@@ -285,18 +285,19 @@ class Lifecycle:
             self.cancel_ticket(other, "another copy finished first")
         self.finish_if_done(done.sweep)
 
-    def fail(self, ticket: Ticket, state: str, reason: str,
+    def fail(self, ticket: Ticket, state: str, reason: str, cause: str,
              exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
         """A failed attempt (failed, timeout, lost, rejected, interrupted): the task is retried first, or fails
-        for good (its attempts used up, or at once when `final`: the slave says no attempt can succeed)."""
+        for good (its attempts used up, or at once when `final`: the slave says no attempt can succeed).
+        `cause` is the metrics' name for why (master.metrics.LOST_CAUSES)."""
         self.hooks.ticket_ended(ticket.id)
         self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
         attempts = self.store.task_attempts(ticket.sweep, ticket.task)
         outcome = self.scheduler.settle_failure(ticket, attempts, retry=not final)
         self.metrics.tickets_finished.labels(state).inc()
+        self.metrics.ticket_lost(cause, requeued=outcome == "queued")
         if outcome == "queued":
             self.store.requeue_task(ticket.sweep, ticket.task)
-            self.metrics.reassignments.inc()
             self.hooks.work_queued()
         elif outcome == "failed":
             self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (not retried: no attempt can succeed)"
@@ -305,9 +306,9 @@ class Lifecycle:
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)
 
-    def lose(self, ticket: Ticket, reason: str) -> None:
-        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
-        self.fail(ticket, "lost", reason)
+    def lose(self, ticket: Ticket, reason: str, cause: str) -> None:
+        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason, cause=cause)
+        self.fail(ticket, "lost", reason, cause)
 
     def release(self, ticket: Ticket, reason: str, state: str = "interrupted") -> None:
         """A ticket given back through no fault of its task, so its attempt is not counted and the task goes first
@@ -315,7 +316,7 @@ class Lifecycle:
         "returned" (handed back unstarted by a slave whose batch allocation ends)."""
         log.info("ticket_released", ticket=ticket.id, slave=ticket.slave, reason=reason, state=state)
         self.store.refund_attempt(ticket.sweep, ticket.task)
-        self.fail(ticket, state, reason)
+        self.fail(ticket, state, reason, state)
 
     def release_all(self, reason: str) -> None:
         for ticket in list(self.scheduler.tickets.values()):
@@ -326,7 +327,7 @@ class Lifecycle:
         ticket = self.scheduler.tickets.get(ticket_id)
         if ticket is not None:
             self.scheduler.avoid.setdefault((ticket.sweep, ticket.task), set()).add(ticket.slave)
-            self.fail(ticket, "rejected", reason, exit_code, elapsed)
+            self.fail(ticket, "rejected", reason, "rejected", exit_code, elapsed)
         elif (row := self.store.ticket(ticket_id)) is not None and row.state == "running":
             self.store.finish_ticket(ticket_id, "rejected", exit_code=exit_code, reason=reason, elapsed=elapsed)
 

@@ -100,7 +100,7 @@ class Master:
         self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,
-                                      config.progress_bytes, self.peer_log)
+                                      config.progress_bytes, self.peer_log, self.metrics)
         self.housekeeping = Housekeeping(config, store, self.state_dir, link, scheduler, dispatch, intake,
                                          self.commit_and_ack)
         self.sessions = Sessions(config, self.epoch, roster, link, lifecycle, store, self.keyring,
@@ -194,7 +194,10 @@ class Master:
         self._stopping = True
 
     def release_all(self, reason: str) -> None:
-        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close."""
+        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close.
+        Only on the way out: the tasks go back in the queue and nothing is dispatched any more."""
+        self._stopping = True
+        self.lifecycle.hooks.work_queued = lambda: None
         self.lifecycle.release_all(reason)
 
     def sweep_done(self, name: str) -> bool:

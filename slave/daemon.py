@@ -87,10 +87,13 @@ class Slave:
         """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
-        self.base_env = dict(os.environ)
+        self.base_env = {**os.environ, **self.watchdog.marker}
+        self.last_step = 0.0
+        self.confirming = False
+        """Back from a freeze (SIGSTOP, a suspended VM): start no held ticket until the master has had its say."""
         self.pypool = PyPool(config.slots, self.work_root, config.name,
                              lambda digest: self.send(messages.CodeRequest(digest)),
-                             lambda: self.config.slots - self.commands, self.watchdog)
+                             lambda: 0 if self.confirming else self.config.slots - self.commands, self.watchdog)
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
@@ -194,6 +197,7 @@ class Slave:
             self.stopping = True
             return
         now = time.time()
+        self._notice_freeze()
         if self.socket is None and now >= self.reconnect_at:
             self.connect()
         poller = zmq.Poller()
@@ -203,6 +207,7 @@ class Slave:
         for fd in self.pypool.fds():
             poller.register(fd, zmq.POLLIN)
         ready = dict(poller.poll(self._poll_timeout_ms(now)))
+        self._notice_freeze()  # a stop while polling: what woke us (a worker's end) must not start a held ticket
         if self._wake_r in ready:
             self._drain_wakeups()
         if self.socket is not None and self.socket in ready:
@@ -228,6 +233,24 @@ class Slave:
                     self._heartbeat()
         self._prepare_waiting()
         self._empty_trash()
+
+    def _notice_freeze(self) -> None:
+        """After a gap between two steps long enough for the master to give this slave's held tickets away (its
+        liveness window, or a held ticket's timeout: the deadline of a prefetched ticket), say HELLO again and
+        start none of them until WELCOME: the master sends its CANCELs for what it gave away before that WELCOME,
+        so a given-away ticket never starts here."""
+        previous, self.last_step = self.last_step, time.monotonic()
+        patience = min([self.interval * self.liveness, *(t.timeout for t in self.waiting)])
+        if not previous or self.last_step - previous < max(patience, 2 * self.interval):
+            return
+        log.info("slave_resumed", seconds=round(self.last_step - previous, 2),
+                 held=len(self.waiting) + len(self.pypool.not_started()))
+        self.confirming = True
+        self.welcomed = False  # nothing goes out before that HELLO
+        self.master_expiry = time.time() + self.interval * self.liveness  # we were silent, not the master
+        self._reap_workers()  # what ended meanwhile is told as held (to report), not as running (to cancel)
+        if self.socket is not None:
+            self.say_hello()
 
     def _log_refusal(self) -> None:
         """Say so when the master refused this slave's key (read once the master went silent: off the hot path)."""
@@ -285,6 +308,7 @@ class Slave:
         self.liveness = msg.liveness
         self.master_expiry = time.time() + self.interval * self.liveness
         self.welcomed = True
+        self.confirming = False
         self.backoff = self.config.reconnect_min
         log.info("connected", master=self.config.master, epoch=msg.epoch)
         policy = msg.policy
@@ -347,7 +371,9 @@ class Slave:
             worker.kill(reason)
             if not self.config.keep_workdirs:
                 remove_workdir(worker.workdir)
-            log.info("ticket_cancelled", ticket=tid, reason=reason)
+            log.info("ticket_cancelled", ticket=tid, reason=reason, started=True)
+        elif any(t.ticket == tid for t in self.waiting):
+            log.info("ticket_cancelled", ticket=tid, reason=reason, started=False)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
         self._drop_prepared(tid)
         for fetch in self.cache.fetches.values():
@@ -389,7 +415,8 @@ class Slave:
         return worker
 
     def _start_waiting(self) -> None:
-        while self.waiting and self._busy_slots() < self.config.slots:
+        self._notice_freeze()
+        while self.waiting and self._busy_slots() < self.config.slots and not self.confirming:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
@@ -458,7 +485,10 @@ class Slave:
         return True
 
     def _fail_to_start(self, spec: TicketSpec, workdir: Path, reason: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a full or broken disk: the outcome is then kept in memory only (Outcome.save)
         outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, reason, slave=self.config.name)
         outcome.save(workdir)
         self._finished(outcome)

@@ -56,7 +56,7 @@ class WarmWorker:
         directory.mkdir(parents=True, exist_ok=True)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
+        env = {**os.environ, **watchdog.marker}
         # The worker runs the same code as this slave, wherever that was imported from.
         root = str(Path(slave.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -298,9 +298,13 @@ class PyPool:
                 task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed, outputs=outputs,
                                        slave=self.slave_name, in_memory=path is None)
                 if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
-                    for out in outputs[1:]:
-                        out.path = str(task.workdir / out.name)
-                        Path(out.path).write_bytes(out.data or b"")
+                    try:
+                        for out in outputs[1:]:
+                            out.path = str(task.workdir / out.name)
+                            Path(out.path).write_bytes(out.data or b"")
+                    except OSError as exc:  # a full disk: this attempt failed, another may succeed
+                        task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, elapsed,
+                                               f"cannot keep the result: {exc}", slave=self.slave_name)
                     task.outcome.save(task.workdir)
         worker.head_started = time.monotonic()
 
