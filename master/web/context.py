@@ -14,6 +14,9 @@ from master.web.link import MasterLink
 from master.web.tokens import TokenSet
 from ticketfarm.errors import ConfigError
 
+#: Most answers the cache holds at once.
+MAX_CACHED = 64
+
 
 def parse_bind(bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
@@ -100,6 +103,8 @@ class WebContext:
             return hit[1]
         value = build()
         with self._cache_lock:
+            if len(self._cache) >= MAX_CACHED:  # keys carry query values: a client cannot grow it without end
+                self._cache.clear()
             self._cache[key] = (now, value)
         return value
 
