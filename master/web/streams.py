@@ -46,10 +46,11 @@ def _closing(store: Store, chunks: Iterator[bytes], after: Callable[[], Any] | N
             dependencies=[Depends(need("read"))], response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                  "format": "binary"}}}},
-                       **models.error_responses(400, 404)})
+                       **models.error_responses(400, 404, 410)})
 def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex, name: str = ...) -> StreamingResponse:
     ctx = context(request)
     row = sweep_row(request, sweep)
+    gone_after_removal(ctx.store(), row.name)
     output = ctx.store().outputs(row.name, task).get(name)
     if output is None:
         raise ApiError("not_found", f"task {task} of {row.name!r} has no stored result {name!r}")
@@ -57,6 +58,14 @@ def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex,
     return StreamingResponse(output_chunks(ctx.state_dir, output), media_type="application/octet-stream",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "Content-Length": str(output.size)})
+
+
+def gone_after_removal(store: Store, sweep: str) -> None:
+    """410 with the reason when the sweep's results were removed (a removing collect, DELETE)."""
+    removed = store.results_removed(sweep)
+    if removed is not None:
+        raise ApiError("gone", f"the results of sweep {sweep!r} were removed after collection; the failed-tasks "
+                               "list (format=failed) is still there", removed=removed)
 
 
 def _collection(request: Request, sweep: str, fmt: str, result: str | None, remove: bool) -> StreamingResponse:
@@ -70,10 +79,8 @@ def _collection(request: Request, sweep: str, fmt: str, result: str | None, remo
                        field="result")
     if remove and row.state not in ("finished", "cancelled"):
         raise ApiError("conflict", f"sweep {row.name!r} is {row.state}: results are removed only after it ended")
-    removed = ctx.store().results_removed(row.name)
-    if removed is not None and fmt != "failed":
-        raise ApiError("gone", f"the results of sweep {row.name!r} were removed after collection; the failed-tasks "
-                               "list (format=failed) is still there", removed=removed)
+    if fmt != "failed":
+        gone_after_removal(ctx.store(), row.name)
     store = Store(ctx.db_path, readonly=True)
     after = (lambda: ctx.control("forget_results", sweep=row.name)) if remove else None
     chunks = _closing(store, Collector(store, ctx.state_dir, spec).chunks(fmt, result), after)
