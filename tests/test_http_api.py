@@ -165,6 +165,32 @@ def test_a_forgotten_sweeps_series_leave_metrics_at_once(cluster: HttpCluster) -
     assert after.get(done, 0) == before[done] - 3
 
 
+def test_a_cached_poll_is_served_before_routing_only_to_a_token_that_may_read(tmp_path: Any) -> None:
+    c = HttpCluster(tmp_path / "state", n=0, extra_config="http_cache_ttl = 60.0\n")
+    try:
+        first = c.get(f"{API}/status", token=TOKEN)
+        assert first.status == 200  # cached now, for a minute
+        for headers in ({"Authorization": "Bearer wrong-token"}, {"X-Key": "wrong-token"},
+                        {"Authorization": "Basic dXNlcjpwdw=="}):
+            refused = c.get(f"{API}/status", headers=headers)
+            assert refused.status == 401 and refused.error["code"] == "unauthorized", headers
+        assert c.get(f"{API}/status").body == first.body  # reads are open on loopback
+        again = c.get(f"{API}/status", token=TOKEN)
+        assert again.body == first.body and again.headers["Content-Type"] == "application/json"
+        assert again.headers["Cache-Control"] == "no-store"
+        head = c.request("HEAD", f"{API}/status", token=TOKEN)
+        assert head.status == 200 and head.body == b"" and int(head.headers["Content-Length"]) == len(first.body)
+        assert c.submit(spec("fresh", 1)).status == 201  # a change empties the cache
+        assert [s["name"] for s in c.get(f"{API}/status", token=TOKEN).json()["sweeps"]] == ["fresh"]
+        text = c.get("/metrics", token=TOKEN).body.decode()
+        counted = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "ticketfarm_http_request_duration_seconds_count"
+                   and s.labels == {"route": "/api/v1/status", "method": "GET"}]
+        assert counted and counted[0] >= 5
+    finally:
+        c.close()
+
+
 def test_binary_results_survive_a_table_collect(cluster: HttpCluster) -> None:
     png = b"\x89PNG\x00\xff"
     command = "printf '\\211PNG\\000\\377'"

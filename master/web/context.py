@@ -5,6 +5,7 @@ import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,7 +73,7 @@ class WebContext:
     def db_path(self) -> Path:
         return self.state_dir / "state.db"
 
-    @property
+    @cached_property  # asked by every request without a token
     def open_reads(self) -> bool:
         return self.config.http_open_reads and is_loopback(parse_bind(self.config.http_bind)[0])
 

@@ -69,21 +69,20 @@ def info(request: Request) -> Json:
 @router.get(f"{API}/status", operation_id="getStatus", dependencies=READ, response_model=None,
             responses={200: {"model": models.Status}}, summary="Sweeps and slave counts (cached http_cache_ttl)")
 async def status(request: Request) -> Json:
-    return await cached_json(request, "status", lambda: views.status_json(context(request)))
+    return await cached_json(request, lambda: views.status_json(context(request)))
 
 
 @router.get(f"{API}/stats", operation_id="getStats", dependencies=READ, response_model=None,
             responses={200: {"model": models.Stats}}, summary="/status with slave rows, failures and the report")
 async def stats(request: Request) -> Json:
-    return await cached_json(request, "stats", lambda: views.stats_json(context(request)))
+    return await cached_json(request, lambda: views.stats_json(context(request)))
 
 
 @router.get(f"{API}/sweeps", operation_id="listSweeps", dependencies=READ, response_model=None,
             responses={200: {"model": models.SweepList}})
 async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, "sweeps",
-                             lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
+    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -143,8 +142,7 @@ async def throughput(request: Request, sweep: str | None = None,
     ctx = context(request)
     if sweep is not None:
         sweep_row(request, sweep)
-    return await cached_json(request, f"throughput {sweep} {window} {intervals}",
-                             lambda: views.throughput_json(ctx.store(), sweep, window, intervals))
+    return await cached_json(request, lambda: views.throughput_json(ctx.store(), sweep, window, intervals))
 
 
 @router.get(f"{API}/sweeps/{{sweep}}/failures", operation_id="listFailures", dependencies=READ,
@@ -171,5 +169,5 @@ def progress(request: Request, ticket: int = Path(ge=0)) -> Json:
             responses={200: {"model": models.SlaveList}})
 async def list_slaves(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, "slaves", lambda: {
+    return await cached_json(request, lambda: {
         "slaves": views.slaves_json(ctx.store(), views.live_slaves(ctx)), "time": time.time()})

@@ -13,7 +13,7 @@ from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, outp
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
-from master.web.base import API, context, need, token_scopes
+from master.web.base import API, context, need, presented_token, token_scopes
 from master.web.context import WebContext
 from master.web.errors import ApiError
 from master.web.reads import SweepName, TaskIndex, sweep_row
@@ -137,10 +137,8 @@ async def events_ws(websocket: WebSocket, sweep: str | None = None, after: int |
     ctx = context(websocket)
     await websocket.accept()
     try:
-        bearer = websocket.headers.get("Authorization", "")
-        presented = token or websocket.headers.get("X-Key") or \
-            (bearer[7:] if bearer.lower().startswith("bearer ") else None)
-        token_scopes(ctx, presented, bearer, "read")
+        token_scopes(ctx, token or presented_token(websocket.headers), websocket.headers.get("Authorization", ""),
+                     "read")
         store, cursor = _open_events(ctx, sweep, after, until_end, None)
     except ApiError as exc:
         await websocket.send_text(json.dumps(exc.body()))
