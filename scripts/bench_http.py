@@ -116,7 +116,8 @@ def run_sweep(c: HttpCluster, name: str, tasks: int) -> float:
     spec = {"name": name, "argv": ["true"], "timeout": 60, "parameters": {"grid": {"x": {"range": [0, tasks]}}},
             "results": {"code": "exit_code"}}
     assert c.submit(spec).status == 201
-    c.wait_state(name, "finished", timeout=600)
+    # one event stream that ends with the sweep, not a poll of our own beside the pollers measured
+    assert b"sweep_finished" in c.get(f"/api/v1/events?sweep={name}&until_end=1", timeout=600).body
     s = c.sweep(name)
     return tasks / (s["finished"] - s["created"])
 

@@ -29,7 +29,7 @@ def sweep_json(s: SweepStats, row: Any = None, prefetched: int = 0) -> dict[str,
 def live_slaves(ctx: WebContext) -> dict[str, Any] | None:
     """The master's view of its connected slaves (credit, last heard, last heartbeat), or None if it is away."""
     try:
-        return ctx.control("live_slaves")
+        return ctx.link.call("live_slaves")  # a read: not ctx.control, which empties the answer cache
     except ApiError:
         return None
 
