@@ -129,6 +129,12 @@ def test_sweep_page_lists_tasks_with_slave_attempts_elapsed_and_failures(cluster
     assert failures == ["2", "5"]
     assert re.search(r'<svg [^>]*data-done="8" data-failed="2"', page)
 
-    filtered = dom(cluster.url + "/sweep/dash-done")
-    assert "finished · 1 failed" in text(filtered) and re.search(r'id="s-done">29<small> / 30</small>', filtered)
+    ended = dom(cluster.url + "/sweep/dash-done")
+    assert "finished · 1 failed" in text(ended) and re.search(r'id="s-done">29<small> / 30</small>', ended)
+    assert re.search(r'<svg [^>]*data-done="29" data-failed="1"', ended)
+    # an ended sweep's chart is its life, however long ago: the window ends where the sweep did
+    finished = cluster.sweep("dash-done")["finished"]
+    for end, counts in ((finished, (29, 1)), (finished + 600, (0, 0))):
+        tp = cluster.get(f"/api/v1/throughput?sweep=dash-done&window=60&intervals=6&end={end}").json()
+        assert (sum(tp["done"]), sum(tp["failed"])) == counts and tp["start"] + 6 * tp["step"] > end >= tp["start"]
     screenshot(cluster.url + "/sweep/dash-mixed", "sweep.png")

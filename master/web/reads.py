@@ -138,11 +138,14 @@ def get_task(request: Request, sweep: str = SweepName, task: int = TaskIndex) ->
             summary="Tasks done and failed per interval, of every sweep or of one (cached http_cache_ttl)")
 async def throughput(request: Request, sweep: str | None = None,
                      window: float = Query(600.0, ge=10, le=7 * 86400, description="seconds to look back"),
-                     intervals: int = Query(60, ge=1, le=500, description="how many intervals")) -> Json:
+                     intervals: int = Query(60, ge=1, le=500, description="how many intervals"),
+                     end: float | None = Query(None, description="the window's end (Unix time; default now), e.g. "
+                                                                 "an ended sweep's `finished`")) -> Json:
     ctx = context(request)
     if sweep is not None:
         sweep_row(request, sweep)
-    return await cached_json(request, lambda: views.throughput_json(ctx.store(), sweep, window, intervals))
+    return await cached_json(request, lambda: views.throughput_json(ctx.store(), sweep, window, intervals,
+                                                                    time.time() if end is None else end))
 
 
 @router.get(f"{API}/sweeps/{{sweep}}/failures", operation_id="listFailures", dependencies=READ,

@@ -141,11 +141,11 @@ def tasks_json(store: Store, sweep: str, tasks: list[dict[str, Any]]) -> list[di
     return tasks
 
 
-def throughput_json(store: Store, sweep: str | None, window: float, intervals: int) -> dict[str, Any]:
-    """Tasks done and failed per interval over the last `window` seconds; intervals are aligned to their length
-    so that every poller (and every refresh) sees the same boundaries."""
+def throughput_json(store: Store, sweep: str | None, window: float, intervals: int, end: float) -> dict[str, Any]:
+    """Tasks done and failed per interval over the `window` seconds up to `end`; intervals are aligned to their
+    length so that every poller (and every refresh) sees the same boundaries."""
     step = window / intervals
-    start = (math.floor(time.time() / step) - intervals + 1) * step
+    start = (math.floor(end / step) - intervals + 1) * step
     done, failed = [0] * intervals, [0] * intervals
     for n, state, count in store.finished_per_interval(start, step, sweep):
         if 0 <= n < intervals:
