@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, output_chunks
+from master.collect import (DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, ResultsRemoved, ensure_not_removed,
+                            output_chunks)
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
@@ -62,10 +63,10 @@ def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex,
 
 def gone_after_removal(store: Store, sweep: str) -> None:
     """410 with the reason when the sweep's results were removed (a removing collect, DELETE)."""
-    removed = store.results_removed(sweep)
-    if removed is not None:
-        raise ApiError("gone", f"the results of sweep {sweep!r} were removed after collection; the failed-tasks "
-                               "list (format=failed) is still there", removed=removed)
+    try:
+        ensure_not_removed(store, sweep)
+    except ResultsRemoved as exc:
+        raise ApiError("gone", str(exc), removed=exc.removed) from None
 
 
 def _collection(request: Request, sweep: str, fmt: str, result: str | None, remove: bool) -> StreamingResponse:
