@@ -558,6 +558,25 @@ class Store:
             "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
         return [_task_dict(r) for r in rows]
 
+    def latest_attempts(self, sweep: str, tasks: list[int]) -> dict[int, tuple[str, float, float | None]]:
+        """Each given task's latest ticket: (slave, dispatched, finished), for the tasks that had one."""
+        found: dict[int, tuple[str, float, float | None]] = {}
+        for start in range(0, len(tasks), _MAX_IN):
+            idxs = tasks[start:start + _MAX_IN]
+            rows = self.db.execute(
+                "SELECT task, slave, dispatched, finished FROM tickets WHERE id IN (SELECT max(id) FROM tickets "
+                f"WHERE sweep = ? AND task IN ({','.join('?' * len(idxs))}) GROUP BY task)", (sweep, *idxs))
+            found.update((task, (slave, dispatched, finished)) for task, slave, dispatched, finished in rows)
+        return found
+
+    def finished_per_interval(self, since: float, step: float, sweep: str | None) -> list[tuple[int, str, int]]:
+        """(interval, state, tasks) of the tasks done or failed since `since`, interval n covering
+        [since + n * step, since + (n + 1) * step)."""
+        where, args = ("", ()) if sweep is None else (" AND sweep = ?", (sweep,))
+        return self.db.execute(
+            "SELECT CAST((finished - ?) / ? AS INTEGER), state, count(*) FROM tasks WHERE finished >= ? "
+            f"AND state IN ('done', 'failed'){where} GROUP BY 1, 2", (since, step, since, *args)).fetchall()
+
     def exit_codes(self, sweep: str, first: int, last: int) -> dict[int, int | None]:
         """The exit code of each task's latest finished attempt, for tasks first..last."""
         rows = self.db.execute(

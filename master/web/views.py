@@ -1,6 +1,7 @@
 """The JSON bodies the read routes answer, built from the store (and the master's live view of its slaves)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,7 +29,7 @@ def sweep_json(s: SweepStats, row: Any = None, prefetched: int = 0) -> dict[str,
 def live_slaves(ctx: WebContext) -> dict[str, Any] | None:
     """The master's view of its connected slaves (credit, last heard, last heartbeat), or None if it is away."""
     try:
-        return ctx.control("live_slaves")
+        return ctx.link.call("live_slaves")  # a read: not ctx.control, which empties the answer cache
     except ApiError:
         return None
 
@@ -127,3 +128,26 @@ def stats_json(ctx: WebContext) -> dict[str, Any]:
 def uptime(ctx: WebContext) -> float | None:
     started = ctx.master.started
     return round(time.time() - started, 3) if started is not None else None
+
+
+def tasks_json(store: Store, sweep: str, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Task rows with where and since when their latest attempt ran (`elapsed` grows while it runs)."""
+    latest = store.latest_attempts(sweep, [t["task"] for t in tasks])
+    now = time.time()
+    for t in tasks:
+        slave, started, finished = latest.get(t["task"], (None, None, None))
+        t.update(slave=slave, started=started,
+                 elapsed=None if started is None else round((finished or now) - started, 3))
+    return tasks
+
+
+def throughput_json(store: Store, sweep: str | None, window: float, intervals: int, end: float) -> dict[str, Any]:
+    """Tasks done and failed per interval over the `window` seconds up to `end`; intervals are aligned to their
+    length so that every poller (and every refresh) sees the same boundaries."""
+    step = window / intervals
+    start = (math.floor(end / step) - intervals + 1) * step
+    done, failed = [0] * intervals, [0] * intervals
+    for n, state, count in store.finished_per_interval(start, step, sweep):
+        if 0 <= n < intervals:
+            (done if state == "done" else failed)[n] += count
+    return {"sweep": sweep, "start": start, "step": step, "done": done, "failed": failed}
