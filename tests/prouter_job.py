@@ -23,6 +23,8 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
             break
     if scope["path"] == "/stop":
         stop.set()
+    if scope["path"] == "/slow":
+        await asyncio.sleep(60)
     query = scope["query_string"].decode()
     upload = Path(query[5:]) if query.startswith("file=") else None
     answer = {"method": scope["method"], "path": scope["path"], "query": query, "body": body.decode(),

@@ -196,6 +196,34 @@ def measure_relay_latency(http: httpx.Client, relay: str, port_url: str, n: int 
     assert shim < 1000
 
 
+def test_a_slow_task_times_out_and_a_slave_that_leaves_ends_its_relays_with_the_reason(tmp_path: Path) -> None:
+    c = HttpCluster(tmp_path / "state", n=1, extra_config="relay_timeout = 1.5\n")
+    try:
+        http = httpx.Client(base_url=c.url, headers=AUTH, timeout=30, trust_env=False)
+        r = http.post(f"{API}/sweeps", json={"spec": job_spec(), "files": {"job.py": JOB}})
+        relay = f"{r.headers['Location']}/tasks/0/http"
+        c.wait_for(lambda: http.get(f"{relay}/hello").status_code == 200, timeout=60, what="the job's server")
+        slow = http.get(f"{relay}/slow")
+        assert slow.status_code == 504 and "did not answer relay_http within 1.5s" in slow.json()["error"]["message"]
+
+        async def killed_meanwhile() -> tuple[int | None, str | None]:
+            async with connect(ws_url(c, f"{relay}/ws?token={TOKEN}"), open_timeout=20) as ws:
+                await ws.recv()
+                c.slaves[0].kill()  # no goodbye: the master finds it silent
+                try:
+                    await asyncio.wait_for(ws.recv(), 20)
+                except ConnectionClosed:
+                    pass
+                return ws.close_code, ws.close_reason
+
+        code, reason = asyncio.run(killed_meanwhile())
+        assert code == 1011 and reason == "slave s1 disconnected"
+        gone = http.get(f"{relay}/hello")
+        assert gone.status_code == 409 and "not running" in gone.json()["error"]["message"]
+    finally:
+        c.close()
+
+
 def test_shutdown_over_http(tmp_path: Path) -> None:
     c = HttpCluster(tmp_path / "state", n=1)
     try:
