@@ -434,9 +434,8 @@ class Slave:
             return None
         try:
             self.workdirs.make(workdir)
-            worker = Worker(spec, workdir, self.config.name, self.base_env)
-            self.reach.place(spec.ticket, workdir)
-            return worker
+            self.reach.place(spec.ticket, workdir)  # uploads a prefetched ticket got; its inputs go over them
+            return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
             return None
