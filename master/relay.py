@@ -17,9 +17,10 @@ import structlog
 from master.lifecycle import Lifecycle
 from master.link import Link
 from master.roster import Roster, SlaveSession
-from master.sandbox import SandboxFull, Staging
+from master.sandbox import Staging
 from master.scheduler import Ticket
 from ticketfarm import messages
+from ticketfarm.errors import TaskUnreachable
 from ticketfarm.messages.client import RequestId
 from ticketfarm.messages.fields import relative_path
 from ticketfarm.messages.relay import RELAY_MAX_BODY, SANDBOX_CHUNK, SANDBOX_MAX_FILE, header_pairs
@@ -31,14 +32,6 @@ Reply = tuple[dict[str, Any], list[bytes]]
 LaterOp = Callable[[bytes, messages.Control], "Reply | None"]
 #: Task states that take uploads (a settled task's sandbox is closed).
 OPEN_STATES = ("queued", "paused", "running")
-
-
-class Unreachable(Exception):
-    """The task cannot be reached for this call; `code` is the HTTP API's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -78,10 +71,8 @@ class Relay:
         def run(identity: bytes, msg: messages.Control) -> Reply | None:
             try:
                 return op(identity, msg)
-            except Unreachable as exc:
+            except TaskUnreachable as exc:
                 return {"ok": False, "code": exc.code, "error": str(exc)}, []
-            except SandboxFull as exc:
-                return {"ok": False, "code": "too_large", "error": str(exc)}, []
         return run
 
     # -- finding the task's ticket ------------------------------------------------------------------
@@ -90,10 +81,10 @@ class Relay:
         sweep, task = args.text("sweep", empty=False), args.count("task")
         state = self.lifecycle.task_state(sweep, task)
         if state is None:
-            raise Unreachable("not_found", f"sweep {sweep!r} has no task {task}")
+            raise TaskUnreachable("not_found", f"sweep {sweep!r} has no task {task}")
         active = self.lifecycle.active(sweep)
         if active is not None and active.sweep.kind == "python":
-            raise Unreachable("conflict", f"{sweep!r} is a python sweep: its tasks have no work dir to reach")
+            raise TaskUnreachable("conflict", f"{sweep!r} is a python sweep: its tasks have no work dir to reach")
         return sweep, task, state
 
     def _running(self, sweep: str, task: int, state: str) -> tuple[Ticket, SlaveSession] | None:
@@ -108,8 +99,8 @@ class Relay:
         sweep, task, state = self._task(msg)
         found = self._running(sweep, task, state)
         if found is None:
-            raise Unreachable("conflict", f"task {task} of {sweep!r} is {state}, not running: nothing to reach "
-                                          "(its files after the end: GET .../sandbox, from its results)")
+            raise TaskUnreachable("conflict", f"task {task} of {sweep!r} is {state}, not running: nothing to reach "
+                                              "(its files after the end: GET .../sandbox, from its results)")
         return found
 
     def _ask(self, identity: bytes, msg: messages.Control, target: tuple[Ticket, SlaveSession],
@@ -128,10 +119,10 @@ class Relay:
         path = relative_path(f"CONTROL {msg.op}", "path", msg.fields.get("path"))
         data = msg.args().one_frame("the file's bytes")
         if len(data) > SANDBOX_MAX_FILE:
-            raise Unreachable("too_large", f"{path}: {len(data)} bytes, over the {SANDBOX_MAX_FILE} a sandbox file "
-                                           "may have")
+            raise TaskUnreachable("too_large", f"{path}: {len(data)} bytes, over the {SANDBOX_MAX_FILE} a sandbox file "
+                                               "may have")
         if state not in OPEN_STATES:
-            raise Unreachable("conflict", f"task {task} of {sweep!r} is {state}: its sandbox takes no more files")
+            raise TaskUnreachable("conflict", f"task {task} of {sweep!r} is {state}: its sandbox takes no more files")
         self.staging.put(sweep, task, path, data)
         found = self._running(sweep, task, state)
         if found is None:
@@ -159,7 +150,7 @@ class Relay:
         headers = header_pairs(args)
         body = args.one_frame("the request body")
         if len(body) > RELAY_MAX_BODY:
-            raise Unreachable("too_large", f"request body of {len(body)} bytes, over the {RELAY_MAX_BODY} relayed")
+            raise TaskUnreachable("too_large", f"request body of {len(body)} bytes, over the {RELAY_MAX_BODY} relayed")
         target = self._target(msg)
         self._ask(identity, msg, target, lambda call: messages.Relay(
             call, target[0].id, "http", method, path, headers, body=body))
@@ -169,7 +160,7 @@ class Relay:
         args = msg.args()
         path, headers = args.text("path", limit=64 * 1024, empty=False), header_pairs(args)
         if sum(c.channel for c in self.calls.values()) >= self.max_channels:
-            raise Unreachable("unavailable", f"{self.max_channels} websockets are relayed already (relay_channels)")
+            raise TaskUnreachable("unavailable", f"{self.max_channels} websockets are relayed already (relay_channels)")
         target = self._target(msg)
         self._ask(identity, msg, target, lambda call: messages.Relay(
             call, target[0].id, "ws_open", path=path, headers=headers), channel=True)
@@ -179,7 +170,7 @@ class Relay:
         channel = msg.args().count("channel")
         call = self.calls.get(channel)
         if call is None or not call.channel or call.client != identity:
-            raise Unreachable("not_found", f"no relayed websocket {channel} (closed already?)")
+            raise TaskUnreachable("not_found", f"no relayed websocket {channel} (closed already?)")
         return channel, call
 
     def ws_send(self, identity: bytes, msg: messages.Control) -> Reply | None:

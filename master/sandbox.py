@@ -8,10 +8,7 @@ import shutil
 from pathlib import Path
 
 from master.scheduler import Ticket
-
-
-class SandboxFull(ValueError):
-    """An upload past the bytes a task's sandbox may keep on the master (sandbox_task_bytes)."""
+from ticketfarm.errors import TaskUnreachable
 
 
 class Staging:
@@ -32,8 +29,8 @@ class Staging:
         staged = self.files.setdefault((sweep, task), {})
         total = sum(size for name, size in staged.items() if name != path) + len(data)
         if total > self.task_bytes:
-            raise SandboxFull(f"task {task} of {sweep!r} would keep {total} bytes of uploads, over sandbox_task_bytes "
-                              f"({self.task_bytes})")
+            raise TaskUnreachable("too_large", f"task {task} of {sweep!r} would keep {total} bytes of uploads, "
+                                               f"over sandbox_task_bytes ({self.task_bytes})")
         target = self.root / sweep / str(task) / path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)

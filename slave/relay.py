@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import os
 import queue
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from slave.runner import HTTP_PORT_FILE, safe_join
 from ticketfarm import messages
-from ticketfarm.errors import UnsafePath
+from ticketfarm.errors import TaskUnreachable, UnsafePath
 from ticketfarm.messages.relay import MAX_LISTING, RELAY_MAX_BODY, Headers
 
 log = structlog.get_logger("ticketfarm.slave")
@@ -41,24 +40,16 @@ OWN_PREFIX = ".tf-"
 WAITING = "waiting"
 
 
-class Unreachable(Exception):
-    """A call that cannot be done; `code` is one of messages.relay.CODES."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 def announced_port(workdir: Path) -> int:
     """The port the task wrote to its port file."""
     try:
         with open(safe_join(workdir, HTTP_PORT_FILE), "rb") as fh:
             text = fh.read(16).decode(errors="replace").strip()
     except (FileNotFoundError, UnsafePath):
-        raise Unreachable("bad_gateway", f"the task announced no port: it writes one to $TICKETFARM_HTTP_PORT_FILE "
-                                         f"({HTTP_PORT_FILE} in its work dir)") from None
+        raise TaskUnreachable("bad_gateway", f"the task announced no port: it writes one to $TICKETFARM_HTTP_PORT_FILE "
+                                             f"({HTTP_PORT_FILE} in its work dir)") from None
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise Unreachable("bad_gateway", f"{HTTP_PORT_FILE} holds {text!r}, not a port number")
+        raise TaskUnreachable("bad_gateway", f"{HTTP_PORT_FILE} holds {text!r}, not a port number")
     return int(text)
 
 
@@ -143,7 +134,7 @@ class Reach:
     def _answering(self, call: int, work: Callable[[], messages.AnyMessage]) -> None:
         try:
             self.answer(work())
-        except Unreachable as exc:
+        except TaskUnreachable as exc:
             self.answer(messages.RelayReply(call, "error", code=exc.code, error=str(exc)))
 
     def _sandbox_call(self, msg: messages.Sandbox, workdir: Path) -> None:
@@ -184,17 +175,17 @@ class Reach:
             response = conn.getresponse()
             body = response.read(RELAY_MAX_BODY + 1)
         except ConnectionRefusedError:
-            raise Unreachable("bad_gateway", f"connection refused on 127.0.0.1:{port}, the port the task announced "
-                                             "(is its server listening yet?)") from None
-        except socket.timeout:
-            raise Unreachable("gateway_timeout", f"the task's server on 127.0.0.1:{port} did not answer within "
-                                                 f"{self.timeout:g}s") from None
+            raise TaskUnreachable("bad_gateway", f"connection refused on 127.0.0.1:{port}, the port the task announced "
+                                                 "(is its server listening yet?)") from None
+        except TimeoutError:
+            raise TaskUnreachable("gateway_timeout", f"the task's server on 127.0.0.1:{port} did not answer within "
+                                                     f"{self.timeout:g}s") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise Unreachable("bad_gateway", f"the task's server on 127.0.0.1:{port}: {exc!r}") from None
+            raise TaskUnreachable("bad_gateway", f"the task's server on 127.0.0.1:{port}: {exc!r}") from None
         finally:
             conn.close()
         if len(body) > RELAY_MAX_BODY:
-            raise Unreachable("bad_gateway", f"the task's response is over the {RELAY_MAX_BODY} bytes relayed")
+            raise TaskUnreachable("bad_gateway", f"the task's response is over the {RELAY_MAX_BODY} bytes relayed")
         return messages.RelayReply(msg.call, "response", response.status, relayed(response.getheaders()), body=body)
 
 
@@ -229,7 +220,7 @@ class Channel:
     def run(self, msg: messages.Relay, workdir: Path) -> None:
         try:
             ws = self._open(msg, workdir)
-        except Unreachable as exc:
+        except TaskUnreachable as exc:
             self.reach.channels.pop(self.call, None)
             self.reach.answer(messages.RelayReply(self.call, "error", code=exc.code, error=str(exc)))
             return
@@ -255,13 +246,13 @@ class Channel:
             return connect(f"ws://127.0.0.1:{port}{msg.path}", additional_headers=relayed(msg.headers),
                            open_timeout=self.reach.timeout, max_size=RELAY_MAX_BODY, compression=None)
         except ConnectionRefusedError:
-            raise Unreachable("bad_gateway", f"connection refused on 127.0.0.1:{port}, the port the task "
-                                             "announced (is its server listening yet?)") from None
+            raise TaskUnreachable("bad_gateway", f"connection refused on 127.0.0.1:{port}, the port the task "
+                                                 "announced (is its server listening yet?)") from None
         except InvalidStatus as exc:
-            raise Unreachable("bad_gateway", f"the task's server refused the websocket: HTTP "
-                                             f"{exc.response.status_code}") from None
+            raise TaskUnreachable("bad_gateway", f"the task's server refused the websocket: HTTP "
+                                                 f"{exc.response.status_code}") from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            raise Unreachable("bad_gateway", f"websocket to 127.0.0.1:{port}: {exc!r}") from None
+            raise TaskUnreachable("bad_gateway", f"websocket to 127.0.0.1:{port}: {exc!r}") from None
 
     def _send_loop(self, ws: ClientConnection) -> None:
         while True:

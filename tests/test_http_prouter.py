@@ -77,7 +77,7 @@ def _events(cluster: HttpCluster, sweep: str) -> list[dict[str, Any]]:
             while True:
                 try:
                     out.append(json.loads(await asyncio.wait_for(ws.recv(), 1.0)))
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     return out
     return asyncio.run(read())
 

@@ -55,7 +55,8 @@ def _body(h: Header, limit: int = RELAY_MAX_BODY) -> bytes:
 
 @dataclass(slots=True)
 class Sandbox:
-    """SANDBOX M->S: `put` bytes at `path` (payload), `list` the work dir, or `get` [offset, offset+length) of `path`."""
+    """SANDBOX M->S: `put` bytes at `path` (payload), `list` the work dir, or `get` [offset, offset+length) of
+    `path`."""
 
     COMMAND: ClassVar[Command] = Command.SANDBOX
     call: int
@@ -134,7 +135,8 @@ class SandboxReply:
             if type(f) is not dict or type(f.get("size")) is not int or f["size"] < 0 \
                     or type(f.get("mtime")) not in (int, float):
                 bad(h.command, f"files[{i}]", "an object with a 'path', a non-negative 'size' and an 'mtime'")
-            files.append(SandboxFile(relative_path(h.command, f"files[{i}].path", f.get("path")), f["size"], f["mtime"]))
+            path = relative_path(h.command, f"files[{i}].path", f.get("path"))
+            files.append(SandboxFile(path, f["size"], f["mtime"]))
         offset, size = h.count("offset", 0), h.count("size", 0)
         if offset + len(data) > size:
             h.fail("size", f"at least offset + the piece's length ({offset + len(data)})")
