@@ -61,7 +61,8 @@ def test_a_pin_naming_no_known_slave_says_why_it_waits(cluster: HttpCluster) -> 
     assert r.status == 201, r.body
     name = r.json()["sweep"]
     pin = cluster.get(r.headers["Location"]).json()["pin"]
-    assert pin["connected"] == [] and "never seen: h9" in pin["waiting"]
+    assert pin == {"slaves": ["h9"], "connected": [],
+                   "waiting": "none of its slaves takes tickets: never seen: h9"}
     kinds = [e for e in _events(cluster, name) if e["kind"] == "pin_unknown"]
     assert kinds and kinds[0]["detail"]["slaves"] == ["h9"] and "h9" in kinds[0]["detail"]["reason"]
     assert cluster.get(f"{API}/sweeps/{name}/status").json()["state"] == "QUEUED"
@@ -96,6 +97,7 @@ def test_prouter_flow_over_http_alone(cluster: HttpCluster) -> None:
     job = r.headers["Location"]
     time.sleep(0.5)  # several dispatch passes: s1 is free, yet never given the pinned job
     assert http.get(f"{job}/status").json()["state"] == "QUEUED"
+    assert http.get(job).json()["pin"]["waiting"] == "none of its slaves takes tickets: draining: s2"
     put = http.put(f"{job}/tasks/0/sandbox/in/data.txt", content=b"uploaded while queued")
     assert put.status_code == 201 and put.json()["placed"] == "staged", put.text
     assert [f["path"] for f in http.get(f"{job}/tasks/0/sandbox").json()["files"]] == ["in/data.txt"]

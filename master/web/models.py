@@ -127,7 +127,8 @@ class SweepList(BaseModel):
 class Pin(BaseModel):
     slaves: list[str] = Field(description="the slaves its tickets may go to (spec field `slaves`)")
     connected: list[str] = Field(description="those connected now")
-    waiting: str | None = Field(description="why its queued tasks do not start (no pinned slave connected)")
+    waiting: str | None = Field(description="why its queued tasks do not start: none of its slaves is connected "
+                                            "and undrained (each named: never seen, gone, draining)")
 
 
 class SweepDetail(SweepSummary):

@@ -1,4 +1,4 @@
-"""What a sweep pinned to named slaves waits for: which of its slaves are connected, and why it waits if none is."""
+"""What a sweep pinned to named slaves waits for: which of its slaves are connected, and why it waits if none serves."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,13 +10,13 @@ def pin_json(slaves: list[str], queued: int, store: Store, live: dict[str, Any] 
     """The pin of a sweep (None when it has none); `waiting` is the reason its queued tasks do not start."""
     if not slaves:
         return None
-    connected = [name for name in slaves if live is not None and name in live["slaves"]]
+    connected = {name: info for name, info in (live or {}).get("slaves", {}).items() if name in slaves}
     waiting = None
-    if queued and not connected:
+    if queued and all(info.get("draining") for info in connected.values()):
         seen = {s["name"] for s in store.slaves()}
-        never = [name for name in slaves if name not in seen]
-        gone = [name for name in slaves if name in seen]
-        waiting = "none of its slaves is connected: " + "; ".join(
-            part for part in (f"never seen: {', '.join(never)}" if never else "",
-                              f"gone: {', '.join(gone)}" if gone else "") if part)
-    return {"slaves": slaves, "connected": connected, "waiting": waiting}
+        parts = [("never seen", [n for n in slaves if n not in seen]),
+                 ("gone", [n for n in slaves if n in seen and n not in connected]),
+                 ("draining", [n for n in slaves if n in connected])]
+        waiting = "none of its slaves takes tickets: " + "; ".join(f"{what}: {', '.join(names)}"
+                                                                  for what, names in parts if names)
+    return {"slaves": slaves, "connected": [n for n in slaves if n in connected], "waiting": waiting}
