@@ -77,6 +77,12 @@ class MasterConfig:
     """Seconds a sweep's ticketfarm_tasks series stays in /metrics after it ended (then only the totals count it)."""
     http_max_body: int = 16 * 1024 * 1024
     """Largest request body (bytes) the HTTP API accepts (a submitted spec with its files)."""
+    relay_timeout: float = 30.0
+    """Seconds the master waits for a slave to answer a relayed HTTP request or a sandbox call (then 504)."""
+    relay_channels: int = 256
+    """Websockets relayed to running tasks at once at most (more are refused with 503)."""
+    sandbox_task_bytes: int = 16 * 1024 * 1024
+    """Bytes of files uploaded into one task's sandbox the master keeps at most (each file: 4 MiB at most)."""
     callback_secret: str = ""
     """HMAC-SHA256 key for status callbacks of sweeps submitted without their own status_callback_secret."""
     callback_attempts: int = 8

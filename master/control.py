@@ -97,8 +97,20 @@ class Control:
             "py_cancel": python.cancel,
             "py_ping": python.ping,
         }
+        #: Ops whose answer comes from a slave (master/relay.py): answered when it arrives, nothing committed.
+        self.later: dict[str, Callable[[bytes, messages.Control], Reply | None]] = {}
 
     def on_control(self, identity: bytes, msg: messages.Control) -> None:
+        later = self.later.get(msg.op)
+        if later is not None:
+            try:
+                answer = later(identity, msg)
+            except (KeyError, TypeError, ValueError, OSError) as exc:  # ProtocolError is a ValueError
+                answer = {"ok": False, "error": str(exc)}, []
+            if answer is not None:  # else the slave's answer is relayed when it comes
+                fields, payload = answer
+                self.link.send(identity, messages.Reply(bool(fields.pop("ok", True)), fields, msg.rid, payload))
+            return
         reply, payload = self.answer(identity, msg)
         ok = bool(reply.pop("ok", True))
         # A client with several requests in flight matches replies by its request id.
@@ -135,9 +147,21 @@ class Control:
                 self.store.set_callback(sweep.name, url, secret)
                 self.callbacks.ensure_started()
         try:
-            return done(state=self.lifecycle.submit(sweep))
+            state = self.lifecycle.submit(sweep)
         except SweepExists as exc:
             return refused("conflict", str(exc))
+        if state == "submitted" and sweep.slaves:
+            self.report_unknown_pins(sweep)
+        return done(state=state)
+
+    def report_unknown_pins(self, sweep: Sweep) -> None:
+        """A pin naming slaves this master never saw waits for them: event `pin_unknown` says so at once."""
+        known = {s["name"] for s in self.store.slaves()}
+        unknown = [name for name in sweep.slaves if name not in known]
+        if unknown:
+            reason = (f"pinned to {', '.join(sweep.slaves)}; never seen by this master: {', '.join(unknown)} "
+                      "(its tasks wait until one of them connects)")
+            self.store.event("pin_unknown", sweep=sweep.name, detail={"slaves": unknown, "reason": reason})
 
     def cancel_sweep(self, identity: bytes, msg: messages.Control) -> Reply:
         name = msg.args().text("sweep", empty=False)

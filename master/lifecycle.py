@@ -79,6 +79,10 @@ class Lifecycle:
     def tickets_of(self, slave: str) -> list[Ticket]:
         return self.scheduler.tickets_of(slave)
 
+    def tickets_for(self, sweep: str, task: int) -> list[Ticket]:
+        """The task's tickets in flight (more than one while a speculative copy runs)."""
+        return self.scheduler.siblings(sweep, task)
+
     def active(self, sweep: str) -> ActiveSweep | None:
         return self.scheduler.active.get(sweep)
 

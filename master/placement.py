@@ -46,7 +46,7 @@ class Placement:
     def fits(self, active: ActiveSweep, slave: str) -> bool:
         sweep = active.sweep
         session = self.roster.named(slave)
-        if session is None:
+        if session is None or (sweep.slaves and slave not in sweep.slaves):
             return False
         if sweep.workers and session.platform not in sweep.workers:
             self._refuse(session, sweep, f"sweep {sweep.name!r} has no worker for platform {session.platform!r} "

@@ -22,6 +22,7 @@ from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
+from slave.relay import WAITING, Reach
 from slave.runner import (
     MANIFEST,
     STDERR,
@@ -114,6 +115,7 @@ class Slave:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.reach = Reach(self._wake_w, config.relay_timeout)
 
     # -- outbox: finished tickets waiting for the master's ACK --------------------------
     def _load_outbox(self) -> dict[int, Outcome]:
@@ -212,6 +214,7 @@ class Slave:
             self._drain_wakeups()
         if self.socket is not None and self.socket in ready:
             self._drain_socket()
+        self.reach.flush(self.send)
         self.pypool.pump()
         self._reap_workers()
         self._start_waiting()
@@ -376,11 +379,25 @@ class Slave:
             log.info("ticket_cancelled", ticket=tid, reason=reason, started=False)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
         self._drop_prepared(tid)
+        self.reach.forget(tid)
         for fetch in self.cache.fetches.values():
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
         if outcome is not None and not self.config.keep_workdirs:
             remove_workdir(self.workdir(outcome.sweep, tid))
+
+    def _where(self, tid: int) -> Path | str | None:
+        """A ticket's work dir for slave/relay.py: running or prepared; WAITING when only prefetched; None."""
+        worker = self.running.get(tid) or self.prepared.get(tid)
+        if isinstance(worker, Worker):
+            return worker.workdir
+        return WAITING if any(t.ticket == tid for t in self.waiting) else None
+
+    def _on_sandbox(self, msg: messages.Sandbox) -> None:
+        self.reach.sandbox(msg, self._where(msg.ticket))
+
+    def _on_relay(self, msg: messages.Relay) -> None:
+        self.reach.relay(msg, self._where(msg.ticket))
 
     def _on_disconnect(self, msg: messages.Disconnect) -> None:
         """Acts on `why`: exit (protocol version; shutdown with on_master_shutdown = "exit"), say HELLO again, or
@@ -444,6 +461,7 @@ class Slave:
             return None
         try:
             self.workdirs.make(workdir)
+            self.reach.place(spec.ticket, workdir)  # uploads a prefetched ticket got; its inputs go over them
             return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
@@ -656,6 +674,7 @@ class Slave:
             self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
+        self.reach.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
         self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
@@ -668,6 +687,7 @@ class Slave:
         Command.WELCOME: _on_welcome, Command.TICKET: _on_ticket, Command.ACK: _on_ack, Command.FETCH: _on_fetch,
         Command.CANCEL: _on_cancel, Command.DISCONNECT: _on_disconnect, Command.CODE: _on_code,
         Command.WORKER: _on_worker_chunk, Command.REFUSED: _on_refused, Command.NO_WORK: _on_no_work,
+        Command.SANDBOX: _on_sandbox, Command.RELAY: _on_relay,
         Command.HEARTBEAT: lambda self, msg: None,  # any message counts as one: master_expiry is already pushed
     }
     """What the slave does with each command it accepts from the master."""

@@ -98,6 +98,9 @@ def test_grid_is_the_product_first_axis_outermost(tmp_path: Path) -> None:
     ('name = "a"\ncommand = "x"\n[parameters.grid]\nx=[1]\n[[collect]]\nmode = "zip"\npath = "o"', "collect[0].mode"),
     ('name = "a"\ncommand = "x"\n[parameters]\ncsv = "missing.csv"', "missing.csv"),
     ('name = "a"\ncommand = "x"\n[parameters.grid\n', "spec.toml"),
+    ('name = "a"\ncommand = "x"\nslaves = "h1"', "field 'slaves' must be a list of slave names"),
+    ('name = "a"\ncommand = "x"\nslaves = ["h1", ""]', "field 'slaves' must be a list"),
+    ('name = "a"\ncommand = "x"\nslaves = ["h1", "h1"]', "field 'slaves' names a slave twice"),
 ])
 def test_bad_spec_names_the_field(tmp_path: Path, body: str, message: str) -> None:
     (tmp_path / "spec.toml").write_text(body)
@@ -105,6 +108,14 @@ def test_bad_spec_names_the_field(tmp_path: Path, body: str, message: str) -> No
         load_spec(tmp_path / "spec.toml")
     assert message in str(err.value)
     assert "spec.toml" in str(err.value)
+
+
+def test_a_pin_names_slaves_and_makes_the_sweep_restricted(tmp_path: Path) -> None:
+    (tmp_path / "spec.toml").write_text('name = "a"\ncommand = "x"\nslaves = ["h1", "h2"]')
+    spec = load_spec(tmp_path / "spec.toml")
+    assert spec.slaves == ["h1", "h2"] and spec.restricted
+    (tmp_path / "spec.toml").write_text('name = "a"\ncommand = "x"')
+    assert load_spec(tmp_path / "spec.toml").slaves == []
 
 
 def test_shell_template_keeps_hostile_values_literal(tmp_path: Path) -> None:

@@ -61,6 +61,11 @@ class Command(enum.IntEnum):
     WORKER = 0x14          # M->S  those bytes (payload), or an error
     REFUSED = 0x15         # M->S  a sweep this slave cannot run (no worker for its platform): it gets no tickets of it
     NO_WORK = 0x16         # M->S  every sweep is over: nothing more to do (the slave stays or exits, per its config)
+    # A running ticket reached for a client (see master/relay.py and slave/relay.py):
+    SANDBOX = 0x17        # M->S  put / list / get a file of a ticket's work dir
+    SANDBOX_REPLY = 0x18  # S->M  the answer: done, the listing, or a piece of the file (or an error)
+    RELAY = 0x19          # M->S  an HTTP request or a websocket step for the server the ticket's task announced
+    RELAY_REPLY = 0x1A    # S->M  its response, websocket events, or an error
 
 
 

@@ -28,7 +28,7 @@ MAX_TASKS = 5_000_000
 MAX_PARAMETER_FILE = 512 * 1024 * 1024
 SPEC_KEYS = {"name", "command", "argv", "timeout", "max_attempts", "priority", "env",
              "parameters", "inputs", "results", "collect",
-             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory"}
+             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory", "slaves"}
 #: Platform tags look like `linux-x86_64`: the slave's sys.platform and machine, lower case.
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_.]+$")
 
@@ -100,11 +100,13 @@ class Sweep:
     """CPUs one task needs: a slave takes it only while that many of its CPUs are free (0 = no claim)."""
     memory: int = 0
     """MiB one task may use: a slave takes it only with that much free, and kills a worker using more (0 = no limit)."""
+    slaves: list[str] = field(default_factory=list)
+    """The slaves (by name) its tickets may go to; empty = any slave (a pin: `slaves = ["h1", "h2"]`)."""
 
     @property
     def restricted(self) -> bool:
         """Whether the scheduler must ask, per slave, if this sweep may run there."""
-        return bool(self.workers or self.max_concurrent or self.cpus or self.memory)
+        return bool(self.workers or self.max_concurrent or self.cpus or self.memory or self.slaves)
 
     @property
     def param_names(self) -> list[str]:
@@ -189,6 +191,7 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
     sweep.max_concurrent = _get(data, "max_concurrent", int, source, 0)
     sweep.cpus = _get(data, "cpus", int, source, 0)
     sweep.memory = _load_memory(data.get("memory", 0), source)
+    sweep.slaves = _load_slaves(data.get("slaves", []), source)
     for key in ("speculate", "max_concurrent", "cpus"):
         if getattr(sweep, key) < 0:
             raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
@@ -482,6 +485,16 @@ def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
             raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}",
                               field="validate.python") from None
     return Validation(python=target, source=text, timeout=float(timeout))
+
+
+def _load_slaves(value: Any, source: str) -> list[str]:
+    """A pin: slave names (as given by `--name`), each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{source}: field 'slaves' must be a list of slave names (e.g. [\"h1\", \"h2\"]), "
+                          f"got {value!r}", field="slaves")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{source}: field 'slaves' names a slave twice: {value!r}", field="slaves")
+    return list(value)
 
 
 def _load_memory(value: Any, source: str) -> int:

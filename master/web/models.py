@@ -12,7 +12,7 @@ from master.stats import SlaveStats, SweepStats
 EVENT_KINDS = ("sweep_submitted", "sweep_active", "sweep_paused", "sweep_finished", "sweep_cancelled",
                "tickets_dispatched", "tasks_done", "task_failed", "task_cancelled", "task_paused", "task_resumed",
                "ticket_duplicated", "result_rejected", "results_removed", "results_pruned", "slave_dead",
-               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched")
+               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown")
 TaskState = Literal["queued", "paused", "running", "done", "failed", "cancelled"]
 
 
@@ -115,8 +115,16 @@ class SweepList(BaseModel):
     sweeps: list[SweepSummary]
 
 
+class Pin(BaseModel):
+    slaves: list[str] = Field(description="the slaves its tickets may go to (spec field `slaves`)")
+    connected: list[str] = Field(description="those connected now")
+    waiting: str | None = Field(description="why its queued tasks do not start: none of its slaves is connected "
+                                            "and undrained (each named: never seen, gone, draining)")
+
+
 class SweepDetail(SweepSummary):
     spec: dict[str, Any]
+    pin: Pin | None = Field(description="null when the sweep may run on any slave")
     callback: bool
     results_removed: float | None = Field(description="when its results were removed after collection")
 
@@ -238,6 +246,32 @@ class Deleted(BaseModel):
     results_removed: bool
 
 
+class SandboxPut(BaseModel):
+    sweep: str
+    task: int
+    path: str
+    size: int
+    placed: Literal["staged", "work dir"] = Field(description="staged: kept on the master for the task's next "
+                                                              "ticket; work dir: written into the running one's too")
+
+
+class SandboxEntry(BaseModel):
+    path: str
+    size: int
+    mtime: float | None
+    url: str
+
+
+class SandboxList(BaseModel):
+    sweep: str
+    task: int
+    state: TaskState
+    where: Literal["work dir", "uploads", "results"] = Field(
+        description="work dir: the running ticket's, from its slave; uploads: the files uploaded before it started; "
+                    "results: after the end, the files its `file:` results kept")
+    files: list[SandboxEntry]
+
+
 class Event(BaseModel):
     """One `data:` of the event stream (its `event:` is the kind, its `id:` the id)."""
 
@@ -249,7 +283,8 @@ class Event(BaseModel):
     ticket: int | None
     detail: dict[str, Any] = Field(description="tickets_dispatched: {tickets: [[ticket, task, slave]]}; tasks_done: "
                                                "{tasks}; sweep_*: {counts}; task_failed: {reason}; worker_fetched: "
-                                               "{slave, platform, name, sha256} (a slave began fetching a shipped worker)")
+                                               "{slave, platform, name, sha256} (a slave began fetching a shipped worker); "
+                                               "pin_unknown: {slaves, reason} (a pin names slaves never seen)")
 
 
 class SubmitBody(BaseModel):
@@ -277,4 +312,5 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {400: "bad request (`field` names what)", 401: "no token, or a wrong one", 403: "the token lacks the scope",
             404: "no such sweep, task, ticket, result or slave", 409: "not in a state that allows it",
             410: "the sweep's results were removed", 413: "request body over http_max_body",
-            415: "not JSON or TOML", 503: "the master did not answer"}
+            415: "not JSON or TOML", 502: "the task's slave or server could not be reached (the reason says which)",
+            503: "the master did not answer", 504: "the task's slave or server did not answer in time"}

@@ -15,6 +15,7 @@ from master.stats import sweep_stats
 from master.web import models, views
 from master.web.base import API, Json, cached_json, context, need
 from master.web.errors import ApiError
+from master.web.pins import pin_json
 from ticketfarm import protocol
 
 router = APIRouter()
@@ -93,12 +94,14 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     store = ctx.store()
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
-    prefetched = views.not_started(store, views.live_slaves(ctx)).by_sweep.get(row.name, 0)
+    live = views.live_slaves(ctx)
+    prefetched = views.not_started(store, live).by_sweep.get(row.name, 0)
     d = views.sweep_json(stats, row, prefetched)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
                  "parameters": spec.param_names, "results": spec.results,
-                 "collect": [asdict(c) for c in spec.collect]}
+                 "collect": [asdict(c) for c in spec.collect], "slaves": spec.slaves}
+    d["pin"] = pin_json(spec.slaves, d["queued"] if row.state in ("active", "paused") else 0, store, live)
     d["callback"] = store.callback(row.name) is not None
     d["results_removed"] = store.results_removed(row.name)
     return Json(d)
