@@ -465,14 +465,15 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _submit(args: argparse.Namespace, endpoint: str, sweep: Any) -> dict[str, Any]:
     """CONTROL submit; a sweep too large for one message is refused here, not dropped by the master unseen."""
-    body = sweep.to_json()
+    fields = sweep.submit_fields()
+    size = sum(map(len, fields.values()))
     limit = MasterConfig.max_message_size
     if master_config_path(args.state).exists():
         limit = load_master_config(args.state).max_message_size
-    if len(body) + 1024 > limit:
-        raise ConfigError(f"sweep {sweep.name!r} is {len(body)} bytes as a message, over the master's "
+    if size + 1024 > limit:
+        raise ConfigError(f"sweep {sweep.name!r} is {size} bytes as a message, over the master's "
                           f"max_message_size ({limit}): raise it in master.toml, or submit through the HTTP API")
-    return control(endpoint, "submit", keys=_keys(args), sweep=body)
+    return control(endpoint, "submit", keys=_keys(args), **fields)
 
 
 def _keys(args: argparse.Namespace) -> keys.ClientKeys | None:

@@ -92,7 +92,7 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     d = views.sweep_json(stats, row, prefetched)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
-                 "parameters": spec.param_names, "results": spec.results,
+                 "parameters": store.param_names(row.name), "results": spec.results,
                  "collect": [asdict(c) for c in spec.collect]}
     d["callback"] = store.callback(row.name) is not None
     d["results_removed"] = store.results_removed(row.name)
