@@ -202,6 +202,8 @@ class Master:
         self.lifecycle.release_all(reason)
 
     def sweep_done(self, name: str) -> bool:
+        if self.lifecycle.active(name) is not None:  # in memory: asked on every pass of a local run's loop
+            return False
         row = self.store.sweep(name)
         return row is not None and row.state in ("finished", "cancelled")
 
