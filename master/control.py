@@ -20,7 +20,7 @@ from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store
 from ticketfarm import messages
 from ticketfarm.errors import ConfigError, RetryRefused, SweepExists
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 Reply = tuple[dict[str, Any], list[bytes]]
 #: One control op: (sender's routing id, the CONTROL message) -> (REPLY fields, REPLY payload).
@@ -134,7 +134,12 @@ class Control:
     # -- sweeps ---------------------------------------------------------------------------------------
     def submit(self, identity: bytes, msg: messages.Control) -> Reply:
         """Submit a sweep; an optional status_callback_url (+ secret) is stored in the same transaction."""
-        sweep = Sweep.from_json(msg.args().text("sweep", empty=False, limit=1 << 30))
+        args = msg.args()
+        sweep = Sweep.from_json(args.text("sweep", empty=False, limit=1 << 30))
+        if sweep.params:
+            return refused("bad_request", "a submit carries the parameter rows in `params` (JSON lines), "
+                                          "not in the spec")
+        rows = ParamLines.parse(args.text("params", "", limit=1 << 30))
         url = msg.fields.get("status_callback_url")
         secret = msg.fields.get("status_callback_secret") or self.callback_secret
         if url is not None:
@@ -147,7 +152,7 @@ class Control:
                 self.store.set_callback(sweep.name, url, secret)
                 self.callbacks.ensure_started()
         try:
-            state = self.lifecycle.submit(sweep)
+            state = self.lifecycle.submit(sweep, rows)
         except SweepExists as exc:
             return refused("conflict", str(exc))
         if state == "submitted" and sweep.slaves:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import structlog
@@ -16,7 +16,7 @@ from master.scheduler import ActiveSweep, Scheduler, Ticket
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from ticketfarm import messages
 from ticketfarm.errors import RetryRefused, SweepExists
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 log = structlog.get_logger("ticketfarm.lifecycle")
 
@@ -110,20 +110,23 @@ class Lifecycle:
             self.finish_if_done(name)
         self.store.commit()
 
-    def submit(self, sweep: Sweep) -> str:
-        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished"."""
+    def submit(self, sweep: Sweep, rows: ParamLines | None = None) -> str:
+        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished".
+
+        `rows`: the tasks' parameters as a submit carries them (then `sweep.params` is empty)."""
+        rows = rows if rows is not None else ParamLines.of(sweep.params)
         row = self.store.sweep(sweep.name)
         if row is not None:
-            if row.digest != sweep.digest():
-                changed = ", ".join(sweep.differing_fields(row.sweep()))
+            if row.digest != sweep.digest(rows):
+                changed = ", ".join(sweep.differing_fields(row.sweep()) or ["params"])
                 raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec ({changed} changed): "
                                   f"rename it, `ticketfarm forget {sweep.name}` to start anew, or "
                                   f"`run --retry-failed` if only {' or '.join(RETRY_CHANGEABLE)} changed")
             return "finished" if row.state in ("finished", "cancelled") else "running"
-        self.store.add_sweep(sweep)
-        self.scheduler.activate(sweep, time.time(), list(range(len(sweep.params))))
+        self.store.add_sweep(sweep, rows)
+        self.scheduler.activate(sweep, time.time(), range(rows.count))
         self.store.commit()
-        log.info("sweep_submitted", sweep=sweep.name, tasks=len(sweep.params))
+        log.info("sweep_submitted", sweep=sweep.name, tasks=rows.count)
         self.hooks.work_queued()
         return "submitted"
 
@@ -156,7 +159,10 @@ class Lifecycle:
         if row.sweep().kind == "python":
             raise RetryRefused(f"sweep {name!r} runs python functions: submit them again from the client")
         if spec is not None:
-            changed = [f for f in spec.differing_fields(row.sweep()) if f not in RETRY_CHANGEABLE]
+            stored = row.sweep()
+            changed = [f for f in spec.differing_fields(stored) if f not in RETRY_CHANGEABLE]
+            if replace(stored, params=spec.params).digest() != row.digest:  # the stored spec with these rows
+                changed.append("params")
             if changed:
                 raise RetryRefused(f"sweep {name!r}: a retry may change only {', '.join(RETRY_CHANGEABLE)}, but "
                                    f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the stored "
@@ -166,7 +172,7 @@ class Lifecycle:
             self.store.replace_spec(spec)
             self.hooks.spec_changed(name)
             if (active := self.scheduler.active.get(name)) is not None:
-                active.sweep = spec
+                active.sweep = replace(spec, params=[])
         if not tasks:
             return []
         self.store.retry_tasks(name, tasks)

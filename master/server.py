@@ -44,6 +44,9 @@ log = structlog.get_logger("ticketfarm.master")
 DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
+#: Connections the kernel queues before the master accepts them (ZeroMQ's default is 100): a join storm of
+#: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
+LISTEN_BACKLOG = 4096
 
 #: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
 Handler = Callable[[bytes, Any], None]
@@ -190,6 +193,7 @@ class Master:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -214,6 +218,8 @@ class Master:
         self.lifecycle.release_all(reason)
 
     def sweep_done(self, name: str) -> bool:
+        if self.lifecycle.active(name) is not None:  # in memory: asked on every pass of a local run's loop
+            return False
         row = self.store.sweep(name)
         return row is not None and row.state in ("finished", "cancelled")
 

@@ -183,9 +183,9 @@ class Sessions:
 
     def send_heartbeats(self, now: float) -> None:
         """HEARTBEAT only to slaves nothing else went to for a heartbeat interval."""
-        for session in self.roster.sessions():
-            if now - session.last_sent >= self.config.heartbeat_interval:
-                self.link.send(session.identity, messages.Heartbeat())
+        interval = self.config.heartbeat_interval
+        self.link.broadcast([s.identity for s in self.roster.sessions() if now - s.last_sent >= interval],
+                            messages.Heartbeat())
 
     def goodbye(self) -> None:
         """At shutdown: every slave is marked gone (the caller commits, then `say_goodbye` tells them)."""

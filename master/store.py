@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -172,18 +172,19 @@ class Store:
         return epoch
 
     # -- sweeps -------------------------------------------------------------
-    def add_sweep(self, sweep: Sweep) -> None:
-        now = time.time()
+    def add_sweep(self, sweep: Sweep, rows: ParamLines | None = None) -> None:
+        """A new sweep and its tasks: `rows` as received (then `sweep.params` is empty), else `sweep.params`."""
+        rows = rows if rows is not None else ParamLines.of(sweep.params)
         self._write(
             "INSERT INTO sweeps VALUES (?, ?, ?, ?, 'active', ?, NULL, ?)",
-            (sweep.name, sweep.digest(), sweep.to_json(), sweep.priority, now, len(sweep.params)),
+            (sweep.name, sweep.digest(rows), sweep.spec_json(), sweep.priority, time.time(), rows.count),
         )
         self._write_many(
             "INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')",
-            ((sweep.name, i, json.dumps(p)) for i, p in enumerate(sweep.params)),
+            ((sweep.name, i, row) for i, row in enumerate(rows.rows())),
         )
         self.event("sweep_submitted", sweep=sweep.name,
-                   detail={"tasks": len(sweep.params), "counts": {"queued": len(sweep.params)}})
+                   detail={"tasks": rows.count, "counts": {"queued": rows.count}})
 
     def sweep(self, name: str) -> SweepRow | None:
         row = self.db.execute(
@@ -200,7 +201,7 @@ class Store:
     def replace_spec(self, sweep: Sweep) -> None:
         """Store a changed spec of an existing sweep (same tasks: only what a retry may change differs)."""
         self._write("UPDATE sweeps SET digest = ?, spec = ?, priority = ? WHERE name = ?",
-                    (sweep.digest(), sweep.to_json(), sweep.priority, sweep.name))
+                    (sweep.digest(), sweep.spec_json(), sweep.priority, sweep.name))
 
     def delete_sweep(self, name: str) -> list[str]:
         """Remove a sweep and everything of it; returns the paths (state-relative) of its result files."""
@@ -235,6 +236,11 @@ class Store:
     def params(self, sweep: str, idx: int) -> dict[str, Any]:
         row = self.db.execute("SELECT params FROM tasks WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
         return json.loads(row[0])
+
+    def param_names(self, sweep: str) -> list[str]:
+        """The parameter names, in order, of a sweep's first task (the spec in `sweeps` holds no rows)."""
+        row = self.db.execute("SELECT params FROM tasks WHERE sweep = ? ORDER BY idx LIMIT 1", (sweep,)).fetchone()
+        return [] if row is None else list(json.loads(row[0]))
 
     def failed_tasks(self, sweep: str) -> list[tuple[int, dict[str, Any], str]]:
         rows = self.db.execute(

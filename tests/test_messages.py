@@ -315,3 +315,13 @@ def test_protocol_doc_lists_every_command_and_every_field_its_codec_writes() -> 
         row = rows[example.COMMAND.name]
         missing = [n for n in sorted(names) if not re.search(rf"\b{n}\b", row)]
         assert not missing, f"{example.COMMAND.name}: {missing} not in docs/PROTOCOL.md"
+
+
+def test_escapes_before_a_closing_quote_keep_strings_apart() -> None:
+    """`\\n` or `\\\\` just before a closing quote: the quote still ends the string (a submit's JSON-lines rows)."""
+    rows = "".join(json.dumps({"i": i, "s": "a\\"}) + "\n" for i in range(200))
+    body = json.dumps({"op": "submit", "params": rows, "tail": "x\n"})
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), body.encode()]).header["params"] == rows
+    deep = json.dumps({"op": "submit", "params": rows, "after": json.loads(nested(protocol.MAX_DEPTH + 1))})
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), deep.encode()])

@@ -51,7 +51,7 @@ async def submit(request: Request, scopes: set[str] = Depends(need("submit"))) -
     data = body_fields(request.headers.get("Content-Type") or "", raw)
     sweep, extra = await run_in_threadpool(parse_submission, data, ctx.config.http_allow_master_code,
                                            "admin" in scopes)
-    reply = await run_in_threadpool(ctx.control, "submit", sweep=sweep.to_json(), **extra)
+    reply = await run_in_threadpool(ctx.control, "submit", **sweep.submit_fields(), **extra)
     url = f"{API}/sweeps/{sweep.name}"
     body = {"sweep": sweep.name, "state": reply["state"], "tasks": len(sweep.params), "url": url}
     return Json(body, 201 if reply["state"] == "submitted" else 200, {"Location": url})

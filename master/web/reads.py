@@ -99,7 +99,7 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     d = views.sweep_json(stats, row, prefetched)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
-                 "parameters": spec.param_names, "results": spec.results,
+                 "parameters": store.param_names(row.name), "results": spec.results,
                  "collect": [asdict(c) for c in spec.collect], "slaves": spec.slaves}
     d["pin"] = pin_json(spec.slaves, d["queued"] if row.state in ("active", "paused") else 0, store, live)
     d["callback"] = store.callback(row.name) is not None
