@@ -284,6 +284,7 @@ class Lifecycle:
         for other in self.scheduler.siblings(done.sweep, done.task):
             self.cancel_ticket(other, "another copy finished first")
         self.finish_if_done(done.sweep)
+        self._slot_freed(done.sweep)
 
     def fail(self, ticket: Ticket, state: str, reason: str,
              exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
@@ -304,6 +305,15 @@ class Lifecycle:
             log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)
+        if outcome != "queued":
+            self._slot_freed(ticket.sweep)
+
+    def _slot_freed(self, sweep: str) -> None:
+        """A ticket of a sweep with a per-slave or per-sweep limit ended: its queued tasks may go out now, to the
+        slaves already waiting (their REQUEST came before this answer), not at the next housekeeping pass."""
+        active = self.scheduler.active.get(sweep)
+        if active is not None and active.sweep.restricted and active.queued and not active.paused:
+            self.hooks.work_queued()
 
     def lose(self, ticket: Ticket, reason: str) -> None:
         log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
@@ -353,6 +363,7 @@ class Lifecycle:
         self.store.cancel_task(name, task)
         self.hooks.task_settled(name, task, "cancelled", [])
         self.finish_if_done(name)
+        self._slot_freed(name)
         return True
 
     def pause_task(self, name: str, task: int) -> None:
