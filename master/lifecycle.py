@@ -94,6 +94,7 @@ class Lifecycle:
     # -- sweeps -----------------------------------------------------------------------------
     def resume(self, reclaim_until: float) -> None:
         """After a restart: reload active sweeps, and adopt the tickets that were out (their slaves may claim them)."""
+        self.store.clear_unrunnable()
         for row in self.store.sweeps():
             if row.state in ("active", "paused"):
                 queued = self.store.tasks_in_state(row.name, "queued")
@@ -101,7 +102,8 @@ class Lifecycle:
                 active.paused = row.state == "paused"
                 active.held.update(self.store.tasks_in_state(row.name, "paused"))
         for t in self.store.running_tickets():
-            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until))
+            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until,
+                                        started=t.started))
         for name in list(self.scheduler.active):
             self.finish_if_done(name)
         self.store.commit()
@@ -197,13 +199,34 @@ class Lifecycle:
             raise RetryRefused(f"sweep {name!r} is {row.state}: cancel it first (`ticketfarm cancel {name}`)")
         return self.store.delete_sweep(name)
 
+    def set_unrunnable(self, name: str, reason: str | None) -> None:
+        """Say why no connected slave can run a sweep (master/placement.py's Runnability), or that one can again."""
+        self.store.set_unrunnable(name, reason)
+        if reason:
+            log.warning("sweep_unrunnable", sweep=name, reason=reason)
+        else:
+            log.info("sweep_runnable", sweep=name)
+
     def set_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume a sweep; pausing recalls its tickets not started yet (running ones finish)."""
         active = self.scheduler.active[name]
         if active.paused != paused:
             active.paused = paused
             self.store.set_sweep_state(name, "paused" if paused else "active")
-            if not paused:
+            if paused:
+                self._recall_unstarted(name)
+            else:
                 self.hooks.work_queued()
+
+    def _recall_unstarted(self, name: str) -> None:
+        """RECALL to each slave holding prefetched tickets of the sweep: it gives back those it has not started."""
+        by_slave: dict[str, list[int]] = {}
+        for ticket in self.scheduler.tickets.values():
+            if ticket.sweep == name and ticket.started is None:
+                by_slave.setdefault(ticket.slave, []).append(ticket.id)
+        for slave, ids in by_slave.items():
+            if (session := self.roster.named(slave)) is not None:
+                self.link.send(session.identity, messages.Recall(ids, "sweep paused"))
 
     def cancel_sweep(self, name: str) -> list[int] | None:
         """Cancel a sweep: queued and paused tasks dropped, running tickets killed; the tasks cancelled, or None."""
@@ -254,6 +277,17 @@ class Lifecycle:
 
     def extend(self, ticket: Ticket, now: float) -> None:
         self.scheduler.extend(ticket, now)
+
+    def mark_started(self, slave: str, ids: list[int], now: float) -> None:
+        """Tickets this slave says it began running: from now on they count as running, not prefetched."""
+        started = []
+        for tid in ids:
+            ticket = self.scheduler.tickets.get(tid)
+            if ticket is not None and ticket.slave == slave and ticket.started is None:
+                ticket.started = now
+                started.append(tid)
+        if started:
+            self.store.mark_started(started, now)
 
     def expire(self, now: float) -> None:
         """Tickets past their deadline: killed and counted as a timeout, or lost when their slave is gone."""

@@ -27,6 +27,8 @@ class Ticket:
     deadline: float
     params: dict[str, Any] | None = None
     """The task's parameters, known at dispatch (for the TICKET message); None for adopted tickets."""
+    started: float | None = None
+    """When its slave said it began running it; None while it is only prefetched (held ready)."""
 
 
 @dataclass

@@ -229,6 +229,14 @@ def test_validator_rejections_are_retried_and_never_collected(master, start_slav
         assert [i for i, _ in store.done_tasks("cmdcheck")] == [0, 2]
     finally:
         store.close()
+    report = run_cli("--state", str(master.state), "stats", cwd=tmp_path).stdout
+    tables = [[line.split() for line in part.splitlines()[1:] if line and not line.startswith("-")]
+              for part in report.split("\n\n")[:2]]
+    (sweep_header, *sweep_rows), (slave_header, *slave_rows) = tables
+    rejected = {row[0]: int(dict(zip(sweep_header, row))["rejected"]) for row in sweep_rows}
+    assert rejected == {"checked": 3, "cmdcheck": 2}, report  # every rejected attempt, per sweep ...
+    by_slave = {row[0]: int(dict(zip(slave_header, row))["rejected"]) for row in slave_rows}
+    assert set(by_slave) == {"v1", "v2"} and sum(by_slave.values()) == 5, report  # ... and per slave
     collect = run_cli("--state", str(master.state), "collect", "checked", "--out", "o", cwd=tmp_path)
     assert collect.returncode == 0
     lines = (tmp_path / "o" / "checked-results.csv").read_text().splitlines()[1:]

@@ -61,6 +61,7 @@ class Command(enum.IntEnum):
     WORKER = 0x14          # M->S  those bytes (payload), or an error
     REFUSED = 0x15         # M->S  a sweep this slave cannot run (no worker for its platform): it gets no tickets of it
     NO_WORK = 0x16         # M->S  every sweep is over: nothing more to do (the slave stays or exits, per its config)
+    RECALL = 0x17          # M->S  give these tickets back unless started (their sweep was paused)
 
 
 

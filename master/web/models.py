@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 EVENT_KINDS = ("sweep_submitted", "sweep_active", "sweep_paused", "sweep_finished", "sweep_cancelled",
                "tickets_dispatched", "tasks_done", "task_failed", "task_cancelled", "task_paused", "task_resumed",
                "ticket_duplicated", "result_rejected", "results_removed", "results_pruned", "slave_dead",
-               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched")
+               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "sweep_unrunnable", "sweep_runnable")
 TaskState = Literal["queued", "paused", "running", "done", "failed", "cancelled"]
 
 
@@ -32,11 +32,15 @@ class SweepSummary(BaseModel):
     total: int
     done: int
     running: int = Field(description="tasks whose ticket a slave has started (prefetched ones not counted)")
-    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch): "
-                                        "listed as waiting in its last heartbeat, or dispatched past its slots")
-    queued: int = Field(description="tasks waiting in the master's queue (paused ones included)")
+    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch)")
+    queued: int = Field(description="tasks waiting in the master's queue (a paused sweep's too)")
+    paused: int = Field(description="tasks paused one by one; total = queued + prefetched + running + paused + done "
+                                    "+ failed + cancelled")
     failed: int
     cancelled: int
+    rejected: int = Field(description="attempts whose result the sweep's validator refused")
+    unrunnable: str | None = Field(description="why no connected slave can run the sweep (a platform or resources "
+                                               "none offers, no slave at all); null when some can")
     elapsed: float
     throughput: float = Field(description="done tasks per second since submission")
     eta: float | None = Field(description="seconds to go at this throughput; null when unknown")
@@ -75,8 +79,9 @@ class SlaveRow(BaseModel):
     lost: int
     cancelled: int
     busy: float = Field(description="seconds its tickets ran")
-    running: int
-    prefetched: int
+    rejected: int = Field(description="its results that a validator refused")
+    running: int = Field(description="tickets it has started")
+    prefetched: int = Field(description="tickets it holds ready but has not started")
     load: float | None
     memory: float | None
     disk: float | None

@@ -77,7 +77,7 @@ async def stats(request: Request) -> Json:
 async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
     return await cached_json(request, "sweeps",
-                             lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
+                             lambda: {"sweeps": views.sweeps_json(ctx.store())})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -88,8 +88,7 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     store = ctx.store()
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
-    prefetched = views.not_started(store, views.live_slaves(ctx)).by_sweep.get(row.name, 0)
-    d = views.sweep_json(stats, row, prefetched)
+    d = views.sweep_json(stats, row)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
                  "parameters": spec.param_names, "results": spec.results,

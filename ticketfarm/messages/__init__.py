@@ -20,7 +20,7 @@ nested deeper than `protocol.MAX_DEPTH`. Unknown header fields are ignored (a ne
 Classes by conversation (docs/PROTOCOL.md describes each command):
 
 - session: Hello, Welcome (+ SlavePolicy), Request, Ack, Heartbeat, Cancel, Disconnect (its `why`
-  is one of session.WHYS), Refused, NoWork
+  is one of session.WHYS), Refused, NoWork, Recall
 - tickets: Ticket = TicketSweep (the sweep's shared part; a master reuses it) + TicketEntry list,
   with InputFile and WorkerFile
 - results: Progress, Result (ResultEntry, ResultOutput), Failure, Fetch, Chunk
@@ -48,6 +48,7 @@ from ticketfarm.messages.session import (
     Heartbeat,
     Hello,
     NoWork,
+    Recall,
     Refused,
     Request,
     SlavePolicy,
@@ -59,7 +60,7 @@ from ticketfarm.protocol import Command, Message
 
 AnyMessage = Union[Hello, Welcome, Request, Ticket, Progress, Result, Fetch, Chunk, Failure, Ack, Heartbeat,
                    Cancel, Disconnect, Control, Reply, CodeRequest, Code, Notify, WorkerRequest, Worker, Refused,
-                   NoWork]
+                   NoWork, Recall]
 
 #: The class of each command.
 CODECS: dict[Command, type] = {cls.COMMAND: cls for cls in AnyMessage.__args__}  # type: ignore[attr-defined]
@@ -78,7 +79,7 @@ def decode(frames: list[bytes]) -> AnyMessage:
 __all__ = [
     "CODECS", "PROTOCOL_VERSION", "REFUSED", "REVOKED", "SHUTDOWN", "UNKNOWN_PEER", "WHYS",
     "Ack", "AnyMessage", "Cancel", "Chunk", "Code", "CodeRequest", "Control", "Disconnect", "Failure", "Fetch",
-    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Refused", "Reply",
+    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Recall", "Refused", "Reply",
     "Request", "Result", "ResultEntry", "ResultOutput", "Settled", "SlavePolicy", "Ticket", "TicketEntry",
     "TicketSweep", "Welcome", "Worker", "WorkerFile", "WorkerRequest", "decode", "parse",
 ]
