@@ -180,7 +180,7 @@ class Scheduler:
             active.running += 1
 
     def extend(self, ticket: Ticket, now: float) -> None:
-        """Push a not-yet-started ticket's deadline out (it waits in the slave's prefetch queue)."""
+        """Push a ticket's deadline out: while it waits in the slave's prefetch queue, and again when it starts."""
         active = self.active.get(ticket.sweep)
         if active is not None:
             ticket.deadline = now + active.sweep.timeout + self.grace
