@@ -200,7 +200,11 @@ class Lifecycle:
         return self.store.delete_sweep(name)
 
     def set_unrunnable(self, name: str, reason: str | None) -> None:
-        """Say why no connected slave can run a sweep (master/placement.py's Runnability), or that one can again."""
+        """Say why no connected slave can run a sweep (master/placement.py's Runnability), or that one can again
+        (of a sweep that has ended: only forget what was said)."""
+        if name not in self.scheduler.active:
+            self.store.set_unrunnable(name, None, event=False)
+            return
         self.store.set_unrunnable(name, reason)
         if reason:
             log.warning("sweep_unrunnable", sweep=name, reason=reason)

@@ -148,29 +148,44 @@ class Runnability:
         self.scheduler = lifecycle.scheduler  # read only
         self.quiet_until = time.time() + grace
         self.interval = interval
-        #: True while slaves are on their way (an allocation queue submits them): having none is no reason then.
+        #: True while an allocation queue submits slaves as batch jobs: having none connected is no reason then.
         self.slaves_expected = slaves_expected
         self.said: dict[str, str] = {}
         self.next_check = 0.0
+        self.starting: Callable[[], bool] = lambda: False
+
+    def expect(self, starting: Callable[[], bool]) -> None:
+        """The slaves to come are known (a local run's): nothing is judged while `starting()`, and not a moment
+        longer (no grace period)."""
+        self.starting = starting
+        self.quiet_until = 0.0
 
     def slaves_changed(self, *_: object) -> None:
+        """A slave joined or left: the sweeps said to be unrunnable are judged again at once (before a joined
+        slave takes their tickets), the others at the next tick."""
         self.next_check = 0.0
+        for name in list(self.said):
+            if (active := self.scheduler.active.get(name)) is not None:
+                self._judge(name, active)
 
     def tick(self, now: float) -> None:
-        if now < self.next_check or now < self.quiet_until:
+        if now < self.next_check or now < self.quiet_until or self.starting():
             return
         self.next_check = now + self.interval
         for name in [n for n in self.said if n not in self.scheduler.active]:
             del self.said[name]
             self.lifecycle.set_unrunnable(name, None)
         for name, active in self.scheduler.active.items():
-            reason = self.reason(active, bool(self.placement.roster.sessions()))
-            if reason != self.said.get(name):
-                if reason:
-                    self.said[name] = reason
-                else:
-                    self.said.pop(name, None)
-                self.lifecycle.set_unrunnable(name, reason)
+            self._judge(name, active)
+
+    def _judge(self, name: str, active: ActiveSweep) -> None:
+        reason = self.reason(active, bool(self.placement.roster.sessions()))
+        if reason != self.said.get(name):
+            if reason:
+                self.said[name] = reason
+            else:
+                self.said.pop(name, None)
+            self.lifecycle.set_unrunnable(name, reason)
 
     def reason(self, active: ActiveSweep, connected: bool) -> str | None:
         if active.paused or not active.queued:

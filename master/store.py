@@ -228,11 +228,13 @@ class Store:
         self.event("sweep_forgotten", sweep=name)
         return paths
 
-    def set_unrunnable(self, name: str, reason: str | None) -> None:
-        """Say why no connected slave can run a sweep (None: clear it); the change is an event too."""
+    def set_unrunnable(self, name: str, reason: str | None, event: bool = True) -> None:
+        """Say why no connected slave can run a sweep (None: clear it); the change is an event too, unless not
+        `event` (the sweep has ended: whether slaves could run it no longer matters)."""
         self._write("UPDATE sweeps SET unrunnable = ? WHERE name = ?", (reason, name))
-        self.event("sweep_unrunnable" if reason else "sweep_runnable", sweep=name,
-                   detail={"reason": reason} if reason else None)
+        if event:
+            self.event("sweep_unrunnable" if reason else "sweep_runnable", sweep=name,
+                       detail={"reason": reason} if reason else None)
 
     def clear_unrunnable(self) -> None:
         """At a master's start: what it said about slaves it no longer has does not hold."""
