@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from master.collect import check_claims, collect, remove_collected
+from master.collect import check_claims, collect
 from master.config import (
     MasterConfig,
     load_master_config,
@@ -31,7 +31,7 @@ from ticketfarm import cli_alloc, cli_http, keys, messages
 from ticketfarm.client.control import client_endpoint, control
 from ticketfarm.client.progress import ProgressBar
 from ticketfarm.client.statedir import default_state_dir, state_dir_for
-from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
+from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse, TicketfarmError
 from ticketfarm.logs import configure_logging
 from ticketfarm.spec import load_spec
 
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except StateDirInUse as exc:
         print(f"ticketfarm: {exc}", file=sys.stderr)
         return 4
+    except TicketfarmError as exc:  # any other refusal (e.g. results already removed): one line, no traceback
+        print(f"ticketfarm: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,11 +372,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         for path in collect(store, args.state, row.sweep(), args.out):
             print(path)
     if args.remove:
-        store = Store(args.state / "state.db")
-        try:
-            remove_collected(store, args.state, args.sweep)
-        finally:
-            store.close()
+        reply = _answer(args, "forget_results", sweep=args.sweep)
+        if not reply.get("ok"):
+            print(f"ticketfarm: {args.sweep}: results kept: {reply.get('error', 'refused')}", file=sys.stderr)
+            return 1
     return 0
 
 
