@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT
+from tests.walkthrough import ROOT, walkthroughs
 from ticketfarm import Cluster
 from ticketfarm.errors import ArgumentTooLarge
 
@@ -136,9 +136,6 @@ def worker_pids(executor: Cluster) -> list[int]:
 
 
 def test_the_dask_and_joblib_example_of_the_python_docs_runs_as_written(tmp_path: Path) -> None:
-    text = (Path(__file__).resolve().parent.parent / "docs" / "PYTHON-API.md").read_text()
-    example = re.search(r"```python\n(import dask, joblib\n.*?)```", text, re.S)
-    assert example is not None
-    run = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
+    example = walkthroughs(ROOT / "docs" / "PYTHON-API.md")["dask-joblib"]
+    run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -2,7 +2,6 @@
 paused sweeps that start nothing more, speculation from a ticket's start onto idle slots, columns that add up."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
