@@ -283,14 +283,16 @@ class Lifecycle:
         self.scheduler.extend(ticket, now)
 
     def mark_started(self, slave: str, ids: list[int], now: float) -> None:
-        """Tickets this slave says it began running: from now on they count as running, not prefetched, and their
-        deadline is their timeout from now."""
+        """Tickets this slave says it began running: from now on they count as running, not prefetched, and a
+        ticket that waited long for its slot has its timeout counted from now."""
         started = []
         for tid in ids:
             ticket = self.scheduler.tickets.get(tid)
             if ticket is not None and ticket.slave == slave and ticket.started is None:
                 ticket.started = now
-                self.scheduler.extend(ticket, now)
+                # Most start within a moment of their dispatch: their deadline stands (one heap entry each).
+                if now - ticket.dispatched > self.scheduler.grace / 2:
+                    self.scheduler.extend(ticket, now)
                 started.append(tid)
         if started:
             self.store.mark_started(started, now)

@@ -39,8 +39,9 @@ API = "/api/v1"
 
 
 def http_api(args: argparse.Namespace, needed: bool = False) -> ApiClient | None:
-    """The API client the CLI should use: --http or $TICKETFARM_HTTP; else the config's http_bind, only when the
-    control protocol cannot do it (`needed`) or has no CURVE client keys to do it with. None: use the control protocol."""
+    """The API client the CLI should use: --http or $TICKETFARM_HTTP; else the config's http_bind, only when asked
+    to (--token), when the control protocol cannot do it (`needed`) or has no CURVE client keys to do it with.
+    None: use the control protocol."""
     url = getattr(args, "http", None)
     cafile = None
     if master_config_path(args.state).exists():
@@ -49,7 +50,7 @@ def http_api(args: argparse.Namespace, needed: bool = False) -> ApiClient | None
         except ConfigError:
             config = None
         if config is not None:
-            if not url and not needed and _has_control_keys(args, config):
+            if not (url or needed or getattr(args, "token", None)) and _has_control_keys(args, config):
                 return None
             url = url or api_url_from_config(config)
             # HTTPS with the master's own certificate: trust it (a self-signed one works too)
