@@ -374,15 +374,13 @@ class Slave:
                 return False
             del self.running[tid]
             return True
-        held = len(self.waiting)
+        found = any(t.ticket == tid for t in self.waiting)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
         self._drop_prepared(tid)
-        parked = 0
-        for fetch in self.cache.fetches.values():
-            parked += len(fetch.parked)
+        for fetch in self.cache.fetches.values():  # waiting for its shipped worker to arrive
+            found = found or any(t.ticket == tid for t in fetch.parked)
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
-            parked -= len(fetch.parked)
-        return held != len(self.waiting) or parked > 0
+        return found
 
     def _on_disconnect(self, msg: messages.Disconnect) -> None:
         """Acts on `why`: exit (protocol version; shutdown with on_master_shutdown = "exit"), say HELLO again, or
