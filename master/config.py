@@ -21,6 +21,9 @@ class MasterConfig:
     """Heartbeat intervals of silence after which a peer is presumed dead."""
     deadline_grace: float = 10.0
     """Seconds added to a ticket's timeout before the master gives up on it (the slave kills at the timeout)."""
+    unrunnable_grace: float = 10.0
+    """Seconds after the master starts (time for slaves to connect) before a sweep that no connected slave can run
+    (a platform, CPUs or memory none offers, or no slave at all) is reported unrunnable; re-checked as slaves come."""
     commit_interval: float = 0.02
     """Longest time (s) a finished result waits for its group commit while messages keep arriving."""
     insecure: bool = False

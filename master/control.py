@@ -69,7 +69,8 @@ class Control:
         #: Ends the master's loop after this turn; closing it then commits, acknowledges and tells the slaves.
         self.stop = stop
         self.ops: dict[str, Op] = {
-            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
+            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster),
+                                      slots=sum(s.slots for s in self.roster.sessions())),
             "submit": self.submit,
             "cancel": lambda _, m: ({"ok": self.lifecycle.cancel_sweep(m.args().text("sweep")) is not None}, []),
             "status": lambda _, m: done(sweeps=[asdict(s) for s in all_sweep_stats(self.store)]),

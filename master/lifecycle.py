@@ -98,6 +98,7 @@ class Lifecycle:
     # -- sweeps -----------------------------------------------------------------------------
     def resume(self, reclaim_until: float) -> None:
         """After a restart: reload active sweeps, and adopt the tickets that were out (their slaves may claim them)."""
+        self.store.clear_unrunnable()
         for row in self.store.sweeps():
             if row.state in ("active", "paused"):
                 queued = self.store.tasks_in_state(row.name, "queued")
@@ -105,7 +106,8 @@ class Lifecycle:
                 active.paused = row.state == "paused"
                 active.held.update(self.store.tasks_in_state(row.name, "paused"))
         for t in self.store.running_tickets():
-            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until))
+            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until,
+                                        started=t.started))
         for name in list(self.scheduler.active):
             self.finish_if_done(name)
         self.store.commit()
@@ -207,13 +209,38 @@ class Lifecycle:
             raise RetryRefused(f"sweep {name!r} is {row.state}: cancel it first (`ticketfarm cancel {name}`)")
         return self.store.delete_sweep(name)
 
+    def set_unrunnable(self, name: str, reason: str | None) -> None:
+        """Say why no connected slave can run a sweep (master/placement.py's Runnability), or that one can again
+        (of a sweep that has ended: only forget what was said)."""
+        if name not in self.scheduler.active:
+            self.store.set_unrunnable(name, None, event=False)
+            return
+        self.store.set_unrunnable(name, reason)
+        if reason:
+            log.warning("sweep_unrunnable", sweep=name, reason=reason)
+        else:
+            log.info("sweep_runnable", sweep=name)
+
     def set_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume a sweep; pausing recalls its tickets not started yet (running ones finish)."""
         active = self.scheduler.active[name]
         if active.paused != paused:
             active.paused = paused
             self.store.set_sweep_state(name, "paused" if paused else "active")
-            if not paused:
+            if paused:
+                self._recall_unstarted(name)
+            else:
                 self.hooks.work_queued()
+
+    def _recall_unstarted(self, name: str) -> None:
+        """RECALL to each slave holding prefetched tickets of the sweep: it gives back those it has not started."""
+        by_slave: dict[str, list[int]] = {}
+        for ticket in self.scheduler.tickets.values():
+            if ticket.sweep == name and ticket.started is None:
+                by_slave.setdefault(ticket.slave, []).append(ticket.id)
+        for slave, ids in by_slave.items():
+            if (session := self.roster.named(slave)) is not None:
+                self.link.send(session.identity, messages.Recall(ids, "sweep paused"))
 
     def cancel_sweep(self, name: str) -> list[int] | None:
         """Cancel a sweep: queued and paused tasks dropped, running tickets killed; the tasks cancelled, or None."""
@@ -265,6 +292,21 @@ class Lifecycle:
     def extend(self, ticket: Ticket, now: float) -> None:
         self.scheduler.extend(ticket, now)
 
+    def mark_started(self, slave: str, ids: list[int], now: float) -> None:
+        """Tickets this slave says it began running: from now on they count as running, not prefetched, and a
+        ticket that waited long for its slot has its timeout counted from now."""
+        started = []
+        for tid in ids:
+            ticket = self.scheduler.tickets.get(tid)
+            if ticket is not None and ticket.slave == slave and ticket.started is None:
+                ticket.started = now
+                # Most start within a moment of their dispatch: their deadline stands (one heap entry each).
+                if now - ticket.dispatched > self.scheduler.grace / 2:
+                    self.scheduler.extend(ticket, now)
+                started.append(tid)
+        if started:
+            self.store.mark_started(started, now)
+
     def expire(self, now: float) -> None:
         """Tickets past their deadline: killed and counted as a timeout, or lost when their slave is gone."""
         for ticket in self.scheduler.expired(now):
@@ -294,6 +336,7 @@ class Lifecycle:
         for other in self.scheduler.siblings(done.sweep, done.task):
             self.cancel_ticket(other, "another copy finished first")
         self.finish_if_done(done.sweep)
+        self._slot_freed(done.sweep)
 
     def fail(self, ticket: Ticket, state: str, reason: str, cause: str,
              exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
@@ -315,6 +358,15 @@ class Lifecycle:
             log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)
+        if outcome != "queued":
+            self._slot_freed(ticket.sweep)
+
+    def _slot_freed(self, sweep: str) -> None:
+        """A ticket of a sweep with a per-slave or per-sweep limit ended: its queued tasks may go out now, to the
+        slaves already waiting (their REQUEST came before this answer), not at the next housekeeping pass."""
+        active = self.scheduler.active.get(sweep)
+        if active is not None and active.sweep.restricted and active.queued and not active.paused:
+            self.hooks.work_queued()
 
     def lose(self, ticket: Ticket, reason: str, cause: str) -> None:
         log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason, cause=cause)
@@ -364,6 +416,7 @@ class Lifecycle:
         self.store.cancel_task(name, task)
         self.hooks.task_settled(name, task, "cancelled", [])
         self.finish_if_done(name)
+        self._slot_freed(name)
         return True
 
     def pause_task(self, name: str, task: int) -> None:

@@ -31,6 +31,8 @@ class Ticket:
     deadline: float
     params: dict[str, Any] | None = None
     """The task's parameters, known at dispatch (for the TICKET message); None for adopted tickets."""
+    started: float | None = None
+    """When its slave said it began running it; None while it is only prefetched (held ready)."""
 
 
 class TaskQueue:
@@ -247,7 +249,7 @@ class Scheduler:
             active.running += 1
 
     def extend(self, ticket: Ticket, now: float) -> None:
-        """Push a not-yet-started ticket's deadline out (it waits in the slave's prefetch queue)."""
+        """Push a ticket's deadline out: while it waits in the slave's prefetch queue, and again when it starts."""
         active = self.active.get(ticket.sweep)
         if active is not None:
             ticket.deadline = now + active.sweep.timeout + self.grace

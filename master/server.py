@@ -20,7 +20,7 @@ from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
 from master.metrics import Metrics
 from master.peerlog import ConnectionWatch, PeerLog
-from master.placement import Placement
+from master.placement import Placement, Runnability
 from master.pysweep import PythonSweeps
 from master.relay import Relay
 from master.roster import Roster
@@ -116,6 +116,10 @@ class Master:
         self.sessions.joined.append(placement.on_hello)
         self.sessions.left += [dispatch.forget, intake.session_left, self.relay.slave_left]
         self.stragglers = Stragglers(lifecycle, dispatch, roster, store, config.heartbeat_interval)
+        self.runnability = Runnability(placement, lifecycle, config.unrunnable_grace, config.heartbeat_interval,
+                                       lambda: self.allocator.active)
+        self.sessions.joined.append(self.runnability.slaves_changed)
+        self.sessions.left.append(self.runnability.slaves_changed)
         self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
@@ -217,6 +221,10 @@ class Master:
         self.lifecycle.hooks.work_queued = lambda: None
         self.lifecycle.release_all(reason)
 
+    def unrunnable(self, name: str) -> str | None:
+        """Why no connected slave can run this sweep (None: some can, or it is too early to say)."""
+        return self.runnability.said.get(name)
+
     def sweep_done(self, name: str) -> bool:
         if self.lifecycle.active(name) is not None:  # in memory: asked on every pass of a local run's loop
             return False
@@ -288,6 +296,7 @@ class Master:
         self.sessions.send_heartbeats(now)
         self.stragglers.tick(now)
         self.relay.expire(now)
+        self.runnability.tick(now)
         self.housekeeping.tick(now)
         self.peer_log.flush()
         if self.connections is not None:

@@ -137,6 +137,9 @@ class Sessions:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
+        # What its REQUESTs said, said again (a REQUEST sent just before a reconnection may have been lost).
+        waiting = set(msg.waiting)
+        self.lifecycle.mark_started(session.name, [t for t in msg.running if t not in waiting], now)
         self.cancel_given_away(session, [*msg.running, *msg.waiting])
         info = msg.info()
         session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart

@@ -41,6 +41,7 @@ RUN_BY = {
     "docs/PYTHON-API.md": {
         "example": "test_walkthroughs.py::test_python_api_example_and_attach_run_as_written",
         "attach": "test_walkthroughs.py::test_python_api_example_and_attach_run_as_written",
+        "dask-joblib": "test_executor.py::test_the_dask_and_joblib_example_of_the_python_docs_runs_as_written",
     },
     "docs/SPEC-REFERENCE.md": {
         "validator-file": "test_walkthroughs.py::test_spec_reference_validator_file_rejects_with_its_reason",

@@ -65,6 +65,7 @@ class Command(enum.IntEnum):
     SANDBOX_REPLY = 0x18  # S->M  the answer: done, the listing, or a piece of the file (or an error)
     RELAY = 0x19          # M->S  an HTTP request or a websocket step for the server the ticket's task announced
     RELAY_REPLY = 0x1A    # S->M  its response, websocket events, or an error
+    RECALL = 0x1B         # M->S  give these tickets back unless started (their sweep was paused)
 
 
 

@@ -12,7 +12,8 @@ from master.stats import SlaveStats, SweepStats
 EVENT_KINDS = ("sweep_submitted", "sweep_active", "sweep_paused", "sweep_finished", "sweep_cancelled",
                "tickets_dispatched", "tasks_done", "task_failed", "task_cancelled", "task_paused", "task_resumed",
                "ticket_duplicated", "result_rejected", "results_removed", "results_pruned", "slave_dead",
-               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown")
+               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown",
+               "sweep_unrunnable", "sweep_runnable")
 TaskState = Literal["queued", "paused", "running", "done", "failed", "cancelled"]
 
 
@@ -37,9 +38,13 @@ def stats_model(cls: type, name: str) -> type[BaseModel]:
 class SweepSummary(stats_model(SweepStats, "SweepCounts")):  # type: ignore[misc]
     state: Literal["active", "paused", "finished", "cancelled"]
     running: int = Field(description="tasks whose ticket a slave has started (prefetched ones not counted)")
-    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch): "
-                                        "listed as waiting in its last heartbeat, or dispatched past its slots")
-    queued: int = Field(description="tasks waiting in the master's queue (paused ones included)")
+    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch)")
+    queued: int = Field(description="tasks waiting in the master's queue (a paused sweep's too)")
+    paused: int = Field(description="tasks paused one by one; total = queued + prefetched + running + paused + done "
+                                    "+ failed + cancelled")
+    rejected: int = Field(description="attempts whose result the sweep's validator refused")
+    unrunnable: str | None = Field(description="why no connected slave can run the sweep (a platform or resources "
+                                               "none offers, no slave at all); null when some can")
     throughput: float = Field(description="done tasks per second since submission")
     eta: float | None = Field(description="seconds to go at this throughput; null when unknown")
     progress: float = Field(description="settled (done, failed, cancelled) / total")
@@ -68,8 +73,9 @@ class Status(BaseModel):
 
 class SlaveRow(stats_model(SlaveStats, "SlaveTotals")):  # type: ignore[misc]
     busy: float = Field(description="seconds its tickets ran")
-    running: int
-    prefetched: int
+    rejected: int = Field(description="its results that a validator refused")
+    running: int = Field(description="tickets it has started")
+    prefetched: int = Field(description="tickets it holds ready but has not started")
     disk: float | None
     version: str | None
     first_seen: float | None

@@ -83,7 +83,7 @@ async def stats(request: Request) -> Json:
             responses={200: {"model": models.SweepList}})
 async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
+    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store())})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -95,8 +95,7 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
     live = views.live_slaves(ctx)
-    prefetched = views.not_started(store, live).by_sweep.get(row.name, 0)
-    d = views.sweep_json(stats, row, prefetched)
+    d = views.sweep_json(stats, row)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
                  "parameters": store.param_names(row.name), "results": spec.results,
