@@ -36,6 +36,42 @@ def test_a_failing_pipeline_fails_its_task_with_the_reason_it_gave(tmp_path: Pat
     assert len(failed) == 6
     assert all("exit code 1" in reason and "xz: " in reason and "No such file" in reason for _, _, reason in failed)
     assert "Failed tasks of sizes (6)" in result.stdout and "No such file" in result.stdout
+    assert "note: parameter file = 'a' (and 1 more) names a file beside spec.toml" in result.stderr
+    assert 'set cwd = "spec" in spec.toml' in result.stderr
+
+
+def sizes_of(state: Path, sweep: str, n: int) -> list[int]:
+    store = Store(state / "state.db", readonly=True)
+    try:
+        return [int(store.outputs(sweep, i)["size"].data) for i in range(n)]
+    finally:
+        store.close()
+
+
+def test_cwd_spec_runs_relative_names_beside_the_spec_from_any_directory(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    write_spec(job, 'cwd = "spec"\n' + XZ_GRID.replace("FILES", '"a", "b"'))
+    (job / "a").write_text("a" * 1000)
+    (job / "b").write_text("b" * 1000)
+    result = run_cli("run", "job/spec.toml", "--local", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(0 < s < 1000 for s in sizes_of(job / ".ticketfarm", "sizes", 6))
+    assert "note:" not in result.stderr
+
+
+def test_cwd_submit_runs_where_the_user_is_and_a_missing_one_says_why(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a").write_text("a" * 1000)
+    write_spec(tmp_path, 'cwd = "submit"\n' + XZ_GRID.replace("FILES", '"a"'))
+    result = run_cli("--state", "../st", "run", "../spec.toml", "--local", "1", cwd=data)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(0 < s < 1000 for s in sizes_of(tmp_path / "st", "sizes", 3))
+    write_spec(tmp_path, f'cwd = "{tmp_path}/gone"\n' + XZ_GRID.replace("FILES", '"a"').replace("sizes", "gone"))
+    result = run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot start worker: cwd {tmp_path}/gone is not a directory on slave local-1" in result.stdout
 
 
 def test_absolute_input_paths_give_real_sizes(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from ticketfarm.client.progress import ProgressBar
 from ticketfarm.client.statedir import default_state_dir, state_dir_for
 from ticketfarm.errors import ConfigError, KeyFileError, MasterUnreachable, StateDirInUse
 from ticketfarm.logs import configure_logging
-from ticketfarm.spec import load_spec
+from ticketfarm.spec import Sweep, files_left_behind, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +195,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    sweep = load_spec(args.spec)
+    sweep = _load_spec(args.spec)
     check_claims(args.out, sweep.name, [rule.path for rule in sweep.collect])  # a collision stops it before it runs
     if args.local is None:
         return _run_remote(args, sweep)
@@ -301,7 +301,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return cli_http.submit(api, args.spec, args.callback, args.callback_secret)
     if args.callback:
         raise ConfigError("--callback needs the master's HTTP API (set http_bind, or pass --http URL)")
-    sweep = load_spec(args.spec)
+    sweep = _load_spec(args.spec)
     reply = _submit(args, _endpoint(args), sweep)
     if not reply.get("ok"):
         raise ConfigError(reply.get("error", "submit refused"))
@@ -457,6 +457,19 @@ def _control_verb(args: argparse.Namespace, op: str, done: str, **fields: Any) -
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _load_spec(path: Path) -> Sweep:
+    """The spec, with a note when its parameters name files beside it that its workers will not see."""
+    sweep = load_spec(path)
+    behind = files_left_behind(sweep, path.parent)
+    if behind:
+        key, value = behind[0]
+        more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
+        print(f"note: parameter {key} = {value!r}{more} names a file beside {path}, but each ticket runs in a "
+              f"fresh work dir of its own, where it is not: set cwd = \"spec\" in {path} to run there, or ship it "
+              "with [[inputs]]", file=sys.stderr)
+    return sweep
+
+
 def _endpoint(args: argparse.Namespace) -> str:
     if args.master:
         return args.master

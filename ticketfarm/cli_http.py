@@ -78,6 +78,8 @@ def submit(api: ApiClient, spec_path: Path, callback: str | None = None, secret:
     """Validate the spec here (errors name file and line), then send it with the files it names."""
     sweep = load_spec(spec_path)
     spec, files = spec_with_files(spec_path)
+    if sweep.cwd:
+        spec["cwd"] = sweep.cwd  # "spec" and "submit" mean this machine's directories, resolved here
     body: dict[str, Any] = {"spec": spec, "files": files}
     if callback:
         body["status_callback_url"] = callback
