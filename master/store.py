@@ -556,7 +556,22 @@ class Store:
         rows = self.db.execute(
             f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks WHERE {where} "
             "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
-        return [_task_dict(r) for r in rows]
+        tasks = [_task_dict(r) for r in rows]
+        self._add_attempt_fields(sweep, tasks)
+        return tasks
+
+    def _add_attempt_fields(self, sweep: str, tasks: list[dict[str, Any]]) -> None:
+        """Each task's `slave`, `elapsed` and `exit_code`: of its accepted (or running) ticket, else of its latest."""
+        if not tasks:
+            return
+        latest = dict(self.db.execute("SELECT task, max(id) FROM tickets WHERE sweep = ? AND task BETWEEN ? AND ? "
+                                      "GROUP BY task", (sweep, tasks[0]["task"], tasks[-1]["task"])).fetchall())
+        chosen = {t["task"]: t["ticket"] or latest.get(t["task"]) for t in tasks}
+        ids = [i for i in chosen.values() if i is not None]
+        found = {r[0]: r[1:] for r in self.db.execute(
+            f"SELECT id, slave, elapsed, exit_code FROM tickets WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        for t in tasks:
+            t["slave"], t["elapsed"], t["exit_code"] = found.get(chosen[t["task"]], (None, None, None))
 
     def exit_codes(self, sweep: str, first: int, last: int) -> dict[int, int | None]:
         """The exit code of each task's latest finished attempt, for tasks first..last."""

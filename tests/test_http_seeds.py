@@ -96,7 +96,7 @@ def test_joblauncher_post_without_name_or_parameters_is_one_job_at_its_location(
 
 
 def test_joblauncher_status_gives_each_task_state_and_exit_code(cluster: HttpCluster) -> None:
-    s = spec("codes", 3, command='echo "x={x}"; exit $(( {x} == 1 ? 3 : 0 ))', max_attempts=1)
+    s = spec("codes", 3, command='echo x={x}; exit $(( {x} == 1 ? 3 : 0 ))', max_attempts=1)
     location = cluster.submit(s).headers["Location"]
     cluster.wait_state("codes", "finished")
     status = cluster.get(f"{location}/status").json()

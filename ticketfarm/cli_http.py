@@ -1,4 +1,4 @@
-"""The CLI's status, stats, submit, cancel, collect and token commands when they go through the HTTP API."""
+"""The CLI's submit, cancel, collect and token commands when they go through the HTTP API."""
 from __future__ import annotations
 
 import argparse
@@ -53,19 +53,6 @@ def http_api(args: argparse.Namespace) -> ApiClient | None:
     if not url:
         return None
     return ApiClient(url, find_token(args.state, getattr(args, "token", None)), cafile=cafile)
-
-
-def status(api: ApiClient) -> int:
-    sweeps = api.get(f"{API}/status")["sweeps"]
-    print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
-                [[s["name"], s["state"], s["total"], s["done"], s["running"], s["queued"], s["failed"],
-                  s["throughput"]] for s in sweeps]))
-    return 0
-
-
-def stats(api: ApiClient) -> int:
-    print(api.get(f"{API}/stats")["report"])
-    return 0
 
 
 def cancel(api: ApiClient, sweep: str) -> int:

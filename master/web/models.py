@@ -138,6 +138,12 @@ class Task(BaseModel):
     reason: str | None
     ticket: int | None
     finished: float | None
+    slave: str | None = None
+    """The slave of the task's accepted (or running) ticket, else of its latest attempt."""
+    elapsed: float | None = None
+    """That attempt's run time in seconds (null until it finished)."""
+    exit_code: int | None = None
+    """That attempt's exit code (null until it finished, or when it was killed)."""
 
 
 class TaskPage(BaseModel):
