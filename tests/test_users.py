@@ -129,7 +129,7 @@ def test_retry_failed_reruns_only_failed_tasks_under_a_changed_timeout(tmp_path:
     (tmp_path / "ok-3").touch()
     flaky_spec(tmp_path, "timeout = 30")
     refused = run_cli("--state", "st", "run", "spec.toml", "--local", "2", cwd=tmp_path)
-    assert refused.returncode == 5  # refused: the sweep exists with another spec
+    assert refused.returncode == 6  # refused: the sweep exists with another spec
     assert "(timeout changed)" in refused.stderr and "--retry-failed" in refused.stderr
     retried = run_cli("--state", "st", "run", "spec.toml", "--local", "2", "--retry-failed", cwd=tmp_path)
     assert retried.returncode == 0, retried.stdout + retried.stderr
@@ -150,7 +150,7 @@ def test_retry_failed_refuses_a_spec_changed_beyond_timeout_and_attempts(tmp_pat
     assert run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path).returncode == 1
     (tmp_path / "spec.toml").write_text((tmp_path / "spec.toml").read_text().replace("echo {n}\"", "echo x{n}\""))
     result = run_cli("--state", "st", "run", "spec.toml", "--local", "1", "--retry-failed", cwd=tmp_path)
-    assert result.returncode == 5
+    assert result.returncode == 6
     assert "a retry may change only timeout, max_attempts, but command differs" in result.stderr
     assert "ticketfarm forget flaky" in result.stderr
     assert runs(tmp_path) == [0, 1, 2, 3]
@@ -172,7 +172,7 @@ def test_retry_one_task_without_a_master_then_run_resumes_it(tmp_path: Path) -> 
     finally:
         store.close()
     bad = run_cli("--state", "st", "retry", "flaky", "--task", "2", cwd=tmp_path)
-    assert bad.returncode == 5 and "task 2 of 'flaky' is done: only a failed or cancelled task" in bad.stderr
+    assert bad.returncode == 6 and "task 2 of 'flaky' is done: only a failed or cancelled task" in bad.stderr
 
 
 def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
@@ -190,7 +190,7 @@ def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
     assert "resuming" not in again.stderr
     assert runs(tmp_path) == [0, 0, 1, 1, 2, 2, 3, 3]
     gone = run_cli("--state", "st", "forget", "nosuch", "--yes", cwd=tmp_path)
-    assert gone.returncode == 5 and "no sweep named 'nosuch'" in gone.stderr
+    assert gone.returncode == 6 and "no sweep named 'nosuch'" in gone.stderr
 
 
 COUNTED = """

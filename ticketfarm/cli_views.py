@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
@@ -16,7 +17,6 @@ from master.config import master_config_path
 from master.stats import table
 from master.store import Store
 from master.web import views
-from master.web.reads import MAX_PAGE
 from ticketfarm import cli_http
 from ticketfarm.cli_options import client_keys, endpoint
 from ticketfarm.client.control import control
@@ -24,6 +24,8 @@ from ticketfarm.client.http import ApiClient
 from ticketfarm.errors import ConfigError, MasterRefused, MasterUnreachable
 
 API = "/api/v1"
+#: Tasks read from the store at a time.
+PAGE = 1000
 #: Longest reason a `tasks` table shows (its first line); `--format json` has the whole reason.
 REASON_WIDTH = 72
 
@@ -100,12 +102,13 @@ def from_api(api: ApiClient, view: str, sweep: str | None) -> dict[str, Any]:
     if view != "tasks":
         return api.get(f"{API}/{view}")
     assert sweep is not None
-    first = api.get(f"{API}/sweeps/{quote(sweep, safe='')}/tasks?limit={MAX_PAGE}")
+    base = f"{API}/sweeps/{quote(sweep, safe='')}/tasks"
+    first = api.get(base)  # pages of the API's default size, following `next`
     tasks, offset = first["tasks"], first["next"]
     while offset is not None:
-        page = api.get(f"{API}/sweeps/{quote(sweep, safe='')}/tasks?limit={MAX_PAGE}&offset={offset}")
+        page = api.get(f"{base}?offset={offset}")
         tasks, offset = tasks + page["tasks"], page["next"]
-    return {"sweep": first["sweep"], "total": first["total"], "tasks": tasks}
+    return page_of_all(first["sweep"], tasks)
 
 
 def from_store(state: Path, view: str, sweep: str | None, live: dict[str, Any] | None) -> dict[str, Any]:
@@ -116,7 +119,7 @@ def from_store(state: Path, view: str, sweep: str | None, live: dict[str, Any] |
         if view == "stats":
             return views.stats_body(store, live, None)
         if view == "slaves":
-            return {"slaves": views.slaves_json(store, live)}
+            return {"slaves": views.slaves_json(store, live), "time": time.time()}
         assert sweep is not None
         return tasks_body(store, state, sweep)
     finally:
@@ -129,9 +132,15 @@ def tasks_body(store: Store, state: Path, sweep: str) -> dict[str, Any]:
         known = ", ".join(repr(r.name) for r in store.sweeps()[:10]) or "none yet"
         raise MasterRefused(f"no sweep named {sweep!r} in {state} (known: {known}); `ticketfarm status` lists them")
     tasks: list[dict[str, Any]] = []
-    while page := store.tasks_page(row.name, None, len(tasks), MAX_PAGE):
+    while page := store.tasks_page(row.name, None, len(tasks), PAGE):
         tasks += page
-    return {"sweep": row.name, "total": len(tasks), "tasks": tasks}
+    return page_of_all(row.name, tasks)
+
+
+def page_of_all(sweep: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every task as one page of the API's task list (its TaskPage schema)."""
+    return {"sweep": sweep, "state": None, "offset": 0, "limit": len(tasks), "total": len(tasks), "next": None,
+            "tasks": tasks}
 
 
 def live_slaves(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -22,14 +22,16 @@ USAGE = ExitCode(2, "usage", "the command line, a spec, a config or a key file c
 UNREACHABLE = ExitCode(3, "unreachable", "no master answered (or a local one did not start, or too few slaves "
                                          "came)")
 STATE_IN_USE = ExitCode(4, "state_in_use", "another live master holds the state dir")
-REFUSED = ExitCode(5, "refused", "the master or its HTTP API refused the request (no such sweep or task, a state "
+UNRUNNABLE = ExitCode(5, "unrunnable", "no connected slave can run the sweep (the reason is printed; its state is "
+                                       "kept: start such slaves, or run with --wait-for-slaves)")
+REFUSED = ExitCode(6, "refused", "the master or its HTTP API refused the request (no such sweep or task, a state "
                                  "that does not allow it, no permission)")
-DEPLOY = ExitCode(6, "deploy", "building the wheelhouse or a check of the rollout failed")
+DEPLOY = ExitCode(7, "deploy", "building the wheelhouse or a check of the rollout failed")
 INTERRUPTED = ExitCode(130, "interrupted", "stopped by Ctrl-C (SIGINT); a run's state is kept, the same command "
                                            "resumes it")
 
 #: Every exit code, in the order the docs list them.
-ALL = (OK, FAILED, USAGE, UNREACHABLE, STATE_IN_USE, REFUSED, DEPLOY, INTERRUPTED)
+ALL = (OK, FAILED, USAGE, UNREACHABLE, STATE_IN_USE, UNRUNNABLE, REFUSED, DEPLOY, INTERRUPTED)
 
 #: The exit code of each error the command may end with; an error's own class, else its nearest listed base, decides.
 BY_ERROR: dict[type[BaseException], ExitCode] = {

@@ -91,6 +91,7 @@ class SlaveRow(BaseModel):
 
 class SlaveList(BaseModel):
     slaves: list[SlaveRow]
+    time: float = Field(description="when this answer was made (seconds since the epoch)")
 
 
 class Failure(BaseModel):
@@ -138,12 +139,11 @@ class Task(BaseModel):
     reason: str | None
     ticket: int | None
     finished: float | None
-    slave: str | None = None
-    """The slave of the task's accepted (or running) ticket, else of its latest attempt."""
-    elapsed: float | None = None
-    """That attempt's run time in seconds (null until it finished)."""
-    exit_code: int | None = None
-    """That attempt's exit code (null until it finished, or when it was killed)."""
+    slave: str | None = Field(None, description="the slave of the task's accepted (or running) ticket, else of "
+                                                "its latest attempt")
+    elapsed: float | None = Field(None, description="that attempt's run time in seconds (null until it finished)")
+    exit_code: int | None = Field(None, description="that attempt's exit code (null until it finished, or when it "
+                                                    "was killed)")
 
 
 class TaskPage(BaseModel):
