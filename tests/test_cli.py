@@ -210,3 +210,15 @@ def test_refusals_of_a_running_master_name_the_next_step(master: MasterProcess, 
     assert "`ticketfarm tasks nosuch` shows its tasks and their states" in result.stderr
     result = run_cli("tasks", "nosuch", "--state", state, cwd=tmp_path)
     assert result.returncode == exitcodes.REFUSED.code and "`ticketfarm status` lists them" in result.stderr
+
+
+def test_the_glossary_defines_the_words_and_user_docs_speak_of_features() -> None:
+    glossary = (REPO / "docs" / "GLOSSARY.md").read_text()
+    defined = re.findall(r"^\*\*([\w ]+)\*\* —", glossary, re.M)
+    assert {"sweep", "task", "ticket", "attempt", "slave", "slot", "outbox", "master", "state dir",
+            "collection"} <= set(defined)
+    readme = (REPO / "README.md").read_text()
+    assert "(docs/GLOSSARY.md)" in readme and "(docs/CLI.md)" in readme
+    user_docs = [REPO / "README.md", *(p for p in (REPO / "docs").glob("*.md") if p.name != "PROTOCOL.md")]
+    history = re.compile(r"(?i:\bissue \d+)|\bTargets of\b|(?i:\bseed \d{3}\b)")
+    assert [f"{p.name}: {m.group(0)}" for p in user_docs for m in history.finditer(p.read_text())] == []
