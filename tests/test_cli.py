@@ -192,6 +192,8 @@ def test_first_mistakes_each_say_what_to_do_next(tmp_path: Path) -> None:
                                                                 "(--local alone: one per core)"),
         ("--state", "fresh", "master"): (exitcodes.USAGE, "review it, then run `ticketfarm --state fresh master`"),
         ("run", "quoted.toml"): (exitcodes.USAGE, "write {n} instead"),
+        ("run", "sweep.toml", "--local"): (exitcodes.USAGE, "sweep.toml: no such spec file (a relative path is "
+                                                            f"taken from {tmp_path}): give the path of a sweep spec"),
     }
     write_spec(tmp_path, 'name = "s"\ncommand = "echo {n}"\n[parameters.grid]\nn = [1]\n')
     write_spec(tmp_path, 'name = "q"\ncommand = "echo \'{n}\'"\n[parameters.grid]\nn = [1]\n', "quoted.toml")

@@ -17,7 +17,7 @@ from master.config import (
 )
 from master.store import Store
 from ticketfarm import __version__, cli_alloc, cli_http, cli_views, exitcodes, keys, messages
-from ticketfarm.cli_run import cmd_run, cmd_submit, refused
+from ticketfarm.cli_run import cmd_run, cmd_submit, explained, refused
 from ticketfarm.cli_options import (
     VerbParser,
     add_global_options,
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             args.state = state_dir_for(args.spec) if local_run else default_state_dir()
         return args.func(args)
     except (TicketfarmError, KeyboardInterrupt) as exc:
-        print(f"ticketfarm: {str(exc) or 'interrupted'}", file=sys.stderr)
+        print(f"ticketfarm: {explained(exc, getattr(args, 'sweep', None))}", file=sys.stderr)
         return exitcodes.for_error(exc).code
 
 

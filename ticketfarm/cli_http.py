@@ -152,7 +152,8 @@ def token_add(state_dir: Path, name: str, scopes: list[str]) -> int:
 
 def token_revoke(state_dir: Path, name: str) -> int:
     if not revoke_token(state_dir, name):
-        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}", field="name")
+        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}; `ticketfarm token list` shows them",
+                          field="name")
     print(f"revoked {name!r}: refused from now on")
     return 0
 

@@ -16,7 +16,7 @@ from ticketfarm import cli_http, exitcodes, messages
 from ticketfarm.cli_options import client_keys, endpoint
 from ticketfarm.client.control import control
 from ticketfarm.client.progress import ProgressBar
-from ticketfarm.errors import ConfigError, MasterRefused
+from ticketfarm.errors import ApiRefused, ConfigError, MasterRefused
 from ticketfarm.spec import Sweep, files_left_behind, load_spec
 
 
@@ -149,14 +149,37 @@ def refused(reply: dict[str, Any], sweep: str, task: int | None = None) -> Maste
         return MasterRefused(message)
     if code == "not_found" and task is None:
         step = "`ticketfarm status` lists the sweeps"
+    elif task is None:
+        step = "`ticketfarm status` shows each sweep's state"
     else:
         step = f"`ticketfarm tasks {sweep}` shows its tasks and their states"
     return MasterRefused(f"{message}; {step}")
 
 
+#: What to do after the HTTP API refused a request for want of a token, or of a token's scope.
+TOKEN_STEPS = {
+    "unauthorized": "pass --token TOKEN (or $TICKETFARM_TOKEN); `ticketfarm token --write` on the master's state dir "
+                    "makes STATE/http.token",
+    "forbidden": "use a token with that scope: `ticketfarm token add NAME --scope read --scope submit --scope admin`",
+}
+
+
+def explained(exc: BaseException, sweep: str | None) -> str:
+    """An error as the CLI prints it: the HTTP API's refusals get the next step the master's would."""
+    if isinstance(exc, ApiRefused):
+        if exc.code in TOKEN_STEPS:
+            return f"{exc}; {TOKEN_STEPS[exc.code]}"
+        if sweep is not None:
+            return str(refused({"error": str(exc), "code": exc.code}, sweep))
+    return str(exc) or "interrupted"
+
+
 # -- helpers ------------------------------------------------------------------------------
 def load_checked_spec(path: Path) -> Sweep:
     """The spec, with a note when its parameters name files beside it that its workers will not see."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such spec file (a relative path is taken from {Path.cwd()}): give the path "
+                          "of a sweep spec (TOML; README, \"Sweep spec\")")
     sweep = load_spec(path)
     behind = files_left_behind(sweep, path.parent)
     if behind:
