@@ -63,6 +63,7 @@ def test_local_alone_starts_one_slave_per_core_and_options_work_after_the_verb(r
     assert bare_local(["run", "x.toml", "--local"]) == ["run", "x.toml", n]
     assert bare_local(["run", "--local", "x.toml"]) == ["run", n, "x.toml"]
     assert bare_local(["--local", ":::", "--local"]) == [n, ":::", "--local"]  # a command's own words are its own
+    assert bare_local(["parallel", "--local", "echo"]) == ["parallel", "--local", "echo"]
     assert bare_local(["run", "x.toml", "--local", "3"]) == ["run", "x.toml", "--local", "3"]
 
 

@@ -14,6 +14,8 @@ from ticketfarm.logs import LEVELS
 
 #: Where a list of arguments ends for the command line's own options (what follows is a command's).
 END_OF_OPTIONS = ("--", ":::", "::::")
+#: Verbs that parse every word after them themselves (GNU parallel's options, its command line).
+OWN_WORDS_VERBS = ("parallel",)
 #: What `--format` offers the views: a table for people, JSON (stable, documented in docs/CLI.md) for scripts.
 FORMATS = ("table", "json")
 
@@ -59,7 +61,8 @@ class VerbParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("conflict_handler", "resolve")
         super().__init__(*args, **kwargs)
-        add_global_options(self, defaults=False)
+        if "-" in self.prefix_chars:  # a verb that takes its words as they come (no "-" options) parses them itself
+            add_global_options(self, defaults=False)
 
 
 def check_log_level(level: str) -> str:
@@ -74,7 +77,7 @@ def bare_local(argv: list[str]) -> list[str]:
     """`--local` with no N after it (`run x.toml --local`, `run --local x.toml`) means one slave per core."""
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg in END_OF_OPTIONS:
+        if arg in END_OF_OPTIONS or arg in OWN_WORDS_VERBS:
             break
         if arg == "--local" and (i + 1 == len(out) or not out[i + 1].isdigit()):
             out[i] = f"--local={core_count()}"
