@@ -44,6 +44,23 @@ class CollectError(TicketfarmError):
     """An unknown format, a stored result that cannot be collected as recorded, or a folders archive that is not one."""
 
 
+class ResultsRemoved(CollectError):
+    """The sweep's results were removed after a collection: collecting them again would look like empty outputs."""
+
+    def __init__(self, sweep: str, removed: float):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(removed))
+        super().__init__(f"the results of sweep {sweep!r} were removed after collection ({when}); only its "
+                         "failed-tasks list is still there (HTTP: format=failed)")
+        self.removed = removed
+
+
+def ensure_not_removed(store: Store, sweep: str) -> None:
+    """Refuse to collect a sweep whose results were removed, rather than write empty outputs."""
+    removed = store.results_removed(sweep)
+    if removed is not None:
+        raise ResultsRemoved(sweep, removed)
+
+
 @dataclass
 class Part:
     """One file (or folder, for "folders") of a sweep's collection: its path under the output dir, format, result."""
@@ -243,6 +260,7 @@ def claim(out_dir: Path, sweep: str, paths: list[str]) -> None:
 
 def collect(store: Store, state_dir: Path, sweep: Sweep, out_dir: Path) -> list[Path]:
     """Write every collection rule of the sweep under out_dir (and the failed-tasks CSV); returns what was written."""
+    ensure_not_removed(store, sweep.name)
     collector = Collector(store, state_dir, sweep)
     written = []
     todo = parts(sweep.name, sweep.collect, store.task_counts(sweep.name).get("failed", 0) > 0)
@@ -316,8 +334,9 @@ def tar_entries(stream: IO[bytes]) -> Iterator[Entry]:
         raise CollectError(f"not a folders archive: {exc}") from None
 
 
-def remove_collected(store: Store, state_dir: Path, sweep: str) -> None:
-    """Forget a sweep's results after collection (`collect --remove`)."""
-    store.remove_results(sweep)
-    store.commit()
+def remove_results(store: Store, state_dir: Path, sweep: str) -> None:
+    """Forget a sweep's stored results after their collection; the master's commit makes it durable."""
+    for path in store.remove_results(sweep):
+        (state_dir / path).unlink(missing_ok=True)
     shutil.rmtree(state_dir / "results" / sweep, ignore_errors=True)
+    store.event("results_removed", sweep=sweep)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from master.callbacks import CallbackSender
+from master.collect import remove_results
 from master.dispatch import Dispatch
 from master.housekeeping import Housekeeping
 from master.intake import Intake
@@ -163,10 +164,7 @@ class Control:
         name = msg.args().text("sweep", empty=False)
         if self.store.sweep(name) is None:
             return refused("not_found", f"no sweep named {name!r}")
-        for path in self.store.remove_results(name):
-            (self.state_dir / path).unlink(missing_ok=True)
-        shutil.rmtree(self.state_dir / "results" / name, ignore_errors=True)
-        self.store.event("results_removed", sweep=name)
+        remove_results(self.store, self.state_dir, name)
         return done()
 
     def retry(self, identity: bytes, msg: messages.Control) -> Reply:

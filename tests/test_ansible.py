@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_for
+from tests.walkthrough import walkthroughs
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTHOSTS = ROOT / "scripts" / "testhosts.sh"
@@ -38,7 +39,6 @@ TAG = "tfa"
 #: the master's default heartbeat and liveness (the walkthrough's master.toml sets only bind)
 HEARTBEAT, LIVENESS = 1.0, 5
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-BLOCK = re.compile(r"<!-- walkthrough: ([\w-]+) -->\n```sh\n(.*?)```", re.S)
 #: seconds each deploy step took, printed at the end of the module (docs/DEPLOY.md quotes them)
 TIMINGS: dict[str, float] = {}
 
@@ -85,11 +85,6 @@ class Run:
         return {host for host, r in self.recap.items() if r["failed"]}
 
 
-def walkthrough_blocks(text: str) -> dict[str, str]:
-    """The page's walkthrough blocks by name, in order."""
-    return {name: body for name, body in BLOCK.findall(text)}
-
-
 class Walk:
     """docs/DEPLOY.md's walkthrough on this test's hosts: each block runs in bash, exports carry over."""
 
@@ -108,7 +103,7 @@ class Walk:
                         PATH=f"{shim}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), ANSIBLE_NOCOLOR="1",
                         ANSIBLE_FORCE_COLOR="0", ANSIBLE_DEPRECATION_WARNINGS="0")
         self.env.pop("TICKETFARM_STATE", None)
-        self.blocks = {name: self.substitute(body) for name, body in walkthrough_blocks(DEPLOY_MD.read_text()).items()}
+        self.blocks = {name: self.substitute(body) for name, body in walkthroughs(DEPLOY_MD).items()}
 
     def substitute(self, text: str) -> str:
         return (text.replace("/tmp/ticketfarm-testhosts", str(self.hdir)).replace("/tmp/tf/", f"{self.tf}/")
@@ -364,7 +359,7 @@ def test_deploy_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_page_has_every_walkthrough_step() -> None:
-    assert list(walkthrough_blocks(DEPLOY_MD.read_text())) == [
+    assert list(walkthroughs(DEPLOY_MD)) == [
         "hosts", "master", "first-deploy", "second-run", "sweep", "rolling-restart", "stop-start", "remove-host",
         "master-on-host", "master-on-host-again", "remove-all"]
 

@@ -17,6 +17,7 @@ import ticketfarm
 from ticketfarm import errors, exitcodes
 from ticketfarm.cli_options import bare_local, core_count
 from tests.conftest import REPO, MasterProcess, run_cli, write_spec
+from tests.walkthrough import Shell, commands, walkthroughs
 
 SPEC = """
     name = "mixed"
@@ -142,30 +143,31 @@ def test_status_and_stats_tables_come_from_the_same_bodies(ran: Ran) -> None:
 
 
 # -- completion ------------------------------------------------------------------------------------------
-def completions(tmp_path: Path, line: str) -> list[str]:
-    script = tmp_path / "tf.bash"
-    script.write_text(run_cli("completion", "bash", cwd=tmp_path).stdout)
+def completions(script: Path, line: str) -> list[str]:
+    """What bash offers for the last word of `line`, with the completion script sourced."""
     words = line.split(" ")
     probe = (f"source {script}\nCOMP_WORDS=({' '.join(words)}); COMP_CWORD={len(words) - 1}; "
              f"COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}\n"
              f"_shtab_ticketfarm ticketfarm '{words[-1]}' '{words[-2]}'\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n")
     result = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe], capture_output=True, text=True,
-                            timeout=30, env={**os.environ, "PATH": os.environ["PATH"]})
+                            timeout=30)
     assert result.returncode == 0, result.stderr
     return [w.strip() for w in result.stdout.splitlines() if w.strip()]
 
 
 def test_bash_completes_verbs_and_options(tmp_path: Path) -> None:
-    assert set(completions(tmp_path, "ticketfarm sta")) == {"status", "stats"}
-    assert {"status", "stats", "slaves", "submit"} <= set(completions(tmp_path, "ticketfarm s"))
-    assert completions(tmp_path, "ticketfarm tas") == ["tasks"]
-    assert "--format" in completions(tmp_path, "ticketfarm status --fo")
-    assert "--retry-failed" in completions(tmp_path, "ticketfarm run spec.toml --re")
-
-
-def test_zsh_completion_is_a_script(tmp_path: Path) -> None:
-    out = run_cli("completion", "zsh", cwd=tmp_path).stdout
-    assert out.startswith("#compdef ticketfarm") and "status" in out
+    shell = Shell(tmp_path / "home", env={"HOME": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    for command in commands(walkthroughs(REPO / "docs" / "CLI.md")["completion"]):
+        assert shell.run(command).returncode == 0, command
+    script = tmp_path / "home" / ".local/share/bash-completion/completions/ticketfarm"
+    assert set(completions(script, "ticketfarm sta")) == {"status", "stats"}
+    assert {"status", "stats", "slaves", "submit"} <= set(completions(script, "ticketfarm s"))
+    assert completions(script, "ticketfarm tas") == ["tasks"]
+    assert "--format" in completions(script, "ticketfarm status --fo")
+    assert "--retry-failed" in completions(script, "ticketfarm run spec.toml --re")
+    zsh = (tmp_path / "home" / ".zfunc" / "_ticketfarm").read_text()
+    assert zsh.startswith("#compdef ticketfarm") and "status" in zsh
 
 
 # -- exit codes ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -18,10 +19,12 @@ import pytest
 
 from master.store import Store
 from tests.conftest import REPO, MasterProcess, free_port, run_cli, wait_for, write_spec
+from tests.walkthrough import Shell, commands, walkthroughs
 
 SCRIPT = REPO / "scripts" / "slurm-single-node.sh"
-#: CPUs the test node offers (more than the machine has: slurm.conf's config_overrides allows it).
-CPUS = 8
+#: CPUs the test node offers (more than the machine has: slurm.conf's config_overrides allows it): enough
+#: for README's queue of 4 slaves x 8 slots per job.
+CPUS = 32
 #: The scheduler commands, logged by the shims on PATH: how many calls a sweep costs.
 SHIMMED = ("sbatch", "squeue", "scancel")
 
@@ -348,3 +351,25 @@ def test_alloc_tables_added_below_the_default_master_toml_are_read(tmp_path: Pat
     path.write_text(base + "[alloc.gpu]\nslots = 4\n")
     with pytest.raises(ConfigError, match=r"\[alloc.gpu\]: unknown field 'slots'"):
         load_master_config(tmp_path)
+
+
+def test_the_readme_walkthrough_runs_a_sweep_on_slurm_slaves(cluster, tmp_path: Path) -> None:
+    """README's three lines, with this node's partition: the sweep runs on slaves that Slurm jobs started."""
+    master = cluster()
+    home = tmp_path / "home"
+    home.mkdir()
+    shell = Shell(home, subs={"--partition gpu": "--partition debug"}, env={"TICKETFARM_STATE": str(master.state)})
+    add, run, listed = commands(walkthroughs(REPO / "README.md")["slurm"])
+    (home / "sweep.toml").write_text('name = "onslurm"\ncommand = "echo {n}"\n[parameters.grid]\n'
+                                     'n = {range = [20]}\n[results]\nout = "stdout"\n')
+    try:
+        added = shell.run(add)
+        assert added.returncode == 0, added.stdout + added.stderr
+        ran = shell.run(run, timeout=120)
+        assert ran.returncode == 0, ran.stdout + ran.stderr + shell.run(listed).stdout
+        rows = done_once(master, "onslurm", 20)
+        assert all(slave.startswith("gpu-j") for _, slave, _, _, _ in rows)
+        shown = shell.run(listed)
+        assert shown.returncode == 0 and re.search(r"job \d+ \(\d+\) (running|completed)", shown.stdout), shown.stdout
+    finally:
+        shell.close()

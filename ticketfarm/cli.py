@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from master.collect import collect, remove_collected
+from master.collect import collect
 from master.config import (
     MasterConfig,
     load_master_config,
@@ -200,11 +200,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
         for path in collect(store, args.state, row.sweep(), args.out):
             print(path)
     if args.remove:
-        store = Store(args.state / "state.db")
-        try:
-            remove_collected(store, args.state, args.sweep)
-        finally:
-            store.close()
+        reply = _answer(args, "forget_results", sweep=args.sweep)
+        if not reply.get("ok"):
+            raise MasterRefused(f"{args.sweep}: results kept: {reply.get('error', 'refused')}")
     return 0
 
 

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from master.collect import DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, output_chunks
+from master.collect import (DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, ResultsRemoved, ensure_not_removed,
+                            output_chunks)
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
@@ -70,10 +71,11 @@ def _collection(request: Request, sweep: str, fmt: str, result: str | None, remo
                        field="result")
     if remove and row.state not in ("finished", "cancelled"):
         raise ApiError("conflict", f"sweep {row.name!r} is {row.state}: results are removed only after it ended")
-    removed = ctx.store().results_removed(row.name)
-    if removed is not None and fmt != "failed":
-        raise ApiError("gone", f"the results of sweep {row.name!r} were removed after collection; the failed-tasks "
-                               "list (format=failed) is still there", removed=removed)
+    if fmt != "failed":
+        try:
+            ensure_not_removed(ctx.store(), row.name)
+        except ResultsRemoved as exc:
+            raise ApiError("gone", str(exc), removed=exc.removed) from None
     store = Store(ctx.db_path, readonly=True)
     after = (lambda: ctx.control("forget_results", sweep=row.name)) if remove else None
     chunks = _closing(store, Collector(store, ctx.state_dir, spec).chunks(fmt, result), after)

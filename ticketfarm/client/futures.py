@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Iterator
 import cloudpickle
 import zmq
 
+from ticketfarm.client import shipping
+
 from master.config import MasterConfig
 from ticketfarm import messages
 from ticketfarm.errors import (
@@ -399,6 +401,7 @@ class Cluster(concurrent.futures.Executor):
         except TypeError:  # not weak-referenceable (a builtin): pickle it each time
             cached = None
         if cached is None:
+            shipping.by_value_if_own(fn)
             body = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
             cached = (hashlib.sha256(body).hexdigest(), body)
             try:
@@ -684,6 +687,7 @@ def _resolve(fut: TaskFuture, output: str, data: bytes | bytearray) -> None:
         return
     exc, tb = value
     if isinstance(exc, BaseException):
+        tb = shipping.named_traceback(tb)
         exc.__cause__ = RemoteTraceback(tb)
         try:
             exc.add_note(f"remote traceback (task {fut.sweep}[{fut.task}]):\n{tb}")
