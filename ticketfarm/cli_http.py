@@ -1,4 +1,4 @@
-"""The CLI's status, stats, submit, cancel, collect and token commands when they go through the HTTP API."""
+"""The CLI's submit, cancel, collect and token commands when they go through the HTTP API."""
 from __future__ import annotations
 
 import argparse
@@ -31,14 +31,17 @@ from ticketfarm.client.http import (
     find_token,
 )
 from ticketfarm.config import load_toml
-from ticketfarm.errors import ConfigError
+from ticketfarm.errors import ConfigError, KeyFileError
+from ticketfarm.keys import client_keys_for
 from ticketfarm.spec import CollectRule, load_spec
 
 API = "/api/v1"
 
 
-def http_api(args: argparse.Namespace) -> ApiClient | None:
-    """The API client the CLI should use: --http, $TICKETFARM_HTTP, or the config's http_bind; None if none."""
+def http_api(args: argparse.Namespace, needed: bool = False) -> ApiClient | None:
+    """The API client the CLI should use: --http or $TICKETFARM_HTTP; else the config's http_bind, only when asked
+    to (--token), when the control protocol cannot do it (`needed`) or has no CURVE client keys to do it with.
+    None: use the control protocol."""
     url = getattr(args, "http", None)
     cafile = None
     if master_config_path(args.state).exists():
@@ -47,6 +50,8 @@ def http_api(args: argparse.Namespace) -> ApiClient | None:
         except ConfigError:
             config = None
         if config is not None:
+            if not (url or needed or getattr(args, "token", None)) and _has_control_keys(args, config):
+                return None
             url = url or api_url_from_config(config)
             # HTTPS with the master's own certificate: trust it (a self-signed one works too)
             cafile = str(args.state / config.http_tls_cert) if config.http_tls_cert else None
@@ -55,17 +60,14 @@ def http_api(args: argparse.Namespace) -> ApiClient | None:
     return ApiClient(url, find_token(args.state, getattr(args, "token", None)), cafile=cafile)
 
 
-def status(api: ApiClient) -> int:
-    sweeps = api.get(f"{API}/status")["sweeps"]
-    print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
-                [[s["name"], s["state"], s["total"], s["done"], s["running"], s["queued"], s["failed"],
-                  s["throughput"]] for s in sweeps]))
-    return 0
-
-
-def stats(api: ApiClient) -> int:
-    print(api.get(f"{API}/stats")["report"])
-    return 0
+def _has_control_keys(args: argparse.Namespace, config: Any) -> bool:
+    """Whether the control protocol can reach this master: it is insecure, or CURVE client keys are at hand."""
+    if config.insecure:
+        return True
+    try:
+        return client_keys_for(args.state, getattr(args, "keys", None)) is not None
+    except KeyFileError:
+        return False
 
 
 def cancel(api: ApiClient, sweep: str) -> int:
@@ -78,6 +80,8 @@ def submit(api: ApiClient, spec_path: Path, callback: str | None = None, secret:
     """Validate the spec here (errors name file and line), then send it with the files it names."""
     sweep = load_spec(spec_path)
     spec, files = spec_with_files(spec_path)
+    if sweep.cwd:
+        spec["cwd"] = sweep.cwd  # "spec" and "submit" mean this machine's directories, resolved here
     body: dict[str, Any] = {"spec": spec, "files": files}
     if callback:
         body["status_callback_url"] = callback
@@ -163,7 +167,8 @@ def token_add(state_dir: Path, name: str, scopes: list[str]) -> int:
 
 def token_revoke(state_dir: Path, name: str) -> int:
     if not revoke_token(state_dir, name):
-        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}", field="name")
+        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}; `ticketfarm token list` shows them",
+                          field="name")
     print(f"revoked {name!r}: refused from now on")
     return 0
 

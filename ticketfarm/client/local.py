@@ -57,6 +57,11 @@ class LocalCluster:
             self.slaves = [subprocess.Popen([sys.executable, "-m", "slave",
                                              *self._slave_args(f"local-{i}", self.master.endpoint, slots, log_level)],
                                             stdin=subprocess.DEVNULL) for i in range(1, n + 1)]
+        self.master.runnability.expect(self._slaves_starting)
+
+    def _slaves_starting(self) -> bool:
+        """Some local slave is alive but not connected yet."""
+        return len(self.master.roster) < sum(proc.poll() is None for proc in self.slaves)
 
     def _slave_args(self, name: str, endpoint: str, slots: int, log_level: str) -> list[str]:
         return ["--master", endpoint, "--name", name, "--slots", str(slots),

@@ -1,8 +1,7 @@
 """Jobs as a ticketfarm sweep: one task per job, run by a small sh wrapper in the user's directory and shell.
 
-The wrapper is what makes a job behave as under GNU parallel:
-- it enters the directory `ticketfarm parallel` was started in (relative paths work; a slave that cannot see that
-  directory fails the job with the reason, it never runs it elsewhere);
+The sweep's `cwd` is the directory `ticketfarm parallel` was started in, so relative paths work (a slave that
+cannot see that directory fails the job with the reason). The wrapper makes a job behave as under GNU parallel:
 - it runs the command line in the user's shell (parallel's choice: $PARALLEL_SHELL, the shell that started us,
   $SHELL, /bin/sh), with PARALLEL_SEQ set;
 - a failing job is retried by ticketfarm (the wrapper fails the attempt) until its --retries attempts are used; the
@@ -26,8 +25,7 @@ from ticketfarm.spec import Sweep
 
 #: $1 = attempt, $2 = the command line, $3 = the job's seq; the rest comes from the environment. No braces: the
 #: ticketfarm template renders argv words.
-WRAPPER = """cd "$TICKETFARM_PARALLEL_DIR" || exit 125
-PARALLEL_SEQ=$3
+WRAPPER = """PARALLEL_SEQ=$3
 export PARALLEL_SEQ
 if [ "$TICKETFARM_PARALLEL_TIMEOUT" = 0 ]; then
   "$TICKETFARM_PARALLEL_SHELL" -c "$2"
@@ -77,11 +75,11 @@ def build_sweep(jobs: list[Job], template: CommandTemplate, cwd: Path, retries: 
                 max_concurrent: int = 0) -> Sweep:
     """Task i runs jobs[i]."""
     params = [{"cmd": template.render(job.args, job.seq), "seq": job.seq} for job in jobs]
-    env = {"TICKETFARM_PARALLEL_DIR": str(cwd), "TICKETFARM_PARALLEL_SHELL": user_shell(),
+    env = {"TICKETFARM_PARALLEL_SHELL": user_shell(),
            "TICKETFARM_PARALLEL_TIMEOUT": f"{timeout:g}" if timeout else "0",
            "TICKETFARM_PARALLEL_TRIES": str(retries)}
     return Sweep(name=sweep_name(), params=params, argv=["/bin/sh", "-c", WRAPPER, "sh", "{attempt}", "{cmd}", "{seq}"],
-                 env=env, results=dict(RESULTS), collect=[], max_attempts=retries + SPARE_ATTEMPTS,
+                 env=env, results=dict(RESULTS), collect=[], cwd=str(cwd), max_attempts=retries + SPARE_ATTEMPTS,
                  timeout=timeout + TIMEOUT_GRACE if timeout else NO_TIMEOUT, max_concurrent=max_concurrent)
 
 
