@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from master.config import load_master_config, master_config_path
+from master.config import MasterConfig, load_master_config, master_config_path
 from master.store import Store
 from ticketfarm import keys
 from ticketfarm.client.control import client_endpoint, control
@@ -54,7 +54,13 @@ class RemoteMaster:
         store = Store(self.state / "state.db", readonly=True)
         try:
             follower = Follower(store, self.state, sweep, after=store.last_event_id(), local=False)
-            reply = self._control("submit", sweep=sweep.to_json())
+            fields = sweep.submit_fields()
+            limit = (load_master_config(self.state) if master_config_path(self.state).exists()
+                     else MasterConfig()).max_message_size
+            if sum(map(len, fields.values())) + 1024 > limit:
+                raise ParallelUsage(f"{len(jobs)} jobs make a submit larger than the master's max_message_size "
+                                    f"({limit} bytes): split the run, or raise it in the master's master.toml")
+            reply = self._control("submit", **fields)
             if not reply.get("ok"):
                 raise ConfigError(f"the master at {self.endpoint} refused the jobs: {reply.get('error')}")
             show_bar, alive = bar(opts, streams, store, sweep.name), self.liveness()
