@@ -27,11 +27,14 @@ UNRUNNABLE = ExitCode(5, "unrunnable", "no connected slave can run the sweep (th
 REFUSED = ExitCode(6, "refused", "the master or its HTTP API refused the request (no such sweep or task, a state "
                                  "that does not allow it, no permission)")
 DEPLOY = ExitCode(7, "deploy", "building the wheelhouse or a check of the rollout failed")
+PARALLEL_USAGE = ExitCode(255, "parallel_usage", "`ticketfarm parallel` cannot run this command line (an option or "
+                                                 "replacement string it refuses, a missing argument file), as GNU "
+                                                 "parallel's 255; its other codes count failed jobs (docs/PARALLEL.md)")
 INTERRUPTED = ExitCode(130, "interrupted", "stopped by Ctrl-C (SIGINT); a run's state is kept, the same command "
                                            "resumes it")
 
 #: Every exit code, in the order the docs list them.
-ALL = (OK, FAILED, USAGE, UNREACHABLE, STATE_IN_USE, UNRUNNABLE, REFUSED, DEPLOY, INTERRUPTED)
+ALL = (OK, FAILED, USAGE, UNREACHABLE, STATE_IN_USE, UNRUNNABLE, REFUSED, DEPLOY, INTERRUPTED, PARALLEL_USAGE)
 
 #: The exit code of each error the command may end with; an error's own class, else its nearest listed base, decides.
 BY_ERROR: dict[type[BaseException], ExitCode] = {
@@ -57,6 +60,7 @@ BY_ERROR: dict[type[BaseException], ExitCode] = {
     errors.RemoteTraceback: FAILED,
     errors.ResultMissing: FAILED,
     errors.TaskUnreachable: REFUSED,
+    errors.ParallelUsage: PARALLEL_USAGE,
     errors.DeployError: DEPLOY,
     errors.RolloutError: DEPLOY,
     KeyboardInterrupt: INTERRUPTED,

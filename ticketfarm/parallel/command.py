@@ -8,13 +8,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ticketfarm import exitcodes
 from ticketfarm.client.statedir import default_state_dir
 from ticketfarm.errors import ParallelUsage
 from ticketfarm.parallel import options
 from ticketfarm.parallel.run import Streams, run
-
-#: GNU parallel's exit code for its own errors (a bad option, an unreadable input file).
-EXIT_USAGE = 255
 
 
 def add_parser(sub: Any) -> None:
@@ -49,7 +47,7 @@ def main(words: list[str], state: Path | None = None, master: str | None = None,
     except ParallelUsage as exc:
         streams.stderr.write(f"ticketfarm parallel: {exc}\n".encode(errors="replace"))
         streams.stderr.flush()
-        return EXIT_USAGE
+        return exitcodes.PARALLEL_USAGE.code
     except KeyboardInterrupt:
         streams.stderr.write(b"ticketfarm parallel: interrupted; with --joblog, --resume runs the jobs not done\n")
         return 130
