@@ -162,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = tokens.add_parser("list", help="named tokens and their scopes")
     t.set_defaults(func=lambda args: cli_http.token_list(args.state))
     cli_alloc.add_parsers(sub, lambda args: (endpoint(args), client_keys(args)))
-    parallel_command.add_parser(sub)
     p = sub.add_parser("completion", help="print a shell completion script: bash or zsh (see docs/CLI.md)")
     p.add_argument("shell", choices=("bash", "zsh"))
     p.set_defaults(func=cmd_completion)
+    parallel_command.add_parser(sub)
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:
