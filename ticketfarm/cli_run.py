@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if stats:
                 bar.show(stats)
 
-        cluster.run_until(lambda: cluster.master.sweep_done(sweep.name), tick)
+        cluster.run_until(lambda: cluster.master.sweep_done(sweep.name)
+                          or (not args.wait_for_slaves and bool(cluster.master.unrunnable(sweep.name))), tick)
         final = sweep_stats(store, sweep.name)
     except KeyboardInterrupt:
         interrupted = True
@@ -75,7 +76,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if interrupted:
         print(f"interrupted: state kept in {args.state}; run the same command again to resume", file=sys.stderr)
         return exitcodes.INTERRUPTED.code
+    if final and final.unrunnable and final.state not in ("finished", "cancelled"):
+        return _unrunnable(final)
     return _finish_run(args.state, sweep.name, args.out, time.time() - started)
+
+
+def _unrunnable(stats: SweepStats) -> int:
+    print(f"ticketfarm: sweep {stats.name!r} is unrunnable: {stats.unrunnable}; its state is kept: start slaves that "
+          "can run it, or run again with --wait-for-slaves to wait for them", file=sys.stderr)
+    return exitcodes.UNRUNNABLE.code
 
 
 def _retry_failed(send: Callable[..., dict[str, Any]], sweep: Any) -> None:
@@ -103,6 +112,9 @@ def _run_remote(args: argparse.Namespace, sweep: Any) -> int:
             bar.show(mine[0])
             if mine[0].state in ("finished", "cancelled"):
                 break
+            if mine[0].unrunnable and not args.wait_for_slaves:
+                bar.finish()
+                return _unrunnable(mine[0])
         time.sleep(0.5)
     bar.finish()
     return _finish_run(args.state, sweep.name, args.out, time.time() - started)
@@ -126,7 +138,7 @@ def _finish_run(state_dir: Path, name: str, out: Path, wall: float) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    api = cli_http.http_api(args)
+    api = cli_http.http_api(args, needed=bool(args.callback))
     if api is not None:
         return cli_http.submit(api, args.spec, args.callback, args.callback_secret)
     if args.callback:
@@ -193,11 +205,12 @@ def load_checked_spec(path: Path) -> Sweep:
 
 def _submit(args: argparse.Namespace, address: str, sweep: Any) -> dict[str, Any]:
     """CONTROL submit; a sweep too large for one message is refused here, not dropped by the master unseen."""
-    body = sweep.to_json()
+    fields = sweep.submit_fields()
+    size = sum(map(len, fields.values()))
     limit = MasterConfig.max_message_size
     if master_config_path(args.state).exists():
         limit = load_master_config(args.state).max_message_size
-    if len(body) + 1024 > limit:
-        raise ConfigError(f"sweep {sweep.name!r} is {len(body)} bytes as a message, over the master's "
+    if size + 1024 > limit:
+        raise ConfigError(f"sweep {sweep.name!r} is {size} bytes as a message, over the master's "
                           f"max_message_size ({limit}): raise it in master.toml, or submit through the HTTP API")
-    return control(address, "submit", keys=client_keys(args), sweep=body)
+    return control(address, "submit", keys=client_keys(args), **fields)

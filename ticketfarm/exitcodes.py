@@ -56,6 +56,7 @@ BY_ERROR: dict[type[BaseException], ExitCode] = {
     errors.RemoteError: FAILED,
     errors.RemoteTraceback: FAILED,
     errors.ResultMissing: FAILED,
+    errors.TaskUnreachable: REFUSED,
     errors.DeployError: DEPLOY,
     errors.RolloutError: DEPLOY,
     KeyboardInterrupt: INTERRUPTED,
