@@ -143,6 +143,27 @@ def test_spec_round_trips_through_json(tmp_path: Path) -> None:
     assert json.loads(spec.to_json())["name"] == "rt"
 
 
+def test_a_submits_rows_travel_as_json_lines_and_hash_to_the_digest_of_the_whole_spec() -> None:
+    """The master hashes the rows as received: the digest is still the SHA-256 of `to_json()` (digests stored
+    before rows travelled apart stay valid), and the spec a submit carries holds no rows."""
+    sweep = Sweep(name="d", params=[{"x": i, "s": 'q"\n'} for i in range(5)], command="echo {x}")
+    fields = sweep.submit_fields()
+    rows = ParamLines.parse(fields["params"])
+    assert rows.count == 5 and [json.loads(r) for r in rows.rows()] == sweep.params
+    assert json.loads(fields["sweep"])["params"] == []
+    assert sweep.digest() == hashlib.sha256(sweep.to_json().encode()).hexdigest()[:16]
+    assert Sweep.from_json(fields["sweep"]).digest(rows) == sweep.digest()
+    assert Sweep(name="d", params=[], command="echo {x}").digest(rows) == sweep.digest()
+    assert replace(sweep, params=sweep.params[:4]).digest() != sweep.digest()
+
+
+@pytest.mark.parametrize("text, error", [('{"x": 1}', "newline"), ('{"x": 1}\n[1]\n', "line 2: a row must be"),
+                                         ('{"x": 1}\n{x\n', "line 2: not JSON")])
+def test_rows_that_are_not_json_objects_one_a_line_are_refused(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        ParamLines.parse(text)
+
+
 @pytest.mark.parametrize("command, fix", [
     ("echo '{val}'", "write {val} instead"),
     ('echo \\"{val}\\"', "write {val} instead"),
@@ -177,24 +198,3 @@ def test_cwd_is_resolved_where_the_spec_is_loaded_and_refused_from_afar(tmp_path
         parse_spec({**base, "cwd": "spec"}, tmp_path, "s.toml")
     with pytest.raises(ConfigError, match="field 'cwd' must be one of 'ticket', 'spec', 'submit' or an absolute"):
         parse_spec({**base, "cwd": "here"}, tmp_path, "s.toml")
-
-
-def test_a_submits_rows_travel_as_json_lines_and_hash_to_the_digest_of_the_whole_spec() -> None:
-    """The master hashes the rows as received: the digest is still the SHA-256 of `to_json()` (digests stored
-    before rows travelled apart stay valid), and the spec a submit carries holds no rows."""
-    sweep = Sweep(name="d", params=[{"x": i, "s": 'q"\n'} for i in range(5)], command="echo {x}")
-    fields = sweep.submit_fields()
-    rows = ParamLines.parse(fields["params"])
-    assert rows.count == 5 and [json.loads(r) for r in rows.rows()] == sweep.params
-    assert json.loads(fields["sweep"])["params"] == []
-    assert sweep.digest() == hashlib.sha256(sweep.to_json().encode()).hexdigest()[:16]
-    assert Sweep.from_json(fields["sweep"]).digest(rows) == sweep.digest()
-    assert Sweep(name="d", params=[], command="echo {x}").digest(rows) == sweep.digest()
-    assert replace(sweep, params=sweep.params[:4]).digest() != sweep.digest()
-
-
-@pytest.mark.parametrize("text, error", [('{"x": 1}', "newline"), ('{"x": 1}\n[1]\n', "line 2: a row must be"),
-                                         ('{"x": 1}\n{x\n', "line 2: not JSON")])
-def test_rows_that_are_not_json_objects_one_a_line_are_refused(text: str, error: str) -> None:
-    with pytest.raises(ValueError, match=error):
-        ParamLines.parse(text)

@@ -14,7 +14,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from master.config import master_config_path
-from master.stats import status_table, table
+from master import stats
+from master.stats import table
 from master.store import Store
 from master.web import views
 from ticketfarm import cli_http
@@ -36,7 +37,7 @@ def add_format_option(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return show(args, body(args, "status"), lambda b: status_table(b["sweeps"]))
+    return show(args, body(args, "status"), status_table)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -54,6 +55,10 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def show(args: argparse.Namespace, data: dict[str, Any], draw: Callable[[dict[str, Any]], str]) -> int:
     print(json.dumps(data, indent=2) if args.format == "json" else draw(data))
     return 0
+
+
+def status_table(data: dict[str, Any]) -> str:
+    return stats.status_table(data["sweeps"])
 
 
 def slaves_table(data: dict[str, Any]) -> str:
@@ -127,7 +132,7 @@ def tasks_body(store: Store, state: Path, sweep: str) -> dict[str, Any]:
         raise MasterRefused(f"no sweep named {sweep!r} in {state} (known: {known}); `ticketfarm status` lists them")
     tasks: list[dict[str, Any]] = []
     while page := store.tasks_page(row.name, None, len(tasks), PAGE):
-        tasks += views.tasks_json(store, row.name, page)
+        tasks += page
     return page_of_all(row.name, tasks)
 
 

@@ -174,29 +174,6 @@ class Sweep:
         return [name for name in mine if mine[name] != theirs.get(name)]
 
 
-def files_left_behind(sweep: Sweep, spec_dir: Path, limit: int = 1000) -> list[tuple[str, str]]:
-    """(parameter, value) pairs of the first `limit` tasks naming a file beside the spec by a relative name, which
-    a worker in its fresh work dir (cwd = "ticket") will not find there unless an input puts it there."""
-    if sweep.cwd or sweep.kind != "command":
-        return []
-    shipped = {i.name for i in sweep.inputs}
-    found: dict[tuple[str, str], None] = {}
-    for row in sweep.params[:limit]:
-        for key, value in row.items():
-            if isinstance(value, str) and value not in shipped and _names_file(spec_dir, value):
-                found[(key, value)] = None
-    return list(found)
-
-
-def _names_file(spec_dir: Path, value: str) -> bool:
-    if not value or value.startswith("/") or "\n" in value or len(value) > 1024:
-        return False
-    try:
-        return (spec_dir / value).exists()
-    except OSError:  # a name too long for this filesystem names nothing
-        return False
-
-
 @dataclass
 class ParamLines:
     """A sweep's parameter rows as JSON text, one object per line: how a submit carries them and the store keeps
@@ -227,6 +204,29 @@ class ParamLines:
     def rows(self) -> Iterator[str]:
         """Each row's JSON text, in task order."""
         return (line[:-1] for line in io.StringIO(self.text))
+
+
+def files_left_behind(sweep: Sweep, spec_dir: Path, limit: int = 1000) -> list[tuple[str, str]]:
+    """(parameter, value) pairs of the first `limit` tasks naming a file beside the spec by a relative name, which
+    a worker in its fresh work dir (cwd = "ticket") will not find there unless an input puts it there."""
+    if sweep.cwd or sweep.kind != "command":
+        return []
+    shipped = {i.name for i in sweep.inputs}
+    found: dict[tuple[str, str], None] = {}
+    for row in sweep.params[:limit]:
+        for key, value in row.items():
+            if isinstance(value, str) and value not in shipped and _names_file(spec_dir, value):
+                found[(key, value)] = None
+    return list(found)
+
+
+def _names_file(spec_dir: Path, value: str) -> bool:
+    if not value or value.startswith("/") or "\n" in value or len(value) > 1024:
+        return False
+    try:
+        return (spec_dir / value).exists()
+    except OSError:  # a name too long for this filesystem names nothing
+        return False
 
 
 def load_spec(path: Path) -> Sweep:
@@ -574,6 +574,16 @@ def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
     return Validation(python=target, source=text, timeout=float(timeout))
 
 
+def _load_slaves(value: Any, source: str) -> list[str]:
+    """A pin: slave names (as given by `--name`), each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{source}: field 'slaves' must be a list of slave names (e.g. [\"h1\", \"h2\"]), "
+                          f"got {value!r}", field="slaves")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{source}: field 'slaves' names a slave twice: {value!r}", field="slaves")
+    return list(value)
+
+
 def _load_cwd(value: Any, base: Path, submitted_from: Path | None, source: str) -> str:
     """cwd = "ticket" | "spec" | "submit" | an absolute path: resolved now, on the submitter's machine (an absolute
     path is not checked here: it may exist only on the slaves' shared filesystem)."""
@@ -587,16 +597,6 @@ def _load_cwd(value: Any, base: Path, submitted_from: Path | None, source: str) 
                           "a remote submission does not have: give an absolute path the slaves share", field="cwd")
     where = {"spec": base, "submit": submitted_from}.get(value) or Path(value)
     return str(where.resolve())
-
-
-def _load_slaves(value: Any, source: str) -> list[str]:
-    """A pin: slave names (as given by `--name`), each once."""
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise ConfigError(f"{source}: field 'slaves' must be a list of slave names (e.g. [\"h1\", \"h2\"]), "
-                          f"got {value!r}", field="slaves")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{source}: field 'slaves' names a slave twice: {value!r}", field="slaves")
-    return list(value)
 
 
 def _load_memory(value: Any, source: str) -> int:

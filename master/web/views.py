@@ -100,18 +100,6 @@ def uptime(ctx: WebContext) -> float | None:
     return round(time.time() - started, 3) if started is not None else None
 
 
-def tasks_json(store: Store, sweep: str, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Task rows with where and since when their latest attempt ran (`elapsed` grows while it runs), and its exit
-    code."""
-    latest = store.latest_attempts(sweep, [t["task"] for t in tasks])
-    now = time.time()
-    for t in tasks:
-        slave, started, finished, code = latest.get(t["task"], (None, None, None, None))
-        t.update(slave=slave, started=started, exit_code=code,
-                 elapsed=None if started is None else round((finished or now) - started, 3))
-    return tasks
-
-
 def throughput_json(store: Store, sweep: str | None, window: float, intervals: int, end: float) -> dict[str, Any]:
     """Tasks done and failed per interval over the `window` seconds up to `end`; intervals are aligned to their
     length so that every poller (and every refresh) sees the same boundaries."""
