@@ -137,6 +137,9 @@ class Sessions:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
+        # What its REQUESTs said, said again (a REQUEST sent just before a reconnection may have been lost).
+        waiting = set(msg.waiting)
+        self.lifecycle.mark_started(session.name, [t for t in msg.running if t not in waiting], now)
         self.cancel_given_away(session, [*msg.running, *msg.waiting])
         info = msg.info()
         session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
@@ -183,9 +186,9 @@ class Sessions:
 
     def send_heartbeats(self, now: float) -> None:
         """HEARTBEAT only to slaves nothing else went to for a heartbeat interval."""
-        for session in self.roster.sessions():
-            if now - session.last_sent >= self.config.heartbeat_interval:
-                self.link.send(session.identity, messages.Heartbeat())
+        interval = self.config.heartbeat_interval
+        self.link.broadcast([s.identity for s in self.roster.sessions() if now - s.last_sent >= interval],
+                            messages.Heartbeat())
 
     def goodbye(self) -> None:
         """At shutdown: every slave is marked gone (the caller commits, then `say_goodbye` tells them)."""

@@ -306,7 +306,7 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
         print(f"slaves up (and registered, when deployed) in {deploy:.1f}s")
         spec = root / "chaos.toml"
         spec.write_text(SPEC.replace("{tasks}", str(tasks)))
-        if not (cluster.ask("submit", 10, sweep=load_spec(spec).to_json()) or {}).get("ok"):
+        if not (cluster.ask("submit", 10, **load_spec(spec).submit_fields()) or {}).get("ok"):
             raise RuntimeError("submit failed")
         t0 = time.monotonic()
         pending = list(faults)

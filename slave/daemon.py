@@ -22,6 +22,7 @@ from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
+from slave.relay import WAITING, Reach
 from slave.runner import (
     MANIFEST,
     STDERR,
@@ -83,6 +84,8 @@ class Slave:
         self.commands = 0
         """How many of `running` are command workers (python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
+        self.started: list[int] = []
+        """Tickets started since the last REQUEST, which tells the master (till then it counts them as prefetched)."""
         self.prepared: dict[int, Worker] = {}
         """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
@@ -114,6 +117,7 @@ class Slave:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.reach = Reach(self._wake_w, config.relay_timeout)
 
     # -- outbox: finished tickets waiting for the master's ACK --------------------------
     def _load_outbox(self) -> dict[int, Outcome]:
@@ -146,6 +150,7 @@ class Slave:
     def say_hello(self) -> None:
         self.welcomed = False
         self.outstanding = 0
+        self.started.clear()  # HELLO lists every ticket held; heartbeats say which of them run
         self.send(messages.Hello(
             name=self.config.name, slots=self.config.slots, platform=self.platform, cpus=self.cpus,
             memory_mb=self.memory_mb, version=ticketfarm.__version__, pid=os.getpid(),
@@ -212,6 +217,7 @@ class Slave:
             self._drain_wakeups()
         if self.socket is not None and self.socket in ready:
             self._drain_socket()
+        self.reach.flush(self.send)
         self.pypool.pump()
         self._reap_workers()
         self._start_waiting()
@@ -376,11 +382,48 @@ class Slave:
             log.info("ticket_cancelled", ticket=tid, reason=reason, started=False)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
         self._drop_prepared(tid)
+        self.reach.forget(tid)
         for fetch in self.cache.fetches.values():
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
         if outcome is not None and not self.config.keep_workdirs:
             remove_workdir(self.workdir(outcome.sweep, tid))
+
+    def _where(self, tid: int) -> Path | str | None:
+        """A ticket's work dir for slave/relay.py: running or prepared; WAITING when only prefetched; None."""
+        worker = self.running.get(tid) or self.prepared.get(tid)
+        if isinstance(worker, Worker):
+            return worker.workdir
+        return WAITING if any(t.ticket == tid for t in self.waiting) else None
+
+    def _on_sandbox(self, msg: messages.Sandbox) -> None:
+        self.reach.sandbox(msg, self._where(msg.ticket))
+
+    def _on_relay(self, msg: messages.Relay) -> None:
+        self.reach.relay(msg, self._where(msg.ticket))
+
+    def _on_recall(self, msg: messages.Recall) -> None:
+        """Give back each of these tickets not started yet (its sweep was paused); a started one runs on."""
+        for tid in msg.tickets:
+            if self._unstart(tid):
+                log.info("ticket_recalled", ticket=tid, reason=msg.reason)
+                self.send(messages.Failure(tid, None, f"recalled: {msg.reason}", 0.0, handback=True))
+
+    def _unstart(self, tid: int) -> bool:
+        """Take a ticket that has not started out of every queue it waits in; False when it runs (or is unknown)."""
+        task = self.running.get(tid)
+        if isinstance(task, PyTask):
+            if not self.pypool.recall(task):
+                return False
+            del self.running[tid]
+            return True
+        found = any(t.ticket == tid for t in self.waiting)
+        self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        self._drop_prepared(tid)
+        for fetch in self.cache.fetches.values():  # waiting for its shipped worker to arrive
+            found = found or any(t.ticket == tid for t in fetch.parked)
+            fetch.parked = [t for t in fetch.parked if t.ticket != tid]
+        return found
 
     def _on_disconnect(self, msg: messages.Disconnect) -> None:
         """Acts on `why`: exit (protocol version; shutdown with on_master_shutdown = "exit"), say HELLO again, or
@@ -435,6 +478,7 @@ class Slave:
             self.watchdog.watch(worker.proc.pid, worker.workdir)
             self.running[spec.ticket] = worker
             self.commands += 1
+            self.started.append(spec.ticket)
 
     def _prepare(self, spec: TicketSpec) -> Worker | None:
         """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
@@ -444,6 +488,7 @@ class Slave:
             return None
         try:
             self.workdirs.make(workdir)
+            self.reach.place(spec.ticket, workdir)  # uploads a prefetched ticket got; its inputs go over them
             return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
@@ -612,13 +657,18 @@ class Slave:
                 self._report(self.outbox[tid])
 
     def _request_work(self) -> None:
-        if not self.welcomed or self.walltime.closing:
+        """Ask for what the slots and prefetch can take, saying which tickets started since the last REQUEST."""
+        if not self.welcomed:
             return
-        capacity = self.config.slots + self.config.prefetch
-        want = capacity - len(self.running) - len(self.waiting) - self.outstanding
-        if want > 0:
+        want = 0
+        if not self.walltime.closing:
+            capacity = self.config.slots + self.config.prefetch
+            want = max(0, capacity - len(self.running) - len(self.waiting) - self.outstanding)
+        started = self.started + self.pypool.take_started()
+        if want or started:
             self.outstanding += want
-            self.send(messages.Request(want))
+            self.started = []
+            self.send(messages.Request(want, started))
 
     def _heartbeat(self) -> None:
         self._send_progress()
@@ -656,6 +706,7 @@ class Slave:
             self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
+        self.reach.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
         self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
@@ -668,6 +719,8 @@ class Slave:
         Command.WELCOME: _on_welcome, Command.TICKET: _on_ticket, Command.ACK: _on_ack, Command.FETCH: _on_fetch,
         Command.CANCEL: _on_cancel, Command.DISCONNECT: _on_disconnect, Command.CODE: _on_code,
         Command.WORKER: _on_worker_chunk, Command.REFUSED: _on_refused, Command.NO_WORK: _on_no_work,
+        Command.SANDBOX: _on_sandbox, Command.RELAY: _on_relay,
+        Command.RECALL: _on_recall,
         Command.HEARTBEAT: lambda self, msg: None,  # any message counts as one: master_expiry is already pushed
     }
     """What the slave does with each command it accepts from the master."""

@@ -25,7 +25,8 @@ STDERR = ".tf-stderr"
 STDIN = ".tf-stdin"
 MANIFEST = ".tf-result.json"
 log = structlog.get_logger("ticketfarm.slave")
-
+#: Where a task that serves HTTP or websockets writes its port (relayed by the master: slave/relay.py).
+HTTP_PORT_FILE = ".ticketfarm/http-port"
 #: How much of stderr (its last bytes) a failure report carries, so the user sees why a worker failed.
 STDERR_TAIL = 4096
 
@@ -54,6 +55,8 @@ class TicketSpec:
     """The task's memory limit in MiB (0 = none): the slave kills a worker tree using more."""
     workers: dict[str, messages.WorkerFile] | None = None
     """The TICKET's worker executables by platform."""
+    files: list[messages.InputFile] = field(default_factory=list)
+    """Files uploaded into the task's sandbox (frames of `payload`), written before the worker starts."""
 
     @classmethod
     def batch(cls, msg: messages.Ticket) -> list["TicketSpec"]:
@@ -65,8 +68,8 @@ class TicketSpec:
         if s.kind == "python":
             return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params={}, payload=[t.args], fn=t.fn,
                         **shared) for t in msg.tickets]
-        return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params=t.params, payload=s.frames, **shared)
-                for t in msg.tickets]
+        return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params=t.params, payload=s.frames, files=t.files,
+                    **shared) for t in msg.tickets]
 
 
 @dataclass
@@ -100,15 +103,22 @@ class Outcome:
 
         A disk that refuses it (full: ENOSPC, or gone) leaves the outcome in memory only: it is reported all the
         same, and if the slave dies before the master's ACK it is lost unacknowledged, so its task runs again."""
-        tmp = workdir / (MANIFEST + ".tmp")
         data = {**self.__dict__, "outputs": [
             {**o.__dict__, "data": base64.b64encode(o.data).decode() if not o.path and o.data is not None else None}
             for o in self.outputs]}
+        # Plain descriptor calls, not Path.write_text's text file object: a tiny task feels every µs of this.
+        tmp, final = f"{workdir}/{MANIFEST}.tmp", f"{workdir}/{MANIFEST}"
         try:
-            tmp.write_text(json.dumps(data))
-            tmp.replace(workdir / MANIFEST)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                rest = memoryview(json.dumps(data).encode())
+                while rest:  # a nearly full disk may take part of it: the rest, or ENOSPC
+                    rest = rest[os.write(fd, rest):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             log.warning("manifest_not_saved", ticket=self.ticket, workdir=str(workdir), error=str(exc))
 
     @classmethod
@@ -145,7 +155,8 @@ class Worker:
         else:
             self.args = [template.render(a, values) for a in spec.argv or []]
         self.env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
-                    "TICKETFARM_SWEEP": spec.sweep, WORKDIR_MARK: str(workdir)}
+                    "TICKETFARM_SWEEP": spec.sweep, WORKDIR_MARK: str(workdir),
+                    "TICKETFARM_HTTP_PORT_FILE": str(workdir / HTTP_PORT_FILE)}
         # Plain descriptors, not file objects: the worker only needs the fds, and a tiny task feels every µs.
         with ExitStack() as stack:
             self.stdout = _open_fd(stack, workdir / STDOUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -177,6 +188,10 @@ class Worker:
             target.write_bytes(data)
             if item.name == "stdin":
                 stdin = target
+        for upload in self.spec.files:  # no name is special here: "stdin" is a file like any other
+            target = safe_join(self.workdir, upload.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.spec.payload[upload.frame])  # type: ignore[index]
         return stdin
 
     def poll(self) -> int | None:

@@ -9,6 +9,7 @@ import pytest
 from master.pysweep import PythonSweeps
 from tests.loopbench import Bench, open_bench
 from ticketfarm import messages
+from ticketfarm.errors import RetryRefused, SweepExists
 from ticketfarm.messages import Cancel
 from ticketfarm.spec import Sweep
 
@@ -24,6 +25,19 @@ def test_submit_queues_every_task_and_a_same_spec_resubmit_is_running(bench: Ben
     assert bench.heard.queued == 1
     assert [bench.task(i) for i in range(3)] == ["queued"] * 3
     assert bench.lifecycle.submit(Sweep(name="s", params=[{"x": i} for i in range(3)], command="true")) == "running"
+
+
+def test_a_resubmit_or_retry_with_other_rows_is_refused_naming_params(bench: Bench) -> None:
+    """The stored spec holds no rows: a change of rows alone is still told apart from a same-spec resubmit."""
+    bench.add("s", 3)
+    other = Sweep(name="s", params=[{"x": i} for i in (0, 1, 5)], command="true")
+    with pytest.raises(SweepExists, match=r"\(params changed\)"):
+        bench.lifecycle.submit(other)
+    with pytest.raises(RetryRefused, match="params differs"):
+        bench.lifecycle.retry("s", spec=other)
+    longer = Sweep(name="s", params=[{"x": i} for i in range(3)], command="true", timeout=99)
+    assert bench.lifecycle.retry("s", spec=longer) == []
+    assert bench.store.sweep("s").sweep().timeout == 99  # type: ignore[union-attr]
 
 
 def test_complete_stores_the_result_and_the_last_one_finishes_the_sweep(bench: Bench) -> None:

@@ -336,6 +336,16 @@ class Cluster(concurrent.futures.Executor):
         """The master's status: sweeps with their counts (as `ticketfarm status --json`)."""
         return self._call("status", {})
 
+    def slots(self) -> int:
+        """Slots of the slaves connected now: how many tasks run at once."""
+        return int(self._call("ping", {}).get("slots", 0))
+
+    @property
+    def _max_workers(self) -> int:
+        # What Dask reads from an executor to size its batches (dask.compute(scheduler=cluster), and
+        # dask.config.set(pool=cluster) for the threaded scheduler), as it does from the stdlib's executors.
+        return max(1, self.slots())
+
     def wait_for_slaves(self, n: int, timeout: float = 30.0) -> None:
         """Block until at least n slaves are connected to the master."""
         deadline = time.monotonic() + timeout
