@@ -20,7 +20,7 @@ from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store
 from ticketfarm import messages
 from ticketfarm.errors import ConfigError, RetryRefused, SweepExists
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 Reply = tuple[dict[str, Any], list[bytes]]
 #: One control op: (sender's routing id, the CONTROL message) -> (REPLY fields, REPLY payload).
@@ -69,7 +69,8 @@ class Control:
         #: Ends the master's loop after this turn; closing it then commits, acknowledges and tells the slaves.
         self.stop = stop
         self.ops: dict[str, Op] = {
-            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
+            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster),
+                                      slots=sum(s.slots for s in self.roster.sessions())),
             "submit": self.submit,
             "cancel": lambda _, m: ({"ok": self.lifecycle.cancel_sweep(m.args().text("sweep")) is not None}, []),
             "status": lambda _, m: done(sweeps=[asdict(s) for s in all_sweep_stats(self.store)]),
@@ -134,7 +135,12 @@ class Control:
     # -- sweeps ---------------------------------------------------------------------------------------
     def submit(self, identity: bytes, msg: messages.Control) -> Reply:
         """Submit a sweep; an optional status_callback_url (+ secret) is stored in the same transaction."""
-        sweep = Sweep.from_json(msg.args().text("sweep", empty=False, limit=1 << 30))
+        args = msg.args()
+        sweep = Sweep.from_json(args.text("sweep", empty=False, limit=1 << 30))
+        if sweep.params:
+            return refused("bad_request", "a submit carries the parameter rows in `params` (JSON lines), "
+                                          "not in the spec")
+        rows = ParamLines.parse(args.text("params", "", limit=1 << 30))
         url = msg.fields.get("status_callback_url")
         secret = msg.fields.get("status_callback_secret") or self.callback_secret
         if url is not None:
@@ -147,7 +153,7 @@ class Control:
                 self.store.set_callback(sweep.name, url, secret)
                 self.callbacks.ensure_started()
         try:
-            state = self.lifecycle.submit(sweep)
+            state = self.lifecycle.submit(sweep, rows)
         except SweepExists as exc:
             return refused("conflict", str(exc))
         if state == "submitted" and sweep.slaves:

@@ -48,6 +48,8 @@ class Dispatch:
 
     def on_request(self, identity: bytes, msg: messages.Request) -> None:
         session = self.roster.by_identity[identity]
+        if msg.started:
+            self.lifecycle.mark_started(session.name, msg.started, time.time())
         session.credit += msg.credit
         self.serve(session, since=self.pass_started)
 

@@ -20,7 +20,7 @@ from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
 from master.metrics import Metrics
 from master.peerlog import ConnectionWatch, PeerLog
-from master.placement import Placement
+from master.placement import Placement, Runnability
 from master.pysweep import PythonSweeps
 from master.relay import Relay
 from master.roster import Roster
@@ -44,6 +44,9 @@ log = structlog.get_logger("ticketfarm.master")
 DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
+#: Connections the kernel queues before the master accepts them (ZeroMQ's default is 100): a join storm of
+#: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
+LISTEN_BACKLOG = 4096
 
 #: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
 Handler = Callable[[bytes, Any], None]
@@ -105,7 +108,7 @@ class Master:
         self.relay = Relay(lifecycle, roster, link, staging, config.relay_timeout, config.relay_channels)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,
-                                      config.progress_bytes, self.peer_log)
+                                      config.progress_bytes, self.peer_log, self.metrics)
         self.housekeeping = Housekeeping(config, store, self.state_dir, link, scheduler, dispatch, intake,
                                          self.commit_and_ack)
         self.sessions = Sessions(config, self.epoch, roster, link, lifecycle, store, self.keyring,
@@ -113,6 +116,10 @@ class Master:
         self.sessions.joined.append(placement.on_hello)
         self.sessions.left += [dispatch.forget, intake.session_left, self.relay.slave_left]
         self.stragglers = Stragglers(lifecycle, dispatch, roster, store, config.heartbeat_interval)
+        self.runnability = Runnability(placement, lifecycle, config.unrunnable_grace, config.heartbeat_interval,
+                                       lambda: self.allocator.active)
+        self.sessions.joined.append(self.runnability.slaves_changed)
+        self.sessions.left.append(self.runnability.slaves_changed)
         self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
@@ -190,6 +197,7 @@ class Master:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -207,10 +215,19 @@ class Master:
         self._stopping = True
 
     def release_all(self, reason: str) -> None:
-        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close."""
+        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close.
+        Only on the way out: the tasks go back in the queue and nothing is dispatched any more."""
+        self._stopping = True
+        self.lifecycle.hooks.work_queued = lambda: None
         self.lifecycle.release_all(reason)
 
+    def unrunnable(self, name: str) -> str | None:
+        """Why no connected slave can run this sweep (None: some can, or it is too early to say)."""
+        return self.runnability.said.get(name)
+
     def sweep_done(self, name: str) -> bool:
+        if self.lifecycle.active(name) is not None:  # in memory: asked on every pass of a local run's loop
+            return False
         row = self.store.sweep(name)
         return row is not None and row.state in ("finished", "cancelled")
 
@@ -279,6 +296,7 @@ class Master:
         self.sessions.send_heartbeats(now)
         self.stragglers.tick(now)
         self.relay.expire(now)
+        self.runnability.tick(now)
         self.housekeeping.tick(now)
         self.peer_log.flush()
         if self.connections is not None:

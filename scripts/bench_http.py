@@ -1,68 +1,167 @@
 #!/usr/bin/env python3
 """Dispatch rate of a sweep with and without many HTTP clients polling /api/v1/status; prints the slowdown.
 
-A real master process (HTTP API on: since issue 14 a process of its own) and real slave processes on loopback, as in tests/httpcluster.py. Each round
-runs a 1000-task sweep of `true` twice: once alone, once while POLLERS client threads (in a separate process, so
-they do not share this process's GIL) each GET /api/v1/status, wait INTERVAL seconds, and repeat. The dispatch rate
-is tasks / (last task finished - sweep submitted), read from the master's own records; the p99 is the pollers'
-request latency (connect to answer read).
+A real master process (its HTTP API a process of its own) and real slave processes on loopback, as in
+tests/httpcluster.py. Each round runs a sweep of `true` twice: once alone, once while POLLERS clients each GET
+/api/v1/status, wait INTERVAL seconds after the answer, and repeat. The dispatch rate is tasks / (last task
+finished - sweep submitted), read from the master's own records; latencies are the clients' (request written to
+answer read).
 
-    python scripts/bench_http.py [--tasks 1000] [--pollers 100] [--interval 0.1] [--rounds 3]
+On one small machine the clients compete with the master for the same CPUs, which no real deployment's remote
+pollers do. So the clients are made cheap (one asyncio process, uvloop, one keep-alive connection each, the
+request bytes written by hand) and the script reports what every party burned: CPU seconds per second of the
+pollers, the HTTP process, the master and the slaves (with their workers), and the load average before and
+after. A slowdown with the pollers' own CPU near a core says more about the machine than about the master.
+
+    python scripts/bench_http.py [--tasks 1000] [--pollers 100] [--interval 0.1] [--rounds 3] [--http-nice 10]
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.httpcluster import HttpCluster  # noqa: E402
 
 
-def poll(url: str, clients: int, interval: float, stop: "multiprocessing.synchronize.Event",
-         counts: "multiprocessing.sharedctypes.Synchronized", latencies: "multiprocessing.Queue[list[float]]") -> None:
-    """`clients` threads, each with its own keep-alive-less GET loop, until `stop` is set; puts the latencies."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    errors = []
-    took: list[float] = []
-
-    def client() -> None:
+async def client(host: str, port: int, interval: float, stop: Any, took: list[float], errors: list[str]) -> None:
+    """One poller: a keep-alive connection, GET /api/v1/status, read the answer, wait `interval`, again."""
+    request = f"GET /api/v1/status HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
         while not stop.is_set():
-            try:
-                t0 = time.perf_counter()
-                with opener.open(url + "/api/v1/status", timeout=10) as r:
-                    r.read()
-                took.append(time.perf_counter() - t0)
-                with counts.get_lock():
-                    counts.value += 1
-            except OSError as exc:
-                errors.append(exc)
-            stop.wait(interval)
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            body = await reader.readexactly(length)
+            took.append(time.perf_counter() - t0)
+            if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"{"):
+                errors.append(head.split(b"\r\n", 1)[0].decode())
+            await asyncio.sleep(interval)
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        errors.append(repr(exc))
+    finally:
+        writer.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    latencies.put(took)
-    if errors:
-        print(f"  pollers: {len(errors)} errors, e.g. {errors[0]}", file=sys.stderr)
+
+def poll(url: str, clients: int, interval: float, stop: Any, results: Any) -> None:
+    """The pollers' process: `clients` coroutines until `stop`; puts (latencies, errors, CPU seconds, wall seconds)."""
+    import uvloop
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    took: list[float] = []
+    errors: list[str] = []
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(client(host, int(port), interval, stop, took, errors)) for _ in range(clients)]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    uvloop.run(main())
+    results.put((took, errors, time.process_time() - cpu0, time.perf_counter() - t0))
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by a set of processes (and their children) over a stretch of time."""
+
+    groups: dict[str, list[psutil.Process]]
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for name, procs in self.groups.items():
+            total = 0.0
+            for p in procs:
+                for q in [p, *p.children(recursive=True)]:
+                    try:
+                        t = q.cpu_times()
+                        total += t.user + t.system
+                    except psutil.NoSuchProcess:
+                        pass
+            out[name] = total
+        return out
+
+
+def meter(c: HttpCluster) -> CpuMeter:
+    """The master alone, its HTTP process alone, the slaves with the workers they start."""
+    master = psutil.Process(c.master.pid)
+    http = [p for p in master.children() if "master.web" in p.cmdline()]
+    return CpuMeter({"master": [master], "http": http, "slaves": [psutil.Process(s.pid) for s in c.slaves]})
+
+
+def master_only(before: dict[str, float], after: dict[str, float], http_cpu: float) -> dict[str, float]:
+    """The master's own CPU: its process tree's, less the HTTP process it supervises."""
+    out = {k: after[k] - before[k] for k in after}
+    out["master"] -= http_cpu
+    return out
 
 
 def run_sweep(c: HttpCluster, name: str, tasks: int) -> float:
     spec = {"name": name, "argv": ["true"], "timeout": 60, "parameters": {"grid": {"x": {"range": [0, tasks]}}},
             "results": {"code": "exit_code"}}
     assert c.submit(spec).status == 201
-    c.wait_state(name, "finished", timeout=600)
+    # one event stream that ends with the sweep, not a poll of our own beside the pollers measured
+    assert b"sweep_finished" in c.get(f"/api/v1/events?sweep={name}&until_end=1", timeout=600).body
     s = c.sweep(name)
     return tasks / (s["finished"] - s["created"])
+
+
+@dataclass
+class Round:
+    alone: float
+    loaded: float
+    requests: float
+    p50: float
+    p99: float
+    errors: int
+    cpu_alone: dict[str, float]
+    cpu_loaded: dict[str, float]
+
+
+def measure(c: HttpCluster, m: CpuMeter, name: str, tasks: int) -> tuple[float, dict[str, float], float]:
+    """A sweep's dispatch rate and each party's CPU seconds per wall second while it ran."""
+    before, t0 = m.read(), time.perf_counter()
+    rate = run_sweep(c, name, tasks)
+    after, wall = m.read(), time.perf_counter() - t0
+    http = after["http"] - before["http"]
+    return rate, {k: v / wall for k, v in master_only(before, after, http).items()}, wall
+
+
+def one_round(c: HttpCluster, m: CpuMeter, i: int, args: argparse.Namespace) -> Round:
+    alone, cpu_alone, _ = measure(c, m, f"base-{i}", args.tasks)
+    stop = multiprocessing.Event()
+    results: multiprocessing.Queue[Any] = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=poll, args=(c.url, args.pollers, args.interval, stop, results))
+    proc.start()
+    time.sleep(1.0)  # every poller connected and settled
+    loaded, cpu_loaded, wall = measure(c, m, f"loaded-{i}", args.tasks)
+    stop.set()
+    took, errors, poller_cpu, poller_wall = results.get(timeout=60)
+    proc.join(30)
+    took.sort()
+    cpu_loaded["pollers"] = poller_cpu / poller_wall
+    return Round(alone, loaded, len(took) / poller_wall, took[len(took) // 2] if took else float("nan"),
+                 took[int(len(took) * 0.99)] if took else float("nan"), len(errors), cpu_alone, cpu_loaded)
+
+
+def cpu_line(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
 
 
 def main() -> int:
@@ -73,41 +172,41 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--slaves", type=int, default=2)
     ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--http-nice", type=int, default=None, help="http_nice of the master (default: its default)")
     args = ap.parse_args()
 
+    extra = "" if args.http_nice is None else f"http_nice = {args.http_nice}\n"
+    load0 = os.getloadavg()
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
-        c = HttpCluster(Path(tmp) / "state", n=args.slaves, slots=args.slots)
+        c = HttpCluster(Path(tmp) / "state", n=args.slaves, slots=args.slots, extra_config=extra)
         try:
+            m = meter(c)
             run_sweep(c, "warmup", 100)
-            base, loaded, rates, p99s = [], [], [], []
             for i in range(args.rounds):
-                base.append(run_sweep(c, f"base-{i}", args.tasks))
-                stop = multiprocessing.Event()
-                counts = multiprocessing.Value("i", 0)
-                latencies: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
-                proc = multiprocessing.Process(target=poll, args=(c.url, args.pollers, args.interval, stop, counts,
-                                                                  latencies))
-                proc.start()
-                time.sleep(1.0)  # let every poller connect and settle
-                start_count, t0 = counts.value, time.time()
-                loaded.append(run_sweep(c, f"loaded-{i}", args.tasks))
-                rates.append((counts.value - start_count) / (time.time() - t0))
-                stop.set()
-                took = sorted(latencies.get(timeout=60))
-                proc.join(30)
-                p99s.append(took[int(len(took) * 0.99)] if took else float("nan"))
-                print(f"round {i + 1}: alone {base[-1]:7.1f} tasks/s   with {args.pollers} pollers "
-                      f"{loaded[-1]:7.1f} tasks/s   ({rates[-1]:.0f} status requests/s, p99 "
-                      f"{p99s[-1] * 1000:.1f} ms)", flush=True)
+                r = one_round(c, m, i, args)
+                rounds.append(r)
+                print(f"round {i + 1}: alone {r.alone:6.1f} tasks/s, with {args.pollers} pollers {r.loaded:6.1f} "
+                      f"tasks/s ({r.requests:.0f} status requests/s, p50 {r.p50 * 1000:.1f} ms, p99 "
+                      f"{r.p99 * 1000:.1f} ms, {r.errors} errors)\n"
+                      f"  CPU s/s alone: {cpu_line(r.cpu_alone)}\n  CPU s/s polled: {cpu_line(r.cpu_loaded)}",
+                      flush=True)
         finally:
             c.close()
-    b, l = statistics.median(base), statistics.median(loaded)
-    print(f"\n{args.tasks}-task sweep, {args.slaves} slaves x {args.slots} slots, median of {args.rounds} rounds")
+    load1 = os.getloadavg()
+    med = lambda f: statistics.median(f(r) for r in rounds)  # noqa: E731
+    b, l = med(lambda r: r.alone), med(lambda r: r.loaded)
+    print(f"\n{args.tasks}-task sweep, {args.slaves} slaves x {args.slots} slots, median of {args.rounds} rounds, "
+          f"http_nice {'default' if args.http_nice is None else args.http_nice}; load average "
+          f"{load0[0]:.1f} before, {load1[0]:.1f} after (1 min)")
     print(f"dispatch rate alone:              {b:8.1f} tasks/s")
     print(f"dispatch rate with {args.pollers:3d} pollers:   {l:8.1f} tasks/s  "
-          f"(~{statistics.median(rates):.0f} GET /api/v1/status per s)")
-    print(f"slowdown ratio (alone / polled):  {b / l:8.3f}  ({(1 - l / b) * 100:+.1f}% dispatch rate lost)")
-    print(f"p99 of GET /api/v1/status under that load: {statistics.median(p99s) * 1000:.1f} ms")
+          f"(~{med(lambda r: r.requests):.0f} GET /api/v1/status per s)")
+    print(f"slowdown (alone / polled):        {b / l:8.3f}  ({(1 - l / b) * 100:+.1f}% dispatch rate lost)")
+    print(f"p50 / p99 of GET /api/v1/status:  {med(lambda r: r.p50) * 1000:.1f} / {med(lambda r: r.p99) * 1000:.1f} ms")
+    for k in rounds[0].cpu_loaded:
+        print(f"CPU s/s {k:8s} alone {med(lambda r: r.cpu_alone.get(k, 0.0)):5.2f}   polled "
+              f"{med(lambda r: r.cpu_loaded[k]):5.2f}")
     return 0
 
 

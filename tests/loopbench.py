@@ -102,7 +102,8 @@ def open_bench(tmp_path: Path) -> Iterator[Bench]:
     dispatch = Dispatch(lifecycle, roster, link, store, lifecycle.events, lifecycle.metrics, python,
                         Staging(tmp_path, 1 << 20))
     validator: Validator[Transfer] = Validator(1)
-    intake = Intake(lifecycle, roster, link, store, tmp_path, validator, 1024, PeerLog(window=2.0))
+    intake = Intake(lifecycle, roster, link, store, tmp_path, validator, 1024, PeerLog(window=2.0),
+                    lifecycle.metrics)
     heard = Heard()
 
     def work_queued() -> None:

@@ -26,3 +26,14 @@ def test_bench_scale_runs_small_and_reports_sane_figures(tmp_path: Path) -> None
         assert row["false_deaths"] == 0 and row["note"] == ""
     table = proc.stdout.splitlines()
     assert table[-len(rows) - 2].startswith("| CURVE | slaves |") and table[-1].startswith("| on | 8 | 600 queued |")
+
+
+def test_bench_commands_runs_small_and_reports_every_figure(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_commands.py"), "--tasks", "20",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith(("/bin/true", "sleep"))] == ["/bin/true", "sleep"]
+    assert any(line.startswith("run --local 4, 6 tasks: ended") and "(exit code 0, 0 warnings)" in line
+               for line in lines), proc.stdout
+    assert any(line.startswith("status with no master:") and "(exit code 0)" in line for line in lines), proc.stdout

@@ -63,4 +63,4 @@ def test_a_bad_field_is_refused_with_the_fields_name(master: Master) -> None:
 def test_refusals_carry_the_http_apis_codes(master: Master) -> None:
     assert ask(master, "cancel_sweep", sweep="nothing").fields["code"] == "not_found"
     assert ask(master, "drain", slave="nobody").fields["code"] == "not_found"
-    assert ask(master, "ping").fields == {"epoch": master.epoch, "slaves": 0}
+    assert ask(master, "ping").fields == {"epoch": master.epoch, "slaves": 0, "slots": 0}

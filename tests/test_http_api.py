@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from openapi_schema_validator import OAS31Validator
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.httpcluster import TOKEN, HttpCluster, spec
+from tests.httpcluster import TOKEN, HttpCluster, env, spec
 
 API = "/api/v1"
 
@@ -128,22 +130,64 @@ def test_metrics_of_both_processes_with_request_durations_and_bounded_series(tmp
         c.wait_state("old", "finished")
         c.get(f"{API}/status")
 
-        def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-            text = c.get("/metrics").body.decode()
-            return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                    for f in text_string_to_metric_families(text) for s in f.samples}
-
-        now = samples()
+        now = metric_samples(c)
         assert now[("process_resident_memory_bytes", ())] > 0  # the master's
         assert now[("ticketfarm_http_process_resident_memory_bytes", ())] > 0  # the HTTP process's
         key = ("ticketfarm_http_request_duration_seconds_count", (("method", "GET"), ("route", "/api/v1/status")))
         assert now[key] >= 1
         assert now[("ticketfarm_tasks", (("state", "done"), ("sweep", "old")))] == 2
         time.sleep(1.2)  # past http_metrics_keep: the ended sweep's series go, the totals keep it
-        later = samples()
+        later = metric_samples(c)
         assert not [k for k in later if k[0] == "ticketfarm_tasks" and ("sweep", "old") in k[1]]
         assert later[("ticketfarm_tasks_all", (("state", "done"),))] == 2
         assert later[("ticketfarm_tickets_dispatched_total", ())] >= 2
+    finally:
+        c.close()
+
+
+def metric_samples(cluster: HttpCluster) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = cluster.get("/metrics").body.decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_forgotten_sweeps_series_leave_metrics_at_once(cluster: HttpCluster) -> None:
+    assert cluster.submit(spec("forgotten", 3)).status == 201
+    cluster.wait_state("forgotten", "finished")
+    before = metric_samples(cluster)
+    assert before[("ticketfarm_tasks", (("state", "done"), ("sweep", "forgotten")))] == 3
+    forget = subprocess.run([sys.executable, "-m", "ticketfarm", "--state", str(cluster.state), "forget", "forgotten",
+                             "--yes"], env=env(), capture_output=True, text=True, timeout=60)
+    assert forget.returncode == 0, forget.stderr
+    after = metric_samples(cluster)  # well inside http_metrics_keep (an hour): gone because the sweep is
+    assert not [k for k in after if k[0] == "ticketfarm_tasks" and ("sweep", "forgotten") in k[1]]
+    done = ("ticketfarm_tasks_all", (("state", "done"),))
+    assert after.get(done, 0) == before[done] - 3
+
+
+def test_a_cached_poll_is_served_before_routing_only_to_a_token_that_may_read(tmp_path: Any) -> None:
+    c = HttpCluster(tmp_path / "state", n=0, extra_config="http_cache_ttl = 60.0\n")
+    try:
+        first = c.get(f"{API}/status", token=TOKEN)
+        assert first.status == 200  # cached now, for a minute
+        for headers in ({"Authorization": "Bearer wrong-token"}, {"X-Key": "wrong-token"},
+                        {"Authorization": "Basic dXNlcjpwdw=="}):
+            refused = c.get(f"{API}/status", headers=headers)
+            assert refused.status == 401 and refused.error["code"] == "unauthorized", headers
+        assert c.get(f"{API}/status").body == first.body  # reads are open on loopback
+        assert c.get(f"{API}/slaves").status == 200  # another answer built (asking the master) keeps this one
+        again = c.get(f"{API}/status", token=TOKEN)
+        assert again.body == first.body and again.headers["Content-Type"] == "application/json"
+        assert again.headers["Cache-Control"] == "no-store"
+        head = c.request("HEAD", f"{API}/status", token=TOKEN)
+        assert head.status == 200 and head.body == b"" and int(head.headers["Content-Length"]) == len(first.body)
+        assert c.submit(spec("fresh", 1)).status == 201  # a change empties the cache
+        assert [s["name"] for s in c.get(f"{API}/status", token=TOKEN).json()["sweeps"]] == ["fresh"]
+        text = c.get("/metrics", token=TOKEN).body.decode()
+        counted = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "ticketfarm_http_request_duration_seconds_count"
+                   and s.labels == {"route": "/api/v1/status", "method": "GET"}]
+        assert counted and counted[0] >= 5
     finally:
         c.close()
 

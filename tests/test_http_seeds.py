@@ -1,8 +1,10 @@
-"""The seed job servers' users over HTTP alone: REX (submit with a key, progress, websocket completion),
-joblauncher (POST → 201 + Location, job status, DELETE), shutdown."""
+"""The seed job servers' users over HTTP alone: REX (submit with a key, progress, websocket completion,
+collect-and-remove, a restart keeps what was not collected), joblauncher (POST with prestaged input files,
+poststaged output files and a callback → 201 + Location, job status, DELETE), shutdown."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from master.store import Store
 from tests.httpcluster import TOKEN, HttpCluster, spec
+from tests.test_callbacks import SECRET, Receiver
 
 API = "/api/v1"
 
@@ -59,6 +62,34 @@ def test_rex_submit_with_key_progress_and_websocket_completion(cluster: HttpClus
     assert cluster.sweep("rex")["done"] == 3
 
 
+def test_rex_collect_and_remove_is_gone_after_and_a_restart_keeps_what_was_not_collected(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    key = {"X-Key": TOKEN}
+    c = HttpCluster(state, n=1)
+    try:
+        for name in ("taken", "kept"):
+            assert c.post(f"{API}/sweeps", {"spec": spec(name, 3)}, token=None, headers=key).status == 201
+        for name in ("taken", "kept"):
+            c.wait_state(name, "finished")
+        kept = c.get(f"{API}/sweeps/kept/collect?format=csv").body
+        r = c.post(f"{API}/sweeps/taken/collect", {"format": "csv", "remove": True}, token=None, headers=key)
+        assert r.status == 200 and r.body.decode().splitlines()[1:] == ["0,0,x=0", "1,1,x=1", "2,2,x=2"]
+        c.wait_for(lambda: c.sweep("taken")["results_removed"] is not None, what="the results removed")
+        again = c.post(f"{API}/sweeps/taken/collect", {"format": "csv", "remove": True}, token=None, headers=key)
+        assert again.status == 410 and again.error["code"] == "gone"
+        assert "removed after collection" in again.error["message"]  # a reason, not an empty table
+    finally:
+        c.close()
+    restarted = HttpCluster(state, n=1)
+    try:
+        assert restarted.get(f"{API}/sweeps/kept/collect?format=csv").body == kept
+        assert restarted.get(f"{API}/sweeps/kept/tasks/2/results/stdout").body == b"x=2\n"
+        gone = restarted.get(f"{API}/sweeps/taken/collect?format=csv")
+        assert gone.status == 410 and "removed after collection" in gone.error["message"]
+    finally:
+        restarted.close()
+
+
 def test_websocket_refusals_are_json_with_policy_close(cluster: HttpCluster) -> None:
     messages, code = asyncio.run(ws_messages(ws_url(cluster, "sweep=ghost")))
     assert code == 1008 and messages[0]["error"]["code"] == "not_found"
@@ -93,6 +124,39 @@ def test_joblauncher_post_without_name_or_parameters_is_one_job_at_its_location(
     assert job["total"] == 1 and job["done"] == 1 and job["spec"]["parameters"] == []
     assert cluster.get(f"{location}/collect?format=concat").body == b"hello from one job\n"
     assert cluster.get(f"{location}/collect?format=csv").body.decode().splitlines()[1:] == ["0,hello from one job"]
+
+
+def test_joblauncher_post_with_prestaged_and_poststaged_files_and_a_callback(cluster: HttpCluster) -> None:
+    """Prestaged: files sent with the POST become the job's inputs; poststaged: files the job writes are its
+    results, fetched one by one (or as a tar with format=folders); the callback hears the job end."""
+    blob = bytes(range(256)) * 4
+    receiver = Receiver(204)
+    try:
+        r = cluster.submit({"command": "tr a-z A-Z < in.txt > out.txt && cp data.bin out.bin && wc -c < data.bin",
+                            "timeout": 20,
+                            "inputs": [{"name": "in.txt", "source": "in.txt"},
+                                       {"name": "data.bin", "source": "data.bin"}],
+                            "results": {"text": "file:out.txt", "blob": "file:out.bin", "size": "stdout"}},
+                           files={"in.txt": "hello joblauncher\n", "data.bin": {"base64": base64.b64encode(blob).decode()}},
+                           status_callback_url=receiver.url, status_callback_secret=SECRET)
+        assert r.status == 201, r.body
+        location = r.headers["Location"]
+        cluster.wait_for(lambda: cluster.get(f"{location}/status").json()["state"] == "DONE", what="the job done")
+        status = cluster.get(f"{location}/status").json()
+        assert status["exit_code"] == 0 and status["tasks"][0]["state"] == "DONE"
+        assert cluster.get(f"{location}/tasks/0/results/text").body == b"HELLO JOBLAUNCHER\n"
+        assert cluster.get(f"{location}/tasks/0/results/blob").body == blob
+        assert cluster.get(f"{location}/collect?format=csv").body.decode().splitlines()[1].endswith(",1024")
+        cluster.wait_for(lambda: any(p["state"] == "finished" for _, p in receiver.posts), what="the callback")
+        ends = [p for _, p in receiver.posts if p["state"] == "finished"]
+        assert ends[0]["sweep"] == r.json()["sweep"] and ends[0]["counts"]["done"] == 1
+
+        deleted = cluster.request("DELETE", location, token=TOKEN)
+        assert deleted.status == 200 and deleted.json()["results_removed"] is True
+        assert cluster.get(f"{location}/tasks/0/results/blob").status == 410
+        assert cluster.get(f"{location}/status").json()["state"] == "DONE"
+    finally:
+        receiver.close()
 
 
 def test_joblauncher_status_gives_each_task_state_and_exit_code(cluster: HttpCluster) -> None:

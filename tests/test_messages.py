@@ -23,6 +23,7 @@ from ticketfarm.messages import (
     Hello,
     InputFile,
     NoWork,
+    Recall,
     Notify,
     Progress,
     PyAdd,
@@ -58,6 +59,7 @@ EXAMPLES = [
     Welcome(0.2, 5, 9, SlavePolicy("exit", True, "exit")),
     Welcome(1.0, 3, 0),
     Request(3),
+    Request(0, [5, 6]),
     Ticket(TicketSweep("s", 30.0, {"stdout": "stdout"}, command="echo {n}", env={"A": "1"},
                        inputs=[InputFile("in.txt", frame=0), InputFile("t.txt", template="{n}")],
                        workers={"linux-x86_64": WorkerFile("w", SHA, 10)}, memory=64, cpus=2, frames=[b"lit"]),
@@ -78,6 +80,7 @@ EXAMPLES = [
     Heartbeat([1], [2], 0.5, 40.0, 10.5, 1),
     Heartbeat(),
     Cancel(5, "deadline"),
+    Recall([5, 6], "sweep paused"),
     Disconnect(messages.SHUTDOWN, "master shutting down"),
     Disconnect(messages.UNKNOWN_PEER, "unknown slave: send HELLO", reconnect=True),
     Control("status", {}, None),
@@ -315,3 +318,13 @@ def test_protocol_doc_lists_every_command_and_every_field_its_codec_writes() -> 
         row = rows[example.COMMAND.name]
         missing = [n for n in sorted(names) if not re.search(rf"\b{n}\b", row)]
         assert not missing, f"{example.COMMAND.name}: {missing} not in docs/PROTOCOL.md"
+
+
+def test_escapes_before_a_closing_quote_keep_strings_apart() -> None:
+    """`\\n` or `\\\\` just before a closing quote: the quote still ends the string (a submit's JSON-lines rows)."""
+    rows = "".join(json.dumps({"i": i, "s": "a\\"}) + "\n" for i in range(200))
+    body = json.dumps({"op": "submit", "params": rows, "tail": "x\n"})
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), body.encode()]).header["params"] == rows
+    deep = json.dumps({"op": "submit", "params": rows, "after": json.loads(nested(protocol.MAX_DEPTH + 1))})
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), deep.encode()])

@@ -4,13 +4,14 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ticketfarm import template
 from ticketfarm.config import load_toml
@@ -113,9 +114,22 @@ class Sweep:
         return list(self.params[0]) if self.params else []
 
     def to_json(self) -> str:
+        return self._dumps(self.params)
+
+    def submit_fields(self) -> dict[str, str]:
+        """The fields of a CONTROL submit: the spec, and its parameter rows apart as JSON lines."""
+        return {"sweep": self.spec_json(), "params": ParamLines.of(self.params).text}
+
+    def spec_json(self) -> str:
+        """The spec without its parameter rows (`"params": []`): what a submit carries beside `ParamLines` and the
+        store keeps (the rows live once, in the task table)."""
+        return self._dumps([])
+
+    def _dumps(self, params: list[dict[str, Any]]) -> str:
         # Field by field rather than asdict(self): asdict deep-copies the params, a transient copy of every task
         # (hundreds of MB for a million) just to be serialised once.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["params"] = params
         data["collect"] = [asdict(c) for c in self.collect]
         data["validate"] = None if self.validate is None else asdict(self.validate)
         data["inputs"] = [{**asdict(i), "content": None if i.content is None else base64.b64encode(i.content).decode()}
@@ -138,14 +152,53 @@ class Sweep:
             data["validate"] = Validation(**data["validate"])
         return cls(**data)
 
-    def digest(self) -> str:
-        """Identifies the spec's content, so a resumed sweep is known to be the same sweep."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+    def digest(self, rows: "ParamLines | None" = None) -> str:
+        """Identifies the spec's content, so a resumed sweep is known to be the same sweep: the SHA-256 of
+        `to_json()`, hashed piece by piece so that the master hashes a submit's `rows` without decoding them."""
+        head, tail = self.spec_json().split('"params": []', 1)
+        h = hashlib.sha256(head.encode())
+        h.update(b'"params": [')
+        for i, row in enumerate(rows.rows() if rows is not None else map(json.dumps, self.params)):
+            h.update(row.encode() if i == 0 else b", " + row.encode())
+        h.update(b"]" + tail.encode())
+        return h.hexdigest()[:16]
 
     def differing_fields(self, other: "Sweep") -> list[str]:
-        """The spec fields whose values differ from `other`'s, in field order."""
-        mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
+        """The spec fields but `params` whose values differ from `other`'s, in field order."""
+        mine, theirs = json.loads(self.spec_json()), json.loads(other.spec_json())
         return [name for name in mine if mine[name] != theirs.get(name)]
+
+
+@dataclass
+class ParamLines:
+    """A sweep's parameter rows as JSON text, one object per line: how a submit carries them and the store keeps
+    them, so the master never holds a dict per task (a million of them were most of its memory)."""
+
+    text: str
+    count: int
+
+    @classmethod
+    def of(cls, params: list[dict[str, Any]]) -> "ParamLines":
+        return cls("".join(json.dumps(p) + "\n" for p in params), len(params))
+
+    @classmethod
+    def parse(cls, text: str) -> "ParamLines":
+        """Rows received as text, each checked to be a JSON object (one at a time: none is kept)."""
+        if text and not text.endswith("\n"):
+            raise ValueError("params: the last row does not end with a newline")
+        count = 0
+        for count, row in enumerate(cls(text, 0).rows(), 1):
+            try:
+                value = json.loads(row)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"params line {count}: not JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"params line {count}: a row must be a JSON object")
+        return cls(text, count)
+
+    def rows(self) -> Iterator[str]:
+        """Each row's JSON text, in task order."""
+        return (line[:-1] for line in io.StringIO(self.text))
 
 
 def load_spec(path: Path) -> Sweep:

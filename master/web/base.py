@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -35,13 +35,25 @@ def context(request: HTTPConnection) -> WebContext:
     return request.app.state.ctx
 
 
-async def cached_json(request: Request, key: str, build: Callable[[], Any]) -> Json:
+def cache_key(scope: dict[str, Any]) -> str:
+    """Where a pollable answer is cached: its path and query as sent (ApiMiddleware serves hits from there)."""
+    return scope["path"] + "?" + scope["query_string"].decode("latin-1")
+
+
+async def cached_json(request: Request, build: Callable[[], Any]) -> Json:
     """A pollable answer: from the cache on the event loop, or built in a worker thread when stale."""
     ctx = context(request)
+    key = cache_key(request.scope)
     hit = ctx.fresh(key)
     if hit is None:
         hit = await run_in_threadpool(ctx.cached, key, lambda: json_bytes(build()))
     return Json(hit)
+
+
+def presented_token(headers: Mapping[str, str]) -> str | None:
+    """The token in `Authorization: Bearer TOKEN` or `X-Key: TOKEN`, if any."""
+    authorization = headers.get("Authorization", "")
+    return authorization[7:] if authorization.lower().startswith("bearer ") else headers.get("X-Key")
 
 
 def token_scopes(ctx: WebContext, token: str | None, authorization: str, scope: str) -> set[str]:

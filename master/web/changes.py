@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
 
 from master.web import models
@@ -51,28 +51,29 @@ async def submit(request: Request, scopes: set[str] = Depends(need("submit"))) -
     data = body_fields(request.headers.get("Content-Type") or "", raw)
     sweep, extra = await run_in_threadpool(parse_submission, data, ctx.config.http_allow_master_code,
                                            "admin" in scopes)
-    reply = await run_in_threadpool(ctx.control, "submit", sweep=sweep.to_json(), **extra)
+    reply = await run_in_threadpool(ctx.control, "submit", **sweep.submit_fields(), **extra)
     url = f"{API}/sweeps/{sweep.name}"
     body = {"sweep": sweep.name, "state": reply["state"], "tasks": len(sweep.params), "url": url}
     return Json(body, 201 if reply["state"] == "submitted" else 200, {"Location": url})
 
 
-@router.post(f"{API}/sweeps/{{sweep}}/cancel", operation_id="cancelSweep", dependencies=SUBMIT,
-             response_model=None, responses={200: {"model": models.StateReply}, **CHANGE_ERRORS})
-def cancel_sweep(request: Request, sweep: str = SweepName) -> Json:
-    return _op(request, "cancel_sweep", sweep=sweep)
+def _change(kind: str, path: str, operation_id: str, op: str) -> None:
+    """POST .../{kind}s/{name}/`path`: CONTROL `op` on that sweep (submit scope) or slave (admin scope)."""
+
+    def change(request: Request, name: str = Path(alias=kind, description=f"the {kind}'s name")) -> Json:
+        return _op(request, op, **{kind: name})
+
+    reply = models.StateReply if kind == "sweep" else models.Draining
+    router.post(f"{API}/{kind}s/{{{kind}}}/{path}", operation_id=operation_id,
+                dependencies=SUBMIT if kind == "sweep" else ADMIN, response_model=None,
+                responses={200: {"model": reply}, **CHANGE_ERRORS})(change)
 
 
-@router.post(f"{API}/sweeps/{{sweep}}/pause", operation_id="pauseSweep", dependencies=SUBMIT,
-             response_model=None, responses={200: {"model": models.StateReply}, **CHANGE_ERRORS})
-def pause(request: Request, sweep: str = SweepName) -> Json:
-    return _op(request, "pause", sweep=sweep)
-
-
-@router.post(f"{API}/sweeps/{{sweep}}/resume", operation_id="resumeSweep", dependencies=SUBMIT,
-             response_model=None, responses={200: {"model": models.StateReply}, **CHANGE_ERRORS})
-def resume(request: Request, sweep: str = SweepName) -> Json:
-    return _op(request, "resume", sweep=sweep)
+for _kind, _path, _operation, _control in (
+        ("sweep", "cancel", "cancelSweep", "cancel_sweep"), ("sweep", "pause", "pauseSweep", "pause"),
+        ("sweep", "resume", "resumeSweep", "resume"), ("slave", "drain", "drainSlave", "drain"),
+        ("slave", "undrain", "undrainSlave", "undrain")):
+    _change(_kind, _path, _operation, _control)
 
 
 @router.post(f"{API}/sweeps/{{sweep}}/tasks/{{task}}/cancel", operation_id="cancelTask", dependencies=SUBMIT,
@@ -88,18 +89,6 @@ def remove_results(request: Request, sweep: str = SweepName) -> Json:
     if row.state not in ("finished", "cancelled"):
         raise ApiError("conflict", f"sweep {row.name!r} is {row.state}: results are removed only after it ended")
     return _op(request, "forget_results", sweep=row.name)
-
-
-@router.post(f"{API}/slaves/{{slave}}/drain", operation_id="drainSlave", dependencies=ADMIN,
-             response_model=None, responses={200: {"model": models.Draining}, **CHANGE_ERRORS})
-def drain(request: Request, slave: str) -> Json:
-    return _op(request, "drain", slave=slave)
-
-
-@router.post(f"{API}/slaves/{{slave}}/undrain", operation_id="undrainSlave", dependencies=ADMIN,
-             response_model=None, responses={200: {"model": models.Draining}, **CHANGE_ERRORS})
-def undrain(request: Request, slave: str) -> Json:
-    return _op(request, "undrain", slave=slave)
 
 
 @router.post(f"{API}/shutdown", operation_id="shutdownMaster", dependencies=ADMIN, status_code=202,

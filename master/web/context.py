@@ -5,6 +5,7 @@ import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +14,9 @@ from master.store import Store
 from master.web.link import MasterLink
 from master.web.tokens import TokenSet
 from ticketfarm.errors import ConfigError
+
+#: Most answers the cache holds at once.
+MAX_CACHED = 64
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -64,12 +68,14 @@ class WebContext:
     _readers: threading.local = field(default_factory=threading.local)
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    _building: dict[str, threading.Lock] = field(default_factory=dict)
+    _generation: int = 0
 
     @property
     def db_path(self) -> Path:
         return self.state_dir / "state.db"
 
-    @property
+    @cached_property  # asked by every request without a token
     def open_reads(self) -> bool:
         return self.config.http_open_reads and is_loopback(parse_bind(self.config.http_bind)[0])
 
@@ -92,17 +98,27 @@ class WebContext:
         return hit[1] if hit and time.monotonic() - hit[0] < self.config.http_cache_ttl else None
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
-        """The same answer to every poller for http_cache_ttl seconds (many pollers cost one query)."""
-        now = time.monotonic()
+        """The same answer to every poller for http_cache_ttl seconds: one request builds it while the others
+        wait for it (many pollers cost one query), and a change made meanwhile is not hidden by it."""
         with self._cache_lock:
-            hit = self._cache.get(key)
-        if hit and now - hit[0] < self.config.http_cache_ttl:
-            return hit[1]
-        value = build()
-        with self._cache_lock:
-            self._cache[key] = (now, value)
-        return value
+            if len(self._building) >= MAX_CACHED:  # keys carry query values: a client cannot grow these
+                self._building.clear()
+            building = self._building.setdefault(key, threading.Lock())
+        with building:
+            hit = self.fresh(key)
+            if hit is not None:
+                return hit
+            now, generation = time.monotonic(), self._generation
+            value = build()
+            with self._cache_lock:
+                if generation == self._generation:
+                    if len(self._cache) >= MAX_CACHED:
+                        self._cache.clear()
+                    self._cache[key] = (now, value)
+            return value
 
     def invalidate(self) -> None:
+        """Forget every cached answer (after a change), and any being built now."""
         with self._cache_lock:
             self._cache.clear()
+            self._generation += 1

@@ -1,15 +1,19 @@
 """The API's bodies as typed models: the OpenAPI document is generated from them (and tests check answers against it)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from master.stats import SlaveStats, SweepStats
 
 #: Every event kind the events table (and so the event stream and callbacks) can hold.
 EVENT_KINDS = ("sweep_submitted", "sweep_active", "sweep_paused", "sweep_finished", "sweep_cancelled",
                "tickets_dispatched", "tasks_done", "task_failed", "task_cancelled", "task_paused", "task_resumed",
                "ticket_duplicated", "result_rejected", "results_removed", "results_pruned", "slave_dead",
-               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown")
+               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown",
+               "sweep_unrunnable", "sweep_runnable")
 TaskState = Literal["queued", "paused", "running", "done", "failed", "cancelled"]
 
 
@@ -25,19 +29,22 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class SweepSummary(BaseModel):
-    name: str
+def stats_model(cls: type, name: str) -> type[BaseModel]:
+    """A model with a statistics dataclass's fields (master/stats.py): one definition for store and HTTP body."""
+    hints = get_type_hints(cls)
+    return create_model(name, **{f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)})
+
+
+class SweepSummary(stats_model(SweepStats, "SweepCounts")):  # type: ignore[misc]
     state: Literal["active", "paused", "finished", "cancelled"]
-    priority: int
-    total: int
-    done: int
     running: int = Field(description="tasks whose ticket a slave has started (prefetched ones not counted)")
-    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch): "
-                                        "listed as waiting in its last heartbeat, or dispatched past its slots")
-    queued: int = Field(description="tasks waiting in the master's queue (paused ones included)")
-    failed: int
-    cancelled: int
-    elapsed: float
+    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch)")
+    queued: int = Field(description="tasks waiting in the master's queue (a paused sweep's too)")
+    paused: int = Field(description="tasks paused one by one; total = queued + prefetched + running + paused + done "
+                                    "+ failed + cancelled")
+    rejected: int = Field(description="attempts whose result the sweep's validator refused")
+    unrunnable: str | None = Field(description="why no connected slave can run the sweep (a platform or resources "
+                                               "none offers, no slave at all); null when some can")
     throughput: float = Field(description="done tasks per second since submission")
     eta: float | None = Field(description="seconds to go at this throughput; null when unknown")
     progress: float = Field(description="settled (done, failed, cancelled) / total")
@@ -64,21 +71,11 @@ class Status(BaseModel):
     last_event: int
 
 
-class SlaveRow(BaseModel):
-    name: str
-    platform: str
-    slots: int
-    state: str
-    done: int
-    failed: int
-    timed_out: int
-    lost: int
-    cancelled: int
+class SlaveRow(stats_model(SlaveStats, "SlaveTotals")):  # type: ignore[misc]
     busy: float = Field(description="seconds its tickets ran")
-    running: int
-    prefetched: int
-    load: float | None
-    memory: float | None
+    rejected: int = Field(description="its results that a validator refused")
+    running: int = Field(description="tickets it has started")
+    prefetched: int = Field(description="tickets it holds ready but has not started")
     disk: float | None
     version: str | None
     first_seen: float | None
@@ -146,6 +143,9 @@ class Task(BaseModel):
     reason: str | None
     ticket: int | None
     finished: float | None
+    slave: str | None = Field(description="where its latest attempt ran (null before one was dispatched)")
+    started: float | None = Field(description="when its latest attempt was dispatched")
+    elapsed: float | None = Field(description="seconds its latest attempt ran (so far, while it runs)")
 
 
 class TaskPage(BaseModel):
@@ -179,6 +179,14 @@ class ResultRef(BaseModel):
 class TaskDetail(Task):
     attempts_list: list[Attempt]
     results: list[ResultRef]
+
+
+class Throughput(BaseModel):
+    sweep: str | None
+    start: float = Field(description="the first interval's start (Unix time); the last interval is the current one")
+    step: float = Field(description="seconds per interval")
+    done: list[int] = Field(description="tasks done in each interval, oldest first")
+    failed: list[int] = Field(description="tasks failed (for good) in each interval")
 
 
 class FailureList(BaseModel):

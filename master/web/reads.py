@@ -39,6 +39,12 @@ def dashboard() -> HTMLResponse:
     return HTMLResponse(resources.files("master").joinpath("dashboard.html").read_bytes())
 
 
+@router.get("/sweep/{sweep}", operation_id="sweepPage", response_class=HTMLResponse, include_in_schema=True,
+            summary="The dashboard's page of one sweep: its tasks and failures (the same page, reading the API)")
+def sweep_page(sweep: str = SweepName) -> HTMLResponse:
+    return dashboard()
+
+
 @router.get("/metrics", operation_id="metrics", dependencies=READ, summary="Prometheus metrics of master and API",
             response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
@@ -64,21 +70,20 @@ def info(request: Request) -> Json:
 @router.get(f"{API}/status", operation_id="getStatus", dependencies=READ, response_model=None,
             responses={200: {"model": models.Status}}, summary="Sweeps and slave counts (cached http_cache_ttl)")
 async def status(request: Request) -> Json:
-    return await cached_json(request, "status", lambda: views.status_json(context(request)))
+    return await cached_json(request, lambda: views.status_json(context(request)))
 
 
 @router.get(f"{API}/stats", operation_id="getStats", dependencies=READ, response_model=None,
             responses={200: {"model": models.Stats}}, summary="/status with slave rows, failures and the report")
 async def stats(request: Request) -> Json:
-    return await cached_json(request, "stats", lambda: views.stats_json(context(request)))
+    return await cached_json(request, lambda: views.stats_json(context(request)))
 
 
 @router.get(f"{API}/sweeps", operation_id="listSweeps", dependencies=READ, response_model=None,
             responses={200: {"model": models.SweepList}})
 async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, "sweeps",
-                             lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
+    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store())})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -90,11 +95,10 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
     live = views.live_slaves(ctx)
-    prefetched = views.not_started(store, live).by_sweep.get(row.name, 0)
-    d = views.sweep_json(stats, row, prefetched)
+    d = views.sweep_json(stats, row)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
-                 "parameters": spec.param_names, "results": spec.results,
+                 "parameters": store.param_names(row.name), "results": spec.results,
                  "collect": [asdict(c) for c in spec.collect], "slaves": spec.slaves}
     d["pin"] = pin_json(spec.slaves, d["queued"] if row.state in ("active", "paused") else 0, store, live)
     d["callback"] = store.callback(row.name) is not None
@@ -110,7 +114,7 @@ def list_tasks(request: Request, sweep: str = SweepName, state: models.TaskState
     row = sweep_row(request, sweep)
     counts = store.task_counts(row.name)
     total = counts.get(state, 0) if state else sum(counts.values())
-    tasks = store.tasks_page(row.name, state, offset, limit)
+    tasks = views.tasks_json(store, row.name, store.tasks_page(row.name, state, offset, limit))
     return Json({"sweep": row.name, "state": state, "offset": offset, "limit": limit, "total": total,
                  "next": offset + limit if offset + limit < total else None, "tasks": tasks})
 
@@ -123,11 +127,27 @@ def get_task(request: Request, sweep: str = SweepName, task: int = TaskIndex) ->
     found = store.task(row.name, task)
     if found is None:
         raise ApiError("not_found", f"sweep {row.name!r} has no task {task}")
+    views.tasks_json(store, row.name, [found])
     found["attempts_list"] = store.attempts_of(row.name, task)
     found["results"] = [{"name": o.name, "size": o.size,
                          "url": f"{API}/sweeps/{row.name}/tasks/{task}/results/{o.name}"}
                         for o in sorted(store.outputs(row.name, task).values(), key=lambda o: o.name)]
     return Json(found)
+
+
+@router.get(f"{API}/throughput", operation_id="getThroughput", dependencies=READ, response_model=None,
+            responses={200: {"model": models.Throughput}, **models.error_responses(400, 404)},
+            summary="Tasks done and failed per interval, of every sweep or of one (cached http_cache_ttl)")
+async def throughput(request: Request, sweep: str | None = None,
+                     window: float = Query(600.0, ge=10, le=7 * 86400, description="seconds to look back"),
+                     intervals: int = Query(60, ge=1, le=500, description="how many intervals"),
+                     end: float | None = Query(None, description="the window's end (Unix time; default now), e.g. "
+                                                                 "an ended sweep's `finished`")) -> Json:
+    ctx = context(request)
+    if sweep is not None:
+        sweep_row(request, sweep)
+    return await cached_json(request, lambda: views.throughput_json(ctx.store(), sweep, window, intervals,
+                                                                    time.time() if end is None else end))
 
 
 @router.get(f"{API}/sweeps/{{sweep}}/failures", operation_id="listFailures", dependencies=READ,
@@ -154,5 +174,5 @@ def progress(request: Request, ticket: int = Path(ge=0)) -> Json:
             responses={200: {"model": models.SlaveList}})
 async def list_slaves(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, "slaves", lambda: {
+    return await cached_json(request, lambda: {
         "slaves": views.slaves_json(ctx.store(), views.live_slaves(ctx)), "time": time.time()})

@@ -14,7 +14,7 @@ from master.collect import (DOWNLOAD_NAMES, FORMATS, MEDIA_TYPES, Collector, Res
 from master.events import SWEEP_END_KINDS
 from master.store import Store
 from master.web import models
-from master.web.base import API, context, need, token_scopes
+from master.web.base import API, context, need, presented_token, token_scopes
 from master.web.context import WebContext
 from master.web.errors import ApiError
 from master.web.reads import SweepName, TaskIndex, sweep_row
@@ -47,10 +47,11 @@ def _closing(store: Store, chunks: Iterator[bytes], after: Callable[[], Any] | N
             dependencies=[Depends(need("read"))], response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                  "format": "binary"}}}},
-                       **models.error_responses(400, 404)})
+                       **models.error_responses(400, 404, 410)})
 def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex, name: str = ...) -> StreamingResponse:
     ctx = context(request)
     row = sweep_row(request, sweep)
+    gone_after_removal(ctx.store(), row.name)
     output = ctx.store().outputs(row.name, task).get(name)
     if output is None:
         raise ApiError("not_found", f"task {task} of {row.name!r} has no stored result {name!r}")
@@ -58,6 +59,14 @@ def result_file(request: Request, sweep: str = SweepName, task: int = TaskIndex,
     return StreamingResponse(output_chunks(ctx.state_dir, output), media_type="application/octet-stream",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "Content-Length": str(output.size)})
+
+
+def gone_after_removal(store: Store, sweep: str) -> None:
+    """410 with the reason when the sweep's results were removed (a removing collect, DELETE)."""
+    try:
+        ensure_not_removed(store, sweep)
+    except ResultsRemoved as exc:
+        raise ApiError("gone", str(exc), removed=exc.removed) from None
 
 
 def _collection(request: Request, sweep: str, fmt: str, result: str | None, remove: bool) -> StreamingResponse:
@@ -72,10 +81,7 @@ def _collection(request: Request, sweep: str, fmt: str, result: str | None, remo
     if remove and row.state not in ("finished", "cancelled"):
         raise ApiError("conflict", f"sweep {row.name!r} is {row.state}: results are removed only after it ended")
     if fmt != "failed":
-        try:
-            ensure_not_removed(ctx.store(), row.name)
-        except ResultsRemoved as exc:
-            raise ApiError("gone", str(exc), removed=exc.removed) from None
+        gone_after_removal(ctx.store(), row.name)
     store = Store(ctx.db_path, readonly=True)
     after = (lambda: ctx.control("forget_results", sweep=row.name)) if remove else None
     chunks = _closing(store, Collector(store, ctx.state_dir, spec).chunks(fmt, result), after)
@@ -132,10 +138,8 @@ async def events_ws(websocket: WebSocket, sweep: str | None = None, after: int |
     ctx = context(websocket)
     await websocket.accept()
     try:
-        bearer = websocket.headers.get("Authorization", "")
-        presented = token or websocket.headers.get("X-Key") or \
-            (bearer[7:] if bearer.lower().startswith("bearer ") else None)
-        token_scopes(ctx, presented, bearer, "read")
+        token_scopes(ctx, token or presented_token(websocket.headers), websocket.headers.get("Authorization", ""),
+                     "read")
         store, cursor = _open_events(ctx, sweep, after, until_end, None)
     except ApiError as exc:
         await websocket.send_text(json.dumps(exc.body()))

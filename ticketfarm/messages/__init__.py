@@ -20,7 +20,7 @@ nested deeper than `protocol.MAX_DEPTH`. Unknown header fields are ignored (a ne
 Classes by conversation (docs/PROTOCOL.md describes each command):
 
 - session: Hello, Welcome (+ SlavePolicy), Request, Ack, Heartbeat, Cancel, Disconnect (its `why`
-  is one of session.WHYS), Refused, NoWork
+  is one of session.WHYS), Refused, NoWork, Recall
 - tickets: Ticket = TicketSweep (the sweep's shared part; a master reuses it) + TicketEntry list,
   with InputFile and WorkerFile
 - results: Progress, Result (ResultEntry, ResultOutput), Failure, Fetch, Chunk
@@ -50,6 +50,7 @@ from ticketfarm.messages.session import (
     Heartbeat,
     Hello,
     NoWork,
+    Recall,
     Refused,
     Request,
     SlavePolicy,
@@ -61,7 +62,7 @@ from ticketfarm.protocol import Command, Message
 
 AnyMessage = Union[Hello, Welcome, Request, Ticket, Progress, Result, Fetch, Chunk, Failure, Ack, Heartbeat,
                    Cancel, Disconnect, Control, Reply, CodeRequest, Code, Notify, WorkerRequest, Worker, Refused,
-                   NoWork, Sandbox, SandboxReply, Relay, RelayReply]
+                   NoWork, Recall, Sandbox, SandboxReply, Relay, RelayReply]
 
 #: The class of each command.
 CODECS: dict[Command, type] = {cls.COMMAND: cls for cls in AnyMessage.__args__}  # type: ignore[attr-defined]
@@ -80,8 +81,8 @@ def decode(frames: list[bytes]) -> AnyMessage:
 __all__ = [
     "CODECS", "PROTOCOL_VERSION", "REFUSED", "REVOKED", "SHUTDOWN", "UNKNOWN_PEER", "WHYS",
     "Ack", "AnyMessage", "Cancel", "Chunk", "Code", "CodeRequest", "Control", "Disconnect", "Failure", "Fetch",
-    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Refused", "Relay",
-    "RelayReply", "Reply", "Request", "Result", "ResultEntry", "ResultOutput", "Sandbox", "SandboxFile",
+    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Recall", "Refused",
+    "Relay", "RelayReply", "Reply", "Request", "Result", "ResultEntry", "ResultOutput", "Sandbox", "SandboxFile",
     "SandboxReply", "Settled", "SlavePolicy", "Ticket", "TicketEntry",
     "TicketSweep", "Welcome", "Worker", "WorkerFile", "WorkerRequest", "decode", "parse",
 ]
