@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Iterable, Iterator
 
@@ -106,10 +107,10 @@ class Collector:
     state_dir: Path
     sweep: Sweep
 
-    @property
+    @cached_property
     def columns(self) -> list[str]:
         """Parameter columns, in the sweep's parameter order (a python sweep's: the call, as `repr`)."""
-        return ["repr"] if self.sweep.kind == "python" else self.sweep.param_names
+        return ["repr"] if self.sweep.kind == "python" else self.store.param_names(self.sweep.name)
 
     def chunks(self, fmt: str, result: str | None = None) -> Iterator[bytes]:
         """The bytes of format `fmt` (one of FORMATS); `result` picks one result (concat/blockwise: the first)."""

@@ -21,6 +21,9 @@ class MasterConfig:
     """Heartbeat intervals of silence after which a peer is presumed dead."""
     deadline_grace: float = 10.0
     """Seconds added to a ticket's timeout before the master gives up on it (the slave kills at the timeout)."""
+    unrunnable_grace: float = 10.0
+    """Seconds after the master starts (time for slaves to connect) before a sweep that no connected slave can run
+    (a platform, CPUs or memory none offers, or no slave at all) is reported unrunnable; re-checked as slaves come."""
     commit_interval: float = 0.02
     """Longest time (s) a finished result waits for its group commit while messages keep arriving."""
     insecure: bool = False
@@ -77,6 +80,12 @@ class MasterConfig:
     """Seconds a sweep's ticketfarm_tasks series stays in /metrics after it ended (then only the totals count it)."""
     http_max_body: int = 16 * 1024 * 1024
     """Largest request body (bytes) the HTTP API accepts (a submitted spec with its files)."""
+    relay_timeout: float = 30.0
+    """Seconds the master waits for a slave to answer a relayed HTTP request or a sandbox call (then 504)."""
+    relay_channels: int = 256
+    """Websockets relayed to running tasks at once at most (more are refused with 503)."""
+    sandbox_task_bytes: int = 16 * 1024 * 1024
+    """Bytes of files uploaded into one task's sandbox the master keeps at most (each file: 4 MiB at most)."""
     callback_secret: str = ""
     """HMAC-SHA256 key for status callbacks of sweeps submitted without their own status_callback_secret."""
     callback_attempts: int = 8

@@ -20,7 +20,7 @@ from master.stats import all_sweep_stats, format_report
 from master.store import FINAL_TASK_STATES, Store
 from ticketfarm import messages
 from ticketfarm.errors import ConfigError, RetryRefused, SweepExists
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 Reply = tuple[dict[str, Any], list[bytes]]
 #: One control op: (sender's routing id, the CONTROL message) -> (REPLY fields, REPLY payload).
@@ -69,7 +69,8 @@ class Control:
         #: Ends the master's loop after this turn; closing it then commits, acknowledges and tells the slaves.
         self.stop = stop
         self.ops: dict[str, Op] = {
-            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster)),
+            "ping": lambda _, m: done(epoch=self.epoch, slaves=len(self.roster),
+                                      slots=sum(s.slots for s in self.roster.sessions())),
             "submit": self.submit,
             "cancel": lambda _, m: ({"ok": self.lifecycle.cancel_sweep(m.args().text("sweep")) is not None}, []),
             "status": lambda _, m: done(sweeps=[asdict(s) for s in all_sweep_stats(self.store)]),
@@ -97,8 +98,20 @@ class Control:
             "py_cancel": python.cancel,
             "py_ping": python.ping,
         }
+        #: Ops whose answer comes from a slave (master/relay.py): answered when it arrives, nothing committed.
+        self.later: dict[str, Callable[[bytes, messages.Control], Reply | None]] = {}
 
     def on_control(self, identity: bytes, msg: messages.Control) -> None:
+        later = self.later.get(msg.op)
+        if later is not None:
+            try:
+                answer = later(identity, msg)
+            except (KeyError, TypeError, ValueError, OSError) as exc:  # ProtocolError is a ValueError
+                answer = {"ok": False, "error": str(exc)}, []
+            if answer is not None:  # else the slave's answer is relayed when it comes
+                fields, payload = answer
+                self.link.send(identity, messages.Reply(bool(fields.pop("ok", True)), fields, msg.rid, payload))
+            return
         reply, payload = self.answer(identity, msg)
         ok = bool(reply.pop("ok", True))
         # A client with several requests in flight matches replies by its request id.
@@ -122,7 +135,12 @@ class Control:
     # -- sweeps ---------------------------------------------------------------------------------------
     def submit(self, identity: bytes, msg: messages.Control) -> Reply:
         """Submit a sweep; an optional status_callback_url (+ secret) is stored in the same transaction."""
-        sweep = Sweep.from_json(msg.args().text("sweep", empty=False, limit=1 << 30))
+        args = msg.args()
+        sweep = Sweep.from_json(args.text("sweep", empty=False, limit=1 << 30))
+        if sweep.params:
+            return refused("bad_request", "a submit carries the parameter rows in `params` (JSON lines), "
+                                          "not in the spec")
+        rows = ParamLines.parse(args.text("params", "", limit=1 << 30))
         url = msg.fields.get("status_callback_url")
         secret = msg.fields.get("status_callback_secret") or self.callback_secret
         if url is not None:
@@ -135,9 +153,21 @@ class Control:
                 self.store.set_callback(sweep.name, url, secret)
                 self.callbacks.ensure_started()
         try:
-            return done(state=self.lifecycle.submit(sweep))
+            state = self.lifecycle.submit(sweep, rows)
         except SweepExists as exc:
             return refused("conflict", str(exc))
+        if state == "submitted" and sweep.slaves:
+            self.report_unknown_pins(sweep)
+        return done(state=state)
+
+    def report_unknown_pins(self, sweep: Sweep) -> None:
+        """A pin naming slaves this master never saw waits for them: event `pin_unknown` says so at once."""
+        known = {s["name"] for s in self.store.slaves()}
+        unknown = [name for name in sweep.slaves if name not in known]
+        if unknown:
+            reason = (f"pinned to {', '.join(sweep.slaves)}; never seen by this master: {', '.join(unknown)} "
+                      "(its tasks wait until one of them connects)")
+            self.store.event("pin_unknown", sweep=sweep.name, detail={"slaves": unknown, "reason": reason})
 
     def cancel_sweep(self, identity: bytes, msg: messages.Control) -> Reply:
         name = msg.args().text("sweep", empty=False)

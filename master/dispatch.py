@@ -11,6 +11,7 @@ from master.link import Link
 from master.metrics import Metrics
 from master.placement import Placement
 from master.roster import Roster, SlaveSession
+from master.sandbox import Staging
 from master.scheduler import Ticket
 from master.store import Store
 from ticketfarm import messages
@@ -31,7 +32,7 @@ class Dispatch:
     """Hands tickets to slaves as far as their credit goes; a slave with credit left waits in `hungry`."""
 
     def __init__(self, lifecycle: Lifecycle, roster: Roster, link: Link, store: Store, events: EventBatch,
-                 metrics: Metrics, python: PythonTickets):
+                 metrics: Metrics, python: PythonTickets, staging: Staging):
         self.lifecycle = lifecycle
         self.roster = roster
         self.link = link
@@ -39,6 +40,7 @@ class Dispatch:
         self.events = events
         self.metrics = metrics
         self.python = python
+        self.staging = staging
         self.hungry: dict[bytes, SlaveSession] = {}
         self.static: dict[str, messages.TicketSweep] = {}
         #: When the loop's current pass began reading messages (REQUEST to TICKET latency is measured from it).
@@ -46,6 +48,8 @@ class Dispatch:
 
     def on_request(self, identity: bytes, msg: messages.Request) -> None:
         session = self.roster.by_identity[identity]
+        if msg.started:
+            self.lifecycle.mark_started(session.name, msg.started, time.time())
         session.credit += msg.credit
         self.serve(session, since=self.pass_started)
 
@@ -99,10 +103,17 @@ class Dispatch:
             self.metrics.tickets_dispatched.inc(len(batch))
 
     def command_tickets(self, sweep: str, batch: list[Ticket]) -> messages.Ticket:
-        return messages.Ticket(self.ticket_static(sweep), [
-            messages.TicketEntry(t.id, t.task, t.attempt,
-                                 t.params if t.params is not None else self.store.params(sweep, t.task))
-            for t in batch])
+        static = self.ticket_static(sweep)
+        entries, extra = [], []
+        for t in batch:
+            files = []
+            for name, data in self.staging.of(t):  # uploaded into its sandbox: frames after the sweep's own
+                files.append(messages.InputFile(name, frame=len(static.frames) + len(extra)))
+                extra.append(data)
+            entries.append(messages.TicketEntry(t.id, t.task, t.attempt,
+                                                t.params if t.params is not None else self.store.params(sweep, t.task),
+                                                files=files))
+        return messages.Ticket(static, entries, extra)
 
     def ticket_static(self, name: str) -> messages.TicketSweep:
         """The part of a TICKET that is the same for every task of a sweep (built once per sweep)."""

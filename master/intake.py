@@ -9,6 +9,7 @@ import structlog
 
 from master.lifecycle import Completion, Lifecycle
 from master.link import Link
+from master.metrics import Metrics
 from master.peerlog import PeerLog
 from master.roster import Roster, SlaveSession
 from master.store import Store, StoredOutput
@@ -52,8 +53,9 @@ class Intake:
     """Takes answers from slaves and hands each task's first valid result to the lifecycle; ACKs wait for the commit."""
 
     def __init__(self, lifecycle: Lifecycle, roster: Roster, link: Link, store: Store, state_dir: Path,
-                 validator: Validator[Transfer], progress_bytes: int, peer_log: PeerLog):
+                 validator: Validator[Transfer], progress_bytes: int, peer_log: PeerLog, metrics: Metrics):
         self.lifecycle = lifecycle
+        self.metrics = metrics
         self.peer_log = peer_log
         self.roster = roster
         self.link = link
@@ -83,7 +85,8 @@ class Intake:
             self.lifecycle.release(ticket, reason, "returned")
         elif ticket is not None and ticket.slave == session.name:
             state = "timeout" if reason.startswith("timeout") else "failed"
-            self.lifecycle.fail(ticket, state, reason, msg.exit_code, msg.elapsed, final=msg.final)
+            cause = "refused" if msg.final else "timeout" if state == "timeout" else "worker_failed"
+            self.lifecycle.fail(ticket, state, reason, cause, msg.exit_code, msg.elapsed, final=msg.final)
         elif self.store.ticket(tid) is None:
             self.peer_log.warn("foreign_ticket", session.name, ticket=tid, command="FAILURE")
         self.link.ack(identity, tid)
@@ -139,6 +142,7 @@ class Intake:
 
     def duplicate(self, identity: bytes, tid: int, sweep: str, task: int) -> None:
         log.info("duplicate_result", ticket=tid, sweep=sweep, task=task)
+        self.metrics.duplicates_suppressed.inc()
         self.link.ack(identity, tid)
 
     def parse_outputs(self, entry: messages.ResultEntry, sweep: str,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import structlog
@@ -16,7 +16,7 @@ from master.scheduler import ActiveSweep, Scheduler, Ticket
 from master.store import FINAL_TASK_STATES, Store, StoredOutput
 from ticketfarm import messages
 from ticketfarm.errors import RetryRefused, SweepExists
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 log = structlog.get_logger("ticketfarm.lifecycle")
 
@@ -79,6 +79,10 @@ class Lifecycle:
     def tickets_of(self, slave: str) -> list[Ticket]:
         return self.scheduler.tickets_of(slave)
 
+    def tickets_for(self, sweep: str, task: int) -> list[Ticket]:
+        """The task's tickets in flight (more than one while a speculative copy runs)."""
+        return self.scheduler.siblings(sweep, task)
+
     def active(self, sweep: str) -> ActiveSweep | None:
         return self.scheduler.active.get(sweep)
 
@@ -94,6 +98,7 @@ class Lifecycle:
     # -- sweeps -----------------------------------------------------------------------------
     def resume(self, reclaim_until: float) -> None:
         """After a restart: reload active sweeps, and adopt the tickets that were out (their slaves may claim them)."""
+        self.store.clear_unrunnable()
         for row in self.store.sweeps():
             if row.state in ("active", "paused"):
                 queued = self.store.tasks_in_state(row.name, "queued")
@@ -101,25 +106,29 @@ class Lifecycle:
                 active.paused = row.state == "paused"
                 active.held.update(self.store.tasks_in_state(row.name, "paused"))
         for t in self.store.running_tickets():
-            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until))
+            self.scheduler.adopt(Ticket(t.id, t.sweep, t.task, t.slave, t.attempt, t.dispatched, reclaim_until,
+                                        started=t.started))
         for name in list(self.scheduler.active):
             self.finish_if_done(name)
         self.store.commit()
 
-    def submit(self, sweep: Sweep) -> str:
-        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished"."""
+    def submit(self, sweep: Sweep, rows: ParamLines | None = None) -> str:
+        """Add a sweep, or resume the one of the same name; returns "submitted", "running" or "finished".
+
+        `rows`: the tasks' parameters as a submit carries them (then `sweep.params` is empty)."""
+        rows = rows if rows is not None else ParamLines.of(sweep.params)
         row = self.store.sweep(sweep.name)
         if row is not None:
-            if row.digest != sweep.digest():
-                changed = ", ".join(sweep.differing_fields(row.sweep()))
+            if row.digest != sweep.digest(rows):
+                changed = ", ".join(sweep.differing_fields(row.sweep()) or ["params"])
                 raise SweepExists(f"sweep {sweep.name!r} already exists with a different spec ({changed} changed): "
                                   f"rename it, `ticketfarm forget {sweep.name}` to start anew, or "
                                   f"`run --retry-failed` if only {' or '.join(RETRY_CHANGEABLE)} changed")
             return "finished" if row.state in ("finished", "cancelled") else "running"
-        self.store.add_sweep(sweep)
-        self.scheduler.activate(sweep, time.time(), list(range(len(sweep.params))))
+        self.store.add_sweep(sweep, rows)
+        self.scheduler.activate(sweep, time.time(), range(rows.count))
         self.store.commit()
-        log.info("sweep_submitted", sweep=sweep.name, tasks=len(sweep.params))
+        log.info("sweep_submitted", sweep=sweep.name, tasks=rows.count)
         self.hooks.work_queued()
         return "submitted"
 
@@ -152,7 +161,10 @@ class Lifecycle:
         if row.sweep().kind == "python":
             raise RetryRefused(f"sweep {name!r} runs python functions: submit them again from the client")
         if spec is not None:
-            changed = [f for f in spec.differing_fields(row.sweep()) if f not in RETRY_CHANGEABLE]
+            stored = row.sweep()
+            changed = [f for f in spec.differing_fields(stored) if f not in RETRY_CHANGEABLE]
+            if replace(stored, params=spec.params).digest() != row.digest:  # the stored spec with these rows
+                changed.append("params")
             if changed:
                 raise RetryRefused(f"sweep {name!r}: a retry may change only {', '.join(RETRY_CHANGEABLE)}, but "
                                    f"{', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the stored "
@@ -162,7 +174,7 @@ class Lifecycle:
             self.store.replace_spec(spec)
             self.hooks.spec_changed(name)
             if (active := self.scheduler.active.get(name)) is not None:
-                active.sweep = spec
+                active.sweep = replace(spec, params=[])
         if not tasks:
             return []
         self.store.retry_tasks(name, tasks)
@@ -197,13 +209,38 @@ class Lifecycle:
             raise RetryRefused(f"sweep {name!r} is {row.state}: cancel it first (`ticketfarm cancel {name}`)")
         return self.store.delete_sweep(name)
 
+    def set_unrunnable(self, name: str, reason: str | None) -> None:
+        """Say why no connected slave can run a sweep (master/placement.py's Runnability), or that one can again
+        (of a sweep that has ended: only forget what was said)."""
+        if name not in self.scheduler.active:
+            self.store.set_unrunnable(name, None, event=False)
+            return
+        self.store.set_unrunnable(name, reason)
+        if reason:
+            log.warning("sweep_unrunnable", sweep=name, reason=reason)
+        else:
+            log.info("sweep_runnable", sweep=name)
+
     def set_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume a sweep; pausing recalls its tickets not started yet (running ones finish)."""
         active = self.scheduler.active[name]
         if active.paused != paused:
             active.paused = paused
             self.store.set_sweep_state(name, "paused" if paused else "active")
-            if not paused:
+            if paused:
+                self._recall_unstarted(name)
+            else:
                 self.hooks.work_queued()
+
+    def _recall_unstarted(self, name: str) -> None:
+        """RECALL to each slave holding prefetched tickets of the sweep: it gives back those it has not started."""
+        by_slave: dict[str, list[int]] = {}
+        for ticket in self.scheduler.tickets.values():
+            if ticket.sweep == name and ticket.started is None:
+                by_slave.setdefault(ticket.slave, []).append(ticket.id)
+        for slave, ids in by_slave.items():
+            if (session := self.roster.named(slave)) is not None:
+                self.link.send(session.identity, messages.Recall(ids, "sweep paused"))
 
     def cancel_sweep(self, name: str) -> list[int] | None:
         """Cancel a sweep: queued and paused tasks dropped, running tickets killed; the tasks cancelled, or None."""
@@ -255,15 +292,30 @@ class Lifecycle:
     def extend(self, ticket: Ticket, now: float) -> None:
         self.scheduler.extend(ticket, now)
 
+    def mark_started(self, slave: str, ids: list[int], now: float) -> None:
+        """Tickets this slave says it began running: from now on they count as running, not prefetched, and a
+        ticket that waited long for its slot has its timeout counted from now."""
+        started = []
+        for tid in ids:
+            ticket = self.scheduler.tickets.get(tid)
+            if ticket is not None and ticket.slave == slave and ticket.started is None:
+                ticket.started = now
+                # Most start within a moment of their dispatch: their deadline stands (one heap entry each).
+                if now - ticket.dispatched > self.scheduler.grace / 2:
+                    self.scheduler.extend(ticket, now)
+                started.append(tid)
+        if started:
+            self.store.mark_started(started, now)
+
     def expire(self, now: float) -> None:
         """Tickets past their deadline: killed and counted as a timeout, or lost when their slave is gone."""
         for ticket in self.scheduler.expired(now):
             session = self.roster.named(ticket.slave)
             if session is None:
-                self.lose(ticket, f"lost: slave {ticket.slave} did not come back")
+                self.lose(ticket, f"lost: slave {ticket.slave} did not come back", "slave_gone")
                 continue
             self.link.send(session.identity, messages.Cancel(ticket.id, "deadline"))
-            self.fail(ticket, "timeout", "timeout (no answer before the deadline)")
+            self.fail(ticket, "timeout", "timeout (no answer before the deadline)", "deadline")
 
     # -- outcomes -----------------------------------------------------------------------------------
     def complete(self, done: Completion) -> None:
@@ -284,19 +336,21 @@ class Lifecycle:
         for other in self.scheduler.siblings(done.sweep, done.task):
             self.cancel_ticket(other, "another copy finished first")
         self.finish_if_done(done.sweep)
+        self._slot_freed(done.sweep)
 
-    def fail(self, ticket: Ticket, state: str, reason: str,
+    def fail(self, ticket: Ticket, state: str, reason: str, cause: str,
              exit_code: int | None = None, elapsed: float | None = None, final: bool = False) -> None:
         """A failed attempt (failed, timeout, lost, rejected, interrupted): the task is retried first, or fails
-        for good (its attempts used up, or at once when `final`: the slave says no attempt can succeed)."""
+        for good (its attempts used up, or at once when `final`: the slave says no attempt can succeed).
+        `cause` is the metrics' name for why (master.metrics.LOST_CAUSES)."""
         self.hooks.ticket_ended(ticket.id)
         self.store.finish_ticket(ticket.id, state, exit_code=exit_code, reason=reason, elapsed=elapsed)
         attempts = self.store.task_attempts(ticket.sweep, ticket.task)
         outcome = self.scheduler.settle_failure(ticket, attempts, retry=not final)
         self.metrics.tickets_finished.labels(state).inc()
+        self.metrics.ticket_lost(cause, requeued=outcome == "queued")
         if outcome == "queued":
             self.store.requeue_task(ticket.sweep, ticket.task)
-            self.metrics.reassignments.inc()
             self.hooks.work_queued()
         elif outcome == "failed":
             self.store.fail_task(ticket.sweep, ticket.task, f"{reason} (not retried: no attempt can succeed)"
@@ -304,10 +358,19 @@ class Lifecycle:
             log.info("task_failed", sweep=ticket.sweep, task=ticket.task, reason=reason)
             self.hooks.task_settled(ticket.sweep, ticket.task, "failed", [])
         self.finish_if_done(ticket.sweep)
+        if outcome != "queued":
+            self._slot_freed(ticket.sweep)
 
-    def lose(self, ticket: Ticket, reason: str) -> None:
-        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason)
-        self.fail(ticket, "lost", reason)
+    def _slot_freed(self, sweep: str) -> None:
+        """A ticket of a sweep with a per-slave or per-sweep limit ended: its queued tasks may go out now, to the
+        slaves already waiting (their REQUEST came before this answer), not at the next housekeeping pass."""
+        active = self.scheduler.active.get(sweep)
+        if active is not None and active.sweep.restricted and active.queued and not active.paused:
+            self.hooks.work_queued()
+
+    def lose(self, ticket: Ticket, reason: str, cause: str) -> None:
+        log.info("ticket_lost", ticket=ticket.id, slave=ticket.slave, reason=reason, cause=cause)
+        self.fail(ticket, "lost", reason, cause)
 
     def release(self, ticket: Ticket, reason: str, state: str = "interrupted") -> None:
         """A ticket given back through no fault of its task, so its attempt is not counted and the task goes first
@@ -315,7 +378,7 @@ class Lifecycle:
         "returned" (handed back unstarted by a slave whose batch allocation ends)."""
         log.info("ticket_released", ticket=ticket.id, slave=ticket.slave, reason=reason, state=state)
         self.store.refund_attempt(ticket.sweep, ticket.task)
-        self.fail(ticket, state, reason)
+        self.fail(ticket, state, reason, state)
 
     def release_all(self, reason: str) -> None:
         for ticket in list(self.scheduler.tickets.values()):
@@ -326,7 +389,7 @@ class Lifecycle:
         ticket = self.scheduler.tickets.get(ticket_id)
         if ticket is not None:
             self.scheduler.avoid.setdefault((ticket.sweep, ticket.task), set()).add(ticket.slave)
-            self.fail(ticket, "rejected", reason, exit_code, elapsed)
+            self.fail(ticket, "rejected", reason, "rejected", exit_code, elapsed)
         elif (row := self.store.ticket(ticket_id)) is not None and row.state == "running":
             self.store.finish_ticket(ticket_id, "rejected", exit_code=exit_code, reason=reason, elapsed=elapsed)
 
@@ -353,6 +416,7 @@ class Lifecycle:
         self.store.cancel_task(name, task)
         self.hooks.task_settled(name, task, "cancelled", [])
         self.finish_if_done(name)
+        self._slot_freed(name)
         return True
 
     def pause_task(self, name: str, task: int) -> None:

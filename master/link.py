@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import structlog
 import zmq
@@ -21,8 +22,17 @@ class Link:
         self.acks: dict[bytes, list[int]] = {}
 
     def send(self, identity: bytes, message: messages.AnyMessage) -> None:
+        self._send(identity, message.encode(), message)
+
+    def broadcast(self, identities: Iterable[bytes], message: messages.AnyMessage) -> None:
+        """The same message to many peers, encoded once (heartbeats to a thousand idle slaves)."""
+        frames = message.encode()
+        for identity in identities:
+            self._send(identity, frames, message)
+
+    def _send(self, identity: bytes, frames: list[bytes], message: messages.AnyMessage) -> None:
         try:
-            self.socket.send_multipart([identity, *message.encode()], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("send_failed", peer=identity.hex(), command=message.COMMAND.name, error=str(exc))
         session = self.roster.get(identity)

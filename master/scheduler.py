@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from ticketfarm.spec import Sweep
+
+#: Tasks taken from a TaskQueue's array before the taken part is cut off (when it is half the array, too).
+COMPACT_AFTER = 4096
 
 
 @dataclass
@@ -27,6 +31,75 @@ class Ticket:
     deadline: float
     params: dict[str, Any] | None = None
     """The task's parameters, known at dispatch (for the TICKET message); None for adopted tickets."""
+    started: float | None = None
+    """When its slave said it began running it; None while it is only prefetched (held ready)."""
+
+
+class TaskQueue:
+    """Task indices waiting for a slot, in order: a compact array (8 bytes a task instead of an int object and a
+    deque slot each: a million queued tasks cost 8 MB) behind a small deque of the tasks put back in front."""
+
+    def __init__(self, tasks: Iterable[int] = ()):
+        self._front: deque[int] = deque()
+        self._rest = array("q", tasks)
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._front) + len(self._rest) - self._head
+
+    def __bool__(self) -> bool:
+        return bool(self._front) or self._head < len(self._rest)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._front
+        yield from itertools.islice(self._rest, self._head, None)
+
+    def __contains__(self, task: int) -> bool:
+        return task in self._front or self._position(task) is not None
+
+    def popleft(self) -> int:
+        if self._front:
+            return self._front.popleft()
+        if self._head >= len(self._rest):
+            raise IndexError("pop from an empty TaskQueue")
+        task = self._rest[self._head]
+        self._head += 1
+        if self._head >= COMPACT_AFTER and 2 * self._head >= len(self._rest):
+            del self._rest[:self._head]  # the taken part, once it is half of the array
+            self._head = 0
+        return task
+
+    def appendleft(self, task: int) -> None:
+        self._front.appendleft(task)
+
+    def extend(self, tasks: Iterable[int]) -> None:
+        self._rest.extend(tasks)
+
+    def clear(self) -> None:
+        self._front.clear()
+        self._rest = array("q")
+        self._head = 0
+
+    def first(self, n: int) -> list[int]:
+        """The next `n` tasks (fewer when fewer wait), left in the queue."""
+        out = list(itertools.islice(self._front, n))
+        return out + self._rest[self._head:self._head + n - len(out)].tolist()
+
+    def remove(self, task: int) -> None:
+        """Take out the first occurrence of `task` (ValueError when it does not wait)."""
+        if task in self._front:
+            self._front.remove(task)
+            return
+        pos = self._position(task)
+        if pos is None:
+            raise ValueError(f"task {task} is not queued")
+        del self._rest[pos]
+
+    def _position(self, task: int) -> int | None:
+        try:
+            return self._rest.index(task, self._head)
+        except ValueError:
+            return None
 
 
 @dataclass
@@ -35,7 +108,7 @@ class ActiveSweep:
 
     sweep: Sweep
     created: float
-    queued: deque[int] = field(default_factory=deque)
+    queued: TaskQueue = field(default_factory=TaskQueue)
     running: int = 0
     paused: bool = False
     held: set[int] = field(default_factory=set)
@@ -67,10 +140,10 @@ class Scheduler:
         self.avoid: dict[tuple[str, int], set[str]] = {}
 
     # -- sweeps -----------------------------------------------------------------
-    def activate(self, sweep: Sweep, created: float, queued: list[int]) -> ActiveSweep:
+    def activate(self, sweep: Sweep, created: float, queued: Iterable[int]) -> ActiveSweep:
         # Without its params: the store has them (each TICKET reads its own), and a million tasks' dicts would
         # be most of the master's memory.
-        active = ActiveSweep(replace(sweep, params=[]), created, deque(queued))
+        active = ActiveSweep(replace(sweep, params=[]), created, TaskQueue(queued))
         self.active[sweep.name] = active
         self._order = sorted(self.active.values(), key=ActiveSweep.sort_key)
         return active
@@ -125,11 +198,9 @@ class Scheduler:
 
     def _take(self, active: ActiveSweep, slave: str, scan: int = 32) -> int:
         """The first queued task this slave is not to avoid (among the next few); else the first one."""
-        for pos, idx in enumerate(active.queued):
-            if pos >= scan:
-                break
+        for idx in active.queued.first(scan):
             if slave not in self.avoid.get((active.name, idx), ()):
-                del active.queued[pos]
+                active.queued.remove(idx)
                 return idx
         return active.queued.popleft()
 
@@ -178,7 +249,7 @@ class Scheduler:
             active.running += 1
 
     def extend(self, ticket: Ticket, now: float) -> None:
-        """Push a not-yet-started ticket's deadline out (it waits in the slave's prefetch queue)."""
+        """Push a ticket's deadline out: while it waits in the slave's prefetch queue, and again when it starts."""
         active = self.active.get(ticket.sweep)
         if active is not None:
             ticket.deadline = now + active.sweep.timeout + self.grace

@@ -20,9 +20,11 @@ from master.lifecycle import Lifecycle, LifecycleHooks
 from master.link import Link
 from master.metrics import Metrics
 from master.peerlog import ConnectionWatch, PeerLog
-from master.placement import Placement
+from master.placement import Placement, Runnability
 from master.pysweep import PythonSweeps
+from master.relay import Relay
 from master.roster import Roster
+from master.sandbox import Staging
 from master.scheduler import Scheduler
 from master.sessions import LOCAL_PEER, Sessions
 from master.startup import StateLock, bind_failed
@@ -42,6 +44,9 @@ log = structlog.get_logger("ticketfarm.master")
 DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
+#: Connections the kernel queues before the master accepts them (ZeroMQ's default is 100): a join storm of
+#: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
+LISTEN_BACKLOG = 4096
 
 #: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
 Handler = Callable[[bytes, Any], None]
@@ -97,30 +102,38 @@ class Master:
         placement = Placement(roster, scheduler, link, store)
         self.python = PythonSweeps(lifecycle, link, store, self.state_dir, self.epoch, self.commit_and_ack,
                                    config.max_message_size)
-        self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python)
+        staging = Staging(self.state_dir, config.sandbox_task_bytes)
+        self.dispatch = dispatch = Dispatch(lifecycle, roster, link, store, self.events, self.metrics, self.python,
+                                            staging)
+        self.relay = Relay(lifecycle, roster, link, staging, config.relay_timeout, config.relay_channels)
         self.validator: Validator[Transfer] = Validator(config.validate_workers)
         self.intake = intake = Intake(lifecycle, roster, link, store, self.state_dir, self.validator,
-                                      config.progress_bytes, self.peer_log)
+                                      config.progress_bytes, self.peer_log, self.metrics)
         self.housekeeping = Housekeeping(config, store, self.state_dir, link, scheduler, dispatch, intake,
                                          self.commit_and_ack)
         self.sessions = Sessions(config, self.epoch, roster, link, lifecycle, store, self.keyring,
                                  self.housekeeping.slave_policy())
         self.sessions.joined.append(placement.on_hello)
-        self.sessions.left += [dispatch.forget, intake.session_left]
+        self.sessions.left += [dispatch.forget, intake.session_left, self.relay.slave_left]
         self.stragglers = Stragglers(lifecycle, dispatch, roster, store, config.heartbeat_interval)
+        self.runnability = Runnability(placement, lifecycle, config.unrunnable_grace, config.heartbeat_interval,
+                                       lambda: self.allocator.active)
+        self.sessions.joined.append(self.runnability.slaves_changed)
+        self.sessions.left.append(self.runnability.slaves_changed)
         self.control = Control(epoch=self.epoch, state_dir=self.state_dir, callback_secret=config.callback_secret,
                                store=store, lifecycle=lifecycle, roster=roster, dispatch=dispatch, intake=intake,
                                python=self.python, housekeeping=self.housekeeping, callbacks=self.callbacks,
                                link=link, commit=self.commit_and_ack, liveness_window=self.sessions.window,
                                metrics_text=self.metrics.render, stop=self.stop,
                                refusals=self.zap.refusals if self.zap is not None else list)
+        self.control.later.update(self.relay.ops)
         # Slaves from a batch scheduler (issue 15): told the demand on each housekeeping tick, nothing more.
         self.allocator = Allocator.for_master(config, self.state_dir, store, self.endpoint)
         self.control.ops["alloc"] = lambda _, msg: (self.allocator.control(msg.fields), [])
         self._demand = lambda: Demand(scheduler.queued_by_timeout(), len(scheduler.tickets),
                                       {s.name: s.slots for s in roster.sessions()})
         lifecycle.hooks = LifecycleHooks(work_queued=dispatch.serve_hungry, ticket_ended=intake.ticket_ended,
-                                         task_settled=self.python.settled, sweep_ended=dispatch.forget_sweep,
+                                         task_settled=self.python.settled, sweep_ended=self._sweep_ended,
                                          spec_changed=dispatch.forget_sweep)
         self._handlers: dict[Command, Handler] = {
             Command.HELLO: lambda identity, msg: self.sessions.on_hello(identity, msg, self._peer),
@@ -134,7 +147,14 @@ class Master:
             Command.CODE_REQUEST: self.python.on_code_request,
             Command.WORKER_REQUEST: placement.on_worker_request,
             Command.CONTROL: self.control.on_control,
+            Command.SANDBOX_REPLY: self.relay.on_sandbox_reply,
+            Command.RELAY_REPLY: self.relay.on_relay_reply,
         }
+
+    def _sweep_ended(self, name: str) -> None:
+        """Nothing of the sweep is dispatched again: its TICKET part and its staged sandbox files go."""
+        self.dispatch.forget_sweep(name)
+        self.dispatch.staging.drop_sweep(name)
 
     # -- setup ----------------------------------------------------------------
     def _security(self) -> tuple[KeyRing | None, ZapHandler | None]:
@@ -177,6 +197,7 @@ class Master:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -194,10 +215,19 @@ class Master:
         self._stopping = True
 
     def release_all(self, reason: str) -> None:
-        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close."""
+        """Give back every ticket out, none charged an attempt (the user interrupted the run); committed at close.
+        Only on the way out: the tasks go back in the queue and nothing is dispatched any more."""
+        self._stopping = True
+        self.lifecycle.hooks.work_queued = lambda: None
         self.lifecycle.release_all(reason)
 
+    def unrunnable(self, name: str) -> str | None:
+        """Why no connected slave can run this sweep (None: some can, or it is too early to say)."""
+        return self.runnability.said.get(name)
+
     def sweep_done(self, name: str) -> bool:
+        if self.lifecycle.active(name) is not None:  # in memory: asked on every pass of a local run's loop
+            return False
         row = self.store.sweep(name)
         return row is not None and row.state in ("finished", "cancelled")
 
@@ -265,6 +295,8 @@ class Master:
             self.sessions.purge_dead(now)
         self.sessions.send_heartbeats(now)
         self.stragglers.tick(now)
+        self.relay.expire(now)
+        self.runnability.tick(now)
         self.housekeeping.tick(now)
         self.peer_log.flush()
         if self.connections is not None:

@@ -88,7 +88,7 @@ class Sessions:
     def revoke(self, session: SlaveSession) -> None:
         log.warning("slave_revoked", slave=session.name, peer=session.identity.hex())
         self.link.send(session.identity, messages.Disconnect(messages.REVOKED, "key revoked"))
-        self.drop(session, reason="key revoked", lose_tickets=True)
+        self.drop(session, reason="key revoked", lose_tickets=True, cause="key_revoked")
 
     # -- hello, heartbeat, goodbye -----------------------------------------------------------------------
     def on_hello(self, identity: bytes, msg: messages.Hello, peer: Peer | None) -> None:
@@ -120,12 +120,14 @@ class Sessions:
         # Tickets the master thinks this slave holds but the slave does not know are lost.
         for ticket in self.lifecycle.tickets_of(name):
             if ticket.id not in held:
-                self.lifecycle.lose(ticket, f"slave {name} restarted without it")
+                self.lifecycle.lose(ticket, f"slave {name} restarted without it", "slave_restarted")
             else:
                 self.lifecycle.extend(ticket, now)
+        # CANCEL before WELCOME: a slave back from a freeze starts none of its held tickets until WELCOME, so what
+        # was given away meanwhile never starts there.
+        self.cancel_given_away(session, msg.running)
         self.link.send(identity, messages.Welcome(self.config.heartbeat_interval, self.config.liveness, self.epoch,
                                                   self.policy))
-        self.cancel_given_away(session, msg.running)
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
     def on_heartbeat(self, identity: bytes, msg: messages.Heartbeat) -> None:
@@ -135,6 +137,9 @@ class Sessions:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
                 self.lifecycle.extend(ticket, now)
+        # What its REQUESTs said, said again (a REQUEST sent just before a reconnection may have been lost).
+        waiting = set(msg.waiting)
+        self.lifecycle.mark_started(session.name, [t for t in msg.running if t not in waiting], now)
         self.cancel_given_away(session, [*msg.running, *msg.waiting])
         info = msg.info()
         session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
@@ -156,9 +161,11 @@ class Sessions:
         if session is not None:
             # A slave stopped in order (SIGTERM, Ctrl-C) gives its tickets back: that costs them no attempt.
             self.drop(session, reason=msg.reason or "slave said goodbye", lose_tickets=True,
-                      interrupted=msg.why == messages.SHUTDOWN)
+                      interrupted=msg.why == messages.SHUTDOWN, cause="disconnected")
 
-    def drop(self, session: SlaveSession, reason: str, lose_tickets: bool, interrupted: bool = False) -> None:
+    def drop(self, session: SlaveSession, reason: str, lose_tickets: bool, interrupted: bool = False,
+             cause: str = "") -> None:
+        """End a session; its tickets are lost for `cause` (or given back when `interrupted`) if `lose_tickets`."""
         if self.roster.remove(session):
             self.store.slave_state(session.name, "gone")
         for listener in self.left:
@@ -168,20 +175,20 @@ class Sessions:
                 if interrupted:
                     self.lifecycle.release(ticket, f"interrupted: slave {session.name} {reason}")
                 else:
-                    self.lifecycle.lose(ticket, f"lost: slave {session.name} {reason}")
+                    self.lifecycle.lose(ticket, f"lost: slave {session.name} {reason}", cause)
         log.info("slave_left", slave=session.name, reason=reason)
 
     # -- liveness ----------------------------------------------------------------------------------------
     def purge_dead(self, now: float) -> None:
         for session in [s for s in self.roster.sessions() if s.expiry < now]:
             self.store.event("slave_dead", detail={"slave": session.name})
-            self.drop(session, reason=f"silent for {self.window:.1f}s", lose_tickets=True)
+            self.drop(session, reason=f"silent for {self.window:.1f}s", lose_tickets=True, cause="slave_silent")
 
     def send_heartbeats(self, now: float) -> None:
         """HEARTBEAT only to slaves nothing else went to for a heartbeat interval."""
-        for session in self.roster.sessions():
-            if now - session.last_sent >= self.config.heartbeat_interval:
-                self.link.send(session.identity, messages.Heartbeat())
+        interval = self.config.heartbeat_interval
+        self.link.broadcast([s.identity for s in self.roster.sessions() if now - s.last_sent >= interval],
+                            messages.Heartbeat())
 
     def goodbye(self) -> None:
         """At shutdown: every slave is marked gone (the caller commits, then `say_goodbye` tells them)."""

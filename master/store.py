@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ticketfarm.spec import Sweep
+from ticketfarm.spec import ParamLines, Sweep
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sweeps (
     name TEXT PRIMARY KEY, digest TEXT NOT NULL, spec TEXT NOT NULL, priority INTEGER NOT NULL,
-    state TEXT NOT NULL, created REAL NOT NULL, finished REAL, ntasks INTEGER NOT NULL);
+    state TEXT NOT NULL, created REAL NOT NULL, finished REAL, ntasks INTEGER NOT NULL, unrunnable TEXT);
 CREATE TABLE IF NOT EXISTS tasks (
     sweep TEXT NOT NULL, idx INTEGER NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, reason TEXT, ticket INTEGER, finished REAL,
@@ -23,8 +23,9 @@ CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (sweep, state);
 CREATE TABLE IF NOT EXISTS tickets (
     id INTEGER PRIMARY KEY, sweep TEXT NOT NULL, task INTEGER NOT NULL, slave TEXT NOT NULL,
     attempt INTEGER NOT NULL, dispatched REAL NOT NULL, finished REAL, state TEXT NOT NULL,
-    exit_code INTEGER, reason TEXT, elapsed REAL);
+    exit_code INTEGER, reason TEXT, elapsed REAL, started REAL);
 CREATE INDEX IF NOT EXISTS tickets_running ON tickets (state) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS tickets_rejected ON tickets (sweep) WHERE state = 'rejected';
 CREATE TABLE IF NOT EXISTS results (
     sweep TEXT NOT NULL, task INTEGER NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
     data BLOB, path TEXT, PRIMARY KEY (sweep, task, name)) WITHOUT ROWID;
@@ -44,6 +45,9 @@ CREATE TABLE IF NOT EXISTS alloc_jobs (
     submitted REAL NOT NULL, started REAL, ended REAL, exit_code INTEGER, reason TEXT);
 """
 
+#: Columns added since a table was first made: (table, column, type), added to an older state.db when it opens.
+ADDED_COLUMNS = (("sweeps", "unrunnable", "TEXT"), ("tickets", "started", "REAL"))
+
 #: Terminal task states: nothing more happens to such a task.
 FINAL_TASK_STATES = ("done", "failed", "cancelled")
 
@@ -58,6 +62,8 @@ class SweepRow:
     finished: float | None
     ntasks: int
     spec_json: str
+    unrunnable: str | None = None
+    """Why no connected slave can run it (None: some can, or it is not yet known)."""
 
     def sweep(self) -> Sweep:
         return Sweep.from_json(self.spec_json)
@@ -72,6 +78,8 @@ class TicketRow:
     attempt: int
     dispatched: float
     state: str
+    started: float | None = None
+    """When its slave began running it (None: dispatched, not started yet)."""
 
 
 @dataclass
@@ -100,10 +108,18 @@ class Store:
         self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+        self._add_columns()
         self._conn.executescript(SCHEMA)
         self._in_txn = False
         self.txn_started = 0.0
         self._batched: dict[str, list[tuple[Any, ...]]] = {}
+
+    def _add_columns(self) -> None:
+        """A state.db made by an earlier version gets the columns added since (its rows keep their values)."""
+        for table, column, kind in ADDED_COLUMNS:
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if have and column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -172,35 +188,36 @@ class Store:
         return epoch
 
     # -- sweeps -------------------------------------------------------------
-    def add_sweep(self, sweep: Sweep) -> None:
-        now = time.time()
+    def add_sweep(self, sweep: Sweep, rows: ParamLines | None = None) -> None:
+        """A new sweep and its tasks: `rows` as received (then `sweep.params` is empty), else `sweep.params`."""
+        rows = rows if rows is not None else ParamLines.of(sweep.params)
         self._write(
-            "INSERT INTO sweeps VALUES (?, ?, ?, ?, 'active', ?, NULL, ?)",
-            (sweep.name, sweep.digest(), sweep.to_json(), sweep.priority, now, len(sweep.params)),
+            "INSERT INTO sweeps (name, digest, spec, priority, state, created, ntasks) VALUES (?, ?, ?, ?, 'active', ?, ?)",
+            (sweep.name, sweep.digest(rows), sweep.spec_json(), sweep.priority, time.time(), rows.count),
         )
         self._write_many(
             "INSERT INTO tasks (sweep, idx, params, state) VALUES (?, ?, ?, 'queued')",
-            ((sweep.name, i, json.dumps(p)) for i, p in enumerate(sweep.params)),
+            ((sweep.name, i, row) for i, row in enumerate(rows.rows())),
         )
         self.event("sweep_submitted", sweep=sweep.name,
-                   detail={"tasks": len(sweep.params), "counts": {"queued": len(sweep.params)}})
+                   detail={"tasks": rows.count, "counts": {"queued": rows.count}})
 
     def sweep(self, name: str) -> SweepRow | None:
         row = self.db.execute(
-            "SELECT name, digest, priority, state, created, finished, ntasks, spec FROM sweeps WHERE name = ?", (name,)
+            "SELECT name, digest, priority, state, created, finished, ntasks, spec, unrunnable FROM sweeps WHERE name = ?", (name,)
         ).fetchone()
         return SweepRow(*row) if row else None
 
     def sweeps(self) -> list[SweepRow]:
         rows = self.db.execute(
-            "SELECT name, digest, priority, state, created, finished, ntasks, spec FROM sweeps ORDER BY created"
+            "SELECT name, digest, priority, state, created, finished, ntasks, spec, unrunnable FROM sweeps ORDER BY created"
         ).fetchall()
         return [SweepRow(*r) for r in rows]
 
     def replace_spec(self, sweep: Sweep) -> None:
         """Store a changed spec of an existing sweep (same tasks: only what a retry may change differs)."""
         self._write("UPDATE sweeps SET digest = ?, spec = ?, priority = ? WHERE name = ?",
-                    (sweep.digest(), sweep.to_json(), sweep.priority, sweep.name))
+                    (sweep.digest(), sweep.spec_json(), sweep.priority, sweep.name))
 
     def delete_sweep(self, name: str) -> list[str]:
         """Remove a sweep and everything of it; returns the paths (state-relative) of its result files."""
@@ -211,6 +228,18 @@ class Store:
         self._write("DELETE FROM sweeps WHERE name = ?", (name,))
         self.event("sweep_forgotten", sweep=name)
         return paths
+
+    def set_unrunnable(self, name: str, reason: str | None, event: bool = True) -> None:
+        """Say why no connected slave can run a sweep (None: clear it); the change is an event too, unless not
+        `event` (the sweep has ended: whether slaves could run it no longer matters)."""
+        self._write("UPDATE sweeps SET unrunnable = ? WHERE name = ?", (reason, name))
+        if event:
+            self.event("sweep_unrunnable" if reason else "sweep_runnable", sweep=name,
+                       detail={"reason": reason} if reason else None)
+
+    def clear_unrunnable(self) -> None:
+        """At a master's start: what it said about slaves it no longer has does not hold."""
+        self._write("UPDATE sweeps SET unrunnable = NULL WHERE unrunnable IS NOT NULL")
 
     def set_sweep_state(self, name: str, state: str) -> None:
         finished = time.time() if state in ("finished", "cancelled") else None
@@ -235,6 +264,11 @@ class Store:
     def params(self, sweep: str, idx: int) -> dict[str, Any]:
         row = self.db.execute("SELECT params FROM tasks WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
         return json.loads(row[0])
+
+    def param_names(self, sweep: str) -> list[str]:
+        """The parameter names, in order, of a sweep's first task (the spec in `sweeps` holds no rows)."""
+        row = self.db.execute("SELECT params FROM tasks WHERE sweep = ? ORDER BY idx LIMIT 1", (sweep,)).fetchone()
+        return [] if row is None else list(json.loads(row[0]))
 
     def failed_tasks(self, sweep: str) -> list[tuple[int, dict[str, Any], str]]:
         rows = self.db.execute(
@@ -347,6 +381,11 @@ class Store:
         self._write_many(_START_TICKET, [(tid, sweep, task, slave, found[task][0], now) for tid, task in tickets])
         return [(found[task][0], json.loads(found[task][1])) for _, task in tickets]
 
+    def mark_started(self, tickets: list[int], now: float) -> None:
+        """These dispatched tickets began running on their slave (before: prefetched, held ready)."""
+        for ticket in tickets:
+            self._batch(_MARK_STARTED, (now, ticket))
+
     def finish_ticket(self, ticket: int, state: str, exit_code: int | None = None,
                       reason: str | None = None, elapsed: float | None = None) -> None:
         self._batch(_FINISH_TICKET, (state, exit_code, reason, elapsed, time.time(), ticket))
@@ -360,13 +399,13 @@ class Store:
 
     def ticket(self, ticket: int) -> TicketRow | None:
         row = self.db.execute(
-            "SELECT id, sweep, task, slave, attempt, dispatched, state FROM tickets WHERE id = ?", (ticket,)
+            "SELECT id, sweep, task, slave, attempt, dispatched, state, started FROM tickets WHERE id = ?", (ticket,)
         ).fetchone()
         return TicketRow(*row) if row else None
 
     def running_tickets(self) -> list[TicketRow]:
         rows = self.db.execute(
-            "SELECT id, sweep, task, slave, attempt, dispatched, state FROM tickets WHERE state = 'running'"
+            "SELECT id, sweep, task, slave, attempt, dispatched, state, started FROM tickets WHERE state = 'running'"
         ).fetchall()
         return [TicketRow(*r) for r in rows]
 
@@ -590,9 +629,21 @@ class Store:
             "WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
         return _task_dict(row) if row else None
 
-    def running_by_slave(self) -> dict[str, int]:
-        rows = self.db.execute("SELECT slave, count(*) FROM tickets WHERE state = 'running' GROUP BY slave")
-        return dict(rows.fetchall())
+    def running_by_slave(self) -> dict[str, tuple[int, int]]:
+        """Per slave: (tickets it has started, tickets it holds ready but has not started: prefetched)."""
+        rows = self.db.execute("SELECT slave, count(started), count(*) - count(started) FROM tickets "
+                               "WHERE state = 'running' GROUP BY slave")
+        return {slave: (started, prefetched) for slave, started, prefetched in rows}
+
+    def started_tasks(self, sweep: str) -> int:
+        """Running tasks of a sweep that a slave has begun (the others in state running are only prefetched)."""
+        return self.db.execute("SELECT count(DISTINCT task) FROM tickets WHERE state = 'running' "
+                               "AND started IS NOT NULL AND sweep = ?", (sweep,)).fetchone()[0]
+
+    def rejected_tickets(self, sweep: str) -> int:
+        """Attempts of a sweep whose result its validator refused."""
+        return self.db.execute("SELECT count(*) FROM tickets WHERE state = 'rejected' AND sweep = ?",
+                               (sweep,)).fetchone()[0]
 
     def task_counts_all(self) -> list[tuple[str, str, int]]:
         """(sweep, state, count) for every sweep: the tasks-by-state metric."""
@@ -612,12 +663,14 @@ class Store:
         return out
 
 
-#: Hot-path statements written in batches (see Store._batch): each is the only batched one on its table.
+#: Hot-path statements written in batches (see Store._batch). Rows of different statements are written statement by
+#: statement, not in the order they came: two batched statements on one table must set different columns.
 _COMPLETE_TASK = "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?"
 _STORE_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)"
 _START_TICKET = ("INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) "
                  "VALUES (?, ?, ?, ?, ?, ?, 'running')")
 _FINISH_TICKET = "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?"
+_MARK_STARTED = "UPDATE tickets SET started = ? WHERE id = ?"
 #: Task indices per `IN (...)` list (SQLite limits the number of bound variables).
 _MAX_IN = 500
 

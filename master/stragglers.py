@@ -1,4 +1,4 @@
-"""Speculative duplicates: when a sweep has nothing queued and slaves sit idle, copy its slowest running tickets."""
+"""Speculative duplicates: when a sweep has nothing queued and slots sit idle, copy its slowest running tickets."""
 from __future__ import annotations
 
 import time
@@ -17,7 +17,8 @@ MEDIAN_TTL = 1.0
 
 
 class Stragglers:
-    """Once per housekeeping pass: duplicate tickets running longer than `speculate` x the sweep's median."""
+    """Once per housekeeping pass: duplicate tickets running longer than `speculate` x the sweep's median, timed from
+    their start on the slave (a ticket prefetched behind a straggler is not one), onto an idle slot."""
 
     def __init__(self, lifecycle: Lifecycle, dispatch: Dispatch, roster: Roster, store: Store,
                  heartbeat_interval: float):
@@ -43,8 +44,8 @@ class Stragglers:
         threshold = max(median * active.sweep.speculate, self.heartbeat_interval)
         scheduler = self.scheduler
         late = sorted((t for t in scheduler.tickets.values()
-                       if t.sweep == active.name and now - t.dispatched > threshold
-                       and len(scheduler.siblings(t.sweep, t.task)) == 1), key=lambda t: t.dispatched)
+                       if t.sweep == active.name and t.started is not None and now - t.started > threshold
+                       and len(scheduler.siblings(t.sweep, t.task)) == 1), key=lambda t: t.started or now)
         for ticket in late:
             session = self._idle_slave(ticket)
             if session is None:
@@ -55,17 +56,21 @@ class Stragglers:
             self.dispatch.spend(session, [copy])
             self.store.event("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, ticket=copy.id,
                                     detail={"of": ticket.id, "slave": session.name, "running_for":
-                                            round(now - ticket.dispatched, 3), "median": round(median, 3)})
+                                            round(now - (ticket.started or now), 3), "median": round(median, 3)})
             log.info("ticket_duplicated", sweep=ticket.sweep, task=ticket.task, original=ticket.id, copy=copy.id,
                      slave=session.name)
 
     def _idle_slave(self, ticket: Ticket) -> SlaveSession | None:
-        """A slave with unused credit that holds no copy of this task."""
+        """The slave with the most idle slots (slots its tickets, started or held ready, leave free) that asks for
+        work and holds no copy of this task; None when every slot is taken: a copy would wait behind other work."""
         holders = {t.slave for t in self.scheduler.siblings(ticket.sweep, ticket.task)}
+        best, most = None, 0
         for session in self.dispatch.hungry.values():
             if session.credit > 0 and session.name not in holders and session.name not in self.roster.draining:
-                return session
-        return None
+                idle = session.slots - len(self.scheduler.tickets_of(session.name))
+                if idle > most:
+                    best, most = session, idle
+        return best
 
     def median(self, sweep: str, now: float) -> float | None:
         """The median run time of the sweep's successful tickets (None before the first one)."""

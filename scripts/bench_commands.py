@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Benchmark: 1,000 `/bin/true` and 1,000 `sleep 0.01` with 2 slots through ticketfarm --local, xargs -P2
-and GNU parallel -j2, in one run, printing wall times and ratios against xargs.
+and GNU parallel -j2, in one run, printing wall times and ratios against xargs; then how soon a short
+`ticketfarm run --local` ends after its last result, and how long `ticketfarm status` takes with no master.
 
 ticketfarm is timed from submit to the last result on an already started local cluster (2 slaves x 1 slot);
-its start-up time is reported separately. Usage: python3 scripts/bench_commands.py [--tasks 1000]
+its start-up time is reported separately. Usage: python3 scripts/bench_commands.py [--tasks 1000] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,10 +55,42 @@ def time_ticketfarm(cluster: LocalCluster, name: str, argv: list[str], tasks: in
     return elapsed
 
 
+SHORT_SPEC = """name = "short"
+command = "echo {x}"
+[parameters.grid]
+x = [1, 2, 3, 4, 5, 6]
+"""
+
+
+def short_runs(rounds: int) -> None:
+    """`run --local 4` of 6 tasks: seconds from its last result (the store's last ticket end) to the process's
+    end, and warnings printed; then `status` of that state dir with no master running."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.toml").write_text(SHORT_SPEC)
+        cli = [sys.executable, "-m", "ticketfarm", "--state", "st"]
+        env = {**os.environ, "TICKETFARM_LOG": "warning"}
+        for _ in range(rounds):
+            shutil.rmtree(Path(tmp) / "st", ignore_errors=True)
+            run = subprocess.run([*cli, "run", "spec.toml", "--local", "4"], cwd=tmp, env=env, capture_output=True,
+                                 text=True)
+            ended = time.time()
+            db = sqlite3.connect(Path(tmp) / "st" / "state.db")
+            last = db.execute("SELECT max(finished) FROM tickets").fetchone()[0]
+            db.close()
+            warnings = sum("warning" in line for line in run.stderr.splitlines())
+            print(f"run --local 4, 6 tasks: ended {ended - last:.3f} s after its last result "
+                  f"(exit code {run.returncode}, {warnings} warnings)")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            status = subprocess.run([*cli, "status"], cwd=tmp, env=env, capture_output=True, text=True)
+            print(f"status with no master: {time.perf_counter() - started:.3f} s (exit code {status.returncode})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--durability", default="full", choices=["full", "normal"])
+    parser.add_argument("--rounds", type=int, default=3, help="short local runs and status calls timed")
     args = parser.parse_args()
     configure_logging("warning")
     n = args.tasks
@@ -83,6 +119,7 @@ def main() -> None:
         par = f"{parallel:.2f} s" if parallel is not None else "n/a"
         par_ratio = f"{parallel / tf:.1f}x" if parallel is not None else "n/a"
         print(f"{label:<12} {xargs:>8.2f} s {par:>13} {tf:>9.2f} s {tf / xargs:>8.2f}x {par_ratio:>12}")
+    short_runs(args.rounds)
 
 
 if __name__ == "__main__":

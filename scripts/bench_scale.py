@@ -142,7 +142,7 @@ def submit(endpoint: str, state: Path, curve: bool, tasks: int) -> float:
     kdir = keys_dir(state)
     client_keys = ClientKeys.load(kdir / "master.key", kdir / "client.key_secret") if curve else None
     started = time.perf_counter()
-    reply = control(endpoint, "submit", timeout=600, keys=client_keys, sweep=sweep.to_json())
+    reply = control(endpoint, "submit", timeout=600, keys=client_keys, **sweep.submit_fields())
     if not reply.get("ok"):
         raise SystemExit(f"submit refused: {reply}")
     return time.perf_counter() - started

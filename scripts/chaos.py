@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """A seeded storm of faults against a real master and real slaves, then a check of the promise.
 
-A master process and N slave processes (each on a test host of its own, a network namespace made by
-scripts/testhosts.sh, when run as root; else all on loopback, without link faults) run a sweep whose every
-output is a function of its parameters. Faults drawn from `random.Random(seed)` hit them meanwhile: slave
-SIGKILL (restarted on the same work root), slave SIGSTOP past its tickets' deadline then SIGCONT, master
-SIGKILL and restart on the same state dir, a second master on that state dir (must refuse), a host's link
-cut past the liveness, packet loss (tc netem), worker SIGKILL (a crash) and worker SIGSTOP (a timeout).
-Then everything is healed, the sweep runs to its end, and the store, the collected CSV and the slaves'
-acknowledgements are checked: every task done exactly once with its own result, no acknowledged result
-lost, attempts and tickets consistent, no worker left alive, SQLite integrity. The seed, the fault schedule
-and the counts are printed, so a failing seed replays the same schedule.
+A master process and N slaves run a sweep whose every output is a function of its parameters. As root, with
+ansible-playbook, each slave lives on a test host of its own (a network namespace with sshd, made by
+scripts/testhosts.sh), installed and started there by playbooks/slaves.yml under its supervisor; else
+(`--local`) they are processes on loopback, without link and disk faults. Faults drawn from
+`random.Random(seed)` hit them meanwhile: slave SIGKILL (its supervisor restarts it; we do if it is slow to), slave
+SIGSTOP past its tickets' deadline then SIGCONT, master SIGKILL and restart on the same state dir, a second master on
+that state dir (must refuse), a host's link cut past the liveness, packet loss (tc netem), worker SIGKILL (a crash),
+worker SIGSTOP (a timeout), and slave 1's small work disk (a tmpfs) filled so that its workers and its outbox meet
+ENOSPC, then freed. Then everything is healed, the sweep runs to its end, and the store, the collected CSV and the
+slaves' acknowledgements are checked: every task done exactly once with its own result, no acknowledged result lost,
+attempts and tickets consistent, no worker left alive, SQLite integrity; and the master's own promise metrics
+(/metrics) against the counts made here. The seed, the fault schedule and the counts are printed, so a failing seed
+replays the same schedule.
 
 Usage: python3 scripts/chaos.py --seed 7 --duration 60 [--tasks 2000] [--slaves 3] [--local] [--calm] [--keep DIR]
 Exit status 0 when the promise held, 1 when it did not.
@@ -21,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
-from chaos_check import SWEEP, check, under  # noqa: E402  (beside this script)
+from chaos_check import SWEEP, check, compare_metrics, parse_metrics, under  # noqa: E402  (beside this script)
+from chaos_hosts import DeployedSlaves, Hosts, LocalSlaves, workers  # noqa: E402
+from tests.testhosts import why_not  # noqa: E402
 from ticketfarm import keys  # noqa: E402
 from ticketfarm.client.control import control  # noqa: E402
 from ticketfarm.errors import MasterUnreachable  # noqa: E402
@@ -63,8 +67,9 @@ path = "chaos.csv"
 """
 #: Fault kinds and their weights; link faults only with network namespaces.
 KINDS = {"slave_kill": 3, "slave_stop": 2, "master_kill": 1, "second_master": 1, "worker_kill": 4,
-         "worker_stop": 2, "link_cut": 2, "packet_loss": 1}
-LINK_KINDS = ("link_cut", "packet_loss")
+         "worker_stop": 2, "link_cut": 2, "packet_loss": 1, "disk_full": 2}
+HOST_KINDS = ("link_cut", "packet_loss", "disk_full")
+"""Faults only test hosts can take."""
 
 
 @dataclass
@@ -78,10 +83,10 @@ class Fault:
         return f"{self.at:6.2f}s {self.kind:<13} slave-{self.target} {self.length:.2f}s"
 
 
-def schedule(seed: int, duration: float, slaves: int, links: bool) -> list[Fault]:
+def schedule(seed: int, duration: float, slaves: int, hosts: bool) -> list[Fault]:
     """The faults of a run: a function of the seed alone (and of what the run can inject)."""
     rng = random.Random(seed)
-    kinds = [k for k in KINDS if links or k not in LINK_KINDS]
+    kinds = [k for k in KINDS if hosts or k not in HOST_KINDS]
     weights = [KINDS[k] for k in kinds]
     faults, at = [], 1.0
     while True:
@@ -91,40 +96,10 @@ def schedule(seed: int, duration: float, slaves: int, links: bool) -> list[Fault
         kind = rng.choices(kinds, weights)[0]
         length = {"slave_stop": rng.uniform(2.5, 4), "link_cut": rng.uniform(1.5, 3),
                   "packet_loss": rng.uniform(2, 4), "worker_stop": TIMEOUT + 1,
-                  "slave_kill": rng.uniform(0.3, 2), "master_kill": rng.uniform(0.3, 1.5)}.get(kind, 0.0)
-        faults.append(Fault(round(at, 2), kind, rng.randrange(1, slaves + 1), round(length, 2)))
-
-
-class Hosts:
-    """Test hosts from scripts/testhosts.sh: a network namespace per slave, a link each to cut; on a test /24
-    and with a bridge name no other run on this machine uses."""
-
-    def __init__(self, root: Path, count: int):
-        taken = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
-        free = next(k for k in range(70, 100) if f" 10.231.{k}.1/" not in taken and f"cx{k}br" not in taken)
-        self.net, self.tag = f"10.231.{free}", f"cx{free}"
-        self.env = dict(os.environ, TH_DIR=str(root / "hosts"), TH_COUNT=str(count), TH_NET=self.net,
-                        TH_TAG=self.tag)
-        self.run("up")
-
-    def run(self, *args: str) -> None:
-        subprocess.run([str(REPO / "scripts" / "testhosts.sh"), *args], env=self.env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def prefix(self, i: int) -> list[str]:
-        pid = (Path(self.env["TH_DIR"]) / "hosts" / f"h{i}" / "sshd.pid").read_text().strip()
-        return ["nsenter", "-t", pid, "-n", "-m", "-u", "--"]
-
-    def cut(self, i: int, down: bool) -> None:
-        self.run("cut" if down else "heal", f"h{i}")
-
-    def loss(self, i: int, on: bool) -> None:
-        args = ["replace", "dev", f"{self.tag}v-h{i}", "root", "netem", "loss", "30%"] if on else \
-            ["del", "dev", f"{self.tag}v-h{i}", "root"]
-        subprocess.run(["tc", "qdisc", *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def down(self) -> None:
-        self.run("down")
+                  "slave_kill": rng.uniform(0.3, 2), "master_kill": rng.uniform(0.3, 1.5),
+                  "disk_full": rng.uniform(1.5, 3)}.get(kind, 0.0)
+        target = rng.randrange(1, slaves + 1)
+        faults.append(Fault(round(at, 2), kind, 1 if kind == "disk_full" else target, round(length, 2)))
 
 
 @dataclass
@@ -135,8 +110,9 @@ class Cluster:
     slaves: int
     hosts: Hosts | None
     master: subprocess.Popen | None = None
-    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     stopped: set[int] = field(default_factory=set)
+    runs: list[dict] = field(default_factory=list)
+    """Each master process's start (time, offset in master.log) and its last metrics scrape."""
 
     def __post_init__(self) -> None:
         self.state = self.root / "state"
@@ -148,6 +124,8 @@ class Cluster:
             f'bind = "{self.endpoint}"\nheartbeat_interval = {HEARTBEAT}\nliveness = {LIVENESS}\n'
             f'deadline_grace = 1.0\ndurability = "normal"\n')
         self.client_keys = keys.ClientKeys.from_dir(keys.keys_dir(self.state))
+        self.fleet = DeployedSlaves(self.hosts, self.endpoint, self.state, HEARTBEAT, LIVENESS) if self.hosts \
+            else LocalSlaves(self.root, self.slaves, self.endpoint, self.state, HEARTBEAT)
 
     def ask(self, op: str, timeout: float = 2.0, **fields: object) -> dict | None:
         try:
@@ -156,13 +134,22 @@ class Cluster:
             return None
 
     def start_master(self) -> None:
-        with open(self.root / "master.log", "ab") as log:
+        log_path = self.root / "master.log"
+        self.runs.append({"started": time.time(), "offset": log_path.stat().st_size if log_path.exists() else 0,
+                          "metrics": {}})
+        with open(log_path, "ab") as log:
             self.master = subprocess.Popen([sys.executable, "-m", "ticketfarm", "--state", str(self.state),
                                             "--log-level", "info", "master"], stdout=log, stderr=log)
         deadline = time.time() + 20
         while not self.ask("ping", 0.5):
             if time.time() > deadline or self.master.poll() is not None:
                 raise RuntimeError(f"master did not start; see {self.root / 'master.log'}")
+
+    def scrape(self) -> None:
+        """The running master's promise metrics (CONTROL op `metrics`, what /metrics serves), kept per master run."""
+        reply = self.ask("metrics", 2)
+        if reply and reply.get("ok"):
+            self.runs[-1]["metrics"] = parse_metrics(reply["text"])
 
     def finished(self) -> bool:
         status = self.ask("status", 2) or {}
@@ -173,6 +160,7 @@ class Cluster:
 
     def kill_master(self) -> None:
         if self.master_up():
+            self.scrape()  # what it counted up to a moment before its end
             self.master.kill()  # type: ignore[union-attr]
             self.master.wait()  # type: ignore[union-attr]
 
@@ -183,56 +171,32 @@ class Cluster:
         return result.returncode
 
     def start_slave(self, i: int) -> None:
-        kdir = keys.keys_dir(self.state)
-        cmd = [*(self.hosts.prefix(i) if self.hosts else []), sys.executable, "-m", "slave",
-               "--master", self.endpoint, "--name", f"slave-{i}", "--slots", "2",
-               "--work-root", str(self.root / "work" / f"slave-{i}"), "--heartbeat", str(HEARTBEAT),
-               "--master-key", str(kdir / "master.key"), "--secret-key", str(kdir / "slave.key_secret"),
-               "--log-level", "debug"]
-        with open(self.root / f"slave-{i}.log", "ab") as log:
-            self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.fleet.start(i)
         self.stopped.discard(i)
 
     def slave_up(self, i: int) -> bool:
-        return self.procs[i].poll() is None
+        return self.fleet.pid(i) is not None
 
     def signal_slave(self, i: int, sig: signal.Signals) -> None:
-        if self.slave_up(i):
-            self.procs[i].send_signal(sig)
-            if sig == signal.SIGSTOP:
-                self.stopped.add(i)
-            elif sig == signal.SIGCONT:
-                self.stopped.discard(i)
-            elif sig == signal.SIGKILL:
-                self.procs[i].wait()
+        pid = self.fleet.pid(i)
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            self.stopped.add(i)
+        elif sig == signal.SIGCONT:
+            self.stopped.discard(i)
+        elif sig == signal.SIGKILL:
+            self.stopped.discard(i)
+            self.fleet.reap(i)
 
     def workers(self, i: int) -> list[psutil.Process]:
-        """The running workers of slave i (its children but the watchdog)."""
-        try:
-            children = psutil.Process(self.procs[i].pid).children()
-        except psutil.Error:
-            return []
-        workers = []
-        for child in children:
-            try:
-                if "slave.watchdog" not in " ".join(child.cmdline()):
-                    workers.append(child)
-            except psutil.Error:
-                continue  # exited meanwhile
-        return workers
+        return workers(self.fleet.pid(i))
 
     def stop_all(self) -> None:
-        for i, proc in self.procs.items():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.fleet.stop_all()
         if self.master_up():
+            self.scrape()
             self.master.terminate()  # type: ignore[union-attr]
             try:
                 self.master.wait(15)  # type: ignore[union-attr]
@@ -291,6 +255,10 @@ class Storm:
             if ("packet_loss", i) in busy:
                 return self._skip(fault)
             c.hosts.loss(i, True)  # type: ignore[union-attr]
+        elif fault.kind == "disk_full":
+            if ("disk_full", i) in busy:
+                return self._skip(fault)
+            c.fleet.fill_disk(True)  # type: ignore[union-attr]
         self.injected[fault.kind] += 1
         if fault.length and fault.kind not in ("worker_stop",):
             self.heals.append((now + fault.length, fault.kind, i))
@@ -316,26 +284,29 @@ class Storm:
             c.hosts.cut(i, False)  # type: ignore[union-attr]
         elif kind == "packet_loss":
             c.hosts.loss(i, False)  # type: ignore[union-attr]
+        elif kind == "disk_full":
+            c.fleet.fill_disk(False)  # type: ignore[union-attr]
 
 
 # -- the run -------------------------------------------------------------------------------------------------
 def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: Path, calm: bool = False) -> int:
-    links = not local and os.geteuid() == 0 and shutil.which("ip") is not None
-    faults = [] if calm else schedule(seed, duration, slaves, links)
-    print(f"chaos seed={seed} duration={duration}s tasks={tasks} slaves={slaves} "
-          f"hosts={'network namespaces' if links else 'loopback'} root={root}")
+    no_hosts = "--local" if local else why_not("cx")
+    faults = [] if calm else schedule(seed, duration, slaves, no_hosts is None)
+    print(f"chaos seed={seed} duration={duration}s tasks={tasks} slaves={slaves} root={root} hosts="
+          + ("test hosts (network namespaces), slaves deployed by playbooks/slaves.yml" if no_hosts is None
+             else f"loopback ({no_hosts})"))
     print("schedule:\n  " + "\n  ".join(map(str, faults)))
-    hosts = Hosts(root, slaves) if links else None
+    hosts = Hosts(root, slaves) if no_hosts is None else None
     cluster = Cluster(root, slaves, hosts)
     storm = Storm(cluster, random.Random(seed + 1))
-    sweep_wall = 0.0
+    sweep_wall = deploy = 0.0
     try:
         cluster.start_master()
-        for i in range(1, slaves + 1):
-            cluster.start_slave(i)
+        deploy = cluster.fleet.deploy()
+        print(f"slaves up (and registered, when deployed) in {deploy:.1f}s")
         spec = root / "chaos.toml"
         spec.write_text(SPEC.replace("{tasks}", str(tasks)))
-        if not (cluster.ask("submit", 10, sweep=load_spec(spec).to_json()) or {}).get("ok"):
+        if not (cluster.ask("submit", 10, **load_spec(spec).submit_fields()) or {}).get("ok"):
             raise RuntimeError("submit failed")
         t0 = time.monotonic()
         pending = list(faults)
@@ -347,8 +318,10 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
             storm.heal_due(now)
             if now - checked > 0.5:  # faults after the end would hit nothing
                 checked = now
-                if cluster.master_up() and cluster.finished():
-                    break
+                if cluster.master_up():
+                    cluster.scrape()
+                    if cluster.finished():
+                        break
             time.sleep(0.02)
         storm.heal_due(0, everything=True)
         for i in range(1, slaves + 1):
@@ -370,7 +343,9 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
         orphans = [p.pid for p in psutil.process_iter() if under(p, root)]  # before the hosts' teardown kills all
         if hosts is not None:
             hosts.down()
-    problems, counts = check(root, cluster.state, tasks, orphans)
+    problems, counts = check(root, cluster.state, tasks, orphans, cluster.fleet.logs())
+    table, disagreements = compare_metrics(root, cluster.state, counts, cluster.runs)
+    problems += disagreements
     refused = Counter(storm.refusals)
     if any(code != 4 for code in storm.refusals):
         problems.append(f"a second master on the state dir was not refused: exit codes {dict(refused)}")
@@ -378,9 +353,11 @@ def run(seed: int, duration: float, tasks: int, slaves: int, local: bool, root: 
     if storm.skipped:
         print("faults skipped (target not in a state to take them): " + ", ".join(
             f"{k}={v}" for k, v in sorted(storm.skipped.items())))
-    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", sweep_wall={sweep_wall:.1f}s")
+    print(table)
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f", sweep_wall={sweep_wall:.1f}s, "
+          f"deploy={deploy:.1f}s")
     print(json.dumps({"seed": seed, "injected": storm.injected, "counts": counts, "sweep_wall": round(sweep_wall, 1),
-                      "problems": problems}))
+                      "deploy": round(deploy, 1), "problems": problems}))
     for problem in problems:
         print(f"PROMISE BROKEN: {problem}")
     print("promise held" if not problems else f"replay: python3 scripts/chaos.py --seed {seed} "

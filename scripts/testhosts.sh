@@ -93,7 +93,9 @@ StrictModes no
 UsePAM no
 UseDNS no
 MaxStartups 100:30:200
-SetEnv TESTHOST=$h
+# SHLVL=1: bash run by sshd then skips ~/.bashrc, the controller's (the hosts share its filesystem):
+# an interactive setup there (e.g. pyenv init, which rehashes under a lock) would slow every Ansible task
+SetEnv TESTHOST=$h SHLVL=1
 Subsystem sftp /usr/lib/openssh/sftp-server
 LogLevel VERBOSE
 EOF

@@ -56,6 +56,8 @@ class SlaveConfig:
     """CPUs offered to tasks that claim CPUs (0 = all of this machine's)."""
     memory_mb: int = 0
     """MiB offered to tasks that claim memory (0 = all of this machine's)."""
+    relay_timeout: float = 20.0
+    """Seconds a task's own HTTP server gets to answer a relayed request (keep below the master's relay_timeout)."""
     log_json: bool = False
     """Structured logs as JSON lines."""
     parent_pid: int = 0

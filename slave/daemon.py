@@ -22,6 +22,7 @@ from slave import resources
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
+from slave.relay import WAITING, Reach
 from slave.runner import (
     MANIFEST,
     STDERR,
@@ -83,14 +84,19 @@ class Slave:
         self.commands = 0
         """How many of `running` are command workers (python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
+        self.started: list[int] = []
+        """Tickets started since the last REQUEST, which tells the master (till then it counts them as prefetched)."""
         self.prepared: dict[int, Worker] = {}
         """Waiting tickets whose work dir and files are ready (`_prepare_waiting`)."""
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
-        self.base_env = dict(os.environ)
+        self.base_env = {**os.environ, **self.watchdog.marker}
+        self.last_step = 0.0
+        self.confirming = False
+        """Back from a freeze (SIGSTOP, a suspended VM): start no held ticket until the master has had its say."""
         self.pypool = PyPool(config.slots, self.work_root, config.name,
                              lambda digest: self.send(messages.CodeRequest(digest)),
-                             lambda: self.config.slots - self.commands, self.watchdog)
+                             lambda: 0 if self.confirming else self.config.slots - self.commands, self.watchdog)
         self.reports: list[Outcome] = []
         """Finished tickets to report at the end of this step, in one RESULT message."""
         self.sent_at: dict[int, float] = {}
@@ -111,6 +117,7 @@ class Slave:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.reach = Reach(self._wake_w, config.relay_timeout)
 
     # -- outbox: finished tickets waiting for the master's ACK --------------------------
     def _load_outbox(self) -> dict[int, Outcome]:
@@ -143,6 +150,7 @@ class Slave:
     def say_hello(self) -> None:
         self.welcomed = False
         self.outstanding = 0
+        self.started.clear()  # HELLO lists every ticket held; heartbeats say which of them run
         self.send(messages.Hello(
             name=self.config.name, slots=self.config.slots, platform=self.platform, cpus=self.cpus,
             memory_mb=self.memory_mb, version=ticketfarm.__version__, pid=os.getpid(),
@@ -194,6 +202,7 @@ class Slave:
             self.stopping = True
             return
         now = time.time()
+        self._notice_freeze()
         if self.socket is None and now >= self.reconnect_at:
             self.connect()
         poller = zmq.Poller()
@@ -203,10 +212,12 @@ class Slave:
         for fd in self.pypool.fds():
             poller.register(fd, zmq.POLLIN)
         ready = dict(poller.poll(self._poll_timeout_ms(now)))
+        self._notice_freeze()  # a stop while polling: what woke us (a worker's end) must not start a held ticket
         if self._wake_r in ready:
             self._drain_wakeups()
         if self.socket is not None and self.socket in ready:
             self._drain_socket()
+        self.reach.flush(self.send)
         self.pypool.pump()
         self._reap_workers()
         self._start_waiting()
@@ -228,6 +239,24 @@ class Slave:
                     self._heartbeat()
         self._prepare_waiting()
         self._empty_trash()
+
+    def _notice_freeze(self) -> None:
+        """After a gap between two steps long enough for the master to give this slave's held tickets away (its
+        liveness window, or a held ticket's timeout: the deadline of a prefetched ticket), say HELLO again and
+        start none of them until WELCOME: the master sends its CANCELs for what it gave away before that WELCOME,
+        so a given-away ticket never starts here."""
+        previous, self.last_step = self.last_step, time.monotonic()
+        patience = min([self.interval * self.liveness, *(t.timeout for t in self.waiting)])
+        if not previous or self.last_step - previous < max(patience, 2 * self.interval):
+            return
+        log.info("slave_resumed", seconds=round(self.last_step - previous, 2),
+                 held=len(self.waiting) + len(self.pypool.not_started()))
+        self.confirming = True
+        self.welcomed = False  # nothing goes out before that HELLO
+        self.master_expiry = time.time() + self.interval * self.liveness  # we were silent, not the master
+        self._reap_workers()  # what ended meanwhile is told as held (to report), not as running (to cancel)
+        if self.socket is not None:
+            self.say_hello()
 
     def _log_refusal(self) -> None:
         """Say so when the master refused this slave's key (read once the master went silent: off the hot path)."""
@@ -285,6 +314,7 @@ class Slave:
         self.liveness = msg.liveness
         self.master_expiry = time.time() + self.interval * self.liveness
         self.welcomed = True
+        self.confirming = False
         self.backoff = self.config.reconnect_min
         log.info("connected", master=self.config.master, epoch=msg.epoch)
         policy = msg.policy
@@ -347,14 +377,53 @@ class Slave:
             worker.kill(reason)
             if not self.config.keep_workdirs:
                 remove_workdir(worker.workdir)
-            log.info("ticket_cancelled", ticket=tid, reason=reason)
+            log.info("ticket_cancelled", ticket=tid, reason=reason, started=True)
+        elif any(t.ticket == tid for t in self.waiting):
+            log.info("ticket_cancelled", ticket=tid, reason=reason, started=False)
         self.waiting = deque(t for t in self.waiting if t.ticket != tid)
         self._drop_prepared(tid)
+        self.reach.forget(tid)
         for fetch in self.cache.fetches.values():
             fetch.parked = [t for t in fetch.parked if t.ticket != tid]
         outcome = self.outbox.pop(tid, None)
         if outcome is not None and not self.config.keep_workdirs:
             remove_workdir(self.workdir(outcome.sweep, tid))
+
+    def _where(self, tid: int) -> Path | str | None:
+        """A ticket's work dir for slave/relay.py: running or prepared; WAITING when only prefetched; None."""
+        worker = self.running.get(tid) or self.prepared.get(tid)
+        if isinstance(worker, Worker):
+            return worker.workdir
+        return WAITING if any(t.ticket == tid for t in self.waiting) else None
+
+    def _on_sandbox(self, msg: messages.Sandbox) -> None:
+        self.reach.sandbox(msg, self._where(msg.ticket))
+
+    def _on_relay(self, msg: messages.Relay) -> None:
+        self.reach.relay(msg, self._where(msg.ticket))
+
+    def _on_recall(self, msg: messages.Recall) -> None:
+        """Give back each of these tickets not started yet (its sweep was paused); a started one runs on."""
+        for tid in msg.tickets:
+            if self._unstart(tid):
+                log.info("ticket_recalled", ticket=tid, reason=msg.reason)
+                self.send(messages.Failure(tid, None, f"recalled: {msg.reason}", 0.0, handback=True))
+
+    def _unstart(self, tid: int) -> bool:
+        """Take a ticket that has not started out of every queue it waits in; False when it runs (or is unknown)."""
+        task = self.running.get(tid)
+        if isinstance(task, PyTask):
+            if not self.pypool.recall(task):
+                return False
+            del self.running[tid]
+            return True
+        found = any(t.ticket == tid for t in self.waiting)
+        self.waiting = deque(t for t in self.waiting if t.ticket != tid)
+        self._drop_prepared(tid)
+        for fetch in self.cache.fetches.values():  # waiting for its shipped worker to arrive
+            found = found or any(t.ticket == tid for t in fetch.parked)
+            fetch.parked = [t for t in fetch.parked if t.ticket != tid]
+        return found
 
     def _on_disconnect(self, msg: messages.Disconnect) -> None:
         """Acts on `why`: exit (protocol version; shutdown with on_master_shutdown = "exit"), say HELLO again, or
@@ -389,7 +458,8 @@ class Slave:
         return worker
 
     def _start_waiting(self) -> None:
-        while self.waiting and self._busy_slots() < self.config.slots:
+        self._notice_freeze()
+        while self.waiting and self._busy_slots() < self.config.slots and not self.confirming:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
             spec = self.waiting.popleft()
@@ -408,6 +478,7 @@ class Slave:
             self.watchdog.watch(worker.proc.pid, worker.workdir)
             self.running[spec.ticket] = worker
             self.commands += 1
+            self.started.append(spec.ticket)
 
     def _prepare(self, spec: TicketSpec) -> Worker | None:
         """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
@@ -417,6 +488,7 @@ class Slave:
             return None
         try:
             self.workdirs.make(workdir)
+            self.reach.place(spec.ticket, workdir)  # uploads a prefetched ticket got; its inputs go over them
             return Worker(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
@@ -458,7 +530,10 @@ class Slave:
         return True
 
     def _fail_to_start(self, spec: TicketSpec, workdir: Path, reason: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a full or broken disk: the outcome is then kept in memory only (Outcome.save)
         outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, 0.0, reason, slave=self.config.name)
         outcome.save(workdir)
         self._finished(outcome)
@@ -582,13 +657,18 @@ class Slave:
                 self._report(self.outbox[tid])
 
     def _request_work(self) -> None:
-        if not self.welcomed or self.walltime.closing:
+        """Ask for what the slots and prefetch can take, saying which tickets started since the last REQUEST."""
+        if not self.welcomed:
             return
-        capacity = self.config.slots + self.config.prefetch
-        want = capacity - len(self.running) - len(self.waiting) - self.outstanding
-        if want > 0:
+        want = 0
+        if not self.walltime.closing:
+            capacity = self.config.slots + self.config.prefetch
+            want = max(0, capacity - len(self.running) - len(self.waiting) - self.outstanding)
+        started = self.started + self.pypool.take_started()
+        if want or started:
             self.outstanding += want
-            self.send(messages.Request(want))
+            self.started = []
+            self.send(messages.Request(want, started))
 
     def _heartbeat(self) -> None:
         self._send_progress()
@@ -626,6 +706,7 @@ class Slave:
             self._drop_prepared(tid)
         self._empty_trash()
         self.pypool.close()
+        self.reach.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
         self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
@@ -638,6 +719,8 @@ class Slave:
         Command.WELCOME: _on_welcome, Command.TICKET: _on_ticket, Command.ACK: _on_ack, Command.FETCH: _on_fetch,
         Command.CANCEL: _on_cancel, Command.DISCONNECT: _on_disconnect, Command.CODE: _on_code,
         Command.WORKER: _on_worker_chunk, Command.REFUSED: _on_refused, Command.NO_WORK: _on_no_work,
+        Command.SANDBOX: _on_sandbox, Command.RELAY: _on_relay,
+        Command.RECALL: _on_recall,
         Command.HEARTBEAT: lambda self, msg: None,  # any message counts as one: master_expiry is already pushed
     }
     """What the slave does with each command it accepts from the master."""

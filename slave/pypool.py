@@ -56,7 +56,7 @@ class WarmWorker:
         directory.mkdir(parents=True, exist_ok=True)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ)
+        env = {**os.environ, **watchdog.marker}
         # The worker runs the same code as this slave, wherever that was imported from.
         root = str(Path(slave.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
@@ -172,6 +172,8 @@ class PyPool:
         self.ready: deque[PyTask] = deque()
         self.run_time: dict[str, float] = {}
         """Recent run time of each function's tasks (seconds, moving average): sets its batch size."""
+        self.started: list[int] = []
+        """Tickets handed to a warm worker since `take_started` (a batch behind its head has started too)."""
 
     # -- tickets in -------------------------------------------------------------------------
     def start(self, spec: TicketSpec, workdir: Path) -> PyTask:
@@ -209,6 +211,23 @@ class PyPool:
         """Slots in use by python tasks."""
         return sum(1 for w in self.workers if w is not None and w.queue)
 
+    def take_started(self) -> list[int]:
+        started, self.started = self.started, []
+        return started
+
+    def recall(self, task: PyTask) -> bool:
+        """Take back a task no worker has yet; False when one has it."""
+        if task.worker is not None:
+            return False
+        self._unqueue(task)
+        return True
+
+    def _unqueue(self, task: PyTask) -> None:
+        self.ready = deque(t for t in self.ready if t is not task)
+        for waiting in self.blocked.values():
+            if task in waiting:
+                waiting.remove(task)
+
     def not_started(self) -> list[int]:
         """Tickets held but not running yet: queued here, or behind the running task in a worker's batch."""
         out = [t.spec.ticket for t in self.ready]
@@ -235,6 +254,7 @@ class PyPool:
                     task.worker = None
                 self.ready.extendleft(reversed(batch))
                 return
+            self.started += [task.spec.ticket for task in batch]
 
     def _next_batch(self, workers: int) -> list[PyTask]:
         while self.ready and self.ready[0].outcome is not None:
@@ -298,9 +318,13 @@ class PyPool:
                 task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, True, 0, elapsed, outputs=outputs,
                                        slave=self.slave_name, in_memory=path is None)
                 if path is not None:  # a large result: keep it on disk until acknowledged, like a command ticket's
-                    for out in outputs[1:]:
-                        out.path = str(task.workdir / out.name)
-                        Path(out.path).write_bytes(out.data or b"")
+                    try:
+                        for out in outputs[1:]:
+                            out.path = str(task.workdir / out.name)
+                            Path(out.path).write_bytes(out.data or b"")
+                    except OSError as exc:  # a full disk: this attempt failed, another may succeed
+                        task.outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, None, elapsed,
+                                               f"cannot keep the result: {exc}", slave=self.slave_name)
                     task.outcome.save(task.workdir)
         worker.head_started = time.monotonic()
 
@@ -330,10 +354,7 @@ class PyPool:
                 self._replace(worker)
             # else: the worker runs it anyway and its answer is ignored (batched tasks are short ones)
         else:
-            self.ready = deque(t for t in self.ready if t is not task)
-            for waiting in self.blocked.values():
-                if task in waiting:
-                    waiting.remove(task)
+            self._unqueue(task)
         task.fail(reason)
 
     def _replace(self, worker: WarmWorker) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import structlog
 
 from ticketfarm import messages, template
 from ticketfarm.errors import ResultMissing, UnsafePath
@@ -23,6 +24,9 @@ STDOUT = ".tf-stdout"
 STDERR = ".tf-stderr"
 STDIN = ".tf-stdin"
 MANIFEST = ".tf-result.json"
+log = structlog.get_logger("ticketfarm.slave")
+#: Where a task that serves HTTP or websockets writes its port (relayed by the master: slave/relay.py).
+HTTP_PORT_FILE = ".ticketfarm/http-port"
 #: How much of stderr (its last bytes) a failure report carries, so the user sees why a worker failed.
 STDERR_TAIL = 4096
 
@@ -51,6 +55,8 @@ class TicketSpec:
     """The task's memory limit in MiB (0 = none): the slave kills a worker tree using more."""
     workers: dict[str, messages.WorkerFile] | None = None
     """The TICKET's worker executables by platform."""
+    files: list[messages.InputFile] = field(default_factory=list)
+    """Files uploaded into the task's sandbox (frames of `payload`), written before the worker starts."""
 
     @classmethod
     def batch(cls, msg: messages.Ticket) -> list["TicketSpec"]:
@@ -62,8 +68,8 @@ class TicketSpec:
         if s.kind == "python":
             return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params={}, payload=[t.args], fn=t.fn,
                         **shared) for t in msg.tickets]
-        return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params=t.params, payload=s.frames, **shared)
-                for t in msg.tickets]
+        return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params=t.params, payload=s.frames, files=t.files,
+                    **shared) for t in msg.tickets]
 
 
 @dataclass
@@ -93,13 +99,27 @@ class Outcome:
     """A failure no other attempt can mend (a result refused for an unsafe path): the master does not retry it."""
 
     def save(self, workdir: Path) -> None:
-        """The manifest, written atomically; an output with no file (an exit code) carries its bytes in it."""
-        tmp = workdir / (MANIFEST + ".tmp")
+        """The manifest, written atomically; an output with no file (an exit code) carries its bytes in it.
+
+        A disk that refuses it (full: ENOSPC, or gone) leaves the outcome in memory only: it is reported all the
+        same, and if the slave dies before the master's ACK it is lost unacknowledged, so its task runs again."""
         data = {**self.__dict__, "outputs": [
             {**o.__dict__, "data": base64.b64encode(o.data).decode() if not o.path and o.data is not None else None}
             for o in self.outputs]}
-        tmp.write_text(json.dumps(data))
-        tmp.replace(workdir / MANIFEST)
+        # Plain descriptor calls, not Path.write_text's text file object: a tiny task feels every µs of this.
+        tmp, final = f"{workdir}/{MANIFEST}.tmp", f"{workdir}/{MANIFEST}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                rest = memoryview(json.dumps(data).encode())
+                while rest:  # a nearly full disk may take part of it: the rest, or ENOSPC
+                    rest = rest[os.write(fd, rest):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            log.warning("manifest_not_saved", ticket=self.ticket, workdir=str(workdir), error=str(exc))
 
     @classmethod
     def load(cls, path: Path) -> "Outcome":
@@ -135,7 +155,8 @@ class Worker:
         else:
             self.args = [template.render(a, values) for a in spec.argv or []]
         self.env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
-                    "TICKETFARM_SWEEP": spec.sweep, "TICKETFARM_WORKDIR": str(workdir)}
+                    "TICKETFARM_SWEEP": spec.sweep, WORKDIR_MARK: str(workdir),
+                    "TICKETFARM_HTTP_PORT_FILE": str(workdir / HTTP_PORT_FILE)}
         # Plain descriptors, not file objects: the worker only needs the fds, and a tiny task feels every µs.
         with ExitStack() as stack:
             self.stdout = _open_fd(stack, workdir / STDOUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -167,6 +188,10 @@ class Worker:
             target.write_bytes(data)
             if item.name == "stdin":
                 stdin = target
+        for upload in self.spec.files:  # no name is special here: "stdin" is a file like any other
+            target = safe_join(self.workdir, upload.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.spec.payload[upload.frame])  # type: ignore[index]
         return stdin
 
     def poll(self) -> int | None:
@@ -175,7 +200,7 @@ class Worker:
     def kill(self, reason: str) -> None:
         """Kill the whole tree: the session's process group, and any child that left it."""
         self.killed_for = self.killed_for or reason
-        kill_tree(self.proc.pid)
+        kill_tree(self.proc.pid, str(self.workdir))
         self.proc.wait()
 
     def finish(self) -> Outcome:
@@ -270,7 +295,9 @@ def safe_join(root: Path, name: str) -> Path:
     return path
 
 
-def kill_tree(pid: int) -> None:
+def kill_tree(pid: int, workdir: str = "") -> None:
+    """SIGKILL a worker's process group, its descendants that left the group (setsid) and, given its work dir,
+    those that also left the tree (a double fork, reparented to init): every process marked with that work dir."""
     try:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -284,6 +311,27 @@ def kill_tree(pid: int) -> None:
             child.kill()
         except psutil.NoSuchProcess:
             pass
+    if workdir:
+        kill_marked(WORKDIR_MARK, workdir)
+
+
+WORKDIR_MARK = "TICKETFARM_WORKDIR"
+"""In every worker's environment: its work dir. With the slave's own mark (slave.watchdog.SLAVE_MARK) it finds the
+processes a worker left behind wherever they went, as long as they keep the environment they were given."""
+
+
+def kill_marked(name: str, value: str) -> int:
+    """SIGKILL every process (but this one) whose environment has name=value, among those this user may read;
+    returns how many. A scan of the process table: for kills and clean-ups, never per ticket."""
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(name) == value:
+                proc.kill()
+                killed += 1
+        except psutil.Error:
+            continue  # gone, a zombie, or another user's
+    return killed
 
 
 def remove_workdir(workdir: Path) -> None:

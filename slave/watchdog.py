@@ -10,7 +10,13 @@ The watchdog also keeps the list in a file of the work root (`.tf-watchdog-*`), 
 slave starting on that root reads every such file nobody holds (its watchdog died too, e.g. `kill -9` of both)
 and kills those groups: `reap_leftovers`. Each group is recorded with its leader's start time, so a process
 id used again by the system is never killed by mistake (a group whose leader is gone keeps its id reserved
-while any member lives, so it can only be the group recorded). A child that leaves its group (setsid) escapes.
+while any member lives, so it can only be the group recorded).
+
+A child that leaves its group (setsid, a double fork) would escape that: every worker's environment carries
+`TICKETFARM_SLAVE_MARK`, this slave's state file, and the watchdog (or `reap_leftovers`) also kills every process
+that still carries it. Chosen over cgroups, which need root or a delegated cgroup tree, and over a child
+subreaper, which catches orphans only while the slave lives. A process that scrubs its environment escapes, as
+it would escape any tracking in user space; systemd's control-group kill covers it where the unit runs.
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ from pathlib import Path
 import psutil
 import structlog
 
-from slave.runner import MANIFEST
+from slave.runner import MANIFEST, kill_marked
 
 log = structlog.get_logger("ticketfarm.watchdog")
 
 STATE_PREFIX = ".tf-watchdog-"
+SLAVE_MARK = "TICKETFARM_SLAVE_MARK"
+"""In the environment of every worker of a slave: its watchdog's state file (unique while the slave lives)."""
 ROOT_LOCK = ".tf-root.lock"
 #: Seconds between two rewrites of the state file at most (the pipe is read at once; the file is the fallback).
 SAVE_EVERY = 0.2
@@ -71,6 +79,11 @@ class Watchdog:
         os.set_blocking(self.fd, False)
         self.pending = b"".join(b"+%d %s\n" % (pgid, os.fsencode(d)) for pgid, d in self.groups.items())
         self._flush()
+
+    @property
+    def marker(self) -> dict[str, str]:
+        """To add to every worker's environment: what marks the processes this watchdog kills at the end."""
+        return {SLAVE_MARK: str(self.state)}
 
     def watch(self, pgid: int, workdir: Path | str = "") -> None:
         self.groups[pgid] = str(workdir)
@@ -183,12 +196,17 @@ def serve(pipe: int, state: Path, keep_workdirs: bool) -> None:
                 apply_line(groups, line)
             dirty = True
         if dirty and time.monotonic() - saved >= SAVE_EVERY:
-            write_state(fd, groups)
-            dirty, saved = False, time.monotonic()
+            try:
+                write_state(fd, groups)
+                dirty = False
+            except OSError:  # a full work disk: the pipe's list is what counts; the file is tried again later
+                pass
+            saved = time.monotonic()
     for pgid, (started, workdir) in groups.items():
         kill_group(pgid, started)
         if not keep_workdirs:
             remove_unfinished(workdir)
+    kill_marked(SLAVE_MARK, str(state))
     state.unlink(missing_ok=True)
     os.close(fd)
 
@@ -225,7 +243,7 @@ def reap_leftovers(work_root: Path, keep_workdirs: bool) -> int:
             kill_group(pgid, started)
             if not keep_workdirs:
                 remove_unfinished(workdir)
-        killed += len(groups)
+        killed += len(groups) + kill_marked(SLAVE_MARK, str(state))
         state.unlink(missing_ok=True)
         os.close(fd)
     return killed

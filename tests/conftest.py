@@ -128,7 +128,7 @@ class MasterProcess:
                 self.kill()
 
     def submit(self, spec_path: Path) -> str:
-        reply = self.control("submit", sweep=load_spec(spec_path).to_json())
+        reply = self.control("submit", **load_spec(spec_path).submit_fields())
         assert reply["ok"], reply
         return reply["state"]
 

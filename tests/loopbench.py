@@ -18,6 +18,7 @@ from master.metrics import Metrics
 from master.peerlog import PeerLog
 from master.pysweep import PythonSweeps
 from master.roster import Roster, SlaveSession
+from master.sandbox import Staging
 from master.scheduler import Scheduler, Ticket
 from master.store import Store, StoredOutput
 from master.validate import Validator
@@ -98,9 +99,11 @@ def open_bench(tmp_path: Path) -> Iterator[Bench]:
     lifecycle = Lifecycle(store, Scheduler(1, deadline_grace=1.0), link, roster, EventBatch(),
                           Metrics())
     python = PythonSweeps(lifecycle, link, store, tmp_path, 1, store.commit)
-    dispatch = Dispatch(lifecycle, roster, link, store, lifecycle.events, lifecycle.metrics, python)
+    dispatch = Dispatch(lifecycle, roster, link, store, lifecycle.events, lifecycle.metrics, python,
+                        Staging(tmp_path, 1 << 20))
     validator: Validator[Transfer] = Validator(1)
-    intake = Intake(lifecycle, roster, link, store, tmp_path, validator, 1024, PeerLog(window=2.0))
+    intake = Intake(lifecycle, roster, link, store, tmp_path, validator, 1024, PeerLog(window=2.0),
+                    lifecycle.metrics)
     heard = Heard()
 
     def work_queued() -> None:

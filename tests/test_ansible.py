@@ -20,17 +20,15 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import wait_for
+from tests.testhosts import ROOT, TESTHOSTS, Run, processes_naming, run, why_not
 from tests.walkthrough import walkthroughs
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTHOSTS = ROOT / "scripts" / "testhosts.sh"
 DEPLOY_MD = ROOT / "docs" / "DEPLOY.md"
 HOSTS = ["h1", "h2", "h3"]
 #: test subnet and name prefix, distinct from testhosts.sh's defaults (the page's) and other tests
@@ -38,51 +36,9 @@ NET = "10.231.19"
 TAG = "tfa"
 #: the master's default heartbeat and liveness (the walkthrough's master.toml sets only bind)
 HEARTBEAT, LIVENESS = 1.0, 5
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 #: seconds each deploy step took, printed at the end of the module (docs/DEPLOY.md quotes them)
 TIMINGS: dict[str, float] = {}
-
-
-def _why_not() -> str | None:
-    """Why this machine cannot run the test hosts, or None when it can."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "test hosts need root (ip netns add, sshd); run as root, as CI does"
-    for tool in ("ip", "unshare", "nsenter", "setpriv", "ssh", "ssh-keygen", "ansible-playbook"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (apt-get install iproute2 util-linux openssh-client; pip install ansible-core)"
-    if not Path("/usr/sbin/sshd").exists():
-        return "/usr/sbin/sshd not found (apt-get install openssh-server)"
-    probe = f"{TAG}-probe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    return None
-
-
-WHY_NOT = _why_not()
-
-
-@dataclass
-class Run:
-    """One command run (a walkthrough block, ansible-playbook, ticketfarm deploy): exit code, output, recap."""
-
-    rc: int
-    output: str
-    seconds: float
-    stdout: str = ""
-    recap: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def changed(self) -> dict[str, int]:
-        return {host: r["changed"] for host, r in self.recap.items()}
-
-    def ok(self) -> bool:
-        return self.rc == 0 and all(r["failed"] == 0 and r["unreachable"] == 0 for r in self.recap.values())
-
-    def failed(self) -> set[str]:
-        return {host for host, r in self.recap.items() if r["failed"]}
+WHY_NOT = why_not(TAG)
 
 
 class Walk:
@@ -122,16 +78,10 @@ class Walk:
         return env
 
     def run(self, cmd: list[str], timing: str | None = None, cwd: Path = ROOT, unset: tuple[str, ...] = ()) -> Run:
-        started = time.monotonic()
-        env = {k: v for k, v in self.exported().items() if k not in unset}
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-        run = Run(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started, proc.stdout)
-        for m in RECAP.finditer(proc.stdout):
-            run.recap[m.group(1)] = {"ok": int(m.group(2)), "changed": int(m.group(3)),
-                                     "unreachable": int(m.group(4)), "failed": int(m.group(5))}
+        result = run(cmd, {k: v for k, v in self.exported().items() if k not in unset}, cwd)
         if timing:
-            TIMINGS[timing] = run.seconds
-        return run
+            TIMINGS[timing] = result.seconds
+        return result
 
     def playbook(self, name: str, *extra: str) -> Run:
         return self.run(["ansible-playbook", str(ROOT / "playbooks" / name), *extra])
@@ -187,20 +137,6 @@ class Walk:
     def sh(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(TESTHOSTS), *args], env=self.env, capture_output=True, text=True,
                               check=True, timeout=60)
-
-
-def processes_naming(mark: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if mark in cmdline and int(proc.name) != os.getpid():
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -38,3 +38,14 @@ def test_bench_http_runs_small_and_reports_every_partys_cpu() -> None:
     assert rate > 10  # 10 pollers every 0.1 s: some polls were answered
     cpu = {line.split()[2]: float(line.split()[-1]) for line in out.splitlines() if line.startswith("CPU s/s ")}
     assert set(cpu) == {"master", "http", "slaves", "pollers"} and all(v > 0 for v in cpu.values())
+
+
+def test_bench_commands_runs_small_and_reports_every_figure(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_commands.py"), "--tasks", "20",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith(("/bin/true", "sleep"))] == ["/bin/true", "sleep"]
+    assert any(line.startswith("run --local 4, 6 tasks: ended") and "(exit code 0, 0 warnings)" in line
+               for line in lines), proc.stdout
+    assert any(line.startswith("status with no master:") and "(exit code 0)" in line for line in lines), proc.stdout

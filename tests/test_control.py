@@ -45,7 +45,7 @@ def test_every_op_of_the_table_is_documented_and_every_documented_python_op_is_i
     doc = PROTOCOL_DOC.read_text()
     row = next(line for line in doc.splitlines() if line.startswith("| 0x0E | CONTROL"))
     documented = set(re.findall(r"`([a-z_]+)`", row)) | set(re.findall(r"`(py_[a-z]+)`", doc))
-    table = set(master.control.ops)
+    table = set(master.control.ops) | set(master.control.later)
     assert table - documented == set()
     assert {op for op in documented if op.startswith("py_")} <= table
 
@@ -63,4 +63,4 @@ def test_a_bad_field_is_refused_with_the_fields_name(master: Master) -> None:
 def test_refusals_carry_the_http_apis_codes(master: Master) -> None:
     assert ask(master, "cancel_sweep", sweep="nothing").fields["code"] == "not_found"
     assert ask(master, "drain", slave="nobody").fields["code"] == "not_found"
-    assert ask(master, "ping").fields == {"epoch": master.epoch, "slaves": 0}
+    assert ask(master, "ping").fields == {"epoch": master.epoch, "slaves": 0, "slots": 0}

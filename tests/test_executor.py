@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT
+from tests.walkthrough import ROOT, walkthroughs
 from ticketfarm import Cluster
 from ticketfarm.errors import ArgumentTooLarge
 
@@ -96,3 +101,41 @@ def test_array_arguments_are_described_by_shape_and_dtype_not_rendered(tmp_path:
     finally:
         store.close()
     assert shown == ["(<ndarray shape=(1000,) dtype=float64>,)"] * 3
+
+
+def test_joblib_runs_its_batches_on_the_cluster_through_a_backend(executor: Cluster) -> None:
+    joblib = pytest.importorskip("joblib")
+    from ticketfarm.client.backends import JoblibBackend
+
+    with joblib.parallel_config(backend=JoblibBackend(executor)):
+        assert joblib.Parallel(n_jobs=-1)(joblib.delayed(tasks.square)(i) for i in range(20)) == \
+            [i * i for i in range(20)]
+        pids = joblib.Parallel(n_jobs=2, batch_size=1)(joblib.delayed(tasks.pid_of_worker)(i) for i in range(6))
+        with pytest.raises(ValueError, match="joblib task 3 failed"):  # the task's own exception
+            joblib.Parallel(n_jobs=2)(joblib.delayed(tasks.fail_with)(f"joblib task {i} failed") if i == 3
+                                      else joblib.delayed(tasks.square)(i) for i in range(5))
+    assert os.getpid() not in pids and set(pids) <= set(worker_pids(executor))
+
+
+def test_dask_takes_the_cluster_as_its_scheduler_or_as_the_threaded_schedulers_pool(executor: Cluster) -> None:
+    dask = pytest.importorskip("dask")
+
+    total = dask.delayed(sum)([dask.delayed(tasks.square)(i) for i in range(10)])
+    assert total.compute(scheduler=executor) == 285
+    with dask.config.set(pool=executor):
+        assert dask.compute(total, scheduler="threads") == (285,)
+    with pytest.raises(ValueError, match="dask task failed"):  # the task's own exception
+        dask.delayed(tasks.fail_with)("dask task failed").compute(scheduler=executor)
+    pids = dask.compute(*[dask.delayed(tasks.pid_of_worker)(i) for i in range(4)], scheduler=executor)
+    assert os.getpid() not in pids and set(pids) <= set(worker_pids(executor))
+
+
+def worker_pids(executor: Cluster) -> list[int]:
+    """The warm python workers of the local slaves (children of the slave processes)."""
+    return [child.pid for pid in executor.local_slaves for child in psutil.Process(pid).children(recursive=True)]
+
+
+def test_the_dask_and_joblib_example_of_the_python_docs_runs_as_written(tmp_path: Path) -> None:
+    example = walkthroughs(ROOT / "docs" / "PYTHON-API.md")["dask-joblib"]
+    run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

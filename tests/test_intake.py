@@ -53,7 +53,7 @@ def test_a_result_for_another_slaves_ticket_is_acknowledged_and_never_stored(ben
 def test_a_late_duplicate_is_acknowledged_and_the_first_result_stays(bench: Bench) -> None:
     bench.add("s", 1)
     given_up = bench.issue(1)[0]
-    bench.lifecycle.lose(given_up, "lost: silent")
+    bench.lifecycle.lose(given_up, "lost: silent", "slave_silent")
     winner = bench.issue(1)[0]
     bench.intake.on_result(SLAVE, result(winner.id, ResultOutput("stdout", 5, b"first")))
     bench.intake.on_result(SLAVE, result(given_up.id, ResultOutput("stdout", 4, b"late")))

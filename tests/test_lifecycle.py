@@ -9,6 +9,7 @@ import pytest
 from master.pysweep import PythonSweeps
 from tests.loopbench import Bench, open_bench
 from ticketfarm import messages
+from ticketfarm.errors import RetryRefused, SweepExists
 from ticketfarm.messages import Cancel
 from ticketfarm.spec import Sweep
 
@@ -24,6 +25,19 @@ def test_submit_queues_every_task_and_a_same_spec_resubmit_is_running(bench: Ben
     assert bench.heard.queued == 1
     assert [bench.task(i) for i in range(3)] == ["queued"] * 3
     assert bench.lifecycle.submit(Sweep(name="s", params=[{"x": i} for i in range(3)], command="true")) == "running"
+
+
+def test_a_resubmit_or_retry_with_other_rows_is_refused_naming_params(bench: Bench) -> None:
+    """The stored spec holds no rows: a change of rows alone is still told apart from a same-spec resubmit."""
+    bench.add("s", 3)
+    other = Sweep(name="s", params=[{"x": i} for i in (0, 1, 5)], command="true")
+    with pytest.raises(SweepExists, match=r"\(params changed\)"):
+        bench.lifecycle.submit(other)
+    with pytest.raises(RetryRefused, match="params differs"):
+        bench.lifecycle.retry("s", spec=other)
+    longer = Sweep(name="s", params=[{"x": i} for i in range(3)], command="true", timeout=99)
+    assert bench.lifecycle.retry("s", spec=longer) == []
+    assert bench.store.sweep("s").sweep().timeout == 99  # type: ignore[union-attr]
 
 
 def test_complete_stores_the_result_and_the_last_one_finishes_the_sweep(bench: Bench) -> None:
@@ -43,11 +57,11 @@ def test_a_failure_requeues_first_until_attempts_are_used_up(bench: Bench) -> No
     bench.add("s", 2, max_attempts=2)
     ticket = bench.issue(1)[0]
     queued_before = bench.heard.queued
-    bench.lifecycle.fail(ticket, "failed", "exit 1", exit_code=1)
+    bench.lifecycle.fail(ticket, "failed", "exit 1", "worker_failed", exit_code=1)
     assert bench.task(0) == "queued" and bench.heard.queued == queued_before + 1
     retry = bench.issue(1)[0]
     assert retry.task == 0 and retry.attempt == 2  # retries go first
-    bench.lifecycle.fail(retry, "timeout", "timeout")
+    bench.lifecycle.fail(retry, "timeout", "timeout", "timeout")
     assert bench.task(0) == "failed" and ("s", 0, "failed") in bench.heard.settled
     assert bench.store.ticket(retry.id).state == "timeout"  # type: ignore[union-attr]
 
@@ -55,7 +69,7 @@ def test_a_failure_requeues_first_until_attempts_are_used_up(bench: Bench) -> No
 def test_a_lost_ticket_puts_its_task_back(bench: Bench) -> None:
     bench.add("s", 1)
     ticket = bench.issue(1)[0]
-    bench.lifecycle.lose(ticket, "lost: slave went away")
+    bench.lifecycle.lose(ticket, "lost: slave went away", "slave_gone")
     assert bench.store.ticket(ticket.id).state == "lost"  # type: ignore[union-attr]
     assert bench.task(0) == "queued" and bench.lifecycle.in_flight(ticket.id) is None
 
@@ -73,7 +87,7 @@ def test_a_ticket_handed_back_at_the_end_of_an_allocation_costs_no_attempt(bench
 def test_a_late_result_after_a_requeue_wins_and_the_new_copy_is_cancelled(bench: Bench) -> None:
     bench.add("s", 1)
     given_up = bench.issue(1)[0]
-    bench.lifecycle.lose(given_up, "lost: silent")
+    bench.lifecycle.lose(given_up, "lost: silent", "slave_silent")
     again = bench.issue(1)[0]
     assert again.task == given_up.task
     assert not bench.lifecycle.is_late_duplicate(given_up.id, "s", 0)  # the task is still open: it counts
@@ -88,7 +102,7 @@ def test_a_late_result_after_a_requeue_wins_and_the_new_copy_is_cancelled(bench:
 def test_a_late_result_for_a_requeued_task_takes_it_out_of_the_queue(bench: Bench) -> None:
     bench.add("s", 1)
     given_up = bench.issue(1)[0]
-    bench.lifecycle.lose(given_up, "lost: silent")
+    bench.lifecycle.lose(given_up, "lost: silent", "slave_silent")
     bench.done(given_up)
     assert bench.issue(5) == []  # not dispatched again
     assert bench.sweep_state() == "finished"
@@ -167,7 +181,7 @@ def test_finish_if_done_waits_for_running_and_paused_tasks(bench: Bench) -> None
     bench.done(first)
     bench.lifecycle.finish_if_done("s")
     assert bench.sweep_state() == "active"
-    bench.lifecycle.fail(second, "failed", "boom")  # back in the queue
+    bench.lifecycle.fail(second, "failed", "boom", "worker_failed")  # back in the queue
     bench.lifecycle.pause_task("s", 1)
     bench.lifecycle.finish_if_done("s")
     assert bench.sweep_state() == "active"

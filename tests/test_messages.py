@@ -23,16 +23,22 @@ from ticketfarm.messages import (
     Hello,
     InputFile,
     NoWork,
+    Recall,
     Notify,
     Progress,
     PyAdd,
     PyCall,
     Refused,
+    Relay,
+    RelayReply,
     Reply,
     Request,
     Result,
     ResultEntry,
     ResultOutput,
+    Sandbox,
+    SandboxFile,
+    SandboxReply,
     Settled,
     SlavePolicy,
     Ticket,
@@ -53,6 +59,7 @@ EXAMPLES = [
     Welcome(0.2, 5, 9, SlavePolicy("exit", True, "exit")),
     Welcome(1.0, 3, 0),
     Request(3),
+    Request(0, [5, 6]),
     Ticket(TicketSweep("s", 30.0, {"stdout": "stdout"}, command="echo {n}", env={"A": "1"},
                        inputs=[InputFile("in.txt", frame=0), InputFile("t.txt", template="{n}")],
                        workers={"linux-x86_64": WorkerFile("w", SHA, 10)}, memory=64, cpus=2, frames=[b"lit"]),
@@ -73,11 +80,28 @@ EXAMPLES = [
     Heartbeat([1], [2], 0.5, 40.0, 10.5, 1),
     Heartbeat(),
     Cancel(5, "deadline"),
+    Recall([5, 6], "sweep paused"),
     Disconnect(messages.SHUTDOWN, "master shutting down"),
     Disconnect(messages.UNKNOWN_PEER, "unknown slave: send HELLO", reconnect=True),
     Control("status", {}, None),
     Control("submit", {"sweep": "{}"}, "r1", [b"x"]),
     Reply(True, {"epoch": 3}, 7, [b"piece"]),
+    Sandbox(1, 5, "put", "in/data.bin", data=b"\x00\xff"),
+    Sandbox(2, 5, "list"),
+    Sandbox(3, 5, "get", "out.txt", 1024, 4096),
+    SandboxReply(1, size=2),
+    SandboxReply(2, files=[SandboxFile("out.txt", 3, 1.5), SandboxFile("d/e", 0, 2)]),
+    SandboxReply(3, offset=1024, size=2000, data=b"x" * 976),
+    SandboxReply(4, "no file 'x' in the work dir", "not_found"),
+    Relay(4, 5, "http", "POST", "/api/x?y=1", [("Content-Type", "text/plain")], body=b"hi"),
+    Relay(5, 5, "ws_open", path="/ws", headers=[("Origin", "http://x")]),
+    Relay(5, 5, "ws_send", text=True, body=b"hello"),
+    Relay(5, 5, "ws_close"),
+    RelayReply(4, "response", 200, [("Content-Type", "text/plain")], body=b"ok"),
+    RelayReply(5, "open"),
+    RelayReply(5, "message", text=False, body=b"\x00"),
+    RelayReply(5, "closed", 1000, error="bye"),
+    RelayReply(6, "error", code="bad_gateway", error="connection refused"),
     Reply(False, {"error": "no", "code": "forbidden"}),
     CodeRequest(SHA),
     Code(SHA, b"body"),
@@ -175,6 +199,24 @@ HOSTILE = {
         "tickets": [{"ticket": 1, "task": -1, "attempt": 1, "params": {}}]}), "tickets[0]"),
     "ticket env not strings": (frames(Command.TICKET, {
         "sweep": "s", "timeout": 5, "results": {}, "argv": ["true"], "env": {"A": 1}, "tickets": []}), "env.A"),
+    "ticket upload escapes": (frames(Command.TICKET, {
+        "sweep": "s", "timeout": 5, "results": {}, "argv": ["true"],
+        "tickets": [{"ticket": 1, "task": 0, "attempt": 1, "params": {}, "files": [{"name": "../x", "frame": 0}]}]},
+        [b"x"]), "tickets[0].files[0].name"),
+    "sandbox put absolute": (frames(Command.SANDBOX, {"call": 1, "ticket": 1, "action": "put", "path": "/etc/x"},
+                                    [b"x"]), "path"),
+    "sandbox get dotdot": (frames(Command.SANDBOX, {"call": 1, "ticket": 1, "action": "get", "path": "a/../../b",
+                                                    "offset": 0, "length": 10}, [b""]), "path"),
+    "sandbox get too long": (frames(Command.SANDBOX, {"call": 1, "ticket": 1, "action": "get", "path": "a",
+                                                      "offset": 0, "length": 10**9}, [b""]), "length"),
+    "sandbox unknown action": (frames(Command.SANDBOX, {"call": 1, "ticket": 1, "action": "rm"}, [b""]), "action"),
+    "sandbox reply escaping listing": (frames(Command.SANDBOX_REPLY, {"call": 1, "files": [
+        {"path": "../etc", "size": 1, "mtime": 0}]}, [b""]), "files[0].path"),
+    "relay path without slash": (frames(Command.RELAY, {"call": 1, "ticket": 1, "action": "http", "method": "GET",
+                                                        "path": "x", "headers": []}, [b""]), "path"),
+    "relay header not a pair": (frames(Command.RELAY, {"call": 1, "ticket": 1, "action": "http", "method": "GET",
+                                                       "path": "/", "headers": [["a"]]}, [b""]), "headers[0]"),
+    "relay reply bad event": (frames(Command.RELAY_REPLY, {"call": 1, "event": "maybe"}, [b""]), "event"),
     "disconnect without why": (frames(Command.DISCONNECT, {"reason": "bye", "reconnect": False}), "why"),
     "disconnect unknown why": (frames(Command.DISCONNECT, {"why": "whim"}), "why"),
     "disconnect reconnect text": (frames(Command.DISCONNECT, {"why": "shutdown", "reconnect": "no"}), "reconnect"),
@@ -276,3 +318,13 @@ def test_protocol_doc_lists_every_command_and_every_field_its_codec_writes() -> 
         row = rows[example.COMMAND.name]
         missing = [n for n in sorted(names) if not re.search(rf"\b{n}\b", row)]
         assert not missing, f"{example.COMMAND.name}: {missing} not in docs/PROTOCOL.md"
+
+
+def test_escapes_before_a_closing_quote_keep_strings_apart() -> None:
+    """`\\n` or `\\\\` just before a closing quote: the quote still ends the string (a submit's JSON-lines rows)."""
+    rows = "".join(json.dumps({"i": i, "s": "a\\"}) + "\n" for i in range(200))
+    body = json.dumps({"op": "submit", "params": rows, "tail": "x\n"})
+    assert protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), body.encode()]).header["params"] == rows
+    deep = json.dumps({"op": "submit", "params": rows, "after": json.loads(nested(protocol.MAX_DEPTH + 1))})
+    with pytest.raises(ProtocolError, match="nested"):
+        protocol.decode([protocol.PROTOCOL, bytes((Command.CONTROL,)), deep.encode()])

@@ -122,3 +122,49 @@ def test_run_local_sigkilled_its_slaves_and_their_workers_die(tmp_path: Path) ->
         for proc in slaves:
             if proc.is_running():
                 proc.terminate()
+
+
+ESCAPING_SPEC = """
+    name = "{name}"
+    command = "{escape}; sleep 300"
+    timeout = {timeout}
+    max_attempts = 1
+    [parameters.grid]
+    n = {{range = [2]}}
+"""
+
+
+def escapees(tmp_path: Path, count: int) -> list[psutil.Process]:
+    """The processes the workers started in sessions of their own (each wrote its pid to escaped-N)."""
+    def found() -> list[psutil.Process] | None:
+        files = list(tmp_path.glob("escaped-*"))
+        if len(files) < count or not all(f.read_text().strip() for f in files):
+            return None
+        return [psutil.Process(int(f.read_text())) for f in files]
+    procs = wait_for(found, 15, "the workers to start their escapees")
+    for proc in procs:  # really out of the worker's session and process group
+        assert os.getsid(proc.pid) == proc.pid, proc
+    return procs
+
+
+def test_a_worker_child_in_a_session_of_its_own_dies_with_its_sigkilled_slave(master, start_slave,
+                                                                               tmp_path: Path) -> None:
+    slave = start_slave("escaping", 2)
+    master.submit(write_spec(tmp_path, ESCAPING_SPEC.format(
+        name="setsid", timeout=600, escape=f"setsid sleep 300 & echo $! > {tmp_path}/escaped-{{n}}")))
+    procs = escapees(tmp_path, 2)
+    slave.proc.send_signal(signal.SIGKILL)
+    slave.proc.wait()
+    gone_within(procs, 5)
+
+
+def test_a_double_forked_worker_child_dies_at_its_tickets_timeout(master, start_slave, tmp_path: Path) -> None:
+    start_slave("forking", 2)
+    master.submit(write_spec(tmp_path, ESCAPING_SPEC.format(
+        name="daemonised", timeout=2, escape=f"(setsid sleep 300 & echo $! > {tmp_path}/escaped-{{n}})")))
+    procs = escapees(tmp_path, 2)
+    for proc in procs:  # its parent (the subshell) is gone: it is no descendant of the worker any more
+        assert proc.ppid() not in {p.pid for p in psutil.Process(os.getpid()).children(recursive=True)}
+    status = master.wait_finished("daemonised", timeout=30)
+    assert status["failed"] == 2, status
+    gone_within(procs, 5)

@@ -1,7 +1,9 @@
 """The scheduler as pure state (no store, no sockets): order of tasks, retries, deadlines and the deadline heap."""
 from __future__ import annotations
 
-from master.scheduler import Scheduler
+import pytest
+
+from master.scheduler import COMPACT_AFTER, Scheduler, TaskQueue
 from ticketfarm.spec import Sweep
 
 GRACE = 1.0
@@ -92,3 +94,20 @@ def test_max_concurrent_limits_tickets_out_at_once() -> None:
     assert len(scheduler.next_tickets("slave-a", 5, 0.0)) == 2
     scheduler.settle_success(scheduler.tickets_of("slave-a")[0])
     assert len(scheduler.next_tickets("slave-a", 5, 0.0)) == 1
+
+
+def test_the_task_queue_keeps_order_with_retries_in_front_across_its_compaction() -> None:
+    queue = TaskQueue(range(3 * COMPACT_AFTER))
+    taken = [queue.popleft() for _ in range(2 * COMPACT_AFTER)]  # past the point where the taken part is cut off
+    assert taken == list(range(2 * COMPACT_AFTER)) and len(queue) == COMPACT_AFTER
+    queue.appendleft(7)
+    queue.extend([10**9])
+    assert queue.first(3) == [7, 2 * COMPACT_AFTER, 2 * COMPACT_AFTER + 1] and 7 in queue and 5 not in queue
+    queue.remove(2 * COMPACT_AFTER + 1)
+    assert list(queue)[:3] == [7, 2 * COMPACT_AFTER, 2 * COMPACT_AFTER + 2] and list(queue)[-1] == 10**9
+    with pytest.raises(ValueError):
+        queue.remove(5)
+    queue.clear()
+    assert not queue and len(queue) == 0
+    with pytest.raises(IndexError):
+        queue.popleft()

@@ -229,6 +229,14 @@ def test_validator_rejections_are_retried_and_never_collected(master, start_slav
         assert [i for i, _ in store.done_tasks("cmdcheck")] == [0, 2]
     finally:
         store.close()
+    report = run_cli("--state", str(master.state), "stats", cwd=tmp_path).stdout
+    tables = [[line.split() for line in part.splitlines()[1:] if line and not line.startswith("-")]
+              for part in report.split("\n\n")[:2]]
+    (sweep_header, *sweep_rows), (slave_header, *slave_rows) = tables
+    rejected = {row[0]: int(dict(zip(sweep_header, row))["rejected"]) for row in sweep_rows}
+    assert rejected == {"checked": 3, "cmdcheck": 2}, report  # every rejected attempt, per sweep ...
+    by_slave = {row[0]: int(dict(zip(slave_header, row))["rejected"]) for row in slave_rows}
+    assert set(by_slave) == {"v1", "v2"} and sum(by_slave.values()) == 5, report  # ... and per slave
     collect = run_cli("--state", str(master.state), "collect", "checked", "--out", "o", cwd=tmp_path)
     assert collect.returncode == 0
     lines = (tmp_path / "o" / "checked-results.csv").read_text().splitlines()[1:]
@@ -448,3 +456,43 @@ def test_tasks_claiming_cpus_and_memory(master, start_slave, tmp_path: Path) -> 
     finally:
         store.close()
     assert reason.startswith("memory: the worker used") and "limit of 64 MiB" in reason
+
+
+def master_with_heartbeat(tmp_path: Path, heartbeat: float, extra: str = "") -> MasterProcess:
+    """A master whose housekeeping passes are far apart (every heartbeat/4): what waits for one shows."""
+    m = MasterProcess(tmp_path / "slow-hb-state", f"tcp://127.0.0.1:{free_port()}", extra_config=extra)
+    config = m.state / "master.toml"
+    config.write_text(config.read_text().replace(f"heartbeat_interval = {HEARTBEAT}", f"heartbeat_interval = {heartbeat}"))
+    return m.start()
+
+
+def test_max_concurrent_one_refills_its_slot_as_soon_as_a_ticket_ends(tmp_path: Path) -> None:
+    m = master_with_heartbeat(tmp_path, 1.0)
+    slave = None
+    try:
+        slave = subprocess.Popen([sys.executable, "-m", "slave", "--master", m.endpoint, "--name", "serial",
+                                  "--slots", "2", "--work-root", str(tmp_path / "w"), *slave_key_args(m.state)])
+        wait_for(lambda: m.control("ping")["slaves"] == 1, 10, "the slave")
+        write_spec(tmp_path, """
+            name = "serial"
+            command = "sleep 0.3; echo {n}"
+            max_concurrent = 1
+            [parameters.grid]
+            n = {range = [8]}
+        """)
+        started = time.time()
+        m.submit(tmp_path / "spec.toml")
+        m.wait_finished("serial", timeout=60)
+        wall = time.time() - started
+        rows = sorted(tickets(m, "serial"), key=lambda t: t["dispatched"])
+        assert max_overlap(rows) == 1
+        # The next ticket goes out in the same pass that settles the one before (before: at the next housekeeping
+        # pass, 0-0.25 s later with this heartbeat)
+        gaps = sorted(b["dispatched"] - a["finished"] for a, b in zip(rows, rows[1:]))
+        print(f"\nmax_concurrent = 1: 8 x 0.3 s in {wall:.2f}s; gaps between tickets {[round(g, 4) for g in gaps]}")
+        assert gaps[-1] < 0.05, gaps
+    finally:
+        if slave is not None:
+            slave.terminate()
+            slave.wait(10)
+        m.stop()

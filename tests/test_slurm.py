@@ -22,9 +22,9 @@ from tests.conftest import REPO, MasterProcess, free_port, run_cli, wait_for, wr
 from tests.walkthrough import Shell, commands, walkthroughs
 
 SCRIPT = REPO / "scripts" / "slurm-single-node.sh"
-#: CPUs the test node offers (more than the machine has: slurm.conf's config_overrides allows it): enough
-#: for README's queue of 4 slaves x 8 slots per job.
-CPUS = 32
+#: CPUs the test node offers (more than the machine has: slurm.conf's config_overrides allows it): one job of
+#: README's queue (2 slaves x 4 slots); tests that make jobs pend count on there being no more.
+CPUS = 8
 #: The scheduler commands, logged by the shims on PATH: how many calls a sweep costs.
 SHIMMED = ("sbatch", "squeue", "scancel")
 

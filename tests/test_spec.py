@@ -1,15 +1,17 @@
 """Sweep specs: parameter tables, templates and quoting, and errors that name file, line or field."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli, write_spec
 from ticketfarm.errors import ConfigError
-from ticketfarm.spec import load_spec
+from ticketfarm.spec import ParamLines, Sweep, load_spec
 from ticketfarm.template import render_shell
 
 
@@ -98,6 +100,9 @@ def test_grid_is_the_product_first_axis_outermost(tmp_path: Path) -> None:
     ('name = "a"\ncommand = "x"\n[parameters.grid]\nx=[1]\n[[collect]]\nmode = "zip"\npath = "o"', "collect[0].mode"),
     ('name = "a"\ncommand = "x"\n[parameters]\ncsv = "missing.csv"', "missing.csv"),
     ('name = "a"\ncommand = "x"\n[parameters.grid\n', "spec.toml"),
+    ('name = "a"\ncommand = "x"\nslaves = "h1"', "field 'slaves' must be a list of slave names"),
+    ('name = "a"\ncommand = "x"\nslaves = ["h1", ""]', "field 'slaves' must be a list"),
+    ('name = "a"\ncommand = "x"\nslaves = ["h1", "h1"]', "field 'slaves' names a slave twice"),
 ])
 def test_bad_spec_names_the_field(tmp_path: Path, body: str, message: str) -> None:
     (tmp_path / "spec.toml").write_text(body)
@@ -105,6 +110,14 @@ def test_bad_spec_names_the_field(tmp_path: Path, body: str, message: str) -> No
         load_spec(tmp_path / "spec.toml")
     assert message in str(err.value)
     assert "spec.toml" in str(err.value)
+
+
+def test_a_pin_names_slaves_and_makes_the_sweep_restricted(tmp_path: Path) -> None:
+    (tmp_path / "spec.toml").write_text('name = "a"\ncommand = "x"\nslaves = ["h1", "h2"]')
+    spec = load_spec(tmp_path / "spec.toml")
+    assert spec.slaves == ["h1", "h2"] and spec.restricted
+    (tmp_path / "spec.toml").write_text('name = "a"\ncommand = "x"')
+    assert load_spec(tmp_path / "spec.toml").slaves == []
 
 
 def test_shell_template_keeps_hostile_values_literal(tmp_path: Path) -> None:
@@ -128,3 +141,24 @@ def test_spec_round_trips_through_json(tmp_path: Path) -> None:
     again = type(spec).from_json(spec.to_json())
     assert again == spec and again.digest() == spec.digest()
     assert json.loads(spec.to_json())["name"] == "rt"
+
+
+def test_a_submits_rows_travel_as_json_lines_and_hash_to_the_digest_of_the_whole_spec() -> None:
+    """The master hashes the rows as received: the digest is still the SHA-256 of `to_json()` (digests stored
+    before rows travelled apart stay valid), and the spec a submit carries holds no rows."""
+    sweep = Sweep(name="d", params=[{"x": i, "s": 'q"\n'} for i in range(5)], command="echo {x}")
+    fields = sweep.submit_fields()
+    rows = ParamLines.parse(fields["params"])
+    assert rows.count == 5 and [json.loads(r) for r in rows.rows()] == sweep.params
+    assert json.loads(fields["sweep"])["params"] == []
+    assert sweep.digest() == hashlib.sha256(sweep.to_json().encode()).hexdigest()[:16]
+    assert Sweep.from_json(fields["sweep"]).digest(rows) == sweep.digest()
+    assert Sweep(name="d", params=[], command="echo {x}").digest(rows) == sweep.digest()
+    assert replace(sweep, params=sweep.params[:4]).digest() != sweep.digest()
+
+
+@pytest.mark.parametrize("text, error", [('{"x": 1}', "newline"), ('{"x": 1}\n[1]\n', "line 2: a row must be"),
+                                         ('{"x": 1}\n{x\n', "line 2: not JSON")])
+def test_rows_that_are_not_json_objects_one_a_line_are_refused(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        ParamLines.parse(text)

@@ -53,3 +53,12 @@ def test_batched_rows_are_durable_only_after_commit(tmp_path: Path) -> None:
     assert reopened.task("s", 1)["state"] == "running" and reopened.outputs("s", 1) == {}
     assert reopened.ticket(32).state == "running"
     reopened.close()
+
+
+def test_the_stored_spec_holds_no_rows_and_the_parameter_names_come_from_the_tasks(tmp_path: Path) -> None:
+    store = _store_with_sweep(tmp_path / "state.db", tasks=3)
+    row = store.sweep("s")
+    assert row is not None and row.sweep().params == [] and row.ntasks == 3
+    assert row.digest == Sweep(name="s", params=[{"x": i} for i in range(3)], command="true").digest()
+    assert store.param_names("s") == ["x"] and store.params("s", 2) == {"x": 2}
+    assert store.param_names("nothing") == []

@@ -1,6 +1,4 @@
 """`python -m ticketfarm`: the ticketfarm command."""
-import sys
+from ticketfarm.cli import entry
 
-from ticketfarm.cli import main
-
-sys.exit(main())
+entry()

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from master.collect import READ_SIZE, claim, parts, tar_entries, write_chunks, write_entries
 from master.config import load_master_config, master_config_path
-from master.stats import table
+from master.stats import status_table, table
 from master.web.tokens import (
     SCOPES,
     add_token,
@@ -31,14 +31,17 @@ from ticketfarm.client.http import (
     find_token,
 )
 from ticketfarm.config import load_toml
-from ticketfarm.errors import ConfigError
+from ticketfarm.errors import ConfigError, KeyFileError
+from ticketfarm.keys import client_keys_for
 from ticketfarm.spec import CollectRule, load_spec
 
 API = "/api/v1"
 
 
-def http_api(args: argparse.Namespace) -> ApiClient | None:
-    """The API client the CLI should use: --http, $TICKETFARM_HTTP, or the config's http_bind; None if none."""
+def http_api(args: argparse.Namespace, needed: bool = False) -> ApiClient | None:
+    """The API client the CLI should use: --http or $TICKETFARM_HTTP; else the config's http_bind, only when asked
+    to (--token), when the control protocol cannot do it (`needed`) or has no CURVE client keys to do it with.
+    None: use the control protocol."""
     url = getattr(args, "http", None)
     cafile = None
     if master_config_path(args.state).exists():
@@ -47,6 +50,8 @@ def http_api(args: argparse.Namespace) -> ApiClient | None:
         except ConfigError:
             config = None
         if config is not None:
+            if not (url or needed or getattr(args, "token", None)) and _has_control_keys(args, config):
+                return None
             url = url or api_url_from_config(config)
             # HTTPS with the master's own certificate: trust it (a self-signed one works too)
             cafile = str(args.state / config.http_tls_cert) if config.http_tls_cert else None
@@ -55,11 +60,18 @@ def http_api(args: argparse.Namespace) -> ApiClient | None:
     return ApiClient(url, find_token(args.state, getattr(args, "token", None)), cafile=cafile)
 
 
+def _has_control_keys(args: argparse.Namespace, config: Any) -> bool:
+    """Whether the control protocol can reach this master: it is insecure, or CURVE client keys are at hand."""
+    if config.insecure:
+        return True
+    try:
+        return client_keys_for(args.state, getattr(args, "keys", None)) is not None
+    except KeyFileError:
+        return False
+
+
 def status(api: ApiClient) -> int:
-    sweeps = api.get(f"{API}/status")["sweeps"]
-    print(table(["sweep", "state", "tasks", "done", "running", "queued", "failed", "tasks/s"],
-                [[s["name"], s["state"], s["total"], s["done"], s["running"], s["queued"], s["failed"],
-                  s["throughput"]] for s in sweeps]))
+    print(status_table(api.get(f"{API}/status")["sweeps"]))
     return 0
 
 

@@ -139,3 +139,15 @@ class StateDirInUse(TicketfarmError):
 
 class BindFailed(ConfigError):
     """The master cannot listen on a configured address (in use, not on this host); `field` names the setting."""
+
+
+class TaskUnreachable(TicketfarmError):
+    """A running task's files or server could not be reached for a client; `code` is the HTTP API's error code
+    (conflict: not running; bad_gateway: no port announced, connection refused; too_large; ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.code, str(self)))

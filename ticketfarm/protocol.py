@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +60,12 @@ class Command(enum.IntEnum):
     WORKER = 0x14          # M->S  those bytes (payload), or an error
     REFUSED = 0x15         # M->S  a sweep this slave cannot run (no worker for its platform): it gets no tickets of it
     NO_WORK = 0x16         # M->S  every sweep is over: nothing more to do (the slave stays or exits, per its config)
+    # A running ticket reached for a client (see master/relay.py and slave/relay.py):
+    SANDBOX = 0x17        # M->S  put / list / get a file of a ticket's work dir
+    SANDBOX_REPLY = 0x18  # S->M  the answer: done, the listing, or a piece of the file (or an error)
+    RELAY = 0x19          # M->S  an HTTP request or a websocket step for the server the ticket's task announced
+    RELAY_REPLY = 0x1A    # S->M  its response, websocket events, or an error
+    RECALL = 0x1B         # M->S  give these tickets back unless started (their sweep was paused)
 
 
 
@@ -110,27 +115,24 @@ def decode(frames: list[bytes]) -> Message:
     return Message(command, header, [bytes(f) for f in frames[3:]])
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: linear time, never backtracks
-_NOT_MARKS = bytes(b for b in range(256) if b not in b'[]{}"\\')
+_NOT_MARKS = bytes(b for b in range(256) if b not in b'[]{}"')
 
 
 def _shallow(body: bytes) -> bool:
     """Whether the JSON text nests objects and arrays at most MAX_DEPTH deep (checked before parsing, so a hostile
     header never reaches the parser's recursion limit). Brackets inside strings do not count.
 
-    Every step runs at C speed: keep only brackets, quotes and backslashes, drop the strings, then strip innermost
-    pairs level by level. Without a backslash quotes alternate open/close, so a string with no brackets is `""`
-    and goes at once, and the others are every other piece between quotes.
+    Every step runs at C speed, in linear time: drop the escapes that hold a backslash or a quote (left to right, as
+    JSON reads them), then every quote left opens or closes a string; keep only brackets and quotes, drop the
+    strings, then strip innermost pairs level by level. Quotes alternate open/close, so a string with no brackets
+    is `""` and goes at once, and the others are every other piece between quotes.
     """
     if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
         return True  # the common case, at the cost of two byte counts
-    marks = bytes(body).translate(None, _NOT_MARKS)
-    if b"\\" in marks:
-        brackets = _JSON_STRING.sub(b"", marks)
-    else:
-        brackets = marks.replace(b'""', b"")
-        if b'"' in brackets:
-            brackets = b"".join(brackets.split(b'"')[::2])
+    marks = bytes(body).replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_MARKS)
+    brackets = marks.replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = b"".join(brackets.split(b'"')[::2])
     for _ in range(MAX_DEPTH):
         if not brackets:
             return True

@@ -4,13 +4,14 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ticketfarm import template
 from ticketfarm.config import load_toml
@@ -28,7 +29,7 @@ MAX_TASKS = 5_000_000
 MAX_PARAMETER_FILE = 512 * 1024 * 1024
 SPEC_KEYS = {"name", "command", "argv", "timeout", "max_attempts", "priority", "env",
              "parameters", "inputs", "results", "collect",
-             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory"}
+             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory", "slaves"}
 #: Platform tags look like `linux-x86_64`: the slave's sys.platform and machine, lower case.
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_.]+$")
 
@@ -100,20 +101,35 @@ class Sweep:
     """CPUs one task needs: a slave takes it only while that many of its CPUs are free (0 = no claim)."""
     memory: int = 0
     """MiB one task may use: a slave takes it only with that much free, and kills a worker using more (0 = no limit)."""
+    slaves: list[str] = field(default_factory=list)
+    """The slaves (by name) its tickets may go to; empty = any slave (a pin: `slaves = ["h1", "h2"]`)."""
 
     @property
     def restricted(self) -> bool:
         """Whether the scheduler must ask, per slave, if this sweep may run there."""
-        return bool(self.workers or self.max_concurrent or self.cpus or self.memory)
+        return bool(self.workers or self.max_concurrent or self.cpus or self.memory or self.slaves)
 
     @property
     def param_names(self) -> list[str]:
         return list(self.params[0]) if self.params else []
 
     def to_json(self) -> str:
+        return self._dumps(self.params)
+
+    def submit_fields(self) -> dict[str, str]:
+        """The fields of a CONTROL submit: the spec, and its parameter rows apart as JSON lines."""
+        return {"sweep": self.spec_json(), "params": ParamLines.of(self.params).text}
+
+    def spec_json(self) -> str:
+        """The spec without its parameter rows (`"params": []`): what a submit carries beside `ParamLines` and the
+        store keeps (the rows live once, in the task table)."""
+        return self._dumps([])
+
+    def _dumps(self, params: list[dict[str, Any]]) -> str:
         # Field by field rather than asdict(self): asdict deep-copies the params, a transient copy of every task
         # (hundreds of MB for a million) just to be serialised once.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["params"] = params
         data["collect"] = [asdict(c) for c in self.collect]
         data["validate"] = None if self.validate is None else asdict(self.validate)
         data["inputs"] = [{**asdict(i), "content": None if i.content is None else base64.b64encode(i.content).decode()}
@@ -136,14 +152,53 @@ class Sweep:
             data["validate"] = Validation(**data["validate"])
         return cls(**data)
 
-    def digest(self) -> str:
-        """Identifies the spec's content, so a resumed sweep is known to be the same sweep."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+    def digest(self, rows: "ParamLines | None" = None) -> str:
+        """Identifies the spec's content, so a resumed sweep is known to be the same sweep: the SHA-256 of
+        `to_json()`, hashed piece by piece so that the master hashes a submit's `rows` without decoding them."""
+        head, tail = self.spec_json().split('"params": []', 1)
+        h = hashlib.sha256(head.encode())
+        h.update(b'"params": [')
+        for i, row in enumerate(rows.rows() if rows is not None else map(json.dumps, self.params)):
+            h.update(row.encode() if i == 0 else b", " + row.encode())
+        h.update(b"]" + tail.encode())
+        return h.hexdigest()[:16]
 
     def differing_fields(self, other: "Sweep") -> list[str]:
-        """The spec fields whose values differ from `other`'s, in field order."""
-        mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
+        """The spec fields but `params` whose values differ from `other`'s, in field order."""
+        mine, theirs = json.loads(self.spec_json()), json.loads(other.spec_json())
         return [name for name in mine if mine[name] != theirs.get(name)]
+
+
+@dataclass
+class ParamLines:
+    """A sweep's parameter rows as JSON text, one object per line: how a submit carries them and the store keeps
+    them, so the master never holds a dict per task (a million of them were most of its memory)."""
+
+    text: str
+    count: int
+
+    @classmethod
+    def of(cls, params: list[dict[str, Any]]) -> "ParamLines":
+        return cls("".join(json.dumps(p) + "\n" for p in params), len(params))
+
+    @classmethod
+    def parse(cls, text: str) -> "ParamLines":
+        """Rows received as text, each checked to be a JSON object (one at a time: none is kept)."""
+        if text and not text.endswith("\n"):
+            raise ValueError("params: the last row does not end with a newline")
+        count = 0
+        for count, row in enumerate(cls(text, 0).rows(), 1):
+            try:
+                value = json.loads(row)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"params line {count}: not JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"params line {count}: a row must be a JSON object")
+        return cls(text, count)
+
+    def rows(self) -> Iterator[str]:
+        """Each row's JSON text, in task order."""
+        return (line[:-1] for line in io.StringIO(self.text))
 
 
 def load_spec(path: Path) -> Sweep:
@@ -189,6 +244,7 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
     sweep.max_concurrent = _get(data, "max_concurrent", int, source, 0)
     sweep.cpus = _get(data, "cpus", int, source, 0)
     sweep.memory = _load_memory(data.get("memory", 0), source)
+    sweep.slaves = _load_slaves(data.get("slaves", []), source)
     for key in ("speculate", "max_concurrent", "cpus"):
         if getattr(sweep, key) < 0:
             raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
@@ -482,6 +538,16 @@ def _load_validation(spec: Any, base: Path, source: str) -> Validation | None:
             raise ConfigError(f"{source}: validate.python: {module}:{exc.lineno}: {exc.msg}",
                               field="validate.python") from None
     return Validation(python=target, source=text, timeout=float(timeout))
+
+
+def _load_slaves(value: Any, source: str) -> list[str]:
+    """A pin: slave names (as given by `--name`), each once."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{source}: field 'slaves' must be a list of slave names (e.g. [\"h1\", \"h2\"]), "
+                          f"got {value!r}", field="slaves")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{source}: field 'slaves' names a slave twice: {value!r}", field="slaves")
+    return list(value)
 
 
 def _load_memory(value: Any, source: str) -> int:

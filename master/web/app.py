@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import ticketfarm
-from master.web import allocations, changes, jobs, models, reads, streams
+from master.web import allocations, changes, jobs, models, reads, relay, sandbox, streams
 from master.web.base import cache_key, presented_token, token_scopes
 from master.web.context import WebContext
 from master.web.errors import CODE_OF_STATUS, ApiError
@@ -133,7 +133,7 @@ def create_app(ctx: WebContext) -> FastAPI:
                                       RequestValidationError: _validation_error, Exception: _internal_error})
     app.state.ctx = ctx
     app.state.metrics = WebMetrics(ctx)
-    for module in (reads, streams, changes, jobs, allocations):
+    for module in (reads, streams, changes, jobs, allocations, sandbox, relay):
         app.include_router(module.router)
     app.add_middleware(ApiMiddleware, metrics=app.state.metrics, ctx=ctx)
     app.openapi = lambda: _document(app)  # type: ignore[method-assign]

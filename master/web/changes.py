@@ -18,16 +18,16 @@ ADMIN = [Depends(need("admin"))]
 CHANGE_ERRORS = models.error_responses(400, 401, 403, 404, 409, 503)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (announced or sent)."""
+async def read_body(request: Request, limit: int, what: str = "http_max_body") -> bytes:
+    """The request body, refused with 413 past `limit` bytes (announced or sent); `what` names the limit."""
     length = request.headers.get("Content-Length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError("too_large", f"request body of {length} bytes exceeds http_max_body ({limit})")
+        raise ApiError("too_large", f"request body of {length} bytes exceeds {what} ({limit})")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError("too_large", f"request body exceeds http_max_body ({limit})")
+            raise ApiError("too_large", f"request body exceeds {what} ({limit})")
     return bytes(body)
 
 
@@ -51,7 +51,7 @@ async def submit(request: Request, scopes: set[str] = Depends(need("submit"))) -
     data = body_fields(request.headers.get("Content-Type") or "", raw)
     sweep, extra = await run_in_threadpool(parse_submission, data, ctx.config.http_allow_master_code,
                                            "admin" in scopes)
-    reply = await run_in_threadpool(ctx.control, "submit", sweep=sweep.to_json(), **extra)
+    reply = await run_in_threadpool(ctx.control, "submit", **sweep.submit_fields(), **extra)
     url = f"{API}/sweeps/{sweep.name}"
     body = {"sweep": sweep.name, "state": reply["state"], "tasks": len(sweep.params), "url": url}
     return Json(body, 201 if reply["state"] == "submitted" else 200, {"Location": url})

@@ -9,7 +9,7 @@ from ticketfarm.errors import TicketfarmError
 STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
                   "method_not_allowed": 405, "not_acceptable": 406, "conflict": 409, "gone": 410,
                   "too_large": 413, "unsupported_media_type": 415, "internal": 500, "not_implemented": 501,
-                  "unavailable": 503}
+                  "bad_gateway": 502, "unavailable": 503, "gateway_timeout": 504}
 #: The code answered for a status the API does not raise itself (a framework's own 404, 405, ...).
 CODE_OF_STATUS = {status: code for code, status in STATUS_OF_CODE.items()}
 

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from master.web.errors import STATUS_OF_CODE, ApiError
 from ticketfarm import messages
@@ -29,6 +30,7 @@ class MasterLink:
         self.context = zmq.Context()
         self._local = threading.local()
         self._rids = itertools.count(1)
+        self._async: zmq.asyncio.Context | None = None
 
     def _socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)
@@ -38,22 +40,38 @@ class MasterLink:
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one CONTROL and wait for its REPLY; a refusal is an ApiError with the master's code."""
+        return self.exchange(op, fields)[0]
+
+    def exchange(self, op: str, fields: dict[str, Any], payload: list[bytes] | None = None,
+                 timeout: float | None = None) -> tuple[dict[str, Any], list[bytes]]:
+        """`call` with payload frames both ways, and a timeout of its own (a relayed call waits for a slave)."""
         sock = self._socket()
         rid = next(self._rids)
-        sock.send_multipart(messages.Control(op, fields, rid).encode())
-        deadline_ms = int(self.timeout * 1000)
+        sock.send_multipart(messages.Control(op, fields, rid, payload or []).encode())
+        wait = self.timeout if timeout is None else timeout
         while True:
-            if not sock.poll(deadline_ms):
-                raise ApiError("unavailable", f"the master did not answer {op!r} within {self.timeout:g}s")
+            if not sock.poll(int(wait * 1000)):
+                raise ApiError("unavailable", f"the master did not answer {op!r} within {wait:g}s")
             answer = messages.decode(sock.recv_multipart())
             if isinstance(answer, messages.Reply) and answer.rid == rid:
                 break
-        reply = answer.as_dict()
-        if not reply.get("ok"):
-            code = reply.get("code", "bad_request")
-            raise ApiError(code if code in STATUS_OF_CODE else "bad_request", str(reply.get("error", f"{op} refused")))
-        reply.pop("rid", None)
-        return reply
+        return refusal_checked(op, answer), answer.payload
+
+    def async_socket(self) -> zmq.asyncio.Socket:
+        """A DEALER of its own for the event loop (a relayed websocket: many REPLYs to one request)."""
+        if self._async is None:
+            self._async = zmq.asyncio.Context.shadow(self.context)
+        return dealer(self._async, self.endpoint, self.keys)
 
     def close(self) -> None:
         self.context.destroy(linger=0)
+
+
+def refusal_checked(op: str, answer: messages.Reply) -> dict[str, Any]:
+    """A REPLY's fields (with `ok`); a refusal raised as an ApiError with the master's code."""
+    reply = answer.as_dict()
+    if not reply.get("ok"):
+        code = reply.get("code", "bad_request")
+        raise ApiError(code if code in STATUS_OF_CODE else "bad_request", str(reply.get("error", f"{op} refused")))
+    reply.pop("rid", None)
+    return reply

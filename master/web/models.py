@@ -12,7 +12,8 @@ from master.stats import SlaveStats, SweepStats
 EVENT_KINDS = ("sweep_submitted", "sweep_active", "sweep_paused", "sweep_finished", "sweep_cancelled",
                "tickets_dispatched", "tasks_done", "task_failed", "task_cancelled", "task_paused", "task_resumed",
                "ticket_duplicated", "result_rejected", "results_removed", "results_pruned", "slave_dead",
-               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched")
+               "slave_draining", "slave_undrained", "slave_refused", "worker_fetched", "pin_unknown",
+               "sweep_unrunnable", "sweep_runnable")
 TaskState = Literal["queued", "paused", "running", "done", "failed", "cancelled"]
 
 
@@ -37,9 +38,13 @@ def stats_model(cls: type, name: str) -> type[BaseModel]:
 class SweepSummary(stats_model(SweepStats, "SweepCounts")):  # type: ignore[misc]
     state: Literal["active", "paused", "finished", "cancelled"]
     running: int = Field(description="tasks whose ticket a slave has started (prefetched ones not counted)")
-    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch): "
-                                        "listed as waiting in its last heartbeat, or dispatched past its slots")
-    queued: int = Field(description="tasks waiting in the master's queue (paused ones included)")
+    prefetched: int = Field(description="tasks whose ticket a slave holds ready but has not started (prefetch)")
+    queued: int = Field(description="tasks waiting in the master's queue (a paused sweep's too)")
+    paused: int = Field(description="tasks paused one by one; total = queued + prefetched + running + paused + done "
+                                    "+ failed + cancelled")
+    rejected: int = Field(description="attempts whose result the sweep's validator refused")
+    unrunnable: str | None = Field(description="why no connected slave can run the sweep (a platform or resources "
+                                               "none offers, no slave at all); null when some can")
     throughput: float = Field(description="done tasks per second since submission")
     eta: float | None = Field(description="seconds to go at this throughput; null when unknown")
     progress: float = Field(description="settled (done, failed, cancelled) / total")
@@ -68,8 +73,9 @@ class Status(BaseModel):
 
 class SlaveRow(stats_model(SlaveStats, "SlaveTotals")):  # type: ignore[misc]
     busy: float = Field(description="seconds its tickets ran")
-    running: int
-    prefetched: int
+    rejected: int = Field(description="its results that a validator refused")
+    running: int = Field(description="tickets it has started")
+    prefetched: int = Field(description="tickets it holds ready but has not started")
     disk: float | None
     version: str | None
     first_seen: float | None
@@ -115,8 +121,16 @@ class SweepList(BaseModel):
     sweeps: list[SweepSummary]
 
 
+class Pin(BaseModel):
+    slaves: list[str] = Field(description="the slaves its tickets may go to (spec field `slaves`)")
+    connected: list[str] = Field(description="those connected now")
+    waiting: str | None = Field(description="why its queued tasks do not start: none of its slaves is connected "
+                                            "and undrained (each named: never seen, gone, draining)")
+
+
 class SweepDetail(SweepSummary):
     spec: dict[str, Any]
+    pin: Pin | None = Field(description="null when the sweep may run on any slave")
     callback: bool
     results_removed: float | None = Field(description="when its results were removed after collection")
 
@@ -238,6 +252,32 @@ class Deleted(BaseModel):
     results_removed: bool
 
 
+class SandboxPut(BaseModel):
+    sweep: str
+    task: int
+    path: str
+    size: int
+    placed: Literal["staged", "work dir"] = Field(description="staged: kept on the master for the task's next "
+                                                              "ticket; work dir: written into the running one's too")
+
+
+class SandboxEntry(BaseModel):
+    path: str
+    size: int
+    mtime: float | None
+    url: str
+
+
+class SandboxList(BaseModel):
+    sweep: str
+    task: int
+    state: TaskState
+    where: Literal["work dir", "uploads", "results"] = Field(
+        description="work dir: the running ticket's, from its slave; uploads: the files uploaded before it started; "
+                    "results: after the end, the files its `file:` results kept")
+    files: list[SandboxEntry]
+
+
 class Event(BaseModel):
     """One `data:` of the event stream (its `event:` is the kind, its `id:` the id)."""
 
@@ -249,7 +289,8 @@ class Event(BaseModel):
     ticket: int | None
     detail: dict[str, Any] = Field(description="tickets_dispatched: {tickets: [[ticket, task, slave]]}; tasks_done: "
                                                "{tasks}; sweep_*: {counts}; task_failed: {reason}; worker_fetched: "
-                                               "{slave, platform, name, sha256} (a slave began fetching a shipped worker)")
+                                               "{slave, platform, name, sha256} (a slave began fetching a shipped worker); "
+                                               "pin_unknown: {slaves, reason} (a pin names slaves never seen)")
 
 
 class SubmitBody(BaseModel):
@@ -277,4 +318,5 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _REASONS = {400: "bad request (`field` names what)", 401: "no token, or a wrong one", 403: "the token lacks the scope",
             404: "no such sweep, task, ticket, result or slave", 409: "not in a state that allows it",
             410: "the sweep's results were removed", 413: "request body over http_max_body",
-            415: "not JSON or TOML", 503: "the master did not answer"}
+            415: "not JSON or TOML", 502: "the task's slave or server could not be reached (the reason says which)",
+            503: "the master did not answer", 504: "the task's slave or server did not answer in time"}

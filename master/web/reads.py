@@ -15,6 +15,7 @@ from master.stats import sweep_stats
 from master.web import models, views
 from master.web.base import API, Json, cached_json, context, need
 from master.web.errors import ApiError
+from master.web.pins import pin_json
 from ticketfarm import protocol
 
 router = APIRouter()
@@ -82,7 +83,7 @@ async def stats(request: Request) -> Json:
             responses={200: {"model": models.SweepList}})
 async def list_sweeps(request: Request) -> Json:
     ctx = context(request)
-    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store(), views.live_slaves(ctx))})
+    return await cached_json(request, lambda: {"sweeps": views.sweeps_json(ctx.store())})
 
 
 @router.get(f"{API}/sweeps/{{sweep}}", operation_id="getSweep", dependencies=READ, response_model=None,
@@ -93,12 +94,13 @@ def get_sweep(request: Request, sweep: str = SweepName) -> Json:
     store = ctx.store()
     stats = sweep_stats(store, row.name)
     spec = row.sweep()
-    prefetched = views.not_started(store, views.live_slaves(ctx)).by_sweep.get(row.name, 0)
-    d = views.sweep_json(stats, row, prefetched)
+    live = views.live_slaves(ctx)
+    d = views.sweep_json(stats, row)
     d["spec"] = {"command": spec.command, "argv": spec.argv, "timeout": spec.timeout,
                  "max_attempts": spec.max_attempts, "priority": spec.priority,
-                 "parameters": spec.param_names, "results": spec.results,
-                 "collect": [asdict(c) for c in spec.collect]}
+                 "parameters": store.param_names(row.name), "results": spec.results,
+                 "collect": [asdict(c) for c in spec.collect], "slaves": spec.slaves}
+    d["pin"] = pin_json(spec.slaves, d["queued"] if row.state in ("active", "paused") else 0, store, live)
     d["callback"] = store.callback(row.name) is not None
     d["results_removed"] = store.results_removed(row.name)
     return Json(d)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from master.stats import SweepStats, all_sweep_stats, format_report, slave_stats
@@ -14,11 +14,9 @@ from master.web.errors import ApiError
 API = "/api/v1"
 
 
-def sweep_json(s: SweepStats, row: Any = None, prefetched: int = 0) -> dict[str, Any]:
-    """A sweep's counts; `running` counts tickets a slave has started, `prefetched` those it holds ready."""
+def sweep_json(s: SweepStats, row: Any = None) -> dict[str, Any]:
+    """A sweep's counts (`running` counts tasks a slave has started, `prefetched` those it holds ready)."""
     d = asdict(s)
-    d["running"] = max(s.running - prefetched, 0)
-    d["prefetched"] = min(prefetched, s.running)
     d["progress"] = round(s.settled / s.total, 4) if s.total else 1.0
     d["url"] = f"{API}/sweeps/{s.name}"
     if row is not None:
@@ -34,59 +32,26 @@ def live_slaves(ctx: WebContext) -> dict[str, Any] | None:
         return None
 
 
-@dataclass
-class NotStarted:
-    """Running tickets (in the store) that are not running on their slave yet: the ones its last heartbeat
-    listed as `waiting` (held ready by prefetch), and past its slots the most recently dispatched ones (a busy
-    slave's last heartbeat may be old: it sends one only when nothing else went out). Counted apart."""
-
-    by_sweep: dict[str, int]
-    by_slave: dict[str, int]
-
-
-def not_started(store: Store, live: dict[str, Any] | None) -> NotStarted:
-    out = NotStarted({}, {})
-    slaves = live["slaves"] if live is not None else {}
-    slots = {s["name"]: s["slots"] or 0 for s in store.slaves()}
-    mine: dict[str, list[Any]] = {}
-    for t in store.running_tickets():
-        if t.slave in slaves:
-            mine.setdefault(t.slave, []).append(t)
-    for slave, tickets in mine.items():
-        waiting = set((slaves[slave].get("heartbeat") or {}).get("waiting", []))
-        started = sorted((t for t in tickets if t.id not in waiting), key=lambda t: t.dispatched)
-        held = [t for t in tickets if t.id in waiting] + started[slots.get(slave, 0):]
-        for t in held:
-            out.by_sweep[t.sweep] = out.by_sweep.get(t.sweep, 0) + 1
-            out.by_slave[t.slave] = out.by_slave.get(t.slave, 0) + 1
-    return out
-
-
-def sweeps_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any]]:
+def sweeps_json(store: Store) -> list[dict[str, Any]]:
     rows = {r.name: r for r in store.sweeps()}
-    pending = not_started(store, live).by_sweep
-    return [sweep_json(s, rows.get(s.name), pending.get(s.name, 0)) for s in all_sweep_stats(store)]
+    return [sweep_json(s, rows.get(s.name)) for s in all_sweep_stats(store)]
 
 
 def slaves_json(store: Store, live: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Every slave the store knows, with the live view of connected ones; `running` excludes prefetched tickets."""
     stored = {s["name"]: s for s in store.slaves()}
-    running = store.running_by_slave()
     connected = live["slaves"] if live is not None else {}
     draining = set(live.get("draining", ())) if live is not None else set()
-    pending = not_started(store, live).by_slave
     out = []
     for s in slave_stats(store):
         row = stored.get(s.name, {})
         d = asdict(s)
         d.update(version=row.get("version"), first_seen=row.get("first_seen"), last_seen=row.get("last_seen"),
-                 running=running.get(s.name, 0), prefetched=0, disk=row.get("info", {}).get("disk"),
-                 connected=s.name in connected, draining=s.name in draining or s.state == "draining")
+                 disk=row.get("info", {}).get("disk"), connected=s.name in connected,
+                 draining=s.name in draining or s.state == "draining")
         now = connected.get(s.name)
         if now is not None:
             hb = now.get("heartbeat") or {}
-            d["prefetched"] = min(pending.get(s.name, 0), d["running"])
-            d["running"] -= d["prefetched"]
             d.update(last_heard=now["last_heard"], seconds_since_heard=now["seconds_since_heard"],
                      load=hb.get("load", d["load"]), memory=hb.get("memory", d["memory"]),
                      disk=hb.get("disk", d["disk"]))
@@ -108,7 +73,7 @@ def status_json(ctx: WebContext) -> dict[str, Any]:
     store = ctx.store()
     live = live_slaves(ctx)
     slaves = slaves_json(store, live)
-    return {"time": time.time(), "uptime": uptime(ctx), "sweeps": sweeps_json(store, live),
+    return {"time": time.time(), "uptime": uptime(ctx), "sweeps": sweeps_json(store),
             "slaves": slave_counts(slaves), "last_event": store.last_event_id()}
 
 
@@ -116,7 +81,7 @@ def stats_json(ctx: WebContext) -> dict[str, Any]:
     """What /status says about sweeps and slave counts, with each slave's row, failures and the text report."""
     store = ctx.store()
     live = live_slaves(ctx)
-    sweeps = sweeps_json(store, live)
+    sweeps = sweeps_json(store)
     slaves = slaves_json(store, live)
     return {"time": time.time(), "uptime": uptime(ctx), "sweeps": sweeps, "slaves": slaves,
             "slave_counts": slave_counts(slaves), "last_event": store.last_event_id(),

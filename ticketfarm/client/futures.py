@@ -68,6 +68,9 @@ FETCH_PIECE = FETCH_MAX
 FETCH_WINDOW = 4
 #: Seconds between the client's pings (they also keep its watches alive on the master).
 PING_INTERVAL = 1.0
+#: Seconds a Ctrl-C'd `with Cluster(...)` block waits for tasks being submitted to be stored (the master may be
+#: stopping too: a terminal's Ctrl-C reaches a local cluster's master and slaves as well).
+INTERRUPTED_CLOSE = 2.0
 #: Bytes of a py_add message besides the pickled arguments and functions (header, reprs, the sweep's spec).
 MESSAGE_HEADROOM = 64 * 1024
 
@@ -333,6 +336,16 @@ class Cluster(concurrent.futures.Executor):
         """The master's status: sweeps with their counts (as `ticketfarm status --json`)."""
         return self._call("status", {})
 
+    def slots(self) -> int:
+        """Slots of the slaves connected now: how many tasks run at once."""
+        return int(self._call("ping", {}).get("slots", 0))
+
+    @property
+    def _max_workers(self) -> int:
+        # What Dask reads from an executor to size its batches (dask.compute(scheduler=cluster), and
+        # dask.config.set(pool=cluster) for the threaded scheduler), as it does from the stdlib's executors.
+        return max(1, self.slots())
+
     def wait_for_slaves(self, n: int, timeout: float = 30.0) -> None:
         """Block until at least n slaves are connected to the master."""
         deadline = time.monotonic() + timeout
@@ -340,6 +353,15 @@ class Cluster(concurrent.futures.Executor):
             if time.monotonic() > deadline:
                 raise NotEnoughSlaves(f"fewer than {n} slaves connected after {timeout:g}s")
             time.sleep(0.05)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """As Executor's (wait for every future), but Ctrl-C leaves at once: a local cluster stops, what its slaves
+        ran or held goes back without an attempt charged, and every result stored stays in its state dir."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self._shut_down = True
+            self.close(timeout=INTERRUPTED_CLOSE)
+        else:
+            self.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Executor.shutdown: no new tasks; `cancel_futures` cancels every unsettled one on the cluster, `wait`

@@ -38,6 +38,11 @@ class LocalCluster:
         self.slaves: list[subprocess.Popen[bytes]] = []
         for i in range(1, n + 1):
             self.slaves.append(self._start_slave(f"local-{i}", slots, log_level))
+        self.master.runnability.expect(self._slaves_starting)
+
+    def _slaves_starting(self) -> bool:
+        """Some local slave is alive but not connected yet."""
+        return len(self.master.roster) < sum(proc.poll() is None for proc in self.slaves)
 
     def _start_slave(self, name: str, slots: int, log_level: str) -> subprocess.Popen[bytes]:
         cfg = self.master.config

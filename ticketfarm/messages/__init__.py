@@ -20,11 +20,12 @@ nested deeper than `protocol.MAX_DEPTH`. Unknown header fields are ignored (a ne
 Classes by conversation (docs/PROTOCOL.md describes each command):
 
 - session: Hello, Welcome (+ SlavePolicy), Request, Ack, Heartbeat, Cancel, Disconnect (its `why`
-  is one of session.WHYS), Refused, NoWork
+  is one of session.WHYS), Refused, NoWork, Recall
 - tickets: Ticket = TicketSweep (the sweep's shared part; a master reuses it) + TicketEntry list,
   with InputFile and WorkerFile
 - results: Progress, Result (ResultEntry, ResultOutput), Failure, Fetch, Chunk
 - shipping: CodeRequest, Code, WorkerRequest, Worker
+- relay: Sandbox, SandboxReply (SandboxFile), Relay, RelayReply: a running ticket's files and its own server
 - client: Control (any op; `args()` reads its fields with checks), Reply, Notify (Settled), and the
   py_add op's body PyAdd (PyCall): `PyAdd.from_control(control)` / `PyAdd(...).control(rid)`
 """
@@ -34,6 +35,7 @@ from typing import Union
 
 from ticketfarm import protocol
 from ticketfarm.messages.client import Control, Notify, PyAdd, PyCall, Reply, Settled
+from ticketfarm.messages.relay import Relay, RelayReply, Sandbox, SandboxFile, SandboxReply
 from ticketfarm.messages.results import Chunk, Failure, Fetch, Progress, Result, ResultEntry, ResultOutput
 from ticketfarm.messages.session import (
     PROTOCOL_VERSION,
@@ -48,6 +50,7 @@ from ticketfarm.messages.session import (
     Heartbeat,
     Hello,
     NoWork,
+    Recall,
     Refused,
     Request,
     SlavePolicy,
@@ -59,7 +62,7 @@ from ticketfarm.protocol import Command, Message
 
 AnyMessage = Union[Hello, Welcome, Request, Ticket, Progress, Result, Fetch, Chunk, Failure, Ack, Heartbeat,
                    Cancel, Disconnect, Control, Reply, CodeRequest, Code, Notify, WorkerRequest, Worker, Refused,
-                   NoWork]
+                   NoWork, Recall, Sandbox, SandboxReply, Relay, RelayReply]
 
 #: The class of each command.
 CODECS: dict[Command, type] = {cls.COMMAND: cls for cls in AnyMessage.__args__}  # type: ignore[attr-defined]
@@ -78,7 +81,8 @@ def decode(frames: list[bytes]) -> AnyMessage:
 __all__ = [
     "CODECS", "PROTOCOL_VERSION", "REFUSED", "REVOKED", "SHUTDOWN", "UNKNOWN_PEER", "WHYS",
     "Ack", "AnyMessage", "Cancel", "Chunk", "Code", "CodeRequest", "Control", "Disconnect", "Failure", "Fetch",
-    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Refused", "Reply",
-    "Request", "Result", "ResultEntry", "ResultOutput", "Settled", "SlavePolicy", "Ticket", "TicketEntry",
+    "Heartbeat", "Hello", "InputFile", "NoWork", "Notify", "Progress", "PyAdd", "PyCall", "Recall", "Refused",
+    "Relay", "RelayReply", "Reply", "Request", "Result", "ResultEntry", "ResultOutput", "Sandbox", "SandboxFile",
+    "SandboxReply", "Settled", "SlavePolicy", "Ticket", "TicketEntry",
     "TicketSweep", "Welcome", "Worker", "WorkerFile", "WorkerRequest", "decode", "parse",
 ]

@@ -47,6 +47,14 @@ def text(command: str, name: str, value: Any, limit: int = MAX_TEXT, empty: bool
     return value
 
 
+def relative_path(command: str, name: str, value: Any) -> str:
+    """A path inside a work dir: relative, no `..`, `.` or empty parts, no backslash or NUL (slaves check symlinks)."""
+    path = text(command, name, value, empty=False)
+    if path.startswith("/") or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in path.split("/")):
+        bad(command, name, "a relative path inside the work dir (no '..', no leading '/')")
+    return path
+
+
 def counts(command: str, name: str, value: Any) -> list[int]:
     """A list of non-negative integers (ticket ids, sizes), at most MAX_ITEMS long."""
     if type(value) is not list or len(value) > MAX_ITEMS:

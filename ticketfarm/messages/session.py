@@ -113,19 +113,24 @@ class Welcome:
 
 @dataclass
 class Request:
-    """REQUEST S->M: credit, how many more tickets the slave can take."""
+    """REQUEST S->M: credit, how many more tickets the slave can take, and the tickets it started since its last
+    REQUEST (a slot freed up: the next one started, and one more is wanted: both say so in one message)."""
 
     COMMAND: ClassVar[Command] = Command.REQUEST
     credit: int
+    started: list[int] = field(default_factory=list)
 
     def encode(self) -> list[bytes]:
-        return protocol.encode(self.COMMAND, {"credit": self.credit})
+        header: dict[str, Any] = {"credit": self.credit}
+        if self.started:
+            header["started"] = self.started
+        return protocol.encode(self.COMMAND, header)
 
     @classmethod
     def decode(cls, msg: Message) -> "Request":
         h = Header(msg)
         h.frames(0)
-        return cls(h.count("credit", maximum=MAX_CREDIT))
+        return cls(h.count("credit", maximum=MAX_CREDIT), h.counts("started", []))
 
 
 @dataclass
@@ -199,6 +204,25 @@ class Cancel:
         h = Header(msg)
         h.frames(0)
         return cls(h.count("ticket"), h.reason("reason", "cancelled"))
+
+
+@dataclass
+class Recall:
+    """RECALL M->S: give these tickets back unless they have started (their sweep was paused); each one given back
+    is answered with a FAILURE `handback`, a started one runs on."""
+
+    COMMAND: ClassVar[Command] = Command.RECALL
+    tickets: list[int]
+    reason: str = "sweep paused"
+
+    def encode(self) -> list[bytes]:
+        return protocol.encode(self.COMMAND, {"tickets": self.tickets, "reason": self.reason})
+
+    @classmethod
+    def decode(cls, msg: Message) -> "Recall":
+        h = Header(msg)
+        h.frames(0)
+        return cls(h.counts("tickets"), h.reason("reason", "sweep paused"))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ticketfarm import protocol
-from ticketfarm.messages.fields import MAX_ITEMS, Header, bad, count, items, text
+from ticketfarm.messages.fields import MAX_ITEMS, Header, bad, count, items, relative_path, text
 from ticketfarm.protocol import Command, Message, split_frame
 
 KINDS = ("command", "python")
@@ -147,16 +147,20 @@ class TicketEntry:
     params: dict[str, Any] = field(default_factory=dict)
     fn: str = ""
     args: bytes = b""
+    files: list[InputFile] = field(default_factory=list)
+    """Files uploaded into this task's sandbox (a command ticket's): literal frames of the message, by index."""
 
 
 @dataclass(slots=True)
 class Ticket:
-    """TICKET M->S: tickets of one sweep. Payload: a command sweep's input frames; for python, ONE frame with
-    every ticket's pickled arguments back to back in ticket order (each entry's `size` says how many bytes)."""
+    """TICKET M->S: tickets of one sweep. Payload: a command sweep's input frames, then the frames of files
+    uploaded into its tasks' sandboxes (`extra`); for python, ONE frame with every ticket's pickled arguments back
+    to back in ticket order (each entry's `size` says how many bytes)."""
 
     COMMAND: ClassVar[Command] = Command.TICKET
     sweep: TicketSweep
     tickets: list[TicketEntry]
+    extra: list[bytes] = field(default_factory=list)
 
     def encode(self) -> list[bytes]:
         shared = self.sweep
@@ -167,7 +171,10 @@ class Ticket:
         else:
             entries = [{"ticket": t.ticket, "task": t.task, "attempt": t.attempt, "params": t.params}
                        for t in self.tickets]
-            payload = shared.frames
+            for entry, t in zip(entries, self.tickets):
+                if t.files:
+                    entry["files"] = [f.fields() for f in t.files]
+            payload = [*shared.frames, *self.extra] if self.extra else shared.frames
         return protocol.encode(self.COMMAND, dict(shared.header(), tickets=entries), payload)
 
     @classmethod
@@ -198,5 +205,17 @@ class Ticket:
                 params = t.get("params")
                 if type(params) is not dict:
                     bad(command, f"tickets[{i}].params", "an object")
-                tickets.append(TicketEntry(ticket, task, attempt, params))
+                tickets.append(TicketEntry(ticket, task, attempt, params, files=_files(h, t, i)))
         return cls(shared, tickets)
+
+
+def _files(h: Header, entry: dict[str, Any], i: int) -> list[InputFile]:
+    """A command ticket's sandbox uploads: `{name, frame}` each, the name a relative path."""
+    out = []
+    for n, item in enumerate(items(h.command, f"tickets[{i}].files", entry.get("files") or [])):
+        where = f"tickets[{i}].files[{n}]"
+        if type(item) is not dict:
+            h.fail(where, "an object")
+        out.append(InputFile(relative_path(h.command, f"{where}.name", item.get("name")),
+                             frame=count(h.command, f"{where}.frame", item.get("frame"), maximum=len(h.payload) - 1)))
+    return out
