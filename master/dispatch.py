@@ -131,5 +131,5 @@ class Dispatch:
                     inputs.append(messages.InputFile(inp.name, template=inp.template))
             cached = self.static[name] = messages.TicketSweep(
                 name, sweep.timeout, sweep.results, command=sweep.command, argv=sweep.argv, env=sweep.env,
-                inputs=inputs, frames=frames, **Placement.ticket_fields(sweep))
+                inputs=inputs, frames=frames, cwd=sweep.cwd, **Placement.ticket_fields(sweep))
         return cached

@@ -403,6 +403,12 @@ class Store:
         ).fetchone()
         return TicketRow(*row) if row else None
 
+    def result_ticket(self, sweep: str, idx: int) -> tuple[str, float | None, float | None] | None:
+        """(slave, run time, finish time) of the ticket whose result a done task kept; None for other tasks."""
+        return self.db.execute(
+            "SELECT k.slave, k.elapsed, k.finished FROM tasks t JOIN tickets k ON k.id = t.ticket "
+            "WHERE t.sweep = ? AND t.idx = ? AND t.state = 'done'", (sweep, idx)).fetchone()
+
     def running_tickets(self) -> list[TicketRow]:
         rows = self.db.execute(
             "SELECT id, sweep, task, slave, attempt, dispatched, state, started FROM tickets WHERE state = 'running'"
@@ -595,18 +601,28 @@ class Store:
         rows = self.db.execute(
             f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks WHERE {where} "
             "ORDER BY idx LIMIT ? OFFSET ?", (*args, limit, offset))
-        return [_task_dict(r) for r in rows]
+        tasks = [_task_dict(r) for r in rows]
+        self._add_attempt_fields(sweep, tasks)
+        return tasks
 
-    def latest_attempts(self, sweep: str, tasks: list[int]) -> dict[int, tuple[str, float, float | None]]:
-        """Each given task's latest ticket: (slave, dispatched, finished), for the tasks that had one."""
-        found: dict[int, tuple[str, float, float | None]] = {}
-        for start in range(0, len(tasks), _MAX_IN):
-            idxs = tasks[start:start + _MAX_IN]
-            rows = self.db.execute(
-                "SELECT task, slave, dispatched, finished FROM tickets WHERE id IN (SELECT max(id) FROM tickets "
-                f"WHERE sweep = ? AND task IN ({','.join('?' * len(idxs))}) GROUP BY task)", (sweep, *idxs))
-            found.update((task, (slave, dispatched, finished)) for task, slave, dispatched, finished in rows)
-        return found
+    def _add_attempt_fields(self, sweep: str, tasks: list[dict[str, Any]]) -> None:
+        """Each task's `slave`, `started`, `elapsed` (so far, while it runs) and `exit_code`: of its accepted (or
+        running) ticket, else of its latest."""
+        if not tasks:
+            return
+        latest = dict(self.db.execute("SELECT task, max(id) FROM tickets WHERE sweep = ? AND task BETWEEN ? AND ? "
+                                      "GROUP BY task", (sweep, tasks[0]["task"], tasks[-1]["task"])).fetchall())
+        chosen = {t["task"]: t["ticket"] or latest.get(t["task"]) for t in tasks}
+        ids = [i for i in chosen.values() if i is not None]
+        found = {r[0]: r[1:] for r in self.db.execute(
+            "SELECT id, slave, coalesce(started, dispatched), finished, elapsed, exit_code FROM tickets "
+            f"WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        now = time.time()
+        for t in tasks:
+            slave, started, finished, elapsed, exit_code = found.get(chosen[t["task"]], (None,) * 5)
+            if elapsed is None and started is not None:
+                elapsed = round((finished or now) - started, 3)
+            t.update(slave=slave, started=started, elapsed=elapsed, exit_code=exit_code)
 
     def finished_per_interval(self, since: float, step: float, sweep: str | None) -> list[tuple[int, str, int]]:
         """(interval, state, tasks) of the tasks done or failed since `since`, interval n covering
@@ -627,7 +643,11 @@ class Store:
         row = self.db.execute(
             f"SELECT idx, params, state, attempts, reason, {_TASK_TICKET}, finished FROM tasks "
             "WHERE sweep = ? AND idx = ?", (sweep, idx)).fetchone()
-        return _task_dict(row) if row else None
+        if row is None:
+            return None
+        task = _task_dict(row)
+        self._add_attempt_fields(sweep, [task])
+        return task
 
     def running_by_slave(self) -> dict[str, tuple[int, int]]:
         """Per slave: (tickets it has started, tickets it holds ready but has not started: prefetched)."""

@@ -57,6 +57,8 @@ class TicketSpec:
     """The TICKET's worker executables by platform."""
     files: list[messages.InputFile] = field(default_factory=list)
     """Files uploaded into the task's sandbox (frames of `payload`), written before the worker starts."""
+    cwd: str = ""
+    """The worker's working directory; "" = its work dir."""
 
     @classmethod
     def batch(cls, msg: messages.Ticket) -> list["TicketSpec"]:
@@ -64,7 +66,8 @@ class TicketSpec:
         a python ticket's payload is its own pickled arguments."""
         s = msg.sweep
         shared = dict(sweep=s.sweep, timeout=float(s.timeout), command=s.command, argv=s.argv, env=s.env,
-                      inputs=s.inputs, results=s.results, kind=s.kind, memory=s.memory, workers=s.workers or None)
+                      inputs=s.inputs, results=s.results, kind=s.kind, memory=s.memory, workers=s.workers or None,
+                      cwd=s.cwd)
         if s.kind == "python":
             return [cls(ticket=t.ticket, task=t.task, attempt=t.attempt, params={}, payload=[t.args], fn=t.fn,
                         **shared) for t in msg.tickets]
@@ -148,6 +151,9 @@ class Worker:
                        "workdir": str(workdir), "attempt": spec.attempt}
         if spec.worker:
             self.values["worker"] = spec.worker
+        if spec.cwd and not os.path.isdir(spec.cwd):
+            raise NotADirectoryError(f"cwd {spec.cwd} is not a directory on slave {slave} (a cwd other than "
+                                     "\"ticket\" needs a filesystem the slaves share with the submitter)")
         values = self.values
         stdin = self._write_inputs(values)
         if spec.command is not None:
@@ -171,7 +177,7 @@ class Worker:
         try:
             # A session, not just a process group (process_group=0 spawns a little faster): a worker of a slave
             # started from a shell must not reach that terminal, e.g. ssh prompting on /dev/tty.
-            self.proc = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdin=self.stdin,
+            self.proc = subprocess.Popen(self.args, cwd=self.spec.cwd or self.workdir, env=self.env, stdin=self.stdin,
                                          stdout=self.stdout, stderr=self.stderr, start_new_session=True)
         finally:
             self.files.close()

@@ -348,9 +348,9 @@ MIX = {
     "name": "mix", "timeout": 30, "max_attempts": 1,
     # x=3 fails; x=2 prints nothing; every task writes two files without a newline, a binary one, an empty one,
     # and one too large to travel inline or to sit in a table cell.
-    "command": "test {x} -ne 3 || exit 3; mkdir -p out; printf x > out/a.bin; printf 'y{x}' > out/b.bin; "
+    "command": "test {x} -ne 3 || exit 3; mkdir -p out; printf x > out/a.bin; printf y{x} > out/b.bin; "
                "printf '\\211PNG\\000\\377' > out/c.bin; : > out/empty.bin; "
-               "head -c 70000 /dev/zero | tr '\\000' z > big.dat; test {x} -eq 2 || echo '{x} {y}'",
+               "head -c 70000 /dev/zero | tr '\\000' z > big.dat; test {x} -eq 2 || echo {x} {y}",
     "parameters": {"jsonl": "p.jsonl"},
     "results": {"out": "stdout", "parts": "file:out/*.bin", "raw": "file:out/c.bin", "big": "file:big.dat"},
     "collect": [{"mode": "concat", "result": "out", "path": "all.out"},

@@ -22,7 +22,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1320,1100"]
 #: A sweep of 40 tasks: 0-9 end at once (2 and 5 fail, for good), the rest sleep: 4 run on the 4 slots.
-MIXED = ('case {x} in 2|5) echo "bad input {x}" >&2; exit 3;; esac; '
+MIXED = ('case {x} in 2|5) echo bad input {x} >&2; exit 3;; esac; '
          'if [ {x} -ge 10 ]; then sleep 60; fi; echo {x}')
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")

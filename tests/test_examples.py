@@ -23,3 +23,4 @@ def test_compress_example_collects_a_size_per_parameter_set(tmp_path: Path) -> N
     assert by[("gzip", "9", "repeat")] < by[("gzip", "9", "random")]  # repetitive data compresses
     blocks = (tmp_path / "ticketfarm-results" / "compress-blocks.txt").read_text()
     assert blocks.count("# task=") == len(params)
+

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.httpcluster import CALLBACK_SECRET, ROOT, TOKEN, HttpCluster, env, spec
+from ticketfarm import exitcodes
 
 API = "/api/v1"
 
@@ -429,7 +430,7 @@ def test_cli_uses_the_http_api(cluster: HttpCluster, tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=30)
 
     r = cli("submit", str(tmp_path / "cli.toml"), token=None)
-    assert r.returncode != 0 and "401" in r.stderr
+    assert r.returncode == exitcodes.REFUSED.code and "401" in r.stderr and "pass --token TOKEN" in r.stderr
     r = cli("submit", str(tmp_path / "cli.toml"))
     assert r.returncode == 0 and "viacli: submitted (2 tasks)" in r.stdout, r.stderr
     cluster.wait_state("viacli", "finished")
@@ -437,6 +438,10 @@ def test_cli_uses_the_http_api(cluster: HttpCluster, tmp_path: Path) -> None:
     assert r.returncode == 0 and re.search(r"viacli\s+finished\s+2\s+2", r.stdout), r.stdout
     r = cli("stats")
     assert r.returncode == 0 and "Slaves" in r.stdout and "viacli" in r.stdout
+    r = cli("tasks", "viacli", "--format", "json")
+    tasks = json.loads(r.stdout)["tasks"]
+    assert [(t["task"], t["state"], t["exit_code"]) for t in tasks] == [(0, "done", 0), (1, "done", 0)], r.stderr
+    assert all(t["slave"] and t["elapsed"] is not None for t in tasks)
     out = tmp_path / "out"
     r = cli("collect", "viacli", "--out", str(out), "--remove")
     assert r.returncode == 0, r.stderr
@@ -444,7 +449,8 @@ def test_cli_uses_the_http_api(cluster: HttpCluster, tmp_path: Path) -> None:
     assert (out / "t.csv").read_text().splitlines() == ["task,a,b,stdout", "0,1,2,1+2", "1,3,4,3+4"]
     assert cluster.get(f"{API}/sweeps/viacli/tasks/0").json()["results"] == []
     r = cli("cancel", "viacli")
-    assert r.returncode != 0 and "409" in r.stderr
+    assert r.returncode == exitcodes.REFUSED.code and "409" in r.stderr
+    assert "`ticketfarm status` shows each sweep's state" in r.stderr
 
 
 # -- in-process: refusal of a remote bind without a token, and 500 with an error id -----------------------------------

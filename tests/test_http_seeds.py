@@ -160,7 +160,7 @@ def test_joblauncher_post_with_prestaged_and_poststaged_files_and_a_callback(clu
 
 
 def test_joblauncher_status_gives_each_task_state_and_exit_code(cluster: HttpCluster) -> None:
-    s = spec("codes", 3, command='echo "x={x}"; exit $(( {x} == 1 ? 3 : 0 ))', max_attempts=1)
+    s = spec("codes", 3, command='echo x={x}; exit $(( {x} == 1 ? 3 : 0 ))', max_attempts=1)
     location = cluster.submit(s).headers["Location"]
     cluster.wait_state("codes", "finished")
     status = cluster.get(f"{location}/status").json()

@@ -387,7 +387,7 @@ def test_pause_and_resume_a_sweep_and_a_task_from_the_cli(master, start_slave, t
     assert again.returncode == 0 and "resumed" in again.stdout
     master.wait_finished("pausable", timeout=20)
     wrong = run_cli("--state", state, "resume", "pausable", "--task", "5", cwd=tmp_path)
-    assert wrong.returncode == 1 and "is done" in wrong.stderr, wrong.stderr
+    assert wrong.returncode == 6 and "is done" in wrong.stderr, wrong.stderr  # refused (docs/CLI.md)
 
 
 # -- housekeeping -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli, write_spec
 from ticketfarm.errors import ConfigError
-from ticketfarm.spec import ParamLines, Sweep, load_spec
+from ticketfarm.spec import ParamLines, Sweep, load_spec, parse_spec
 from ticketfarm.template import render_shell
 
 
@@ -162,3 +162,39 @@ def test_a_submits_rows_travel_as_json_lines_and_hash_to_the_digest_of_the_whole
 def test_rows_that_are_not_json_objects_one_a_line_are_refused(text: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         ParamLines.parse(text)
+
+
+@pytest.mark.parametrize("command, fix", [
+    ("echo '{val}'", "write {val} instead"),
+    ('echo \\"{val}\\"', "write {val} instead"),
+    ('echo \\"out {val}.txt\\" > log', 'write "out "{val}".txt" instead'),
+])
+def test_a_placeholder_inside_quotes_the_user_wrote_is_refused_with_the_fix(tmp_path: Path, command: str,
+                                                                            fix: str) -> None:
+    (tmp_path / "spec.toml").write_text(f'name = "q"\ncommand = "{command}"\n[parameters.grid]\nval = ["a"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_spec(tmp_path / "spec.toml")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'spec.toml'}: command: placeholder {{val}} is inside the quotes of ")
+    assert "shell-quoted already" in message and "runs as shell code" in message and fix in message
+    assert err.value.field == "command"
+
+
+def test_quotes_without_placeholders_pass_and_validate_commands_are_checked_too(tmp_path: Path) -> None:
+    (tmp_path / "spec.toml").write_text('name = "q"\ncommand = "printf \'%s\\\\n\' {v} \\"$(cat {v})\\""\n'
+                                        'validate = "test \'{v}\' = x"\n[parameters.grid]\nv = ["a"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_spec(tmp_path / "spec.toml")
+    assert err.value.field == "validate.command"
+
+
+def test_cwd_is_resolved_where_the_spec_is_loaded_and_refused_from_afar(tmp_path: Path) -> None:
+    base = {"name": "c", "command": "ls"}
+    assert parse_spec({**base, "cwd": "spec"}, tmp_path, "s.toml", submitted_from=Path("/")).cwd == str(tmp_path)
+    assert parse_spec({**base, "cwd": "submit"}, tmp_path, "s.toml", submitted_from=Path("/tmp")).cwd == "/tmp"
+    assert parse_spec({**base, "cwd": "/data/shared"}, tmp_path, "s.toml").cwd == "/data/shared"
+    assert parse_spec(base, tmp_path, "s.toml").cwd == ""
+    with pytest.raises(ConfigError, match="'cwd': 'spec' names a directory of the submitting machine"):
+        parse_spec({**base, "cwd": "spec"}, tmp_path, "s.toml")
+    with pytest.raises(ConfigError, match="field 'cwd' must be one of 'ticket', 'spec', 'submit' or an absolute"):
+        parse_spec({**base, "cwd": "here"}, tmp_path, "s.toml")

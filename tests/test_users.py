@@ -36,6 +36,42 @@ def test_a_failing_pipeline_fails_its_task_with_the_reason_it_gave(tmp_path: Pat
     assert len(failed) == 6
     assert all("exit code 1" in reason and "xz: " in reason and "No such file" in reason for _, _, reason in failed)
     assert "Failed tasks of sizes (6)" in result.stdout and "No such file" in result.stdout
+    assert "note: parameter file = 'a' (and 1 more) names a file beside spec.toml" in result.stderr
+    assert 'set cwd = "spec" in spec.toml' in result.stderr
+
+
+def sizes_of(state: Path, sweep: str, n: int) -> list[int]:
+    store = Store(state / "state.db", readonly=True)
+    try:
+        return [int(store.outputs(sweep, i)["size"].data) for i in range(n)]
+    finally:
+        store.close()
+
+
+def test_cwd_spec_runs_relative_names_beside_the_spec_from_any_directory(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    job.mkdir()
+    write_spec(job, 'cwd = "spec"\n' + XZ_GRID.replace("FILES", '"a", "b"'))
+    (job / "a").write_text("a" * 1000)
+    (job / "b").write_text("b" * 1000)
+    result = run_cli("run", "job/spec.toml", "--local", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(0 < s < 1000 for s in sizes_of(job / ".ticketfarm", "sizes", 6))
+    assert "note:" not in result.stderr
+
+
+def test_cwd_submit_runs_where_the_user_is_and_a_missing_one_says_why(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a").write_text("a" * 1000)
+    write_spec(tmp_path, 'cwd = "submit"\n' + XZ_GRID.replace("FILES", '"a"'))
+    result = run_cli("--state", "../st", "run", "../spec.toml", "--local", "1", cwd=data)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(0 < s < 1000 for s in sizes_of(tmp_path / "st", "sizes", 3))
+    write_spec(tmp_path, f'cwd = "{tmp_path}/gone"\n' + XZ_GRID.replace("FILES", '"a"').replace("sizes", "gone"))
+    result = run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot start worker: cwd {tmp_path}/gone is not a directory on slave local-1" in result.stdout
 
 
 def test_absolute_input_paths_give_real_sizes(tmp_path: Path) -> None:
@@ -93,7 +129,7 @@ def test_retry_failed_reruns_only_failed_tasks_under_a_changed_timeout(tmp_path:
     (tmp_path / "ok-3").touch()
     flaky_spec(tmp_path, "timeout = 30")
     refused = run_cli("--state", "st", "run", "spec.toml", "--local", "2", cwd=tmp_path)
-    assert refused.returncode == 2
+    assert refused.returncode == 6  # refused: the sweep exists with another spec
     assert "(timeout changed)" in refused.stderr and "--retry-failed" in refused.stderr
     retried = run_cli("--state", "st", "run", "spec.toml", "--local", "2", "--retry-failed", cwd=tmp_path)
     assert retried.returncode == 0, retried.stdout + retried.stderr
@@ -114,7 +150,7 @@ def test_retry_failed_refuses_a_spec_changed_beyond_timeout_and_attempts(tmp_pat
     assert run_cli("--state", "st", "run", "spec.toml", "--local", "1", cwd=tmp_path).returncode == 1
     (tmp_path / "spec.toml").write_text((tmp_path / "spec.toml").read_text().replace("echo {n}\"", "echo x{n}\""))
     result = run_cli("--state", "st", "run", "spec.toml", "--local", "1", "--retry-failed", cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 6
     assert "a retry may change only timeout, max_attempts, but command differs" in result.stderr
     assert "ticketfarm forget flaky" in result.stderr
     assert runs(tmp_path) == [0, 1, 2, 3]
@@ -136,7 +172,7 @@ def test_retry_one_task_without_a_master_then_run_resumes_it(tmp_path: Path) -> 
     finally:
         store.close()
     bad = run_cli("--state", "st", "retry", "flaky", "--task", "2", cwd=tmp_path)
-    assert bad.returncode == 1 and "task 2 of 'flaky' is done: only a failed or cancelled task" in bad.stderr
+    assert bad.returncode == 6 and "task 2 of 'flaky' is done: only a failed or cancelled task" in bad.stderr
 
 
 def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
@@ -154,7 +190,7 @@ def test_forget_deletes_a_sweep_so_its_name_starts_anew(tmp_path: Path) -> None:
     assert "resuming" not in again.stderr
     assert runs(tmp_path) == [0, 0, 1, 1, 2, 2, 3, 3]
     gone = run_cli("--state", "st", "forget", "nosuch", "--yes", cwd=tmp_path)
-    assert gone.returncode == 1 and "no sweep named 'nosuch'" in gone.stderr
+    assert gone.returncode == 6 and "no sweep named 'nosuch'" in gone.stderr
 
 
 COUNTED = """

@@ -130,7 +130,8 @@ def _list(args: argparse.Namespace, connect: Connect) -> int:
 def _stored_listing(state: Path) -> dict[str, Any]:
     path = state / "state.db"
     if not path.exists():
-        raise ConfigError(f"{state}: no ticketfarm state here (no state.db)")
+        raise ConfigError(f"{state}: no ticketfarm state here (no state.db): pass --state DIR of the master's "
+                          "state dir")
     store = Store(path, readonly=True)
     try:
         jobs = store.alloc_jobs()

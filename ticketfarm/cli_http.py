@@ -1,4 +1,4 @@
-"""The CLI's status, stats, submit, cancel, collect and token commands when they go through the HTTP API."""
+"""The CLI's submit, cancel, collect and token commands when they go through the HTTP API."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from master.collect import READ_SIZE, claim, parts, tar_entries, write_chunks, write_entries
 from master.config import load_master_config, master_config_path
-from master.stats import status_table, table
+from master.stats import table
 from master.web.tokens import (
     SCOPES,
     add_token,
@@ -70,16 +70,6 @@ def _has_control_keys(args: argparse.Namespace, config: Any) -> bool:
         return False
 
 
-def status(api: ApiClient) -> int:
-    print(status_table(api.get(f"{API}/status")["sweeps"]))
-    return 0
-
-
-def stats(api: ApiClient) -> int:
-    print(api.get(f"{API}/stats")["report"])
-    return 0
-
-
 def cancel(api: ApiClient, sweep: str) -> int:
     api.post(f"{API}/sweeps/{quote(sweep, safe='')}/cancel")
     print(f"{sweep}: cancelled")
@@ -90,6 +80,8 @@ def submit(api: ApiClient, spec_path: Path, callback: str | None = None, secret:
     """Validate the spec here (errors name file and line), then send it with the files it names."""
     sweep = load_spec(spec_path)
     spec, files = spec_with_files(spec_path)
+    if sweep.cwd:
+        spec["cwd"] = sweep.cwd  # "spec" and "submit" mean this machine's directories, resolved here
     body: dict[str, Any] = {"spec": spec, "files": files}
     if callback:
         body["status_callback_url"] = callback
@@ -175,7 +167,8 @@ def token_add(state_dir: Path, name: str, scopes: list[str]) -> int:
 
 def token_revoke(state_dir: Path, name: str) -> int:
     if not revoke_token(state_dir, name):
-        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}", field="name")
+        raise ConfigError(f"no token named {name!r} in {tokens_path(state_dir)}; `ticketfarm token list` shows them",
+                          field="name")
     print(f"revoked {name!r}: refused from now on")
     return 0
 

@@ -140,7 +140,7 @@ def init_state_keys(state_dir: Path) -> list[Path]:
 def add_slave(state_dir: Path, name: str) -> tuple[Path, Path]:
     """A per-host slave keypair under keys/slaves/, authorised for slave name `name` only."""
     if not name or "/" in name or name.startswith("."):
-        raise KeyFileError(f"bad slave name {name!r}")
+        raise KeyFileError(f"bad slave name {name!r}: use a host-like name (no '/', not starting with '.')")
     public, secret = ensure_keypair(keys_dir(state_dir) / "slaves", name, {"slave-names": name})
     authorize(state_dir, SLAVE, name, public, replace=False)
     return public, secret
@@ -374,7 +374,8 @@ def client_keys_for(state_dir: Path | None, keys: Path | str | None = None) -> C
     if explicit:
         found = ClientKeys.from_dir(explicit)
         if found is None:
-            raise KeyFileError(f"{explicit}: no master.key and client.key_secret here")
+            raise KeyFileError(f"{explicit}: no master.key and client.key_secret here: copy them from the master's "
+                               "state dir (STATE/keys), or pass --keys DIR of a dir that holds them")
         return found
     if state_dir is None:
         return None
@@ -430,7 +431,8 @@ def run(args: argparse.Namespace) -> int:
             print(authorize(state, args.role, args.name, args.public_key))
         elif args.keys_command == "revoke":
             if not revoke(state, args.role, args.name):
-                print(f"no authorised {args.role} key named {args.name!r}", file=sys.stderr)
+                print(f"no authorised {args.role} key named {args.name!r}; `ticketfarm keys list` shows them",
+                      file=sys.stderr)
                 return 1
             print(f"revoked {args.role} {args.name}")
         elif args.keys_command == "list":

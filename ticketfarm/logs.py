@@ -6,6 +6,9 @@ import sys
 
 import structlog
 
+#: The log levels `--log-level` (and $TICKETFARM_LOG) may name, from the most to the least talkative.
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
 
 def configure_logging(level: str = "warning", json: bool = False) -> None:
     """Route structlog to stderr at `level`; key=value text, or JSON lines when `json`."""

@@ -29,7 +29,10 @@ MAX_TASKS = 5_000_000
 MAX_PARAMETER_FILE = 512 * 1024 * 1024
 SPEC_KEYS = {"name", "command", "argv", "timeout", "max_attempts", "priority", "env",
              "parameters", "inputs", "results", "collect",
-             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory", "slaves"}
+             "workers", "validate", "speculate", "max_concurrent", "cpus", "memory", "slaves", "cwd"}
+#: Where `cwd` may point besides an absolute path: each ticket's fresh work dir (the default), the spec's directory,
+#: or the directory the sweep was submitted from.
+CWD_CHOICES = ("ticket", "spec", "submit")
 #: Platform tags look like `linux-x86_64`: the slave's sys.platform and machine, lower case.
 PLATFORM_RE = re.compile(r"^[a-z0-9_]+-[a-z0-9_.]+$")
 
@@ -103,6 +106,8 @@ class Sweep:
     """MiB one task may use: a slave takes it only with that much free, and kills a worker using more (0 = no limit)."""
     slaves: list[str] = field(default_factory=list)
     """The slaves (by name) its tickets may go to; empty = any slave (a pin: `slaves = ["h1", "h2"]`)."""
+    cwd: str = ""
+    """The workers' working directory, an absolute path ("" = each ticket's own fresh work dir, `{workdir}`)."""
 
     @property
     def restricted(self) -> bool:
@@ -201,14 +206,42 @@ class ParamLines:
         return (line[:-1] for line in io.StringIO(self.text))
 
 
+def files_left_behind(sweep: Sweep, spec_dir: Path, limit: int = 1000) -> list[tuple[str, str]]:
+    """(parameter, value) pairs of the first `limit` tasks naming a file beside the spec by a relative name, which
+    a worker in its fresh work dir (cwd = "ticket") will not find there unless an input puts it there."""
+    if sweep.cwd or sweep.kind != "command":
+        return []
+    shipped = {i.name for i in sweep.inputs}
+    found: dict[tuple[str, str], None] = {}
+    for row in sweep.params[:limit]:
+        for key, value in row.items():
+            if isinstance(value, str) and value not in shipped and _names_file(spec_dir, value):
+                found[(key, value)] = None
+    return list(found)
+
+
+def _names_file(spec_dir: Path, value: str) -> bool:
+    if not value or value.startswith("/") or "\n" in value or len(value) > 1024:
+        return False
+    try:
+        return (spec_dir / value).exists()
+    except OSError:  # a name too long for this filesystem names nothing
+        return False
+
+
 def load_spec(path: Path) -> Sweep:
-    """Read and validate a sweep spec; every error names the file (and line or field)."""
+    """Read and validate a sweep spec; every error names the file (and line or field).
+
+    Relative names in it are the spec's directory's; `cwd = "submit"` is the current directory's.
+    """
     path = Path(path)
     data = load_toml(path)
-    return parse_spec(data, path.parent, str(path))
+    return parse_spec(data, path.parent, str(path), submitted_from=Path.cwd())
 
 
-def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
+def parse_spec(data: dict[str, Any], base: Path, source: str, submitted_from: Path | None = None) -> Sweep:
+    """A sweep from a spec's table; `base` holds the files it names, `submitted_from` is the submitter's directory
+    (None: submitted from afar, where `cwd = "spec"` or `"submit"` would name no directory the slaves know)."""
     unknown = set(data) - SPEC_KEYS
     if unknown:
         key = sorted(unknown)[0]
@@ -245,6 +278,7 @@ def parse_spec(data: dict[str, Any], base: Path, source: str) -> Sweep:
     sweep.cpus = _get(data, "cpus", int, source, 0)
     sweep.memory = _load_memory(data.get("memory", 0), source)
     sweep.slaves = _load_slaves(data.get("slaves", []), source)
+    sweep.cwd = _load_cwd(data.get("cwd", "ticket"), base, submitted_from, source)
     for key in ("speculate", "max_concurrent", "cpus"):
         if getattr(sweep, key) < 0:
             raise ConfigError(f"{source}: field {key!r} must be >= 0", field=key)
@@ -550,6 +584,21 @@ def _load_slaves(value: Any, source: str) -> list[str]:
     return list(value)
 
 
+def _load_cwd(value: Any, base: Path, submitted_from: Path | None, source: str) -> str:
+    """cwd = "ticket" | "spec" | "submit" | an absolute path: resolved now, on the submitter's machine (an absolute
+    path is not checked here: it may exist only on the slaves' shared filesystem)."""
+    if not isinstance(value, str) or not (value in CWD_CHOICES or value.startswith("/")):
+        raise ConfigError(f"{source}: field 'cwd' must be one of {', '.join(map(repr, CWD_CHOICES))} or an absolute "
+                          f"path, got {value!r}", field="cwd")
+    if value == "ticket":
+        return ""
+    if value in ("spec", "submit") and submitted_from is None:
+        raise ConfigError(f"{source}: field 'cwd': {value!r} names a directory of the submitting machine, which "
+                          "a remote submission does not have: give an absolute path the slaves share", field="cwd")
+    where = {"spec": base, "submit": submitted_from}.get(value) or Path(value)
+    return str(where.resolve())
+
+
 def _load_memory(value: Any, source: str) -> int:
     """memory = MiB as an integer, or a string with a unit: "512M", "2G"."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -571,6 +620,7 @@ def _check_templates(sweep: Sweep, source: str) -> None:
                               field="parameters")
     if sweep.command is not None:
         template.check(sweep.command, known, source, "command")
+        template.check_shell(sweep.command, source, "command")
     for n, arg in enumerate(sweep.argv or []):
         template.check(arg, known, source, f"argv[{n}]")
     for n, inp in enumerate(sweep.inputs):
@@ -580,3 +630,4 @@ def _check_templates(sweep: Sweep, source: str) -> None:
         template.check(src, known, source, f"results.{name}")
     if sweep.validate is not None and sweep.validate.command is not None:
         template.check(sweep.validate.command, [*known, "results"], source, "validate.command")
+        template.check_shell(sweep.validate.command, source, "validate.command")

@@ -88,6 +88,7 @@ class SlaveRow(stats_model(SlaveStats, "SlaveTotals")):  # type: ignore[misc]
 
 class SlaveList(BaseModel):
     slaves: list[SlaveRow]
+    time: float = Field(description="when this answer was made (seconds since the epoch)")
 
 
 class Failure(BaseModel):
@@ -143,9 +144,12 @@ class Task(BaseModel):
     reason: str | None
     ticket: int | None
     finished: float | None
-    slave: str | None = Field(description="where its latest attempt ran (null before one was dispatched)")
-    started: float | None = Field(description="when its latest attempt was dispatched")
-    elapsed: float | None = Field(description="seconds its latest attempt ran (so far, while it runs)")
+    slave: str | None = Field(None, description="the slave of the task's accepted (or running) ticket, else of "
+                                                "its latest attempt (null before one was dispatched)")
+    started: float | None = Field(None, description="when that attempt started (dispatched, if not started yet)")
+    elapsed: float | None = Field(None, description="that attempt's run time in seconds (so far, while it runs)")
+    exit_code: int | None = Field(None, description="that attempt's exit code (null until it finished, or when it "
+                                                    "was killed)")
 
 
 class TaskPage(BaseModel):

@@ -114,7 +114,7 @@ def list_tasks(request: Request, sweep: str = SweepName, state: models.TaskState
     row = sweep_row(request, sweep)
     counts = store.task_counts(row.name)
     total = counts.get(state, 0) if state else sum(counts.values())
-    tasks = views.tasks_json(store, row.name, store.tasks_page(row.name, state, offset, limit))
+    tasks = store.tasks_page(row.name, state, offset, limit)
     return Json({"sweep": row.name, "state": state, "offset": offset, "limit": limit, "total": total,
                  "next": offset + limit if offset + limit < total else None, "tasks": tasks})
 
@@ -127,7 +127,6 @@ def get_task(request: Request, sweep: str = SweepName, task: int = TaskIndex) ->
     found = store.task(row.name, task)
     if found is None:
         raise ApiError("not_found", f"sweep {row.name!r} has no task {task}")
-    views.tasks_json(store, row.name, [found])
     found["attempts_list"] = store.attempts_of(row.name, task)
     found["results"] = [{"name": o.name, "size": o.size,
                          "url": f"{API}/sweeps/{row.name}/tasks/{task}/results/{o.name}"}

@@ -70,20 +70,25 @@ def slave_counts(slaves: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def status_json(ctx: WebContext) -> dict[str, Any]:
-    store = ctx.store()
-    live = live_slaves(ctx)
+    return status_body(ctx.store(), live_slaves(ctx), uptime(ctx))
+
+
+def status_body(store: Store, live: dict[str, Any] | None, up: float | None) -> dict[str, Any]:
+    """/status from a store (the CLI's `status --format json` too); `live` is the master's view, `up` its uptime."""
     slaves = slaves_json(store, live)
-    return {"time": time.time(), "uptime": uptime(ctx), "sweeps": sweeps_json(store),
+    return {"time": time.time(), "uptime": up, "sweeps": sweeps_json(store),
             "slaves": slave_counts(slaves), "last_event": store.last_event_id()}
 
 
 def stats_json(ctx: WebContext) -> dict[str, Any]:
+    return stats_body(ctx.store(), live_slaves(ctx), uptime(ctx))
+
+
+def stats_body(store: Store, live: dict[str, Any] | None, up: float | None) -> dict[str, Any]:
     """What /status says about sweeps and slave counts, with each slave's row, failures and the text report."""
-    store = ctx.store()
-    live = live_slaves(ctx)
     sweeps = sweeps_json(store)
     slaves = slaves_json(store, live)
-    return {"time": time.time(), "uptime": uptime(ctx), "sweeps": sweeps, "slaves": slaves,
+    return {"time": time.time(), "uptime": up, "sweeps": sweeps, "slaves": slaves,
             "slave_counts": slave_counts(slaves), "last_event": store.last_event_id(),
             "failures": {s["name"]: [{"task": i, "params": p, "reason": r}
                                      for i, p, r in store.failed_tasks(s["name"])[:100]] for s in sweeps if s["failed"]},
@@ -93,17 +98,6 @@ def stats_json(ctx: WebContext) -> dict[str, Any]:
 def uptime(ctx: WebContext) -> float | None:
     started = ctx.master.started
     return round(time.time() - started, 3) if started is not None else None
-
-
-def tasks_json(store: Store, sweep: str, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Task rows with where and since when their latest attempt ran (`elapsed` grows while it runs)."""
-    latest = store.latest_attempts(sweep, [t["task"] for t in tasks])
-    now = time.time()
-    for t in tasks:
-        slave, started, finished = latest.get(t["task"], (None, None, None))
-        t.update(slave=slave, started=started,
-                 elapsed=None if started is None else round((finished or now) - started, 3))
-    return tasks
 
 
 def throughput_json(store: Store, sweep: str | None, window: float, intervals: int, end: float) -> dict[str, Any]:

@@ -11,19 +11,24 @@ from ticketfarm import messages
 from ticketfarm.errors import MasterUnreachable
 from ticketfarm.keys import ClientKeys, dealer
 
+#: The next step when no master answers.
+START_ONE = ("start one with `ticketfarm master` (same --state), or run with `--local` (Python: Cluster(local=N)), "
+             "or name another with --master ADDRESS")
+
 
 def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | None = None,
             **fields: Any) -> dict[str, Any]:
     """Send one CONTROL operation and wait for its REPLY (CURVE-encrypted with `keys`, else plain TCP)."""
     if not listening(endpoint):
-        raise MasterUnreachable(f"no master runs at {endpoint} (nothing listens there)")
+        raise MasterUnreachable(f"no master runs at {endpoint} (nothing listens there): {START_ONE}")
     ctx = zmq.Context.instance()
     sock = dealer(ctx, endpoint, keys)
     try:
         sock.send_multipart(messages.Control(op, fields).encode())
         if not sock.poll(int(timeout * 1000)):
-            hint = "" if keys is not None else " (no client keys given: a CURVE master ignores plain TCP; see --keys)"
-            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s{hint}")
+            hint = START_ONE if keys is not None else ("no client keys were given, and a CURVE master ignores plain "
+                                                       "TCP: pass --keys DIR (master.key, client.key_secret)")
+            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s: {hint}")
         msg = messages.decode(sock.recv_multipart())
         if not isinstance(msg, messages.Reply):
             raise MasterUnreachable(f"unexpected answer {msg.COMMAND.name} from {endpoint}")

@@ -45,7 +45,9 @@ class ApiClient:
                 err = {"code": "http_error", "message": raw.decode(errors="replace")[:200] or exc.reason}
             raise ApiRefused(exc.code, err.get("code", "?"), err.get("message", ""), err.get("field", "")) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise MasterUnreachable(f"no HTTP API at {self.base}: {getattr(exc, 'reason', exc)}") from None
+            raise MasterUnreachable(f"no HTTP API at {self.base}: {getattr(exc, 'reason', exc)}: start the master "
+                                    "with http_bind set in master.toml (or `ticketfarm http`), or pass --http URL "
+                                    "of a running one") from None
 
     def get(self, path: str) -> Any:
         with self._open("GET", path) as response:

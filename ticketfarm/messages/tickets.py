@@ -54,6 +54,8 @@ class TicketSweep:
     memory: int = 0
     """MiB limit per task (0 = none)."""
     cpus: int = 0
+    cwd: str = ""
+    """The workers' working directory, an absolute path; "" = each ticket's own work dir."""
     frames: list[bytes] = field(default_factory=list)
     """A command sweep's literal input contents, the payload frames its `inputs` refer to by index."""
     _header: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -78,6 +80,8 @@ class TicketSweep:
                 header["memory"] = self.memory
             if self.cpus:
                 header["cpus"] = self.cpus
+            if self.cwd:
+                header["cwd"] = self.cwd
             self._header = header
         return self._header
 
@@ -92,7 +96,14 @@ class TicketSweep:
             h.fail("command", "given, or else argv (exactly one of them)")
         return cls(h.text("sweep", empty=False), timeout, h.text_map("results"), kind, command, argv,
                    h.text_map("env", {}), _inputs(h), _workers(h), h.count("memory", 0), h.count("cpus", 0),
-                   h.payload if kind == "command" else [])
+                   _cwd(h), h.payload if kind == "command" else [])
+
+
+def _cwd(h: Header) -> str:
+    cwd = h.text("cwd", "", limit=4096)
+    if cwd and not cwd.startswith("/"):
+        h.fail("cwd", "an absolute path")
+    return cwd
 
 
 def _argv(h: Header) -> list[str] | None:
