@@ -120,10 +120,13 @@ class ConnectionWatch:
 
 
 def peer_address(fd: int) -> str:
-    """host:port of the peer on a descriptor libzmq owns (read through a duplicate, which is closed)."""
+    """host:port of the peer on a descriptor libzmq owns (read through a duplicate, which is closed); "local" for
+    an ipc:// peer, whose Unix socket has no address."""
     try:
         with socket.socket(fileno=socket.dup(fd)) as sock:
-            host, port = sock.getpeername()[:2]
-        return f"{host}:{port}"
+            address = sock.getpeername()
     except OSError:
         return "unknown"
+    if not isinstance(address, tuple):
+        return "local"
+    return f"{address[0]}:{address[1]}"

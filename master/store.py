@@ -403,6 +403,12 @@ class Store:
         ).fetchone()
         return TicketRow(*row) if row else None
 
+    def result_ticket(self, sweep: str, idx: int) -> tuple[str, float | None, float | None] | None:
+        """(slave, run time, finish time) of the ticket whose result a done task kept; None for other tasks."""
+        return self.db.execute(
+            "SELECT k.slave, k.elapsed, k.finished FROM tasks t JOIN tickets k ON k.id = t.ticket "
+            "WHERE t.sweep = ? AND t.idx = ? AND t.state = 'done'", (sweep, idx)).fetchone()
+
     def running_tickets(self) -> list[TicketRow]:
         rows = self.db.execute(
             "SELECT id, sweep, task, slave, attempt, dispatched, state, started FROM tickets WHERE state = 'running'"

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("master", "slave", "ticketfarm")
 #: ticketfarm modules that are client code (they may import master and slave); the rest is the shared core.
 CLIENT = ("ticketfarm.client", "ticketfarm.cli", "ticketfarm.cli_http", "ticketfarm.deploy", "ticketfarm.rollout",
-          "ticketfarm.__main__")
+          "ticketfarm.parallel", "ticketfarm.__main__")
 #: Underscore attributes that are a public API despite their name (the stdlib's own conventions).
 PUBLIC_UNDERSCORE = {"_exit", "_replace", "_asdict", "_fields", "_make", "_getframe"}
 

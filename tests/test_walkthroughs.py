@@ -30,8 +30,10 @@ RUN_BY = {
         "cluster": "test_walkthroughs.py::test_readme_cluster_runs_a_sweep_on_a_slave_of_its_own",
         "slurm": "test_slurm.py::test_the_readme_walkthrough_runs_a_sweep_on_slurm_slaves",
         "python": "test_walkthroughs.py::test_readme_python_example_prints_what_it_says",
+        "parallel": "test_parallel.py::test_walkthroughs_print_what_the_docs_show",
     },
     "docs/CLI.md": {"completion": "test_cli.py::test_bash_completes_verbs_and_options"},
+    "docs/PARALLEL.md": {"parallel-tour": "test_parallel.py::test_walkthroughs_print_what_the_docs_show"},
     "docs/DEPLOY.md": {name: "test_ansible.py::test_the_page_has_every_walkthrough_step" for name in (
         "hosts", "master", "first-deploy", "second-run", "sweep", "rolling-restart", "stop-start", "remove-host",
         "master-on-host", "master-on-host-again", "remove-all")},

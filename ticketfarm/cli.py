@@ -33,6 +33,7 @@ from ticketfarm.client.control import control
 from ticketfarm.client.statedir import default_state_dir, state_dir_for
 from ticketfarm.errors import ConfigError, MasterRefused, MasterUnreachable, TicketfarmError
 from ticketfarm.logs import configure_logging
+from ticketfarm.parallel import command as parallel_command
 
 
 def entry() -> NoReturn:
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("completion", help="print a shell completion script: bash or zsh (see docs/CLI.md)")
     p.add_argument("shell", choices=("bash", "zsh"))
     p.set_defaults(func=cmd_completion)
+    parallel_command.add_parser(sub)
     try:
         from ticketfarm.deploy import add_deploy_parser
     except ImportError:

@@ -151,3 +151,8 @@ class TaskUnreachable(TicketfarmError):
 
     def __reduce__(self):
         return (type(self), (self.code, str(self)))
+
+
+class ParallelUsage(ConfigError):
+    """A `ticketfarm parallel` command line that cannot run: an unsupported GNU parallel option or replacement
+    string (named), a bad value, or a missing input file; `ticketfarm parallel` exits 255 on it, as parallel does."""

@@ -57,6 +57,7 @@ BY_ERROR: dict[type[BaseException], ExitCode] = {
     errors.RemoteTraceback: FAILED,
     errors.ResultMissing: FAILED,
     errors.TaskUnreachable: REFUSED,
+    errors.ParallelUsage: USAGE,
     errors.DeployError: DEPLOY,
     errors.RolloutError: DEPLOY,
     KeyboardInterrupt: INTERRUPTED,

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 from master.config import (
     MasterConfig,
@@ -22,7 +27,10 @@ class LocalCluster:
     """A master (in this process) and `n` local slaves (child processes), cleaned up on close()."""
 
     def __init__(self, state_dir: Path, n: int, slots: int = 1, config: MasterConfig | None = None,
-                 log_level: str = "warning", slave_args: tuple[str, ...] = (), http_bind: str | None = None):
+                 log_level: str = "warning", slave_args: tuple[str, ...] = (), http_bind: str | None = None,
+                 fork: bool = False):
+        """`fork`: the slaves are forked from this process, which must have no threads yet (see ForkedSlave), and
+        meet the master at a Unix socket in `state_dir` (whose path must be short: about 100 bytes at most)."""
         self.state_dir = Path(state_dir)
         self.slave_args = tuple(slave_args)
         if config is None:
@@ -34,28 +42,36 @@ class LocalCluster:
         config.slave_exit_when_done = True
         if http_bind:
             config.http_bind = http_bind
+        self.config = config
+        self.slaves: list[subprocess.Popen[bytes] | ForkedSlave] = []
+        if fork:
+            # Forked before the master exists (its threads and sockets must not be copied), the slaves meet it at
+            # a Unix socket of the state dir named in advance; the keys they need are made first.
+            if not config.insecure:
+                keys.init_state_keys(self.state_dir)
+            config.bind = f"ipc://{self.state_dir.resolve()}/master.ipc"
+            self.slaves = [ForkedSlave(self._slave_args(f"local-{i}", config.bind, slots, log_level))
+                           for i in range(1, n + 1)]
         self.master = Master(config, self.state_dir)
-        self.slaves: list[subprocess.Popen[bytes]] = []
-        for i in range(1, n + 1):
-            self.slaves.append(self._start_slave(f"local-{i}", slots, log_level))
+        if not fork:
+            self.slaves = [subprocess.Popen([sys.executable, "-m", "slave",
+                                             *self._slave_args(f"local-{i}", self.master.endpoint, slots, log_level)],
+                                            stdin=subprocess.DEVNULL) for i in range(1, n + 1)]
         self.master.runnability.expect(self._slaves_starting)
 
     def _slaves_starting(self) -> bool:
         """Some local slave is alive but not connected yet."""
         return len(self.master.roster) < sum(proc.poll() is None for proc in self.slaves)
 
-    def _start_slave(self, name: str, slots: int, log_level: str) -> subprocess.Popen[bytes]:
-        cfg = self.master.config
-        cmd = [sys.executable, "-m", "slave", "--master", self.master.endpoint, "--name", name,
-               "--slots", str(slots), "--work-root", str(self.state_dir / "work" / name),
-               "--heartbeat", str(cfg.heartbeat_interval), "--exit-on-shutdown", "--log-level", log_level,
-               "--parent-pid", str(os.getpid()),
-               *self.security_args(), *self.slave_args]
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    def _slave_args(self, name: str, endpoint: str, slots: int, log_level: str) -> list[str]:
+        return ["--master", endpoint, "--name", name, "--slots", str(slots),
+                "--work-root", str(self.state_dir / "work" / name), "--heartbeat", str(self.config.heartbeat_interval),
+                "--exit-on-shutdown", "--log-level", log_level, "--parent-pid", str(os.getpid()),
+                *self.security_args(), *self.slave_args]
 
     def security_args(self) -> list[str]:
         """Local slaves use the state dir's shared slave key (CURVE even on loopback), or --insecure."""
-        if self.master.config.insecure:
+        if self.config.insecure:
             return ["--insecure"]
         kdir = keys.keys_dir(self.state_dir)
         return ["--master-key", str(kdir / "master.key"), "--secret-key", str(kdir / "slave.key_secret")]
@@ -86,9 +102,94 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._wait_for_watchdogs()
+
+    def _wait_for_watchdogs(self) -> None:
+        """Once close() returns, nothing of this cluster touches the state dir (which may then be removed): the
+        watchdog of a slave that ended in order has nothing left to guard (its workers are killed) and is ended
+        now, it may still be starting; that of one that did not is waited for while it kills what is left."""
+        marks = {f"{self.state_dir.resolve() / 'work' / f'local-{i}'}/.tf-watchdog-{p.pid}": p.returncode == 0
+                 for i, p in enumerate(self.slaves, 1)}
+        waiting = []
+        for proc in psutil.process_iter(["cmdline"]):
+            found = [orderly for mark, orderly in marks.items() if mark in (proc.info["cmdline"] or ())]
+            if found and found[0]:
+                _kill_quietly(proc)
+            if found:
+                waiting.append(proc)
+        deadline = time.monotonic() + 10
+        while any(_alive(proc) for proc in waiting) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def __enter__(self) -> "LocalCluster":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """Still running: a zombie is done (its reaper, init for an orphan, may take its time)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _kill_quietly(proc: psutil.Process) -> None:
+    try:
+        proc.kill()
+    except psutil.Error:
+        pass
+
+
+class ForkedSlave:
+    """A slave daemon in a child forked from this process (which has imported it already): it starts in
+    milliseconds, where a new interpreter takes most of a second. Fork only from a process without threads.
+
+    Has the parts of subprocess.Popen that LocalCluster uses.
+    """
+
+    def __init__(self, argv: list[str]):
+        from slave import daemon
+
+        self.returncode: int | None = None
+        sys.stdout.flush()  # what this process buffered is its own to write, not the child's too
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                code = daemon.main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - the child's last word; it must never return into the parent's code
+                traceback.print_exc()
+            finally:
+                os._exit(code or 0)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"slave {self.pid}", timeout or 0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
