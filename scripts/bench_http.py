@@ -13,7 +13,7 @@ request bytes written by hand) and the script reports what every party burned: C
 pollers, the HTTP process, the master and the slaves (with their workers), and the load average before and
 after. A slowdown with the pollers' own CPU near a core says more about the machine than about the master.
 
-    python scripts/bench_http.py [--tasks 1000] [--pollers 100] [--interval 0.1] [--rounds 3] [--http-nice 10]
+    python scripts/bench_http.py [--tasks 1000] [--pollers 100] [--interval 0.1] [--rounds 5] [--http-nice 10]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from tests.httpcluster import HttpCluster  # noqa: E402
 
 
-async def client(host: str, port: int, interval: float, stop: Any, took: list[float], errors: list[str]) -> None:
+async def client(host: str, port: int, interval: float, stop: Any, took: list[float], ages: list[float],
+                 errors: list[str]) -> None:
     """One poller: a keep-alive connection, GET /api/v1/status, read the answer, wait `interval`, again."""
     request = f"GET /api/v1/status HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
     reader, writer = await asyncio.open_connection(host, port)
@@ -49,8 +50,10 @@ async def client(host: str, port: int, interval: float, stop: Any, took: list[fl
                           if line.lower().startswith(b"content-length:"))
             body = await reader.readexactly(length)
             took.append(time.perf_counter() - t0)
-            if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"{"):
+            if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b'{"time":'):
                 errors.append(head.split(b"\r\n", 1)[0].decode())
+            else:  # how old the (cached) answer was: a cache must not buy its speed with stale answers
+                ages.append(time.time() - float(body[8:body.index(b",")]))
             await asyncio.sleep(interval)
     except (OSError, asyncio.IncompleteReadError) as exc:
         errors.append(repr(exc))
@@ -59,22 +62,24 @@ async def client(host: str, port: int, interval: float, stop: Any, took: list[fl
 
 
 def poll(url: str, clients: int, interval: float, stop: Any, results: Any) -> None:
-    """The pollers' process: `clients` coroutines until `stop`; puts (latencies, errors, CPU seconds, wall seconds)."""
+    """The pollers' process: `clients` coroutines until `stop`; puts (latencies, answers' ages, errors, CPU seconds,
+    wall seconds)."""
     import uvloop
 
     host, port = url.removeprefix("http://").rsplit(":", 1)
     took: list[float] = []
+    ages: list[float] = []
     errors: list[str] = []
 
     async def main() -> None:
-        tasks = [asyncio.create_task(client(host, int(port), interval, stop, took, errors)) for _ in range(clients)]
+        tasks = [asyncio.create_task(client(host, int(port), interval, stop, took, ages, errors)) for _ in range(clients)]
         while not stop.is_set():
             await asyncio.sleep(0.05)
         await asyncio.gather(*tasks)
 
     cpu0, t0 = time.process_time(), time.perf_counter()
     uvloop.run(main())
-    results.put((took, errors, time.process_time() - cpu0, time.perf_counter() - t0))
+    results.put((took, ages, errors, time.process_time() - cpu0, time.perf_counter() - t0))
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Round:
     requests: float
     p50: float
     p99: float
+    oldest: float
     errors: int
     cpu_alone: dict[str, float]
     cpu_loaded: dict[str, float]
@@ -152,12 +158,13 @@ def one_round(c: HttpCluster, m: CpuMeter, i: int, args: argparse.Namespace) -> 
     time.sleep(1.0)  # every poller connected and settled
     loaded, cpu_loaded, wall = measure(c, m, f"loaded-{i}", args.tasks)
     stop.set()
-    took, errors, poller_cpu, poller_wall = results.get(timeout=60)
+    took, ages, errors, poller_cpu, poller_wall = results.get(timeout=60)
     proc.join(30)
     took.sort()
     cpu_loaded["pollers"] = poller_cpu / poller_wall
     return Round(alone, loaded, len(took) / poller_wall, took[len(took) // 2] if took else float("nan"),
-                 took[int(len(took) * 0.99)] if took else float("nan"), len(errors), cpu_alone, cpu_loaded)
+                 took[int(len(took) * 0.99)] if took else float("nan"), max(ages, default=float("nan")), len(errors),
+                 cpu_alone, cpu_loaded)
 
 
 def cpu_line(cpu: dict[str, float]) -> str:
@@ -169,7 +176,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--pollers", type=int, default=100)
     ap.add_argument("--interval", type=float, default=0.1, help="seconds each poller waits between requests")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--slaves", type=int, default=2)
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--http-nice", type=int, default=None, help="http_nice of the master (default: its default)")
@@ -188,7 +195,7 @@ def main() -> int:
                 rounds.append(r)
                 print(f"round {i + 1}: alone {r.alone:6.1f} tasks/s, with {args.pollers} pollers {r.loaded:6.1f} "
                       f"tasks/s ({r.requests:.0f} status requests/s, p50 {r.p50 * 1000:.1f} ms, p99 "
-                      f"{r.p99 * 1000:.1f} ms, {r.errors} errors)\n"
+                      f"{r.p99 * 1000:.1f} ms, answers at most {r.oldest:.2f} s old, {r.errors} errors)\n"
                       f"  CPU s/s alone: {cpu_line(r.cpu_alone)}\n  CPU s/s polled: {cpu_line(r.cpu_loaded)}",
                       flush=True)
         finally:
@@ -203,7 +210,11 @@ def main() -> int:
     print(f"dispatch rate with {args.pollers:3d} pollers:   {l:8.1f} tasks/s  "
           f"(~{med(lambda r: r.requests):.0f} GET /api/v1/status per s)")
     print(f"slowdown (alone / polled):        {b / l:8.3f}  ({(1 - l / b) * 100:+.1f}% dispatch rate lost)")
-    print(f"p50 / p99 of GET /api/v1/status:  {med(lambda r: r.p50) * 1000:.1f} / {med(lambda r: r.p99) * 1000:.1f} ms")
+    # each round's two sweeps ran back to back: their ratio is the least disturbed by a machine whose load drifts
+    paired = med(lambda r: r.alone / r.loaded)
+    print(f"median of the rounds' own ratios: {paired:8.3f}  ({(1 - 1 / paired) * 100:+.1f}% dispatch rate lost)")
+    print(f"p50 / p99 of GET /api/v1/status:  {med(lambda r: r.p50) * 1000:.1f} / {med(lambda r: r.p99) * 1000:.1f} ms"
+          f"  (answers at most {max(r.oldest for r in rounds):.2f} s old; http_cache_ttl 0.5 s)")
     for k in rounds[0].cpu_loaded:
         print(f"CPU s/s {k:8s} alone {med(lambda r: r.cpu_alone.get(k, 0.0)):5.2f}   polled "
               f"{med(lambda r: r.cpu_loaded[k]):5.2f}")

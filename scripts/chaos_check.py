@@ -124,9 +124,10 @@ def compare_metrics(root: Path, state: Path, counts: dict[str, int | str],
                     runs: list[dict]) -> tuple[str, list[str]]:
     """The master's promise metrics beside this run's own counts: a table, and where they disagree.
 
-    Counters start from zero with each master process, and a SIGKILLed master's last events may come after its
-    last scrape: the sums over the master runs are lower bounds. The last run (never killed, scraped after the
-    sweep ended) must match the store and its own stretch of master.log exactly.
+    Counters start from zero with each master process, so the sums over the master runs are approximate both ways:
+    a SIGKILLed master's last events may come after its last scrape, and it may have counted a ticket it ended
+    whose new state it had not committed yet (the next master ends it again). The last run (never killed, scraped
+    after the sweep ended) must match the store and its own stretch of master.log exactly.
     """
     problems: list[str] = []
     summed = {name: sum(total(r["metrics"], name) for r in runs) for name in (

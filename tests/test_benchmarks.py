@@ -28,6 +28,18 @@ def test_bench_scale_runs_small_and_reports_sane_figures(tmp_path: Path) -> None
     assert table[-len(rows) - 2].startswith("| CURVE | slaves |") and table[-1].startswith("| on | 8 | 600 queued |")
 
 
+def test_bench_http_runs_small_and_reports_every_partys_cpu() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_http.py"), "--tasks", "100", "--rounds", "1",
+                           "--pollers", "10"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "0 errors" in out and "dispatch rate with  10 pollers:" in out and "load average" in out
+    rate = float(out.split("GET /api/v1/status per s")[0].rsplit("~", 1)[1])
+    assert rate > 10  # 10 pollers every 0.1 s: some polls were answered
+    cpu = {line.split()[2]: float(line.split()[-1]) for line in out.splitlines() if line.startswith("CPU s/s ")}
+    assert set(cpu) == {"master", "http", "slaves", "pollers"} and all(v > 0 for v in cpu.values())
+
+
 def test_bench_commands_runs_small_and_reports_every_figure(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_commands.py"), "--tasks", "20",
                            "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)

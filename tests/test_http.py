@@ -516,3 +516,32 @@ def test_a_python_sweep_is_visible_over_http_like_a_command_sweep(cluster: HttpC
     done = sorted(t for e in events if e["event"] == "tasks_done" for t in e["data"]["detail"]["tasks"])
     assert dispatched == done == list(range(30))
     assert events[-1]["event"] == "sweep_finished"
+
+
+def test_the_answer_cache_rebuilds_once_serves_the_old_answer_meanwhile_and_forgets_on_change(tmp_path: Path) -> None:
+    from master.config import MasterConfig
+    from master.web.context import MasterInfo, WebContext
+    from master.web.link import MasterLink
+    from master.web.tokens import TokenSet
+
+    ctx = WebContext(MasterConfig(http_bind="127.0.0.1:0", http_cache_ttl=0.2), tmp_path,
+                     MasterInfo("tcp://x", 1, time.time()), MasterLink("tcp://127.0.0.1:9", None), TokenSet(tmp_path))
+    try:
+        assert ctx.fresh("k") is None and ctx.cached("k", lambda: "v1") == "v1" and ctx.fresh("k") == "v1"
+        time.sleep(0.25)
+        assert ctx.fresh("k") is None  # stale: this caller rebuilds it ...
+        assert ctx.fresh("k") == "v1"  # ... and every other poller meanwhile gets the old answer, not a queue
+        assert ctx.cached("k", lambda: "v2") == "v2" and ctx.fresh("k") == "v2"
+
+        def changed_meanwhile() -> str:
+            ctx.invalidate()  # a change lands while the answer is being built
+            return "v3"
+
+        time.sleep(0.25)
+        assert ctx.cached("k", changed_meanwhile) == "v3"
+        assert ctx.fresh("k") is None  # v3 may predate the change: it is not kept
+        ctx.cached("k", lambda: "v4")
+        ctx.invalidate()
+        assert ctx.fresh("k") is None
+    finally:
+        ctx.link.close()

@@ -226,6 +226,24 @@ def test_a_slow_task_times_out_and_a_slave_that_leaves_ends_its_relays_with_the_
         c.close()
 
 
+def test_staged_uploads_outlive_a_master_restart_and_go_with_their_sweep(tmp_path: Path) -> None:
+    from master.sandbox import Staging
+    from master.scheduler import Ticket
+    from ticketfarm.errors import TaskUnreachable
+
+    staging = Staging(tmp_path, task_bytes=10)
+    staging.put("s", 3, "in/a.txt", b"12345")
+    staging.put("s", 3, "in/a.txt", b"123456")  # replaced, not added up
+    with pytest.raises(TaskUnreachable, match="sandbox_task_bytes") as refused:
+        staging.put("s", 3, "b.txt", b"12345")
+    assert refused.value.code == "too_large"
+    ticket = Ticket(1, "s", 3, "h1", 1, 0.0, 0.0)
+    again = Staging(tmp_path, task_bytes=10)
+    assert again.of(ticket) == [("in/a.txt", b"123456")] and again.of(Ticket(2, "s", 4, "h1", 1, 0.0, 0.0)) == []
+    again.drop_sweep("s")
+    assert again.of(ticket) == [] and not (tmp_path / "sandbox" / "s").exists()
+
+
 def test_shutdown_over_http(tmp_path: Path) -> None:
     c = HttpCluster(tmp_path / "state", n=1)
     try:

@@ -19,7 +19,15 @@ from master.store import Store
 from tests import fixtures_tasks as tasks
 from tests.conftest import HEARTBEAT, run_cli, wait_for
 from ticketfarm import Cluster, protocol
-from ticketfarm.errors import ClusterClosed, ConfigError, MasterRefused, NotEnoughSlaves, RemoteTraceback, TaskFailed
+from ticketfarm.errors import (
+    ClusterClosed,
+    ConfigError,
+    MasterRefused,
+    MasterUnreachable,
+    NotEnoughSlaves,
+    RemoteTraceback,
+    TaskFailed,
+)
 from ticketfarm.keys import dealer
 from ticketfarm.protocol import Command
 from ticketfarm.spec import PYTHON_RESULTS, Sweep
@@ -248,3 +256,16 @@ def test_master_killed_mid_map_the_map_completes_each_result_once(master, start_
         assert list(handle.results(timeout=90)) == [x * x for x in range(300)]
     counts = master.sweep_status("survives")
     assert (counts["state"], counts["done"], counts["total"]) == ("finished", 300, 300)
+
+
+def test_close_says_so_when_the_master_stored_not_every_submitted_task(master):
+    """A master that stops answering (SIGSTOP) before it stored a sweep: close() gives up after its timeout with
+    an error naming what may not be submitted, never silently."""
+    c = Cluster(address=master.endpoint, keys=master.state / "keys")
+    os.kill(master.proc.pid, signal.SIGSTOP)
+    try:
+        c.sweep(tasks.square, range(50), name="never-stored")
+        with pytest.raises(MasterUnreachable, match=r"stored nothing more within 1s: .*submit the rest again"):
+            c.close(timeout=1)
+    finally:
+        os.kill(master.proc.pid, signal.SIGCONT)

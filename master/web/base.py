@@ -41,13 +41,10 @@ def cache_key(scope: dict[str, Any]) -> str:
 
 
 async def cached_json(request: Request, build: Callable[[], Any]) -> Json:
-    """A pollable answer: from the cache on the event loop, or built in a worker thread when stale."""
-    ctx = context(request)
-    key = cache_key(request.scope)
-    hit = ctx.fresh(key)
-    if hit is None:
-        hit = await run_in_threadpool(ctx.cached, key, lambda: json_bytes(build()))
-    return Json(hit)
+    """A pollable answer, built in a worker thread unless another request just did. ApiMiddleware answered from
+    the cache when it could (and made this request the one that rebuilds a stale answer): no second look here."""
+    return Json(await run_in_threadpool(context(request).cached, cache_key(request.scope),
+                                        lambda: json_bytes(build())))
 
 
 def presented_token(headers: Mapping[str, str]) -> str | None:

@@ -69,6 +69,7 @@ class WebContext:
     _cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock)
     _building: dict[str, threading.Lock] = field(default_factory=dict)
+    _claims: dict[str, float] = field(default_factory=dict)
     _generation: int = 0
 
     @property
@@ -92,10 +93,18 @@ class WebContext:
         return reply
 
     def fresh(self, key: str) -> Any:
-        """The cached answer under `key` if still fresh, else None."""
+        """The cached answer under `key` while fresh. Once it is stale the first caller gets None (it rebuilds the
+        answer) and the others the stale one until that is done (or for one more http_cache_ttl if it never is):
+        pollers never queue behind a rebuild."""
+        now, ttl = time.monotonic(), self.config.http_cache_ttl
         with self._cache_lock:
             hit = self._cache.get(key)
-        return hit[1] if hit and time.monotonic() - hit[0] < self.config.http_cache_ttl else None
+            if hit is None:
+                return None
+            if now - hit[0] < ttl or now - self._claims.get(key, -ttl) < ttl:
+                return hit[1]
+            self._claims[key] = now
+            return None
 
     def cached(self, key: str, build: Callable[[], Any]) -> Any:
         """The same answer to every poller for http_cache_ttl seconds: one request builds it while the others
@@ -105,11 +114,16 @@ class WebContext:
                 self._building.clear()
             building = self._building.setdefault(key, threading.Lock())
         with building:
-            hit = self.fresh(key)
-            if hit is not None:
-                return hit
+            with self._cache_lock:
+                hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.config.http_cache_ttl:
+                return hit[1]
             now, generation = time.monotonic(), self._generation
-            value = build()
+            try:
+                value = build()
+            finally:
+                with self._cache_lock:
+                    self._claims.pop(key, None)
             with self._cache_lock:
                 if generation == self._generation:
                     if len(self._cache) >= MAX_CACHED:
@@ -121,4 +135,5 @@ class WebContext:
         """Forget every cached answer (after a change), and any being built now."""
         with self._cache_lock:
             self._cache.clear()
+            self._claims.clear()
             self._generation += 1

@@ -359,7 +359,10 @@ class Cluster(concurrent.futures.Executor):
         ran or held goes back without an attempt charged, and every result stored stays in its state dir."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self._shut_down = True
-            self.close(timeout=INTERRUPTED_CLOSE)
+            try:
+                self.close(timeout=INTERRUPTED_CLOSE)
+            except MasterUnreachable:  # the user stopped it: what was not stored yet is theirs to submit again
+                pass
         else:
             self.shutdown(wait=True)
 
@@ -379,16 +382,35 @@ class Cluster(concurrent.futures.Executor):
         self.close()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the client thread once the master has stored every submitted task (at most `timeout` s).
+        """Stop the client thread once the master has stored every submitted task.
 
-        A local cluster's master and slaves are stopped and its temporary state removed;
-        tasks on a remote master keep running and can be collected later with attach().
+        It waits as long as the master keeps storing them; after `timeout` s in which none was stored it gives
+        up and raises MasterUnreachable with the number of tasks the master never stored (nothing is dropped
+        unsaid). A local cluster's master and slaves are stopped and its temporary state removed; tasks on a
+        remote master keep running and can be collected later with attach().
         """
         if self._closed:
             return
-        deadline = time.monotonic() + timeout
-        while (self._adds or self._inflight) and time.monotonic() < deadline and self._thread.is_alive():
+        self._wait_until_stored(timeout)
+        waiting, unanswered = len(self._adds), len(self._inflight)
+        self._shut_client()
+        if waiting or unanswered:
+            raise MasterUnreachable(f"the master at {self.address} stored nothing more within {timeout:g}s: "
+                                    f"{waiting} task(s) not sent and {unanswered} batch(es) unconfirmed may not be "
+                                    "submitted; attach() shows what was stored: submit the rest again")
+
+    def _wait_until_stored(self, timeout: float) -> None:
+        """Wait while tasks wait to be stored, as long as the master stores some every `timeout` s."""
+        def pending() -> int:
+            return len(self._adds) + len(self._inflight)
+
+        left, deadline = pending(), time.monotonic() + timeout
+        while pending() and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.01)
+            if pending() < left:  # progress: the master is storing them, give it time for the rest
+                left, deadline = pending(), time.monotonic() + timeout
+
+    def _shut_client(self) -> None:
         self._closed = True
         atexit.unregister(self.close)
         self._wake()
