@@ -11,9 +11,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+API = "/api/v1"
 TOKEN = "test-token-0123456789"
 CALLBACK_SECRET = "callback-secret"
 HEARTBEAT = 0.2
@@ -156,3 +159,14 @@ class HttpCluster:
 def spec(name: str, n: int, command: str = "echo x={x}", **extra: Any) -> dict[str, Any]:
     return {"name": name, "command": command, "timeout": 20, "parameters": {"grid": {"x": {"range": [0, n]}}},
             **extra}
+
+
+def module_cluster(name: str) -> Callable[..., Any]:
+    """A module-scoped `cluster` fixture: one HttpCluster (state in a temp dir named NAME) for the test module."""
+    @pytest.fixture(scope="module")
+    def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+        c = HttpCluster(tmp_path_factory.mktemp(name) / "state")
+        yield c
+        c.close()
+
+    return cluster

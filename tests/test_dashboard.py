@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.httpcluster import ROOT, HttpCluster, spec
+from tests.httpcluster import ROOT, HttpCluster, module_cluster, spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: Where the screenshots go (look at them after a change to the page).
@@ -65,11 +65,7 @@ def element(page: str, attrs: str) -> str:
     return page[tag:end if end > 0 else None]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    c = HttpCluster(tmp_path_factory.mktemp("dash") / "state")
-    yield c
-    c.close()
+cluster = module_cluster("dash")
 
 
 @pytest.fixture(scope="module")

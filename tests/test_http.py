@@ -20,17 +20,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.httpcluster import CALLBACK_SECRET, ROOT, TOKEN, HttpCluster, env, spec
+from tests.httpcluster import API, CALLBACK_SECRET, ROOT, TOKEN, HttpCluster, env, module_cluster, spec
 from ticketfarm import exitcodes
 
-API = "/api/v1"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    c = HttpCluster(tmp_path_factory.mktemp("http") / "state")
-    yield c
-    c.close()
+cluster = module_cluster("http")
 
 
 # -- a callback receiver ------------------------------------------------------------------------------

@@ -15,16 +15,11 @@ import pytest
 from openapi_schema_validator import OAS31Validator
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.httpcluster import TOKEN, HttpCluster, env, spec
-
-API = "/api/v1"
+from tests.httpcluster import API, TOKEN, HttpCluster, env, module_cluster, spec
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    c = HttpCluster(tmp_path_factory.mktemp("api") / "state")
-    yield c
-    c.close()
+
+cluster = module_cluster("api")
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from master.store import Store
-from tests.httpcluster import TOKEN, HttpCluster, spec
+from tests.httpcluster import API, TOKEN, HttpCluster, module_cluster, spec
 from tests.test_callbacks import SECRET, Receiver
 
-API = "/api/v1"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    c = HttpCluster(tmp_path_factory.mktemp("seeds") / "state")
-    yield c
-    c.close()
+cluster = module_cluster("seeds")
 
 
 def ws_url(cluster: HttpCluster, query: str) -> str:

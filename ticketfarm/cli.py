@@ -127,18 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("ticketfarm-results"))
     p.add_argument("--remove", action="store_true", help="remove the results from the master afterwards")
     p.set_defaults(func=cmd_collect)
-    p = sub.add_parser("cancel", help="cancel a sweep or one task (running tickets are killed)")
-    p.add_argument("sweep")
-    p.add_argument("--task", type=int, help="only this task (its index)")
-    p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("pause", help="pause a sweep (running tickets finish) or one task (its running ticket is killed)")
-    p.add_argument("sweep")
-    p.add_argument("--task", type=int, help="only this task (its index)")
-    p.set_defaults(func=lambda args: cmd_pause(args, True))
-    p = sub.add_parser("resume", help="resume a paused sweep or task")
-    p.add_argument("sweep")
-    p.add_argument("--task", type=int, help="only this task (its index)")
-    p.set_defaults(func=lambda args: cmd_pause(args, False))
+    for verb, text, func in (
+            ("cancel", "cancel a sweep or one task (running tickets are killed)", cmd_cancel),
+            ("pause", "pause a sweep (running tickets finish) or one task (its running ticket is killed)",
+             lambda args: cmd_pause(args, True)),
+            ("resume", "resume a paused sweep or task", lambda args: cmd_pause(args, False))):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("sweep")
+        p.add_argument("--task", type=int, help="only this task (its index)")
+        p.set_defaults(func=func)
     p = sub.add_parser("prune", help="remove expired uncollected results now (see keep_days)")
     p.add_argument("--keep-days", type=float, help="instead of the configured keep_days")
     p.set_defaults(func=cmd_prune)
