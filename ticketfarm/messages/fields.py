@@ -24,11 +24,6 @@ def bad(command: str, name: str, what: str) -> NoReturn:
     raise ProtocolError(f"{command}: field {name!r} must be {what}")
 
 
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON true is not a count)."""
-    return type(value) is int
-
-
 def is_number(value: Any) -> bool:
     return type(value) is int or type(value) is float
 
