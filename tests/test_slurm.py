@@ -168,7 +168,11 @@ def test_job_scancelled_mid_run_its_tickets_are_requeued_and_a_new_job_finishes(
                      30, "a job whose slave connected")
     wait_for(lambda: (master.sweep_status("cancelled") or {}).get("done", 0) >= 4, 30, "some tasks done")
     subprocess.run(["scancel", first["native_id"]], check=True)
-    master.wait_finished("cancelled", 60)
+    try:
+        master.wait_finished("cancelled", 120)
+    except AssertionError as exc:  # say where it stuck: the jobs and the tickets not done
+        stuck = [r for r in ticket_rows(master, "cancelled") if r[2] != "done"]
+        raise AssertionError(f"{exc}; jobs {jobs(master)}; tickets not done {stuck[-10:]}") from None
     rows = done_once(master, "cancelled", 40)
     # its slave was lost, or (SIGTERM from scancel) said goodbye in order and gave its tickets back
     assert any(state in ("lost", "interrupted") and slave.startswith(f"q-j{first['id']}-")
