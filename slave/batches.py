@@ -17,7 +17,6 @@ import marshal
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import structlog
 
 from slave import spawner
 from slave.runner import STDERR, STDOUT, WORKDIR_MARK, Outcome, TicketSpec, Worker, kill_marked, kill_tree
+
+log = structlog.get_logger("ticketfarm.slave")
 
 #: A sweep whose tickets take less than this here on average (seconds) has them run in batches.
 SHORT_TASK = 0.05
@@ -163,7 +164,7 @@ class Runner:
     def send(self, record: tuple) -> None:
         data = marshal.dumps(record)
         try:
-            self.proc.stdin.write(HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
+            self.proc.stdin.write(spawner.HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
         except (BrokenPipeError, ValueError):
             self.gone = True
 
@@ -190,9 +191,6 @@ class Runner:
             self.proc.wait()
         self.proc.stdin.close()  # type: ignore[union-attr]
         self.proc.stdout.close()  # type: ignore[union-attr]
-
-
-HEADER = struct.Struct("<I")
 
 
 @dataclass
@@ -339,6 +337,3 @@ class Batches:
             runner.close()
         self.running.clear()
         self.idle.clear()
-
-
-log = structlog.get_logger("ticketfarm.slave")

@@ -525,7 +525,13 @@ class Slave:
         a slot is `stuck` behind a batch's ticket that turned out long, all that the free slots cannot take; else
         what exceeds the slots, prefetch and batch depth of now (a credit asked for a short sweep that has ended
         brought a batch's worth of the next sweep, which is not known to be short)."""
-        keep = max(0, self.config.slots - self._busy_slots()) if stuck else self._capacity() - self._held_slots()
+        if stuck:
+            keep = max(0, self.config.slots - self._busy_slots())
+        else:
+            capacity = self._capacity()
+            if capacity > self.config.slots + self.config.prefetch:
+                return  # a short sweep is held: what came beyond the depth of now is a batch's worth soon run
+            keep = capacity - self._held_slots()
         while len(self.waiting) > max(keep, 0):
             spec = self.waiting.pop()
             self._drop_prepared(spec.ticket)

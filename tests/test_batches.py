@@ -165,8 +165,9 @@ def test_a_sweep_of_tiny_tasks_runs_in_batches_each_result_and_failure_its_own(c
     assert batched > n // 2, f"only {batched} of {n} tickets ran in batches"
     assert any(b"-m slave" in p for p in parents)  # the first ones ran alone, to learn they are short
     for i in failing:
-        (attempt,) = cluster.master.store.attempts_of("tiny", i)
+        *returned, attempt = cluster.master.store.attempts_of("tiny", i)
         assert attempt["exit_code"] == 1 and attempt["state"] == "failed", attempt
+        assert all(a["state"] == "returned" for a in returned), returned  # handed back unstarted, if at all
 
 
 def test_a_batched_task_that_outlives_its_timeout_fails_alone(cluster: LocalCluster) -> None:
@@ -176,7 +177,7 @@ def test_a_batched_task_that_outlives_its_timeout_fails_alone(cluster: LocalClus
                   results={"out": "stdout"})
     counts = cluster.run_sweep(sweep)
     assert counts == {"done": n - 1, "failed": 1}
-    (attempt,) = cluster.master.store.attempts_of("one-slow", slow)
+    *_, attempt = cluster.master.store.attempts_of("one-slow", slow)
     assert "timeout" in attempt["reason"], attempt
     assert set(outputs(cluster, "one-slow")) == set(range(n)) - {slow}
 
@@ -202,5 +203,5 @@ def test_a_batched_program_that_is_not_found_fails_alone(cluster: LocalCluster) 
                   results={"out": "stdout"})
     counts = cluster.run_sweep(sweep)
     assert counts == {"done": n - 1, "failed": 1}
-    (attempt,) = cluster.master.store.attempts_of("not-found", missing)
+    *_, attempt = cluster.master.store.attempts_of("not-found", missing)
     assert "cannot start worker" in attempt["reason"] and "no-such-program-here" in attempt["reason"], attempt
