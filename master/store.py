@@ -113,6 +113,8 @@ class Store:
         self._in_txn = False
         self.txn_started = 0.0
         self._batched: dict[str, list[tuple[Any, ...]]] = {}
+        #: Per sweep: (attempts, params) of tasks read ahead of their dispatch (see `_read_ahead`).
+        self._ahead: dict[str, dict[int, tuple[int, str]]] = {}
 
     def _add_columns(self) -> None:
         """A state.db made by an earlier version gets the columns added since (its rows keep their values)."""
@@ -165,8 +167,10 @@ class Store:
     def _write_batched(self) -> None:
         self._begin()
         batched, self._batched = self._batched, {}
-        for sql, rows in batched.items():
-            self._conn.executemany(sql, rows)
+        for sql in _BATCH_ORDER:
+            rows = batched.get(sql)
+            if rows:
+                self._conn.executemany(sql, rows)
 
     @property
     def dirty(self) -> bool:
@@ -221,6 +225,7 @@ class Store:
 
     def delete_sweep(self, name: str) -> list[str]:
         """Remove a sweep and everything of it; returns the paths (state-relative) of its result files."""
+        self._forget_ahead(name)
         paths = self.remove_results(name)
         for table in ("tasks", "tickets"):
             self._write(f"DELETE FROM {table} WHERE sweep = ?", (name,))
@@ -242,6 +247,7 @@ class Store:
         self._write("UPDATE sweeps SET unrunnable = NULL WHERE unrunnable IS NOT NULL")
 
     def set_sweep_state(self, name: str, state: str) -> None:
+        self._forget_ahead(name)  # paused, or ended: nothing is read ahead of it until it dispatches again
         finished = time.time() if state in ("finished", "cancelled") else None
         self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
         # The counts at this moment travel with the event (a status callback sent later reports these).
@@ -278,6 +284,7 @@ class Store:
 
     def retry_tasks(self, sweep: str, idxs: list[int]) -> None:
         """Queue settled tasks again with no attempts counted."""
+        self._forget_ahead(sweep)
         self._write_many("UPDATE tasks SET state = 'queued', attempts = 0, reason = NULL, ticket = NULL, "
                          "finished = NULL WHERE sweep = ? AND idx = ?", ((sweep, i) for i in idxs))
         self.event("tasks_retried", sweep=sweep, detail={"tasks": len(idxs)})
@@ -309,12 +316,14 @@ class Store:
 
     def hold_task(self, sweep: str, idx: int, refund: bool) -> None:
         """Pause a task (state 'paused'); a killed running attempt is not counted against max_attempts."""
+        self._forget_ahead(sweep)
         self._write(f"UPDATE tasks SET state = 'paused'{', attempts = max(attempts - 1, 0)' if refund else ''} "
                     "WHERE sweep = ? AND idx = ?", (sweep, idx))
         self.event("task_paused", sweep=sweep, task=idx)
 
     def refund_attempt(self, sweep: str, idx: int) -> None:
         """An attempt given back (an interruption, or a hand-back at an allocation's end): not counted against max_attempts."""
+        self._forget_ahead(sweep)
         self._write("UPDATE tasks SET attempts = max(attempts - 1, 0) WHERE sweep = ? AND idx = ?", (sweep, idx))
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
@@ -369,17 +378,34 @@ class Store:
     # -- tickets -------------------------------------------------------------
     def start_tickets(self, sweep: str, tickets: list[tuple[int, int]], slave: str,
                       now: float) -> list[tuple[int, dict[str, Any]]]:
-        """Record dispatched tickets `(ticket id, task)` of one sweep; returns each task's attempt number and params."""
-        found: dict[int, tuple[int, str]] = {}
-        for start in range(0, len(tickets), _MAX_IN):
-            idxs = [task for _, task in tickets[start:start + _MAX_IN]]
-            rows = self._write(
-                f"UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? "
-                f"AND idx IN ({','.join('?' * len(idxs))}) RETURNING idx, attempts, params", (sweep, *idxs))
-            found.update((idx, (attempts, params)) for idx, attempts, params in rows)
-        # Not batched: a ticket's row must exist before the batched UPDATE that finishes it.
-        self._write_many(_START_TICKET, [(tid, sweep, task, slave, found[task][0], now) for tid, task in tickets])
-        return [(found[task][0], json.loads(found[task][1])) for _, task in tickets]
+        """Record dispatched tickets `(ticket id, task)` of one sweep; returns each task's attempt number and params.
+
+        No SQL per dispatch: the rows join the batch, and each task's attempts and parameters come from a read
+        of the next READ_AHEAD tasks (one SELECT per that many tickets; see `_read_ahead`)."""
+        ahead = self._ahead.get(sweep, {})
+        out = []
+        for tid, task in tickets:
+            row = ahead.pop(task, None)
+            if row is None:
+                ahead = self._read_ahead(sweep, task)
+                row = ahead.pop(task)
+            attempt = row[0] + 1
+            self._batch(_START_TASK, (sweep, task))
+            self._batch(_START_TICKET, (tid, sweep, task, slave, attempt, now))
+            out.append((attempt, json.loads(row[1])))
+        return out
+
+    def _read_ahead(self, sweep: str, first: int) -> dict[int, tuple[int, str]]:
+        """(attempts, params) of tasks first.. of a sweep, kept until each is dispatched. They stay true: a task's
+        params never change, its attempts only here (a dispatch pops its entry; `_forget_ahead` at any other change),
+        and the read flushes the batch first, so it sees every start not yet written."""
+        rows = self.db.execute("SELECT idx, attempts, params FROM tasks WHERE sweep = ? AND idx >= ? AND idx < ?",
+                               (sweep, first, first + READ_AHEAD))
+        ahead = self._ahead[sweep] = {idx: (attempts, params) for idx, attempts, params in rows}
+        return ahead
+
+    def _forget_ahead(self, sweep: str) -> None:
+        self._ahead.pop(sweep, None)
 
     def mark_started(self, tickets: list[int], now: float) -> None:
         """These dispatched tickets began running on their slave (before: prefetched, held ready)."""
@@ -684,15 +710,19 @@ class Store:
 
 
 #: Hot-path statements written in batches (see Store._batch). Rows of different statements are written statement by
-#: statement, not in the order they came: two batched statements on one table must set different columns.
+#: statement in _BATCH_ORDER, not in the order they came: a ticket's row is made before it is marked started or
+#: finished, and a task is started before it is done (a task done is not dispatched again before a write outside
+#: the batch, such as a retry, has flushed it).
+_START_TASK = "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ?"
 _COMPLETE_TASK = "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?"
 _STORE_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)"
 _START_TICKET = ("INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) "
                  "VALUES (?, ?, ?, ?, ?, ?, 'running')")
 _FINISH_TICKET = "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?"
 _MARK_STARTED = "UPDATE tickets SET started = ? WHERE id = ?"
-#: Task indices per `IN (...)` list (SQLite limits the number of bound variables).
-_MAX_IN = 500
+_BATCH_ORDER = (_START_TASK, _START_TICKET, _MARK_STARTED, _FINISH_TICKET, _COMPLETE_TASK, _STORE_RESULT)
+#: Tasks whose attempts and params one read fetches ahead of their dispatch.
+READ_AHEAD = 256
 
 #: A task's winning ticket, or while it runs the ticket out for it (found through the running-tickets index).
 _TASK_TICKET = ("coalesce(ticket, (SELECT max(id) FROM tickets WHERE state = 'running' "
