@@ -48,6 +48,10 @@ ACK_LIMIT = 512
 #: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
 LISTEN_BACKLOG = 4096
 
+#: The socket's own recv, without pyzmq's Python wrapper (as master/link.py sends: the wrapper costs more than the call).
+_recv_frame = zmq.backend.Socket.recv
+_NOBLOCK = int(zmq.NOBLOCK)
+
 #: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
 Handler = Callable[[bytes, Any], None]
 
@@ -269,11 +273,11 @@ class Master:
 
     def _recv(self) -> list[bytes]:
         """One message, routing id first (insecure: every peer is trusted)."""
-        return self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+        return _frames(self.socket, _recv_frame(self.socket, _NOBLOCK, False))
 
     def _recv_authenticated(self) -> list[bytes]:
         """One message; sets self._peer to the sender's authorised key (None: revoked since it connected)."""
-        first = self.socket.recv(zmq.NOBLOCK, copy=False)
+        first = _recv_frame(self.socket, _NOBLOCK, False)
         try:
             user = first.get("User-Id")
         except zmq.ZMQError:  # inproc: an in-process client (no CURVE there)
@@ -281,9 +285,7 @@ class Master:
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
             self.connections.delivered.add(first.get(zmq.SRCFD))  # type: ignore[union-attr]
-        if not first.more:
-            return [first.bytes]
-        return [first.bytes, *self.socket.recv_multipart()]
+        return _frames(self.socket, first)
 
     def _housekeeping(self, now: float) -> None:
         """Purge dead slaves, send heartbeats, duplicate stragglers, chores (about 4 times per interval)."""
@@ -373,3 +375,13 @@ class Master:
             self.context.destroy(linger=0)
         self.store.close()
         self.state_lock.release()
+
+
+def _frames(socket: zmq.Socket, first: zmq.Frame) -> list[bytes]:
+    """A message's frames as bytes, from its first one (each frame, received uncopied, says whether more follow)."""
+    frames = [first.bytes]
+    frame = first
+    while frame.more:
+        frame = _recv_frame(socket, 0, False)
+        frames.append(frame.bytes)
+    return frames
