@@ -519,12 +519,13 @@ class Store:
             (name, platform, slots, version, now, now, state),
         )
 
-    def slave_state(self, name: str, state: str, info: dict[str, Any] | None = None) -> None:
-        if info is None:
-            self._write("UPDATE slaves SET state = ?, last_seen = ? WHERE name = ?", (state, time.time(), name))
-        else:
-            self._write("UPDATE slaves SET state = ?, last_seen = ?, info = ? WHERE name = ?",
-                        (state, time.time(), json.dumps(info), name))
+    def slave_state(self, name: str, state: str) -> None:
+        self._write("UPDATE slaves SET state = ?, last_seen = ? WHERE name = ?", (state, time.time(), name))
+
+    def slave_info(self, name: str, state: str, info: dict[str, Any]) -> None:
+        """A connected slave's state and load, from its heartbeat (written with the next batch: a heartbeat never
+        costs a statement of its own)."""
+        self._batch(_SLAVE_INFO, (state, time.time(), json.dumps(info), name))
 
     def slaves(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT name, platform, slots, version, first_seen, last_seen, state, info FROM slaves")
@@ -720,7 +721,8 @@ _START_TICKET = ("INSERT INTO tickets (id, sweep, task, slave, attempt, dispatch
                  "VALUES (?, ?, ?, ?, ?, ?, 'running')")
 _FINISH_TICKET = "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?"
 _MARK_STARTED = "UPDATE tickets SET started = ? WHERE id = ?"
-_BATCH_ORDER = (_START_TASK, _START_TICKET, _MARK_STARTED, _FINISH_TICKET, _COMPLETE_TASK, _STORE_RESULT)
+_SLAVE_INFO = "UPDATE slaves SET state = ?, last_seen = ?, info = ? WHERE name = ?"
+_BATCH_ORDER = (_START_TASK, _START_TICKET, _MARK_STARTED, _FINISH_TICKET, _COMPLETE_TASK, _STORE_RESULT, _SLAVE_INFO)
 #: Tasks whose attempts and params one read fetches ahead of their dispatch.
 READ_AHEAD = 256
 
