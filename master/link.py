@@ -58,8 +58,12 @@ class Link:
     def pending_acks(self) -> int:
         return self._pending
 
-    def send_acks(self) -> None:
-        """Call right after a commit: everything acknowledged now is durable."""
+    def take_acks(self) -> dict[bytes, list[int]]:
+        """The ACKs held so far, to send once the commit that is about to start has ended (see `send_acks`)."""
         acks, self.acks, self._pending = self.acks, {}, 0
-        for identity, tickets in acks.items():
+        return acks
+
+    def send_acks(self, acks: dict[bytes, list[int]] | None = None) -> None:
+        """Call right after a commit: everything acknowledged now (or in `acks`, taken before it) is durable."""
+        for identity, tickets in (self.take_acks() if acks is None else acks).items():
             self.send(identity, messages.Ack(tickets))

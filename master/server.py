@@ -44,6 +44,8 @@ log = structlog.get_logger("ticketfarm.master")
 DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
+#: Seconds the loop polls for at most while a commit runs in the background (it takes about a millisecond).
+COMMIT_POLL = 0.001
 #: Connections the kernel queues before the master accepts them (ZeroMQ's default is 100): a join storm of
 #: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
 LISTEN_BACKLOG = 4096
@@ -69,6 +71,8 @@ class Master:
         self.started = time.time()
         self._stopping = False
         self._next_housekeeping = 0.0
+        #: The ACKs of the commit in the background, sent when it has ended.
+        self._acks_committing: dict[bytes, list[int]] = {}
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.keyring, self.zap = self._security()
@@ -251,8 +255,7 @@ class Master:
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             self.sessions.check_keys(now)
-            if self._commit_due():
-                self.commit_and_ack()
+            self._group_commit()
             if tick and now >= next_tick:
                 tick()
                 next_tick = now + self.config.heartbeat_interval / 4
@@ -268,8 +271,7 @@ class Master:
                     self.commit_and_ack()
                 return
             self.handle(frames)
-            if self._commit_due():
-                self.commit_and_ack()
+            self._group_commit()
 
     def _recv(self) -> list[bytes]:
         """One message, routing id first (insecure: every peer is trusted)."""
@@ -333,21 +335,42 @@ class Master:
             log.exception("message_handler_failed", peer=identity.hex())
 
     # -- group commit ---------------------------------------------------------------
+    def _group_commit(self) -> None:
+        """The loop's commit: the ACKs of a background commit go out once it has ended, and a commit that is due
+        starts in the background (the loop reads and dispatches on while SQLite syncs)."""
+        if self.store.finish_commit(wait=False):
+            self.link.send_acks(self._acks_committing)
+            self._acks_committing = {}
+        if not self._commit_due():
+            return
+        if self.python.pending:
+            self.commit_and_ack()  # what settled is pushed to clients right after its commit: all of it, at once
+            return
+        self.events.flush(self.store)
+        self._acks_committing = self.link.take_acks()  # exactly the results written so far: this commit's
+        self.store.commit_in_background()
+
     def _commit_due(self) -> bool:
-        """Group commit: one commit per `commit_interval` (or per ACK_LIMIT results), not one per message."""
-        if not self.store.dirty:
+        """Group commit: one commit per `commit_interval` (or per ACK_LIMIT results), not one per message, and one
+        at a time."""
+        if not self.store.dirty or self.store.committing:
             return False
         return (time.monotonic() - self.store.txn_started >= self.config.commit_interval
                 or self.link.pending_acks() >= ACK_LIMIT)
 
     def _poll_timeout_ms(self) -> int:
         timeout = self.config.heartbeat_interval / 4
-        if self.store.dirty:
+        if self.store.committing:
+            timeout = COMMIT_POLL  # its ACKs go out soon after it ends
+        elif self.store.dirty:
             timeout = min(timeout, self.store.txn_started + self.config.commit_interval - time.monotonic())
         return max(1, int(timeout * 1000))
 
     def commit_and_ack(self) -> None:
         """Commit what the loop changed, then ACK the results it holds: nothing is acknowledged before it is durable."""
+        if self.store.finish_commit(wait=True):
+            self.link.send_acks(self._acks_committing)
+            self._acks_committing = {}
         self.events.flush(self.store)
         if not self.store.dirty:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,8 +104,11 @@ class Store:
                                          check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
             self._batched = {}
+            self._committer, self._committing = None, None
             return
-        self._conn = sqlite3.connect(self.path, isolation_level=None)
+        # The connection is used by one thread at a time: the loop's, or the commit thread while the loop waits
+        # for it or has handed it a COMMIT (see commit_in_background).
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
@@ -115,6 +119,8 @@ class Store:
         self._batched: dict[str, list[tuple[Any, ...]]] = {}
         #: Per sweep: (attempts, params) of tasks read ahead of their dispatch (see `_read_ahead`).
         self._ahead: dict[str, dict[int, tuple[int, str]]] = {}
+        self._committer: ThreadPoolExecutor | None = None
+        self._committing: Future | None = None
 
     def _add_columns(self) -> None:
         """A state.db made by an earlier version gets the columns added since (its rows keep their values)."""
@@ -125,12 +131,19 @@ class Store:
 
     @property
     def db(self) -> sqlite3.Connection:
-        """The connection, with every batched row written first: whoever reads or writes sees them."""
+        """The connection, with every batched row written first: whoever reads or writes sees them (after the
+        commit in flight, if one is)."""
+        if self._committing is not None:
+            self._committing.result()
         if self._batched:
             self._write_batched()
         return self._conn
 
     def close(self) -> None:
+        if self._committing is not None:
+            self._committing.result()
+        if self._committer is not None:
+            self._committer.shutdown()
         self._conn.close()  # rows still batched were never committed: they go, like the open transaction
 
     # -- transactions -------------------------------------------------------
@@ -177,11 +190,37 @@ class Store:
         return self._in_txn or bool(self._batched)
 
     def commit(self) -> None:
-        if self._batched:
-            self._write_batched()
+        db = self.db  # the batch written, after the commit in flight
         if self._in_txn:
-            self._conn.execute("COMMIT")
+            db.execute("COMMIT")
             self._in_txn = False
+
+    def commit_in_background(self) -> None:
+        """Write the batch and hand the COMMIT to the store's commit thread; returns at once. The loop reads on
+        while SQLite syncs (it lets go of the GIL): rows batched meanwhile join the next transaction, and any
+        other use of the connection waits for this commit. Nothing of it is durable before `finish_commit`."""
+        db = self.db
+        if not self._in_txn:
+            return
+        self._in_txn = False
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="ticketfarm-commit")
+        self._committing = self._committer.submit(db.execute, "COMMIT")
+
+    @property
+    def committing(self) -> bool:
+        """A commit handed to the commit thread has not been finished (`finish_commit`)."""
+        return self._committing is not None
+
+    def finish_commit(self, wait: bool) -> bool:
+        """True once for each background commit, when it has ended (waiting for it if `wait`); its error, if it
+        failed, is raised here."""
+        future = self._committing
+        if future is None or not (wait or future.done()):
+            return False
+        self._committing = None
+        future.result()
+        return True
 
     # -- master epochs: ticket ids are never reused across restarts ---------
     def next_epoch(self) -> int:
