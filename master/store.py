@@ -141,7 +141,7 @@ class Store:
 
     def close(self) -> None:
         if self._committing is not None:
-            self._committing.result()
+            self._committing.exception()  # waits; a failed commit was raised to the loop already
         if self._committer is not None:
             self._committer.shutdown()
         self._conn.close()  # rows still batched were never committed: they go, like the open transaction
@@ -213,13 +213,14 @@ class Store:
         return self._committing is not None
 
     def finish_commit(self, wait: bool) -> bool:
-        """True once for each background commit, when it has ended (waiting for it if `wait`); its error, if it
-        failed, is raised here."""
+        """True once for each background commit, when it has ended (waiting for it if `wait`). A commit that
+        failed raises its error here, and at every later use of the store: nothing after it is ever committed,
+        so nothing after it is acknowledged."""
         future = self._committing
         if future is None or not (wait or future.done()):
             return False
-        self._committing = None
         future.result()
+        self._committing = None
         return True
 
     # -- master epochs: ticket ids are never reused across restarts ---------

@@ -1,7 +1,12 @@
 """The store's group commit with batched hot-path rows, on a real SQLite file: what is read, what survives."""
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from master.store import Store, StoredOutput
 from ticketfarm.spec import Sweep
@@ -106,3 +111,29 @@ def test_a_background_commit_is_durable_once_finished_and_rows_written_meanwhile
     finally:
         reader.close()
         store.close()
+
+
+def test_a_background_commit_that_fails_is_raised_and_nothing_after_it_is_committed(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store = _store_with_sweep(disk / "state.db")
+        store.start_tickets("s", [(81, 0), (82, 1)], "slave-a", 1.0)
+        store.commit()
+        store.complete_task("s", 0, 81, [StoredOutput("big", 1_500_000, b"x" * 1_500_000, None)])  # > the disk
+        store.commit_in_background()
+        with pytest.raises(sqlite3.OperationalError):
+            store.finish_commit(wait=True)
+        store.complete_task("s", 1, 82, [StoredOutput("stdout", 1, b"y", None)])
+        with pytest.raises(sqlite3.OperationalError):
+            store.commit()  # the store stays refused: no later commit can make a later ACK true
+        store.close()
+        reader = Store(disk / "state.db", readonly=True)
+        assert reader.task("s", 0)["state"] == reader.task("s", 1)["state"] == "running"
+        reader.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
