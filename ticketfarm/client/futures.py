@@ -95,7 +95,9 @@ def _pickled(call: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[bytes, str]:
     args, kwargs = call
     if pickles.is_plain(args) and (not kwargs or pickles.is_plain(kwargs)):
         text = repr(args)
-        return pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), text if len(text) <= 40 else _short.repr(args)[:200]
+        if len(text) > 40:
+            text = _short.repr(args)[:200]
+        return pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), text
     return cloudpickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), _short.repr(args)[:200]
 
 
@@ -242,6 +244,9 @@ class Cluster(concurrent.futures.Executor):
         self._fn_cache: "weakref.WeakKeyDictionary[Any, tuple[str, bytes]]" = weakref.WeakKeyDictionary()
         self._fn_sent: set[str] = set()
         self._fn_bodies: dict[str, bytes] = {}
+        self._last_fn: tuple[Callable[[], Any], tuple[str, bytes]] = (lambda: None, ("", b""))
+        self._submit_specs: dict[tuple[float, int], Sweep] = {}
+        self._wake_pending = False
         self._deferred: list[list[bytes]] = []
         self._fetches: dict[tuple[str, int], dict[str, Any]] = {}
         self._epoch: int | None = None
@@ -285,7 +290,10 @@ class Cluster(concurrent.futures.Executor):
     # -- public API --------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) on the cluster; returns its future (tasks join this client's submit sweep)."""
-        spec = self._spec(f"py-{self.session}", self.timeout, self.max_attempts)
+        key = (self.timeout, self.max_attempts)
+        spec = self._submit_specs.get(key)
+        if spec is None:
+            spec = self._submit_specs[key] = self._spec(f"py-{self.session}", *key)
         return self._add(spec, fn, [(args, kwargs)])[0]
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
@@ -462,6 +470,9 @@ class Cluster(concurrent.futures.Executor):
                      results=dict(PYTHON_RESULTS))
 
     def _function(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+        last, cached = self._last_fn
+        if last() is fn:  # a loop of submit() calls: no weak reference made per call
+            return cached
         try:
             cached = self._fn_cache.get(fn)
         except TypeError:  # not weak-referenceable (a builtin): pickle it each time
@@ -473,7 +484,8 @@ class Cluster(concurrent.futures.Executor):
             try:
                 self._fn_cache[fn] = cached
             except TypeError:
-                pass
+                return cached
+        self._last_fn = (weakref.ref(fn), cached)
         return cached
 
     def _add(self, spec: Sweep, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -565,6 +577,11 @@ class Cluster(concurrent.futures.Executor):
         return reply
 
     def _wake(self) -> None:
+        """Wake the client thread, unless a wake-up is pending already: what it flushes then takes this too. (A
+        write per submit() also handed the GIL to the client thread at each call.)"""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -588,6 +605,7 @@ class Cluster(concurrent.futures.Executor):
                         pass
                 if sock in ready:
                     self._receive(sock)
+                self._wake_pending = False  # before the flush: a task queued after it wakes this thread again
                 self._flush(sock)
                 if time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + PING_INTERVAL
