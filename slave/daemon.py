@@ -341,7 +341,7 @@ class Slave:
                 self._hand_back(spec.ticket)
                 continue
             if spec.kind == "python":  # the pool queues them and runs them on its warm workers
-                self.running[spec.ticket] = self.pypool.start(spec, self.workdir(spec.sweep, spec.ticket))
+                self.running[spec.ticket] = self.pypool.start(spec)
             else:
                 self.waiting.append(spec)
         self.pypool.assign()
