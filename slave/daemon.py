@@ -19,6 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import ticketfarm
 from slave import resources
+from slave.batches import Batches, BatchedWorker, Shortness, batchable
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
@@ -82,7 +83,7 @@ class Slave:
         self.running: dict[int, Worker | PyTask] = {}
         """Tickets held: command workers, and python tasks (queued in the pool or running in a warm worker)."""
         self.commands = 0
-        """How many of `running` are command workers (python tasks share the slots with them)."""
+        """How many of `running` are lone command workers (batches and python tasks share the slots with them)."""
         self.waiting: deque[TicketSpec] = deque()
         self.started: list[int] = []
         """Tickets started since the last REQUEST, which tells the master (till then it counts them as prefetched)."""
@@ -91,6 +92,9 @@ class Slave:
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = {**os.environ, **self.watchdog.marker}
+        self.batches = Batches(self.base_env)
+        """Runners starting several short tickets one after another, a slot each (slave/batches.py)."""
+        self.shortness = Shortness()
         self.last_step = 0.0
         self.confirming = False
         """Back from a freeze (SIGSTOP, a suspended VM): start no held ticket until the master has had its say."""
@@ -210,7 +214,7 @@ class Slave:
         if self.socket is not None:
             poller.register(self.socket, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        for fd in self.pypool.fds():
+        for fd in self.pypool.fds() + self.batches.fds():
             poller.register(fd, zmq.POLLIN)
         ready = dict(poller.poll(self._poll_timeout_ms(now)))
         self._notice_freeze()  # a stop while polling: what woke us (a worker's end) must not start a held ticket
@@ -449,12 +453,12 @@ class Slave:
 
     # -- workers ------------------------------------------------------------------------------
     def _busy_slots(self) -> int:
-        return self.commands + self.pypool.busy()
+        return self.commands + len(self.batches) + self.pypool.busy()
 
     def _forget(self, tid: int) -> Worker | PyTask | None:
         """Take a ticket out of `running` (finished, cancelled)."""
         worker = self.running.pop(tid, None)
-        if isinstance(worker, Worker):
+        if isinstance(worker, Worker) and not isinstance(worker, BatchedWorker):
             self.commands -= 1
             self.watchdog.unwatch(worker.proc.pid)
         return worker
@@ -464,6 +468,8 @@ class Slave:
         while self.waiting and self._busy_slots() < self.config.slots and not self.confirming:
             if not resources.fits_now(self.waiting[0].memory, self._busy_slots()):
                 return  # the memory it claims is not free yet
+            if self._start_batch():
+                continue
             spec = self.waiting.popleft()
             if not self.walltime.fits(spec.timeout):  # it waited for a slot until the allocation grew too short
                 self._drop_prepared(spec.ticket)
@@ -482,7 +488,39 @@ class Slave:
             self.commands += 1
             self.started.append(spec.ticket)
 
-    def _prepare(self, spec: TicketSpec) -> Worker | None:
+    def _start_batch(self) -> bool:
+        """Start the next tickets in line as one batch when their sweep's tickets are short here."""
+        head = self.waiting[0]
+        size = self.shortness.batch_size(head.sweep) if batchable(head) else 1
+        if size < 2:
+            return False
+        specs = []
+        while self.waiting and len(specs) < size and self.waiting[0].sweep == head.sweep \
+                and self.walltime.fits(self.waiting[0].timeout):
+            specs.append(self.waiting.popleft())
+        if not specs:
+            return False  # the head no longer fits the allocation: handed back alone
+        members = []
+        for spec in specs:
+            self._drop_prepared(spec.ticket)  # prepared alone before its sweep proved short
+            worker = self._prepare(spec, BatchedWorker)
+            if worker is not None:
+                members.append(worker)
+        if members:
+            self.batches.start(members)  # type: ignore[arg-type]
+            for worker in members:
+                self.running[worker.spec.ticket] = worker
+                self.started.append(worker.spec.ticket)
+        return True
+
+    def _wait_again(self, workers: list[BatchedWorker]) -> None:
+        """Tickets of an ended batch its runner never started: first in line again."""
+        for worker in reversed(workers):
+            self._forget(worker.spec.ticket)
+            self.workdirs.release(worker.workdir)
+            self.waiting.appendleft(worker.spec)
+
+    def _prepare(self, spec: TicketSpec, kind: type[Worker] = Worker) -> Worker | None:
         """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
         fetched (parked) or it failed (reported)."""
         workdir = self.workdir(spec.sweep, spec.ticket)
@@ -491,7 +529,7 @@ class Slave:
         try:
             self.workdirs.make(workdir)
             self.reach.place(spec.ticket, workdir)  # uploads a prefetched ticket got; its inputs go over them
-            return Worker(spec, workdir, self.config.name, self.base_env)
+            return kind(spec, workdir, self.config.name, self.base_env)
         except (OSError, UnsafePath, KeyError, IndexError) as exc:
             self._fail_to_start(spec, workdir, f"cannot start worker: {exc}")
             return None
@@ -501,6 +539,8 @@ class Slave:
         for spec in list(itertools.islice(self.waiting, self.config.slots)):
             if spec.ticket in self.prepared or (spec.workers and not spec.worker):
                 continue  # a shipped worker is resolved when the ticket starts: it may have to be fetched first
+            if batchable(spec) and self.shortness.batch_size(spec.sweep) > 1:
+                continue  # its batch prepares it
             worker = self._prepare(spec)
             if worker is None:
                 self.waiting.remove(spec)
@@ -594,15 +634,20 @@ class Slave:
             self.stopping = True
 
     def _reap_workers(self) -> None:
+        unstarted = self.batches.poll()
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
         finished = [self._forget(tid) for tid in exited]
+        self._wait_again(unstarted)
         # The next ticket starts, and the one after is asked for, before the finished ones' outputs are gathered:
         # a slot never waits on bookkeeping, and the master answers while it is done.
         self._start_waiting()
         if finished:
             self._request_work()
         for worker in finished:
-            self._finished(worker.finish())  # type: ignore[union-attr]
+            outcome = worker.finish()  # type: ignore[union-attr]
+            if isinstance(worker, Worker):
+                self.shortness.record(outcome.sweep, outcome.elapsed)
+            self._finished(outcome)
 
     def _empty_trash(self) -> None:
         for workdir in self.trash:
@@ -664,8 +709,13 @@ class Slave:
             return
         want = 0
         if not self.walltime.closing:
-            capacity = self.config.slots + self.config.prefetch
-            want = max(0, capacity - len(self.running) - len(self.waiting) - self.outstanding)
+            extra = self.config.slots * self.shortness.depth()  # a batch's worth per slot held ready
+            capacity = self.config.slots + self.config.prefetch + extra
+            batched = sum(isinstance(w, BatchedWorker) for w in self.running.values())  # a batch holds one slot
+            held = len(self.running) - batched + len(self.batches) + len(self.waiting) + self.outstanding
+            want = max(0, capacity - held)
+            if want <= extra // 2:
+                want = 0  # short tickets are asked for by the half batch, not one by one
         started = self.started + self.pypool.take_started()
         if want or started:
             self.outstanding += want
@@ -699,6 +749,7 @@ class Slave:
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Kill running workers (their tickets go back to the queue) and say goodbye."""
+        self.batches.close()  # each runner kills the worker it runs
         for tid in list(self.running):
             worker = self.running[tid]
             worker.kill("slave shutting down")

@@ -160,16 +160,24 @@ class Worker:
             self.args = template.shell_argv(template.render_shell(spec.command, values))
         else:
             self.args = [template.render(a, values) for a in spec.argv or []]
-        self.env = {**base_env, **spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
-                    "TICKETFARM_SWEEP": spec.sweep, WORKDIR_MARK: str(workdir),
-                    "TICKETFARM_HTTP_PORT_FILE": str(workdir / HTTP_PORT_FILE)}
+        self.base_env = base_env
+        self.added_env = {**spec.env, "TICKETFARM_TICKET": str(spec.ticket), "TICKETFARM_TASK": str(spec.task),
+                          "TICKETFARM_SWEEP": spec.sweep, WORKDIR_MARK: str(workdir),
+                          "TICKETFARM_HTTP_PORT_FILE": str(workdir / HTTP_PORT_FILE)}
+        """The worker's environment beyond the slave's `base_env`."""
+        self.stdin_path = stdin
+        self.ended: float | None = None
+        """When the process ended (monotonic), if it was seen then; else its end is when it was reaped."""
+        self.files = self._open_streams()
+        """The parent's copies of the worker's stdin/stdout/stderr, closed once the worker has its own."""
+
+    def _open_streams(self) -> ExitStack:
         # Plain descriptors, not file objects: the worker only needs the fds, and a tiny task feels every µs.
         with ExitStack() as stack:
-            self.stdout = _open_fd(stack, workdir / STDOUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            self.stderr = _open_fd(stack, workdir / STDERR, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            self.stdin = _open_fd(stack, stdin, os.O_RDONLY) if stdin else subprocess.DEVNULL
-            self.files = stack.pop_all()
-            """The parent's copies of the worker's stdin/stdout/stderr, closed once the worker has its own."""
+            self.stdout = _open_fd(stack, self.workdir / STDOUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            self.stderr = _open_fd(stack, self.workdir / STDERR, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            self.stdin = _open_fd(stack, self.stdin_path, os.O_RDONLY) if self.stdin_path else subprocess.DEVNULL
+            return stack.pop_all()
 
     def start(self) -> None:
         self.started = time.monotonic()
@@ -177,7 +185,8 @@ class Worker:
         try:
             # A session, not just a process group (process_group=0 spawns a little faster): a worker of a slave
             # started from a shell must not reach that terminal, e.g. ssh prompting on /dev/tty.
-            self.proc = subprocess.Popen(self.args, cwd=self.spec.cwd or self.workdir, env=self.env, stdin=self.stdin,
+            self.proc = subprocess.Popen(self.args, cwd=self.spec.cwd or self.workdir,
+                                         env={**self.base_env, **self.added_env}, stdin=self.stdin,
                                          stdout=self.stdout, stderr=self.stderr, start_new_session=True)
         finally:
             self.files.close()
@@ -212,7 +221,7 @@ class Worker:
     def finish(self) -> Outcome:
         """Gather outputs after the process ended and write the manifest."""
         code = self.proc.returncode
-        elapsed = time.monotonic() - self.started
+        elapsed = (self.ended or time.monotonic()) - self.started
         spec = self.spec
         if self.killed_for:
             outcome = Outcome(spec.ticket, spec.sweep, spec.task, False, code, elapsed, self.killed_for)
