@@ -30,8 +30,8 @@ import time
 import uuid
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
