@@ -137,9 +137,10 @@ class Lifecycle:
         """Store a sweep that starts without tasks (a python sweep: its tasks come with `add_tasks`)."""
         self.store.add_sweep(sweep)
 
-    def add_tasks(self, name: str, first: int, params: list[dict[str, Any]]) -> list[int]:
-        """Append tasks to a stored sweep (python sweeps grow as clients submit); reopens a finished one."""
-        new = self.store.add_tasks(name, first, params)
+    def add_tasks(self, name: str, first: int, rows: list[str]) -> list[int]:
+        """Append tasks (their params as JSON text) to a stored sweep (python sweeps grow as clients submit); reopens
+        a finished one."""
+        new = self.store.add_tasks(name, first, rows)
         if new:
             active = self.scheduler.active.get(name)
             if active is None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import time
+from json.encoder import encode_basestring_ascii as quoted
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,9 +164,11 @@ class PythonSweeps:
         assert row is not None
         if row.state == "cancelled":
             raise ValueError(f"sweep {name!r} was cancelled")
-        params = [{"fn": c.fn, "args": base64.b64encode(c.args).decode(), "repr": c.repr} for c in add.calls]
+        # The rows' JSON written here, not by json.dumps of a dict per task (4 µs each: most of a py_add's cost).
+        rows = ['{"fn": %s, "args": "%s", "repr": %s}'
+                % (quoted(c.fn), base64.b64encode(c.args).decode(), quoted(c.repr)) for c in add.calls]
         # Dispatched before the fsync: the REPLY waits for the op's commit; a crash in between only re-runs tasks.
-        new = self.lifecycle.add_tasks(name, add.first, params)
+        new = self.lifecycle.add_tasks(name, add.first, rows)
         return {"added": len(new), "ntasks": add.first + len(add.calls)}, []
 
     def watch(self, identity: bytes, msg: messages.Control) -> Reply:

@@ -372,10 +372,11 @@ class Store:
             self._batch(_STORE_RESULT, (sweep, idx, o.name, o.size, o.data, o.path))
 
     # -- python sweeps: tasks appended after submission, function bodies ----------
-    def add_tasks(self, sweep: str, first: int, params: list[dict[str, Any]]) -> list[int]:
-        """Append tasks first.. to a sweep; indices it already has are skipped (a resent batch). Returns the new ones."""
+    def add_tasks(self, sweep: str, first: int, rows: list[str]) -> list[int]:
+        """Append tasks first.. to a sweep, each row its params as JSON text; indices it already has are skipped (a
+        resent batch). Returns the new ones."""
         ntasks = self.db.execute("SELECT ntasks FROM sweeps WHERE name = ?", (sweep,)).fetchone()[0]
-        new = [(sweep, first + i, json.dumps(p)) for i, p in enumerate(params) if first + i >= ntasks]
+        new = [(sweep, first + i, row) for i, row in enumerate(rows) if first + i >= ntasks]
         if not new:
             return []
         if new[0][1] != ntasks:

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark: Python function tasks through ticketfarm vs Dask distributed, ipyparallel and a process pool.
 
-    python scripts/bench_python.py [--noop 10000] [--sleep 2000] [--only ticketfarm,dask,ipyparallel,pool]
+    python scripts/bench_python.py [--noop 10000] [--submit 2000] [--sleep 2000]
+                                   [--only ticketfarm,dask,ipyparallel,pool]
 
 Each runner gets 2 local workers on this machine: ticketfarm `Cluster(local=2)` (durable store,
 synchronous=FULL), Dask `LocalCluster(n_workers=2, threads_per_worker=1)`, ipyparallel with 2
 engines (load-balanced view), and `ProcessPoolExecutor(2)` as the no-network, no-durability
 reference. A peer that is not installed is skipped with a message. Prints tasks/s per workload
 and the ratio ticketfarm/peer; for the ~10 ms tasks also the fraction of the ideal rate (2 / 10 ms).
+Workloads: no-op tasks through `map` (one call for all), no-op tasks through a loop of `submit()`
+calls (then every result), and ~10 ms tasks through `map`.
 On the idle cluster it also takes two medians: the round trip `submit(noop).result()`, and
 submit->start, from `time.time()` just before submit to `time.time()` when the task starts
 (same machine, same clock).
@@ -68,6 +71,15 @@ def timed(run: Callable[[Callable[[Any], Any], int], list[Any]], fn: Callable[[A
     return n / elapsed
 
 
+def submitted(submit: Callable[[Callable[[Any], Any], Any], Any], result: Callable[[Any], Any]
+              ) -> Callable[[Callable[[Any], Any], int], list[Any]]:
+    """A runner of n tasks as a loop of submit() calls, then each future's result."""
+    def run(fn: Callable[[Any], Any], n: int) -> list[Any]:
+        futures = [submit(fn, i) for i in range(n)]
+        return [result(f) for f in futures]
+    return run
+
+
 def bench_ticketfarm(args: argparse.Namespace) -> dict[str, float]:
     from ticketfarm import Cluster
 
@@ -76,6 +88,7 @@ def bench_ticketfarm(args: argparse.Namespace) -> dict[str, float]:
         list(cluster.map(noop, range(200)))  # warm: workers started, function cached on both slaves
         out = idle_latencies(lambda fn, x: cluster.submit(fn, x).result(), 200)
         out["noop"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), noop, args.noop)
+        out["submit"] = timed(submitted(cluster.submit, lambda f: f.result()), noop, args.submit)
         out["sleep"] = timed(lambda fn, n: list(cluster.map(fn, range(n))), sleepy, args.sleep)
     return out
 
@@ -91,7 +104,9 @@ def bench_dask(args: argparse.Namespace) -> dict[str, float]:
             return client.gather(client.map(fn, range(n), pure=False))
 
         out = idle_latencies(lambda fn, x: client.submit(fn, x, pure=False).result(), 100)
-        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        loop = submitted(lambda fn, x: client.submit(fn, x, pure=False), lambda f: f.result())
+        return {**out, "noop": timed(run, noop, args.noop), "submit": timed(loop, noop, args.submit),
+                "sleep": timed(run, sleepy, args.sleep)}
 
 
 def bench_ipyparallel(args: argparse.Namespace) -> dict[str, float]:
@@ -108,7 +123,9 @@ def bench_ipyparallel(args: argparse.Namespace) -> dict[str, float]:
             return list(view.map_sync(fn, range(n)))
 
         out = idle_latencies(view.apply_sync, 100)
-        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        loop = submitted(view.apply_async, lambda r: r.get())
+        return {**out, "noop": timed(run, noop, args.noop), "submit": timed(loop, noop, args.submit),
+                "sleep": timed(run, sleepy, args.sleep)}
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -122,7 +139,9 @@ def bench_pool(args: argparse.Namespace) -> dict[str, float]:
             return list(pool.map(fn, range(n)))
 
         out = idle_latencies(lambda fn, x: pool.submit(fn, x).result(), 100)
-        return {**out, "noop": timed(run, noop, args.noop), "sleep": timed(run, sleepy, args.sleep)}
+        loop = submitted(pool.submit, lambda f: f.result())
+        return {**out, "noop": timed(run, noop, args.noop), "submit": timed(loop, noop, args.submit),
+                "sleep": timed(run, sleepy, args.sleep)}
 
 
 RUNNERS = {"ticketfarm": bench_ticketfarm, "dask": bench_dask, "ipyparallel": bench_ipyparallel,
@@ -133,6 +152,7 @@ NEEDS = {"dask": "distributed", "ipyparallel": "ipyparallel"}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks per runner")
+    parser.add_argument("--submit", type=int, default=2_000, help="no-op tasks per runner through submit() calls")
     parser.add_argument("--sleep", type=int, default=2_000, help="~10 ms tasks per runner")
     parser.add_argument("--only", default=",".join(RUNNERS), help="comma-separated runners")
     parser.add_argument("--durability", choices=("full", "normal"), default="full",
@@ -156,17 +176,18 @@ def main() -> int:
         print("  " + ", ".join(f"{k} {v:,.2f}" for k, v in results[name].items()), flush=True)
     ideal = WORKERS / SLEEP
     print()
-    print(f"{'runner':<12} {'no-op tasks/s':>14} {'10 ms tasks/s':>14} {'of ideal':>9} {'median rtt ms':>14} "
-          f"{'submit->start ms':>17}")
+    print(f"{'runner':<12} {'no-op tasks/s':>14} {'submit() no-op/s':>17} {'10 ms tasks/s':>14} {'of ideal':>9} "
+          f"{'median rtt ms':>14} {'submit->start ms':>17}")
     for name, r in results.items():
-        print(f"{name:<12} {r['noop']:>14,.0f} {r['sleep']:>14,.1f} {r['sleep'] / ideal:>9.2f} {r['latency_ms']:>14.2f} "
-              f"{r['start_ms']:>17.2f}")
+        print(f"{name:<12} {r['noop']:>14,.0f} {r['submit']:>17,.0f} {r['sleep']:>14,.1f} {r['sleep'] / ideal:>9.2f} "
+              f"{r['latency_ms']:>14.2f} {r['start_ms']:>17.2f}")
     tf = results.get("ticketfarm")
     if tf:
         print()
         for name, r in results.items():
             if name != "ticketfarm":
-                print(f"ticketfarm/{name}: no-op x{tf['noop'] / r['noop']:.2f}, 10 ms x{tf['sleep'] / r['sleep']:.2f}, "
+                print(f"ticketfarm/{name}: no-op x{tf['noop'] / r['noop']:.2f}, submit() no-op "
+                      f"x{tf['submit'] / r['submit']:.2f}, 10 ms x{tf['sleep'] / r['sleep']:.2f}, "
                       f"round trip x{tf['latency_ms'] / r['latency_ms']:.2f}, "
                       f"submit->start x{tf['start_ms'] / r['start_ms']:.2f}")
     return 0

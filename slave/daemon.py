@@ -109,6 +109,7 @@ class Slave:
         """Work dirs of acknowledged results, removed at the end of a step: never between a worker's exit and the
         next worker's start (rmdir is slow on a disk with online discard)."""
         self.stopping = False
+        self.master_left = False
         self.exit_code = 0
         self.platform = config.platform or platform_tag()
         self.cpus, self.memory_mb = resources.capacity(config.cpus, config.memory_mb)
@@ -346,7 +347,7 @@ class Slave:
                 self._hand_back(spec.ticket)
                 continue
             if spec.kind == "python":  # the pool queues them and runs them on its warm workers
-                self.running[spec.ticket] = self.pypool.start(spec, self.workdir(spec.sweep, spec.ticket))
+                self.running[spec.ticket] = self.pypool.start(spec)
             else:
                 self.waiting.append(spec)
         self.pypool.assign()
@@ -442,6 +443,7 @@ class Slave:
         elif msg.why == messages.SHUTDOWN and self.config.on_master_shutdown == "exit":
             log.info("master_says_goodbye", reason=msg.reason)
             self.stopping = True
+            self.master_left = True
         elif msg.reconnect:
             # Not yet welcomed: our HELLO is on its way, and the other messages queued before it each drew a
             # DISCONNECT from a restarted master; answering each would replay the outbox once per message.
@@ -795,9 +797,10 @@ class Slave:
         self.reach.close()
         if self.config.delete_workers:
             self.cache.delete_fetched()
-        self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
+        if not self.master_left:  # else nobody would read it, and the socket's linger would only delay the exit
+            self.send(messages.Disconnect(messages.SHUTDOWN, "slave shutting down"))
         if self.socket is not None:
-            self.socket.close(linger=200)
+            self.socket.close(linger=0 if self.master_left else 200)
         self.watchdog.close()
         log.info("slave_stopped", name=self.config.name)
 

@@ -81,7 +81,7 @@ class WarmWorker:
             spec = task.spec
             body = None if spec.fn in self.known else bodies[spec.fn]
             self.known.add(spec.fn)
-            requests.append((spec.ticket, spec.fn, body, spec.payload[0], str(task.workdir)))
+            requests.append((spec.ticket, spec.fn, body, spec.payload[0], task.result_dir))
         self.tx.send_bytes(pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL))
         if not self.queue:
             self.head_started = time.monotonic()
@@ -123,15 +123,20 @@ class PyTask:
     deadline = math.inf
     killed_for: str | None = None
 
-    def __init__(self, pool: "PyPool", spec: TicketSpec, workdir: Path):
+    def __init__(self, pool: "PyPool", spec: TicketSpec):
         self.pool = pool
         self.spec = spec
-        self.workdir = workdir
+        self.result_dir = f"{pool.work_root}/{spec.sweep}/{spec.ticket}"
+        """The ticket's work dir, where a large result is written (as text: most tasks never need its Path)."""
         self.arrived = time.monotonic()
         self.progress_sent: dict[str, int] = {}
         self.worker: WarmWorker | None = None
         self.outcome: Outcome | None = None
         self.solo = False
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.result_dir)
 
     def poll(self) -> int | None:
         if self.outcome is None:
@@ -161,6 +166,7 @@ class PyPool:
         self.slots = slots
         self.watchdog = watchdog
         self.directory = work_root / ".pyworkers"
+        self.work_root = str(work_root)
         self.slave_name = slave_name
         self.request_code = request_code
         #: Slots python tasks may use now (the slave's command tickets share the slots).
@@ -176,8 +182,10 @@ class PyPool:
         """Tickets handed to a warm worker since `take_started` (a batch behind its head has started too)."""
 
     # -- tickets in -------------------------------------------------------------------------
-    def start(self, spec: TicketSpec, workdir: Path) -> PyTask:
-        task = PyTask(self, spec, workdir)
+    def start(self, spec: TicketSpec) -> PyTask:
+        """A python ticket, queued for a warm worker; its work dir (the daemon's work_root/sweep/ticket) is made
+        only for a large result."""
+        task = PyTask(self, spec)
         if not spec.payload:
             task.fail("python ticket without arguments payload")
         elif spec.fn in self.bodies:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from ticketfarm import pickles
 from ticketfarm.errors import RemoteError
 from ticketfarm.protocol import INLINE_LIMIT
 
@@ -50,7 +51,7 @@ def call(functions: dict[str, Callable[..., Any]], digest: str, body: bytes | No
         except Exception:  # noqa: BLE001 - an exception that cannot be pickled still reports its text
             return "error", cloudpickle.dumps((RemoteError(f"{type(exc).__qualname__}: {exc}"), tb))
     try:
-        return "result", cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return "result", pickles.dumps(value)
     except Exception as exc:  # noqa: BLE001
         tb = "".join(traceback.format_exception(exc))
         return "error", cloudpickle.dumps((RemoteError(f"result cannot be pickled: {exc}"), tb))

@@ -145,7 +145,7 @@ def test_python_sweeps_failed_csv_and_tables_name_the_call_by_its_repr(tmp_path:
                   collect=[CollectRule("folders", "py")])
     farm = Farm(tmp_path / "state", sweep)
     call = [{"fn": "f" * 64, "args": "gASVBQAAAAAAAABLA4WULg==", "repr": f"({i},)"} for i in range(2)]
-    farm.store.add_tasks("py", 0, call)
+    farm.store.add_tasks("py", 0, [json.dumps(c) for c in call])
     farm.done(0, result=pickle.dumps(9))
     farm.fail(1, "python worker died: exit code 3")
     assert csv_rows(farm.bytes_of("failed")) == [["task", "repr", "reason"],

@@ -57,3 +57,16 @@ def test_a_remote_traceback_of_by_value_code_names_the_file_and_line(tmp_path: P
             '  File "<dynamic-code>", line 9, in nobody\n'
     finally:
         cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_plain_values_take_the_c_pickler_and_anything_else_cloudpickle() -> None:
+    from ticketfarm import pickles
+
+    plain = [3, 2.5, "x" * 100, b"\0", None, True, 1j, (1, "a"), [1, 2], {"k": 1.5}]
+    for value in plain:
+        assert pickles.is_plain(value), value
+        assert pickles.dumps(value) == pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    local = lambda x: x + 1  # noqa: E731 - by value only: the C pickler cannot carry it
+    for value in ((local,), [[1]], {1: 2}, {"k": [1]}, object()):
+        assert not pickles.is_plain(value), value
+    assert cloudpickle.loads(pickles.dumps((local,)))[0](1) == 2

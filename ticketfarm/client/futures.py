@@ -31,6 +31,7 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,7 +41,7 @@ import zmq
 from ticketfarm.client import shipping
 
 from master.config import MasterConfig
-from ticketfarm import messages
+from ticketfarm import messages, pickles
 from ticketfarm.errors import (
     ArgumentTooLarge,
     ClusterClosed,
@@ -87,6 +88,29 @@ class _ShortRepr(reprlib.Repr):
 
 _short = _ShortRepr()
 _short.maxstring, _short.maxother, _short.maxlevel = 40, 40, 2
+
+
+def _pickled(call: tuple[tuple[Any, ...], dict[str, Any]]) -> tuple[bytes, str]:
+    """A call's pickled (args, kwargs) and its short repr; plain arguments take the C pickler and plain repr."""
+    args, kwargs = call
+    if pickles.is_plain(args) and (not kwargs or pickles.is_plain(kwargs)):
+        text = repr(args)
+        if len(text) > 40:
+            text = _short.repr(args)[:200]
+        return pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), text
+    return cloudpickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL), _short.repr(args)[:200]
+
+
+@dataclass
+class _Queued:
+    """Submitted tasks first.. of one sweep and function, waiting for the client thread to send them (py_add)."""
+
+    name: str
+    first: int
+    digest: str
+    args: list[bytes]
+    reprs: list[str]
+    spec: Sweep
 
 
 class TaskFuture(Future):
@@ -212,7 +236,7 @@ class Cluster(concurrent.futures.Executor):
         self.address = address
         self._lock = threading.Lock()
         self._sweeps: dict[str, _SweepState] = {}
-        self._adds: deque[tuple[str, int, str, bytes, str, Sweep]] = deque()
+        self._adds: deque[_Queued] = deque()
         self._outgoing: deque[list[bytes]] = deque()
         self._inflight: dict[int, list[bytes]] = {}
         self._replies: dict[int, Callable[[dict[str, Any], list[bytes]], None]] = {}
@@ -220,6 +244,9 @@ class Cluster(concurrent.futures.Executor):
         self._fn_cache: "weakref.WeakKeyDictionary[Any, tuple[str, bytes]]" = weakref.WeakKeyDictionary()
         self._fn_sent: set[str] = set()
         self._fn_bodies: dict[str, bytes] = {}
+        self._last_fn: tuple[Callable[[], Any], tuple[str, bytes]] = (lambda: None, ("", b""))
+        self._submit_specs: dict[tuple[float, int], Sweep] = {}
+        self._wake_pending = False
         self._deferred: list[list[bytes]] = []
         self._fetches: dict[tuple[str, int], dict[str, Any]] = {}
         self._epoch: int | None = None
@@ -263,7 +290,10 @@ class Cluster(concurrent.futures.Executor):
     # -- public API --------------------------------------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run fn(*args, **kwargs) on the cluster; returns its future (tasks join this client's submit sweep)."""
-        spec = self._spec(f"py-{self.session}", self.timeout, self.max_attempts)
+        key = (self.timeout, self.max_attempts)
+        spec = self._submit_specs.get(key)
+        if spec is None:
+            spec = self._submit_specs[key] = self._spec(f"py-{self.session}", *key)
         return self._add(spec, fn, [(args, kwargs)])[0]
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
@@ -392,7 +422,7 @@ class Cluster(concurrent.futures.Executor):
         if self._closed:
             return
         self._wait_until_stored(timeout)
-        waiting, unanswered = len(self._adds), len(self._inflight)
+        waiting, unanswered = self._unsent(), len(self._inflight)
         self._shut_client()
         if waiting or unanswered:
             raise MasterUnreachable(f"the master at {self.address} stored nothing more within {timeout:g}s: "
@@ -402,7 +432,7 @@ class Cluster(concurrent.futures.Executor):
     def _wait_until_stored(self, timeout: float) -> None:
         """Wait while tasks wait to be stored, as long as the master stores some every `timeout` s."""
         def pending() -> int:
-            return len(self._adds) + len(self._inflight)
+            return self._unsent() + len(self._inflight)
 
         left, deadline = pending(), time.monotonic() + timeout
         while pending() and time.monotonic() < deadline and self._thread.is_alive():
@@ -440,6 +470,9 @@ class Cluster(concurrent.futures.Executor):
                      results=dict(PYTHON_RESULTS))
 
     def _function(self, fn: Callable[..., Any]) -> tuple[str, bytes]:
+        last, cached = self._last_fn
+        if last() is fn:  # a loop of submit() calls: no weak reference made per call
+            return cached
         try:
             cached = self._fn_cache.get(fn)
         except TypeError:  # not weak-referenceable (a builtin): pickle it each time
@@ -451,7 +484,8 @@ class Cluster(concurrent.futures.Executor):
             try:
                 self._fn_cache[fn] = cached
             except TypeError:
-                pass
+                return cached
+        self._last_fn = (weakref.ref(fn), cached)
         return cached
 
     def _add(self, spec: Sweep, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
@@ -459,15 +493,16 @@ class Cluster(concurrent.futures.Executor):
         if self._closed or self._shut_down:
             raise ClusterClosed("cannot schedule new futures after shutdown: open a new Cluster to submit more work")
         digest, body = self._function(fn)
-        pickled = [cloudpickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL) for c in calls]
-        refused = {i: self._too_large(fn, len(p), len(body)) for i, p in enumerate(pickled)
+        pickled = [_pickled(c) for c in calls]
+        refused = {i: self._too_large(fn, len(p), len(body)) for i, (p, _) in enumerate(pickled)
                    if len(p) + len(body) + MESSAGE_HEADROOM > self._message_limit}
-        items = [(p, _short.repr(c[0])[:200]) for i, (p, c) in enumerate(zip(pickled, calls)) if i not in refused]
+        if refused:
+            pickled = [p for i, p in enumerate(pickled) if i not in refused]
         with self._lock:
             state = self._state(spec.name)
             first = state.next_index
-            state.next_index += len(items)
-            indices = iter(range(first, first + len(items)))
+            state.next_index += len(pickled)
+            indices = iter(range(first, first + len(pickled)))
             # A refused call takes no task index: the next ones stay contiguous, as the master requires.
             futures = [refused[i] if i in refused else state.future(next(indices)) for i in range(len(calls))]
             if not state.watched:
@@ -475,8 +510,9 @@ class Cluster(concurrent.futures.Executor):
                 watch = True
             else:
                 watch = False
-            for i, (args, text) in enumerate(items):
-                self._adds.append((spec.name, first + i, digest, args, text, spec))
+            if pickled:
+                self._adds.append(_Queued(spec.name, first, digest, [p for p, _ in pickled],
+                                          [text for _, text in pickled], spec))
             self._fn_bodies[digest] = body
         if watch:
             # Queued after the adds (the thread flushes adds first), so the sweep exists when watched.
@@ -541,6 +577,11 @@ class Cluster(concurrent.futures.Executor):
         return reply
 
     def _wake(self) -> None:
+        """Wake the client thread, unless a wake-up is pending already: what it flushes then takes this too. (A
+        write per submit() also handed the GIL to the client thread at each call.)"""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -564,6 +605,7 @@ class Cluster(concurrent.futures.Executor):
                         pass
                 if sock in ready:
                     self._receive(sock)
+                self._wake_pending = False  # before the flush: a task queued after it wakes this thread again
                 self._flush(sock)
                 if time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + PING_INTERVAL
@@ -587,28 +629,39 @@ class Cluster(concurrent.futures.Executor):
         """Group queued tasks into py_add messages (per sweep, in order); called with the lock held."""
         out = []
         while self._adds:
-            name, first, _, _, _, spec = self._adds[0]
-            fns, reprs, args, size = [], [], [], 0
-            while self._adds and self._adds[0][0] == name and len(fns) < ADD_BATCH:
-                digest, arg = self._adds[0][2], self._adds[0][3]
-                cost = len(arg) + (len(self._fn_bodies[digest]) if digest not in self._fn_sent
-                                   and digest not in fns else 0)
-                if fns and size + cost > MAX_ADD_BYTES:
-                    break  # the next message takes it: each stays within what the master accepts
-                _, _, digest, arg, text, _ = self._adds.popleft()
-                fns.append(digest)
-                reprs.append(text)
-                args.append(arg)
-                size += cost
-            new_fns = [d for d in dict.fromkeys(fns) if d not in self._fn_sent]
+            name, first, spec = self._adds[0].name, self._adds[0].first, self._adds[0].spec
+            calls: list[messages.PyCall] = []
+            new_fns: list[str] = []
+            size = 0
+            while self._adds and self._adds[0].name == name and len(calls) < ADD_BATCH:
+                queued = self._adds[0]
+                if queued.digest not in self._fn_sent and queued.digest not in new_fns:
+                    new_fns.append(queued.digest)
+                    size += len(self._fn_bodies[queued.digest])
+                taken = 0
+                for arg in queued.args[:ADD_BATCH - len(calls)]:
+                    if (calls or taken) and size + len(arg) > MAX_ADD_BYTES:
+                        break  # the next message takes it: each stays within what the master accepts
+                    size += len(arg)
+                    taken += 1
+                calls += map(messages.PyCall, itertools.repeat(queued.digest, taken), queued.args[:taken],
+                             queued.reprs[:taken])
+                if taken < len(queued.args):
+                    queued.first += taken
+                    del queued.args[:taken], queued.reprs[:taken]
+                    break
+                self._adds.popleft()
             self._fn_sent.update(new_fns)
             rid = next(self._rids)
-            calls = [messages.PyCall(fn, arg, text) for fn, arg, text in zip(fns, args, reprs)]
             frames = messages.PyAdd(name, first, calls, {d: self._fn_bodies[d] for d in new_fns},
                                     spec.to_json()).control(rid).encode()
-            self._replies[rid] = self._on_added(name, first, len(fns))
+            self._replies[rid] = self._on_added(name, first, len(calls))
             out.append((rid, frames))
         return out
+
+    def _unsent(self) -> int:
+        """Tasks submitted and not sent to the master yet."""
+        return sum(len(queued.args) for queued in self._adds)
 
     def _on_added(self, name: str, first: int, count: int) -> Callable[[dict[str, Any], list[bytes]], None]:
         def on_reply(reply: dict[str, Any], payload: list[bytes]) -> None:

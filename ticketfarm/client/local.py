@@ -23,6 +23,10 @@ from ticketfarm import keys
 from ticketfarm.spec import Sweep
 
 
+#: Seconds a connected slave has to end by itself after the master's goodbye (it takes ~0.05 s) before SIGTERM.
+GOODBYE_EXIT = 2.0
+
+
 class LocalCluster:
     """A master (in this process) and `n` local slaves (child processes), cleaned up on close()."""
 
@@ -87,29 +91,35 @@ class LocalCluster:
         return self.master.store.task_counts(sweep.name)
 
     def close(self, interrupted: bool = False) -> None:
-        """The master says goodbye (its tickets given back without cost when the user `interrupted` the run), then
-        every slave is stopped at once: local slaves live and die with this run, and one still starting (or
-        reconnecting) would otherwise wait for a master that is gone."""
+        """The master says goodbye (its tickets given back without cost when the user `interrupted` the run) and
+        every slave ends: a connected one by itself on that goodbye; one still starting (or reconnecting), which
+        would otherwise wait for a master that is gone, by SIGTERM, sent first so that it ends meanwhile."""
         if interrupted:
             self.master.release_all("interrupted by the user")
-        self.master.close()
-        for proc in self.slaves:
-            if proc.poll() is None:
+        told = {session.name for session in self.master.roster.sessions()}
+        for name, proc in self._named_slaves():
+            if name not in told and proc.poll() is None:
                 proc.terminate()
-        for proc in self.slaves:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+        self.master.close()
+        for name, proc in self._named_slaves():
+            if name in told and not _ended(proc, GOODBYE_EXIT):
+                proc.terminate()
+        for _, proc in self._named_slaves():
+            if not _ended(proc, 5.0):
                 proc.kill()
                 proc.wait()
         self._wait_for_watchdogs()
 
+    def _named_slaves(self) -> list[tuple[str, subprocess.Popen[bytes] | ForkedSlave]]:
+        return [(f"local-{i}", proc) for i, proc in enumerate(self.slaves, 1)]
+
     def _wait_for_watchdogs(self) -> None:
         """Once close() returns, nothing of this cluster touches the state dir (which may then be removed): the
-        watchdog of a slave that ended in order has nothing left to guard (its workers are killed) and is ended
-        now, it may still be starting; that of one that did not is waited for while it kills what is left."""
-        marks = {f"{self.state_dir.resolve() / 'work' / f'local-{i}'}/.tf-watchdog-{p.pid}": p.returncode == 0
-                 for i, p in enumerate(self.slaves, 1)}
+        watchdog of a slave that ended in order (or by SIGTERM's default action: before its loop began, or after
+        it ended, it ran no worker) has nothing left to guard and is ended now, it may still be starting; that of
+        one that did not is waited for while it kills what is left."""
+        marks = {f"{self.state_dir.resolve() / 'work' / f'local-{i}'}/.tf-watchdog-{p.pid}":
+                 p.returncode in (0, -signal.SIGTERM) for i, p in enumerate(self.slaves, 1)}
         waiting = []
         for proc in psutil.process_iter(["cmdline"]):
             found = [orderly for mark, orderly in marks.items() if mark in (proc.info["cmdline"] or ())]
@@ -126,6 +136,15 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ended(proc: subprocess.Popen[bytes] | ForkedSlave, timeout: float) -> bool:
+    """Whether a slave process ended within `timeout` s."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _alive(proc: psutil.Process) -> bool:
