@@ -437,7 +437,7 @@ class Lifecycle:
         active.held.discard(task)
         self.store.requeue_task(name, task)
         self.store.event("task_resumed", sweep=name, task=task)
-        active.queued.appendleft(task)
+        active.queued.put_back(task)
         self.hooks.work_queued()
 
     def _unqueue(self, sweep: str, task: int) -> None:

@@ -4,6 +4,7 @@ The store is not touched here: master/lifecycle.py records every change this tab
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from array import array
@@ -69,8 +70,10 @@ class TaskQueue:
             self._head = 0
         return task
 
-    def appendleft(self, task: int) -> None:
-        self._front.appendleft(task)
+    def put_back(self, task: int) -> None:
+        """First in line again (a retry, a resumed or a handed-back task), in task order among those put back:
+        tickets two slaves hand back at once come out as they were queued, not one slave's lot before the other's."""
+        bisect.insort(self._front, task)
 
     def extend(self, tasks: Iterable[int]) -> None:
         self._rest.extend(tasks)
@@ -294,7 +297,7 @@ class Scheduler:
             self.avoid.pop((ticket.sweep, ticket.task), None)
             return "failed"
         # Retries go first: a failing parameter set surfaces early, not at the end of a long sweep.
-        active.queued.appendleft(ticket.task)
+        active.queued.put_back(ticket.task)
         return "queued"
 
     def settle_cancelled(self, ticket: Ticket) -> None:

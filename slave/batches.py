@@ -38,8 +38,8 @@ SHORT_TASK = 0.05
 SEEN_BEFORE_BATCHING = 4
 #: About this much work (seconds) per batch: long enough to spread the fork, short enough to keep a slot's queue
 #: small (a batch's tickets are held by this slave till they end).
-BATCH_WORK = 0.1
-MAX_BATCH = 64
+BATCH_WORK = 0.05
+MAX_BATCH = 32
 #: A batch whose ticket has run this long (seconds) gives back the tickets after it: they start elsewhere, or later,
 #: instead of waiting behind a ticket that turned out long.
 CUT_AFTER = 0.2

@@ -93,6 +93,8 @@ class Slave:
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = {**os.environ, **self.watchdog.marker}
         self.shortness = Shortness()
+        self.stuck = False
+        """A slot is held by a batch cut behind a ticket that turned out long (slave/batches.py, CUT_AFTER)."""
         self.batches = Batches(self.base_env, self.shortness)
         """Runners starting several short tickets one after another, a slot each (slave/batches.py)."""
         self.last_step = 0.0
@@ -351,7 +353,6 @@ class Slave:
             else:
                 self.waiting.append(spec)
         self.pypool.assign()
-        self._hand_back_surplus(stuck=False)
         self._start_waiting()
 
     def _on_ack(self, msg: messages.Ack) -> None:
@@ -522,19 +523,12 @@ class Slave:
             self.workdirs.release(worker.workdir)
             self.waiting.appendleft(worker.spec)
 
-    def _hand_back_surplus(self, stuck: bool) -> None:
-        """Tickets waiting here beyond what this slave should hold go back to the master, to start elsewhere: when
-        a slot is `stuck` behind a batch's ticket that turned out long, all that the free slots cannot take; else
-        what exceeds the slots, prefetch and batch depth of now (a credit asked for a short sweep that has ended
-        brought a batch's worth of the next sweep, which is not known to be short)."""
-        if stuck:
-            keep = max(0, self.config.slots - self._busy_slots())
-        else:
-            capacity = self._capacity()
-            if capacity > self.config.slots + self.config.prefetch:
-                return  # a short sweep is held: what came beyond the depth of now is a batch's worth soon run
-            keep = capacity - self._held_slots()
-        while len(self.waiting) > max(keep, 0):
+    def _hand_back_surplus(self) -> None:
+        """A slot is stuck behind a batch's ticket that turned out long: the tickets waiting here beyond what the
+        free slots take go back to the master, to start on other slaves rather than wait behind it. While stuck the
+        slave asks for no more than its free slots (`_capacity`), so a ticket handed back is not asked for again."""
+        keep = max(0, self.config.slots - self._busy_slots())
+        while len(self.waiting) > keep:
             spec = self.waiting.pop()
             self._drop_prepared(spec.ticket)
             log.info("ticket_handed_back", ticket=spec.ticket, reason="more than this slave should hold")
@@ -542,7 +536,10 @@ class Slave:
                                        handback=True))
 
     def _capacity(self) -> int:
-        """Tickets to hold: a slot's each and the prefetch, and a batch's worth per slot while held sweeps are short."""
+        """Tickets to hold: a slot's each and the prefetch, and a batch's worth per slot while held sweeps are short;
+        only a slot's each while a slot is stuck behind a long ticket of a batch."""
+        if self.stuck:
+            return self.config.slots
         held = [t.sweep for t in self.waiting] + [w.spec.sweep for w in self.running.values()]
         return self.config.slots * (1 + self.shortness.depth(held)) + self.config.prefetch
 
@@ -670,8 +667,9 @@ class Slave:
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
         finished = [self._forget(tid) for tid in exited]
         self._wait_again(unstarted)
+        self.stuck = stuck
         if stuck:
-            self._hand_back_surplus(stuck=True)
+            self._hand_back_surplus()
         # The next ticket starts, and the one after is asked for, before the finished ones' outputs are gathered:
         # a slot never waits on bookkeeping, and the master answers while it is done.
         self._start_waiting()

@@ -100,13 +100,16 @@ def test_the_task_queue_keeps_order_with_retries_in_front_across_its_compaction(
     queue = TaskQueue(range(3 * COMPACT_AFTER))
     taken = [queue.popleft() for _ in range(2 * COMPACT_AFTER)]  # past the point where the taken part is cut off
     assert taken == list(range(2 * COMPACT_AFTER)) and len(queue) == COMPACT_AFTER
-    queue.appendleft(7)
+    queue.put_back(7)
     queue.extend([10**9])
     assert queue.first(3) == [7, 2 * COMPACT_AFTER, 2 * COMPACT_AFTER + 1] and 7 in queue and 5 not in queue
     queue.remove(2 * COMPACT_AFTER + 1)
     assert list(queue)[:3] == [7, 2 * COMPACT_AFTER, 2 * COMPACT_AFTER + 2] and list(queue)[-1] == 10**9
     with pytest.raises(ValueError):
         queue.remove(5)
+    for task in (9, 3, 8):  # put back by two slaves at once: in task order, ahead of the rest
+        queue.put_back(task)
+    assert queue.first(5) == [3, 7, 8, 9, 2 * COMPACT_AFTER]
     queue.clear()
     assert not queue and len(queue) == 0
     with pytest.raises(IndexError):
