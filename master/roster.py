@@ -1,8 +1,10 @@
 """The connected slaves: one session per slave (by routing id and by name) and the names told to drain."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from ticketfarm import messages
 
 
 @dataclass
@@ -17,10 +19,18 @@ class SlaveSession:
     expiry: float
     credit: int = 0
     last_sent: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
+    heartbeat: messages.Heartbeat | None = None
+    """The last HEARTBEAT it sent (kept as it came: most change nothing, and nothing is built from them)."""
     info_saved: float = 0.0
     last_heartbeat: float = 0.0
     key: bytes = b""  # the CURVE public key (z85) it authenticated with; empty when insecure
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Its load, memory, disk and busy as the last heartbeat said, and the tickets it holds waiting (prefetched,
+        not running: the HTTP API tells them apart)."""
+        beat = self.heartbeat
+        return {} if beat is None else {**beat.info(), "waiting": beat.waiting}
 
 
 class Roster:

@@ -44,9 +44,15 @@ log = structlog.get_logger("ticketfarm.master")
 DRAIN_LIMIT = 2000
 #: ACKs waiting for a commit that make it due at once.
 ACK_LIMIT = 512
+#: Seconds the loop polls for at most while a commit runs in the background (it takes about a millisecond).
+COMMIT_POLL = 0.001
 #: Connections the kernel queues before the master accepts them (ZeroMQ's default is 100): a join storm of
 #: 10,000 slaves otherwise has most connects dropped and retried for minutes. Linux caps it at somaxconn.
 LISTEN_BACKLOG = 4096
+
+#: The socket's own recv, without pyzmq's Python wrapper (as master/link.py sends: the wrapper costs more than the call).
+_recv_frame = zmq.backend.Socket.recv
+_NOBLOCK = int(zmq.NOBLOCK)
 
 #: An owner's handler of one command: (sender's routing id, the decoded message of that command's class).
 Handler = Callable[[bytes, Any], None]
@@ -65,6 +71,8 @@ class Master:
         self.started = time.time()
         self._stopping = False
         self._next_housekeeping = 0.0
+        #: The ACKs of the commit in the background, sent when it has ended.
+        self._acks_committing: dict[bytes, list[int]] = {}
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.keyring, self.zap = self._security()
@@ -247,8 +255,7 @@ class Master:
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             self.sessions.check_keys(now)
-            if self._commit_due():
-                self.commit_and_ack()
+            self._group_commit()
             if tick and now >= next_tick:
                 tick()
                 next_tick = now + self.config.heartbeat_interval / 4
@@ -264,16 +271,15 @@ class Master:
                     self.commit_and_ack()
                 return
             self.handle(frames)
-            if self._commit_due():
-                self.commit_and_ack()
+            self._group_commit()
 
     def _recv(self) -> list[bytes]:
         """One message, routing id first (insecure: every peer is trusted)."""
-        return self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+        return _frames(self.socket, _recv_frame(self.socket, _NOBLOCK, False))
 
     def _recv_authenticated(self) -> list[bytes]:
         """One message; sets self._peer to the sender's authorised key (None: revoked since it connected)."""
-        first = self.socket.recv(zmq.NOBLOCK, copy=False)
+        first = _recv_frame(self.socket, _NOBLOCK, False)
         try:
             user = first.get("User-Id")
         except zmq.ZMQError:  # inproc: an in-process client (no CURVE there)
@@ -281,9 +287,7 @@ class Master:
         else:
             self._peer = self.keyring.lookup(user.encode()) if user else None  # type: ignore[union-attr]
             self.connections.delivered.add(first.get(zmq.SRCFD))  # type: ignore[union-attr]
-        if not first.more:
-            return [first.bytes]
-        return [first.bytes, *self.socket.recv_multipart()]
+        return _frames(self.socket, first)
 
     def _housekeeping(self, now: float) -> None:
         """Purge dead slaves, send heartbeats, duplicate stragglers, chores (about 4 times per interval)."""
@@ -331,21 +335,42 @@ class Master:
             log.exception("message_handler_failed", peer=identity.hex())
 
     # -- group commit ---------------------------------------------------------------
+    def _group_commit(self) -> None:
+        """The loop's commit: the ACKs of a background commit go out once it has ended, and a commit that is due
+        starts in the background (the loop reads and dispatches on while SQLite syncs)."""
+        if self.store.finish_commit(wait=False):
+            self.link.send_acks(self._acks_committing)
+            self._acks_committing = {}
+        if not self._commit_due():
+            return
+        if self.python.pending:
+            self.commit_and_ack()  # what settled is pushed to clients right after its commit: all of it, at once
+            return
+        self.events.flush(self.store)
+        self._acks_committing = self.link.take_acks()  # exactly the results written so far: this commit's
+        self.store.commit_in_background()
+
     def _commit_due(self) -> bool:
-        """Group commit: one commit per `commit_interval` (or per ACK_LIMIT results), not one per message."""
-        if not self.store.dirty:
+        """Group commit: one commit per `commit_interval` (or per ACK_LIMIT results), not one per message, and one
+        at a time."""
+        if not self.store.dirty or self.store.committing:
             return False
         return (time.monotonic() - self.store.txn_started >= self.config.commit_interval
                 or self.link.pending_acks() >= ACK_LIMIT)
 
     def _poll_timeout_ms(self) -> int:
         timeout = self.config.heartbeat_interval / 4
-        if self.store.dirty:
+        if self.store.committing:
+            timeout = COMMIT_POLL  # its ACKs go out soon after it ends
+        elif self.store.dirty:
             timeout = min(timeout, self.store.txn_started + self.config.commit_interval - time.monotonic())
         return max(1, int(timeout * 1000))
 
     def commit_and_ack(self) -> None:
         """Commit what the loop changed, then ACK the results it holds: nothing is acknowledged before it is durable."""
+        if self.store.finish_commit(wait=True):
+            self.link.send_acks(self._acks_committing)
+            self._acks_committing = {}
         self.events.flush(self.store)
         if not self.store.dirty:
             return
@@ -373,3 +398,13 @@ class Master:
             self.context.destroy(linger=0)
         self.store.close()
         self.state_lock.release()
+
+
+def _frames(socket: zmq.Socket, first: zmq.Frame) -> list[bytes]:
+    """A message's frames as bytes, from its first one (each frame, received uncopied, says whether more follow)."""
+    frames = [first.bytes]
+    frame = first
+    while frame.more:
+        frame = _recv_frame(socket, 0, False)
+        frames.append(frame.bytes)
+    return frames

@@ -131,8 +131,20 @@ class Sessions:
         log.info("slave_joined", slave=name, platform=session.platform, slots=slots, held=len(held))
 
     def on_heartbeat(self, identity: bytes, msg: messages.Heartbeat) -> None:
+        """Liveness (`heard` did that), what the slave holds, and its load: kept as the message itself, and stored
+        every few intervals (a heartbeat that changes nothing costs no allocation and no SQL)."""
         session = self.roster.by_identity[identity]
         now = time.time()
+        if msg.running or msg.waiting:
+            self.held(session, msg, now)
+        session.heartbeat = msg
+        if now - session.info_saved > 5 * self.config.heartbeat_interval:
+            session.info_saved = now
+            self.store.slave_info(session.name, self.roster.state_of(session.name), msg.info())
+        session.last_heartbeat = now
+
+    def held(self, session: SlaveSession, msg: messages.Heartbeat, now: float) -> None:
+        """Tickets a heartbeat says the slave runs or holds waiting: waiting ones get their deadline pushed out."""
         for tid in msg.waiting:
             ticket = self.lifecycle.in_flight(tid)
             if ticket is not None and ticket.slave == session.name:
@@ -141,12 +153,6 @@ class Sessions:
         waiting = set(msg.waiting)
         self.lifecycle.mark_started(session.name, [t for t in msg.running if t not in waiting], now)
         self.cancel_given_away(session, [*msg.running, *msg.waiting])
-        info = msg.info()
-        session.info = {**info, "waiting": msg.waiting}  # prefetched, not running: the HTTP API tells them apart
-        if now - session.info_saved > 5 * self.config.heartbeat_interval:
-            session.info_saved = now
-            self.store.slave_state(session.name, self.roster.state_of(session.name), info)
-        session.last_heartbeat = now
 
     def cancel_given_away(self, session: SlaveSession, tickets: list[int]) -> None:
         """Tickets a slave runs or holds ready that are no longer its own (it was away past its deadline or its

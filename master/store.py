@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -103,8 +104,11 @@ class Store:
                                          check_same_thread=False)
             self._conn.execute("PRAGMA query_only = ON")
             self._batched = {}
+            self._committer, self._committing = None, None
             return
-        self._conn = sqlite3.connect(self.path, isolation_level=None)
+        # The connection is used by one thread at a time: the loop's, or the commit thread while the loop waits
+        # for it or has handed it a COMMIT (see commit_in_background).
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect in a new database (see housekeeping)
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
@@ -113,6 +117,10 @@ class Store:
         self._in_txn = False
         self.txn_started = 0.0
         self._batched: dict[str, list[tuple[Any, ...]]] = {}
+        #: Per sweep: (attempts, params) of tasks read ahead of their dispatch (see `_read_ahead`).
+        self._ahead: dict[str, dict[int, tuple[int, str]]] = {}
+        self._committer: ThreadPoolExecutor | None = None
+        self._committing: Future | None = None
 
     def _add_columns(self) -> None:
         """A state.db made by an earlier version gets the columns added since (its rows keep their values)."""
@@ -123,12 +131,19 @@ class Store:
 
     @property
     def db(self) -> sqlite3.Connection:
-        """The connection, with every batched row written first: whoever reads or writes sees them."""
+        """The connection, with every batched row written first: whoever reads or writes sees them (after the
+        commit in flight, if one is)."""
+        if self._committing is not None:
+            self._committing.result()
         if self._batched:
             self._write_batched()
         return self._conn
 
     def close(self) -> None:
+        if self._committing is not None:
+            self._committing.exception()  # waits; a failed commit was raised to the loop already
+        if self._committer is not None:
+            self._committer.shutdown()
         self._conn.close()  # rows still batched were never committed: they go, like the open transaction
 
     # -- transactions -------------------------------------------------------
@@ -165,19 +180,48 @@ class Store:
     def _write_batched(self) -> None:
         self._begin()
         batched, self._batched = self._batched, {}
-        for sql, rows in batched.items():
-            self._conn.executemany(sql, rows)
+        for sql in _BATCH_ORDER:
+            rows = batched.get(sql)
+            if rows:
+                self._conn.executemany(sql, rows)
 
     @property
     def dirty(self) -> bool:
         return self._in_txn or bool(self._batched)
 
     def commit(self) -> None:
-        if self._batched:
-            self._write_batched()
+        db = self.db  # the batch written, after the commit in flight
         if self._in_txn:
-            self._conn.execute("COMMIT")
+            db.execute("COMMIT")
             self._in_txn = False
+
+    def commit_in_background(self) -> None:
+        """Write the batch and hand the COMMIT to the store's commit thread; returns at once. The loop reads on
+        while SQLite syncs (it lets go of the GIL): rows batched meanwhile join the next transaction, and any
+        other use of the connection waits for this commit. Nothing of it is durable before `finish_commit`."""
+        db = self.db
+        if not self._in_txn:
+            return
+        self._in_txn = False
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="ticketfarm-commit")
+        self._committing = self._committer.submit(db.execute, "COMMIT")
+
+    @property
+    def committing(self) -> bool:
+        """A commit handed to the commit thread has not been finished (`finish_commit`)."""
+        return self._committing is not None
+
+    def finish_commit(self, wait: bool) -> bool:
+        """True once for each background commit, when it has ended (waiting for it if `wait`). A commit that
+        failed raises its error here, and at every later use of the store: nothing after it is ever committed,
+        so nothing after it is acknowledged."""
+        future = self._committing
+        if future is None or not (wait or future.done()):
+            return False
+        future.result()
+        self._committing = None
+        return True
 
     # -- master epochs: ticket ids are never reused across restarts ---------
     def next_epoch(self) -> int:
@@ -221,6 +265,7 @@ class Store:
 
     def delete_sweep(self, name: str) -> list[str]:
         """Remove a sweep and everything of it; returns the paths (state-relative) of its result files."""
+        self._forget_ahead(name)
         paths = self.remove_results(name)
         for table in ("tasks", "tickets"):
             self._write(f"DELETE FROM {table} WHERE sweep = ?", (name,))
@@ -242,6 +287,7 @@ class Store:
         self._write("UPDATE sweeps SET unrunnable = NULL WHERE unrunnable IS NOT NULL")
 
     def set_sweep_state(self, name: str, state: str) -> None:
+        self._forget_ahead(name)  # paused, or ended: nothing is read ahead of it until it dispatches again
         finished = time.time() if state in ("finished", "cancelled") else None
         self._write("UPDATE sweeps SET state = ?, finished = ? WHERE name = ?", (state, finished, name))
         # The counts at this moment travel with the event (a status callback sent later reports these).
@@ -278,6 +324,7 @@ class Store:
 
     def retry_tasks(self, sweep: str, idxs: list[int]) -> None:
         """Queue settled tasks again with no attempts counted."""
+        self._forget_ahead(sweep)
         self._write_many("UPDATE tasks SET state = 'queued', attempts = 0, reason = NULL, ticket = NULL, "
                          "finished = NULL WHERE sweep = ? AND idx = ?", ((sweep, i) for i in idxs))
         self.event("tasks_retried", sweep=sweep, detail={"tasks": len(idxs)})
@@ -309,12 +356,14 @@ class Store:
 
     def hold_task(self, sweep: str, idx: int, refund: bool) -> None:
         """Pause a task (state 'paused'); a killed running attempt is not counted against max_attempts."""
+        self._forget_ahead(sweep)
         self._write(f"UPDATE tasks SET state = 'paused'{', attempts = max(attempts - 1, 0)' if refund else ''} "
                     "WHERE sweep = ? AND idx = ?", (sweep, idx))
         self.event("task_paused", sweep=sweep, task=idx)
 
     def refund_attempt(self, sweep: str, idx: int) -> None:
         """An attempt given back (an interruption, or a hand-back at an allocation's end): not counted against max_attempts."""
+        self._forget_ahead(sweep)
         self._write("UPDATE tasks SET attempts = max(attempts - 1, 0) WHERE sweep = ? AND idx = ?", (sweep, idx))
 
     def complete_task(self, sweep: str, idx: int, ticket: int, outputs: list[StoredOutput]) -> None:
@@ -370,17 +419,34 @@ class Store:
     # -- tickets -------------------------------------------------------------
     def start_tickets(self, sweep: str, tickets: list[tuple[int, int]], slave: str,
                       now: float) -> list[tuple[int, dict[str, Any]]]:
-        """Record dispatched tickets `(ticket id, task)` of one sweep; returns each task's attempt number and params."""
-        found: dict[int, tuple[int, str]] = {}
-        for start in range(0, len(tickets), _MAX_IN):
-            idxs = [task for _, task in tickets[start:start + _MAX_IN]]
-            rows = self._write(
-                f"UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? "
-                f"AND idx IN ({','.join('?' * len(idxs))}) RETURNING idx, attempts, params", (sweep, *idxs))
-            found.update((idx, (attempts, params)) for idx, attempts, params in rows)
-        # Not batched: a ticket's row must exist before the batched UPDATE that finishes it.
-        self._write_many(_START_TICKET, [(tid, sweep, task, slave, found[task][0], now) for tid, task in tickets])
-        return [(found[task][0], json.loads(found[task][1])) for _, task in tickets]
+        """Record dispatched tickets `(ticket id, task)` of one sweep; returns each task's attempt number and params.
+
+        No SQL per dispatch: the rows join the batch, and each task's attempts and parameters come from a read
+        of the next READ_AHEAD tasks (one SELECT per that many tickets; see `_read_ahead`)."""
+        ahead = self._ahead.get(sweep, {})
+        out = []
+        for tid, task in tickets:
+            row = ahead.pop(task, None)
+            if row is None:
+                ahead = self._read_ahead(sweep, task)
+                row = ahead.pop(task)
+            attempt = row[0] + 1
+            self._batch(_START_TASK, (sweep, task))
+            self._batch(_START_TICKET, (tid, sweep, task, slave, attempt, now))
+            out.append((attempt, json.loads(row[1])))
+        return out
+
+    def _read_ahead(self, sweep: str, first: int) -> dict[int, tuple[int, str]]:
+        """(attempts, params) of tasks first.. of a sweep, kept until each is dispatched. They stay true: a task's
+        params never change, its attempts only here (a dispatch pops its entry; `_forget_ahead` at any other change),
+        and the read flushes the batch first, so it sees every start not yet written."""
+        rows = self.db.execute("SELECT idx, attempts, params FROM tasks WHERE sweep = ? AND idx >= ? AND idx < ?",
+                               (sweep, first, first + READ_AHEAD))
+        ahead = self._ahead[sweep] = {idx: (attempts, params) for idx, attempts, params in rows}
+        return ahead
+
+    def _forget_ahead(self, sweep: str) -> None:
+        self._ahead.pop(sweep, None)
 
     def mark_started(self, tickets: list[int], now: float) -> None:
         """These dispatched tickets began running on their slave (before: prefetched, held ready)."""
@@ -494,12 +560,13 @@ class Store:
             (name, platform, slots, version, now, now, state),
         )
 
-    def slave_state(self, name: str, state: str, info: dict[str, Any] | None = None) -> None:
-        if info is None:
-            self._write("UPDATE slaves SET state = ?, last_seen = ? WHERE name = ?", (state, time.time(), name))
-        else:
-            self._write("UPDATE slaves SET state = ?, last_seen = ?, info = ? WHERE name = ?",
-                        (state, time.time(), json.dumps(info), name))
+    def slave_state(self, name: str, state: str) -> None:
+        self._write("UPDATE slaves SET state = ?, last_seen = ? WHERE name = ?", (state, time.time(), name))
+
+    def slave_info(self, name: str, state: str, info: dict[str, Any]) -> None:
+        """A connected slave's state and load, from its heartbeat (written with the next batch: a heartbeat never
+        costs a statement of its own)."""
+        self._batch(_SLAVE_INFO, (state, time.time(), json.dumps(info), name))
 
     def slaves(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT name, platform, slots, version, first_seen, last_seen, state, info FROM slaves")
@@ -685,15 +752,20 @@ class Store:
 
 
 #: Hot-path statements written in batches (see Store._batch). Rows of different statements are written statement by
-#: statement, not in the order they came: two batched statements on one table must set different columns.
+#: statement in _BATCH_ORDER, not in the order they came: a ticket's row is made before it is marked started or
+#: finished, and a task is started before it is done (a task done is not dispatched again before a write outside
+#: the batch, such as a retry, has flushed it).
+_START_TASK = "UPDATE tasks SET state = 'running', attempts = attempts + 1 WHERE sweep = ? AND idx = ?"
 _COMPLETE_TASK = "UPDATE tasks SET state = 'done', ticket = ?, reason = NULL, finished = ? WHERE sweep = ? AND idx = ?"
 _STORE_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)"
 _START_TICKET = ("INSERT INTO tickets (id, sweep, task, slave, attempt, dispatched, state) "
                  "VALUES (?, ?, ?, ?, ?, ?, 'running')")
 _FINISH_TICKET = "UPDATE tickets SET state = ?, exit_code = ?, reason = ?, elapsed = ?, finished = ? WHERE id = ?"
 _MARK_STARTED = "UPDATE tickets SET started = ? WHERE id = ?"
-#: Task indices per `IN (...)` list (SQLite limits the number of bound variables).
-_MAX_IN = 500
+_SLAVE_INFO = "UPDATE slaves SET state = ?, last_seen = ?, info = ? WHERE name = ?"
+_BATCH_ORDER = (_START_TASK, _START_TICKET, _MARK_STARTED, _FINISH_TICKET, _COMPLETE_TASK, _STORE_RESULT, _SLAVE_INFO)
+#: Tasks whose attempts and params one read fetches ahead of their dispatch.
+READ_AHEAD = 256
 
 #: A task's winning ticket, or while it runs the ticket out for it (found through the running-tickets index).
 _TASK_TICKET = ("coalesce(ticket, (SELECT max(id) FROM tickets WHERE state = 'running' "

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from master.config import MasterConfig
 from ticketfarm.client.local import LocalCluster
 from ticketfarm.logs import configure_logging
@@ -44,15 +46,37 @@ def time_shell(cluster: LocalCluster, cmd: str) -> float:
     return ended[0] - started
 
 
-def time_ticketfarm(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> float:
+def cpu_seconds() -> tuple[float, float, float]:
+    """CPU used so far by this process (master and client), by the slaves, and by everything they started
+    (batch runners, workers, watchdogs): where a tiny task's time goes."""
+    me = psutil.Process()
+    slaves = others = 0.0
+    for child in me.children():
+        try:
+            times = child.cpu_times()
+            slaves += times.user + times.system
+            others += times.children_user + times.children_system
+            for grandchild in child.children(recursive=True):
+                own = grandchild.cpu_times()
+                others += own.user + own.system + own.children_user + own.children_system
+        except psutil.Error:
+            continue
+    mine = me.cpu_times()
+    return mine.user + mine.system, slaves, others
+
+
+def time_ticketfarm(cluster: LocalCluster, name: str, argv: list[str], tasks: int) -> tuple[float, list[float]]:
+    """Wall seconds of the sweep, and CPU ms per task of the master, the slaves and what they started."""
     sweep = Sweep(name=name, params=[{"i": i} for i in range(tasks)], argv=argv, timeout=60,
                   results={"code": "exit_code"})
     sweep.collect = []
+    before = cpu_seconds()
     started = time.perf_counter()
     counts = cluster.run_sweep(sweep)
     elapsed = time.perf_counter() - started
+    after = cpu_seconds()
     assert counts.get("done") == tasks, counts
-    return elapsed
+    return elapsed, [1000 * (a - b) / tasks for a, b in zip(after, before)]
 
 
 SHORT_SPEC = """name = "short"
@@ -108,17 +132,20 @@ def main() -> None:
                 xargs = time_shell(cluster, f"seq {n} | xargs -P2 -I{{}} {shell_cmd}")
                 parallel = (time_shell(cluster, f"seq {n} | parallel -j2 -N0 {shell_cmd} >/dev/null")
                             if have_parallel else None)
-                tf = time_ticketfarm(cluster, f"bench-{label.replace(' ', '-').replace('/', '')}", argv, n)
-                rows.append((label, xargs, parallel, tf))
+                tf, cpu = time_ticketfarm(cluster, f"bench-{label.replace(' ', '-').replace('/', '')}", argv, n)
+                rows.append((label, xargs, parallel, tf, cpu))
         finally:
             cluster.close()
     print(f"ticketfarm local cluster start-up (master + 2 slaves connected): {startup:.2f} s")
     print(f"{n} tasks, 2 slots, durability={args.durability}")
     print(f"{'workload':<12} {'xargs -P2':>10} {'parallel -j2':>13} {'ticketfarm':>11} {'tf/xargs':>9} {'parallel/tf':>12}")
-    for label, xargs, parallel, tf in rows:
+    for label, xargs, parallel, tf, _ in rows:
         par = f"{parallel:.2f} s" if parallel is not None else "n/a"
         par_ratio = f"{parallel / tf:.1f}x" if parallel is not None else "n/a"
         print(f"{label:<12} {xargs:>8.2f} s {par:>13} {tf:>9.2f} s {tf / xargs:>8.2f}x {par_ratio:>12}")
+    for label, *_, (master, slaves, started) in rows:
+        print(f"CPU per task of {label}: master {master:.2f} ms, slaves {slaves:.2f} ms, "
+              f"workers with batch runners and watchdogs {started:.2f} ms")
     short_runs(args.rounds)
 
 

@@ -12,8 +12,8 @@ when a welcomed slave has sent nothing for `heartbeat_interval`. Per case (CURVE
   sent for it (dispatch, result intake and commit);
 - heartbeats the slaves sent per second; false deaths (`slave_dead` events: no simulated slave ever dies);
 - master peak RSS (VmHWM) and the store's bytes per task (state.db + WAL over the sweep's tasks);
-- the simulator processes' busiest CPU share: below ~0.8 they had headroom, so the master set the pace
-  (run again with twice `--sim-procs` to see that the figures do not move).
+- the simulator processes' busiest CPU share: below SIM_SATURATED (0.8) they had headroom, so the master set the
+  pace; above it the row says so (run again with twice `--sim-procs` to see that the figures do not move).
 
 Usage: python3 scripts/bench_scale.py                      # 10, 100, 1,000, 10,000 slaves; 100,000 tasks and
                                                            # 1,000,000 queued; CURVE off and on
@@ -43,6 +43,9 @@ import psutil
 from scale_sim import HEARTBEAT, Shared, simulate
 
 LIVENESS = 5
+#: CPU seconds per wall second of the busiest simulator above which the simulators, not the master, may set the
+#: pace (the row then says so).
+SIM_SATURATED = 0.8
 
 
 # -- the parent: one case ---------------------------------------------------------------------------------------
@@ -225,10 +228,12 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Row:
     samples = [x for r in results.values() for x in r["samples"]]
     if sum(r["rehellos"] for r in results.values()):
         note = (note + " " if note else "") + f"{sum(r['rehellos'] for r in results.values())} re-hellos"
+    sim_busy = max((b - a) / wall for a, b in zip(sim_cpu0, sim_cpu1))
+    if sim_busy > SIM_SATURATED:
+        note = (note + " " if note else "") + "simulators saturated: run again with more --sim-procs"
     return Row(case, done / wall, 1000 * (cpu1 - cpu0) / max(done, 1), (cpu1 - cpu0) / wall,
                1000 * percentile(samples, 0.5), 1000 * percentile(samples, 0.99), (beats1 - beats0) / wall, rss,
-               size / case.tasks, false_deaths(state),
-               max((b - a) / wall for a, b in zip(sim_cpu0, sim_cpu1)), submit_s, connect_s, note)
+               size / case.tasks, false_deaths(state), sim_busy, submit_s, connect_s, note)
 
 
 # -- the table ---------------------------------------------------------------------------------------------------

@@ -17,17 +17,20 @@ import marshal
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import structlog
 
 from slave import spawner
-from slave.runner import STDERR, STDOUT, WORKDIR_MARK, Outcome, TicketSpec, Worker, kill_marked
+from slave.runner import STDERR, STDOUT, WORKDIR_MARK, Outcome, TicketSpec, Worker, kill_marked, kill_tree
+
+log = structlog.get_logger("ticketfarm.slave")
 
 #: A sweep whose tickets take less than this here on average (seconds) has them run in batches.
 SHORT_TASK = 0.05
@@ -35,8 +38,11 @@ SHORT_TASK = 0.05
 SEEN_BEFORE_BATCHING = 4
 #: About this much work (seconds) per batch: long enough to spread the fork, short enough to keep a slot's queue
 #: small (a batch's tickets are held by this slave till they end).
-BATCH_WORK = 0.05
-MAX_BATCH = 32
+BATCH_WORK = 0.1
+MAX_BATCH = 64
+#: A batch whose ticket has run this long (seconds) gives back the tickets after it: they start elsewhere, or later,
+#: instead of waiting behind a ticket that turned out long.
+CUT_AFTER = 0.2
 #: Weight of the newest ticket in a sweep's moving average of durations.
 SMOOTHING = 0.2
 
@@ -47,14 +53,11 @@ class Shortness:
     def __init__(self) -> None:
         self.average: dict[str, float] = {}
         self.seen: dict[str, int] = {}
-        self.latest = ""
-        """The sweep that finished a ticket last: what the slave's prefetch is sized for."""
 
     def record(self, sweep: str, elapsed: float) -> None:
         seen = self.seen[sweep] = self.seen.get(sweep, 0) + 1
         average = self.average.get(sweep, elapsed)
         self.average[sweep] = elapsed if seen == 1 else average + SMOOTHING * (elapsed - average)
-        self.latest = sweep
 
     def batch_size(self, sweep: str) -> int:
         """Tickets per batch for this sweep: 1 (no batches) until its tickets have proved short."""
@@ -62,9 +65,11 @@ class Shortness:
             return 1
         return max(2, min(MAX_BATCH, int(BATCH_WORK / max(self.average[sweep], 1e-4))))
 
-    def depth(self) -> int:
-        """Tickets to hold beyond the usual prefetch, per slot: a batch's worth while the latest sweep is short."""
-        size = self.batch_size(self.latest) if self.latest else 1
+    def depth(self, held: Iterable[str]) -> int:
+        """Tickets to hold beyond the usual prefetch, per slot: a batch's worth while the sweeps of the tickets held
+        are short. Nothing held, nothing extra: the next sweep is asked for as usual until it proves short (a slave
+        that just ended a short sweep must not take a whole batch of the next, perhaps long, one)."""
+        size = max((self.batch_size(sweep) for sweep in set(held)), default=1)
         return size if size > 1 else 0
 
     def forget(self, sweep: str) -> None:
@@ -159,7 +164,7 @@ class Runner:
     def send(self, record: tuple) -> None:
         data = marshal.dumps(record)
         try:
-            self.proc.stdin.write(HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
+            self.proc.stdin.write(spawner.HEADER.pack(len(data)) + data)  # type: ignore[union-attr]
         except (BrokenPipeError, ValueError):
             self.gone = True
 
@@ -188,9 +193,6 @@ class Runner:
         self.proc.stdout.close()  # type: ignore[union-attr]
 
 
-HEADER = struct.Struct("<I")
-
-
 @dataclass
 class Batch:
     """Tickets handed to one runner, in the order it starts them."""
@@ -201,6 +203,14 @@ class Batch:
     done: bool = False
     stops: set[int] = field(default_factory=set)
     """Members told not to start (cancelled)."""
+    current: int = -1
+    """The member running now, -1 for none."""
+    cut: bool = False
+    """Told to start no more (CUT_AFTER)."""
+    returned: list[BatchedWorker] = field(default_factory=list)
+    """Members the runner gave back unstarted since the last look (K lines)."""
+    started: list[int] = field(default_factory=list)
+    """Tickets the runner started since the last look (S lines)."""
 
     def start(self, programs: Programs) -> None:
         launches = []
@@ -223,8 +233,14 @@ class Batch:
         proc: Spawned = member.proc  # type: ignore[assignment]
         if kind == b"S":
             proc.pid, member.started = int(words[3]), float(words[4])
+            self.current = int(words[2])
+            self.started.append(member.spec.ticket)
+        elif kind == b"K":
+            self.stops.add(int(words[2]))
+            self.returned.append(member)
         elif kind == b"E":
             proc.returncode, member.ended = int(words[3]), float(words[4])
+            self.current = -1
             if words[5] == b"1":
                 member.killed_for = member.killed_for or f"timeout after {member.spec.timeout:g}s"
                 kill_marked(WORKDIR_MARK, str(member.workdir))  # descendants that left its session
@@ -233,21 +249,33 @@ class Batch:
             proc.error = OSError(errno, os.strerror(errno), member.args[0])
 
     def unstarted(self) -> list[BatchedWorker]:
-        """Once done: the members the runner never started (nor was told to skip)."""
-        return [m for i, m in enumerate(self.members) if i not in self.stops and m.poll() is None]
+        """The members not started yet (nor told to skip); once done, those the runner never started."""
+        return [m for i, m in enumerate(self.members) if i not in self.stops and m.poll() is None and not m.proc.pid]
+
+    def cut_if_stuck(self, now: float) -> bool:
+        """Ask the runner for the members after one that runs longer than CUT_AFTER; True when asked now."""
+        if self.cut or self.current < 0 or now - self.members[self.current].started <= CUT_AFTER:
+            return False
+        self.cut = True
+        self.runner.send(("cut", self.number))
+        return True
 
     def kill(self, member: BatchedWorker) -> None:
         """Stop one ticket: the runner kills it if it runs, and never starts it if not yet."""
         index = self.members.index(member)
         self.stops.add(index)
         self.runner.send(("stop", self.number, index))
+        proc: Spawned = member.proc  # type: ignore[assignment]
+        if proc.pid and proc.returncode is None:  # and whatever of it left its session, as for a lone worker
+            kill_tree(proc.pid, str(member.workdir))
 
 
 class Batches:
     """The batches running now, a slot each, and the runners kept for them."""
 
-    def __init__(self, base_env: dict[str, str]):
+    def __init__(self, base_env: dict[str, str], shortness: Shortness):
         self.base_env = base_env
+        self.shortness = shortness
         self.running: list[Batch] = []
         self.idle: list[Runner] = []
         self.numbers = 0
@@ -266,14 +294,28 @@ class Batches:
         batch.start(self.programs)
         self.running.append(batch)
 
-    def poll(self) -> list[BatchedWorker]:
-        """Read every runner's news; returns the members of ended batches that never started (to queue again)."""
-        again = []
+    def waiting(self) -> list[int]:
+        """Tickets of running batches not started yet: held, not running, as the slave tells the master."""
+        return [m.spec.ticket for batch in self.running for m in batch.unstarted()]
+
+    def poll(self) -> tuple[list[BatchedWorker], list[int], bool]:
+        """Read every runner's news: the members to queue again (given back, or never started by an ended batch),
+        the tickets started since the last call, and whether a slot is held by a cut batch's long ticket."""
+        again: list[BatchedWorker] = []
+        started: list[int] = []
+        cut = False
+        now = time.monotonic()
         for batch in list(self.running):
             runner = batch.runner
             for words in runner.lines():
                 if int(words[1]) == batch.number:
                     batch.apply(words)
+            if batch.cut_if_stuck(now):
+                self.shortness.forget(batch.members[0].spec.sweep)  # short no more, till shown again
+            cut = cut or (batch.cut and not batch.done)
+            again += batch.returned
+            started += batch.started
+            batch.returned, batch.started = [], []
             if runner.gone and not batch.done:
                 log.warning("batch_runner_died", exit_code=runner.proc.poll())
                 runner.close()
@@ -288,13 +330,10 @@ class Batches:
             if batch.done:
                 self.running.remove(batch)
                 again += batch.unstarted()
-        return again
+        return again, started, cut
 
     def close(self) -> None:
         for runner in [batch.runner for batch in self.running] + self.idle:
             runner.close()
         self.running.clear()
         self.idle.clear()
-
-
-log = structlog.get_logger("ticketfarm.slave")

@@ -19,7 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import ticketfarm
 from slave import resources
-from slave.batches import Batches, BatchedWorker, Shortness, batchable
+from slave.batches import CUT_AFTER, Batches, BatchedWorker, Shortness, batchable
 from slave.cache import WorkerCache
 from slave.config import SlaveConfig, finish, load_slave_config
 from slave.pypool import PyPool, PyTask
@@ -92,9 +92,9 @@ class Slave:
         self.outbox: dict[int, Outcome] = self._load_outbox()
         # Copied once: decoding os.environ for every ticket is a measurable share of a tiny task.
         self.base_env = {**os.environ, **self.watchdog.marker}
-        self.batches = Batches(self.base_env)
-        """Runners starting several short tickets one after another, a slot each (slave/batches.py)."""
         self.shortness = Shortness()
+        self.batches = Batches(self.base_env, self.shortness)
+        """Runners starting several short tickets one after another, a slot each (slave/batches.py)."""
         self.last_step = 0.0
         self.confirming = False
         """Back from a freeze (SIGSTOP, a suspended VM): start no held ticket until the master has had its say."""
@@ -280,6 +280,8 @@ class Slave:
 
     def _poll_timeout_ms(self, now: float) -> int:
         timeout = self.interval / 2
+        if self.batches:
+            timeout = min(timeout, CUT_AFTER / 2)  # a batch stuck behind a long ticket is cut in time
         if self.running:
             nearest = min(min(w.deadline for w in self.running.values()), self.pypool.next_deadline())
             timeout = min(timeout, max(nearest - time.monotonic(), 0.0))
@@ -349,6 +351,7 @@ class Slave:
             else:
                 self.waiting.append(spec)
         self.pypool.assign()
+        self._hand_back_surplus(stuck=False)
         self._start_waiting()
 
     def _on_ack(self, msg: messages.Ack) -> None:
@@ -508,9 +511,8 @@ class Slave:
                 members.append(worker)
         if members:
             self.batches.start(members)  # type: ignore[arg-type]
-            for worker in members:
+            for worker in members:  # told started when the runner starts it
                 self.running[worker.spec.ticket] = worker
-                self.started.append(worker.spec.ticket)
         return True
 
     def _wait_again(self, workers: list[BatchedWorker]) -> None:
@@ -519,6 +521,35 @@ class Slave:
             self._forget(worker.spec.ticket)
             self.workdirs.release(worker.workdir)
             self.waiting.appendleft(worker.spec)
+
+    def _hand_back_surplus(self, stuck: bool) -> None:
+        """Tickets waiting here beyond what this slave should hold go back to the master, to start elsewhere: when
+        a slot is `stuck` behind a batch's ticket that turned out long, all that the free slots cannot take; else
+        what exceeds the slots, prefetch and batch depth of now (a credit asked for a short sweep that has ended
+        brought a batch's worth of the next sweep, which is not known to be short)."""
+        if stuck:
+            keep = max(0, self.config.slots - self._busy_slots())
+        else:
+            capacity = self._capacity()
+            if capacity > self.config.slots + self.config.prefetch:
+                return  # a short sweep is held: what came beyond the depth of now is a batch's worth soon run
+            keep = capacity - self._held_slots()
+        while len(self.waiting) > max(keep, 0):
+            spec = self.waiting.pop()
+            self._drop_prepared(spec.ticket)
+            log.info("ticket_handed_back", ticket=spec.ticket, reason="more than this slave should hold")
+            self.send(messages.Failure(spec.ticket, None, "handed back: this slave holds enough", 0.0,
+                                       handback=True))
+
+    def _capacity(self) -> int:
+        """Tickets to hold: a slot's each and the prefetch, and a batch's worth per slot while held sweeps are short."""
+        held = [t.sweep for t in self.waiting] + [w.spec.sweep for w in self.running.values()]
+        return self.config.slots * (1 + self.shortness.depth(held)) + self.config.prefetch
+
+    def _held_slots(self) -> int:
+        """The tickets held in slots: running alone or in the pool, and a batch counted once."""
+        batched = sum(isinstance(w, BatchedWorker) for w in self.running.values())
+        return len(self.running) - batched + len(self.batches)
 
     def _prepare(self, spec: TicketSpec, kind: type[Worker] = Worker) -> Worker | None:
         """The ticket's work dir, inputs and output files, ready to start; None when its shipped worker is being
@@ -634,10 +665,13 @@ class Slave:
             self.stopping = True
 
     def _reap_workers(self) -> None:
-        unstarted = self.batches.poll()
+        unstarted, started, stuck = self.batches.poll()
+        self.started += started
         exited = [tid for tid, worker in self.running.items() if worker.poll() is not None]
         finished = [self._forget(tid) for tid in exited]
         self._wait_again(unstarted)
+        if stuck:
+            self._hand_back_surplus(stuck=True)
         # The next ticket starts, and the one after is asked for, before the finished ones' outputs are gathered:
         # a slot never waits on bookkeeping, and the master answers while it is done.
         self._start_waiting()
@@ -709,11 +743,9 @@ class Slave:
             return
         want = 0
         if not self.walltime.closing:
-            extra = self.config.slots * self.shortness.depth()  # a batch's worth per slot held ready
-            capacity = self.config.slots + self.config.prefetch + extra
-            batched = sum(isinstance(w, BatchedWorker) for w in self.running.values())  # a batch holds one slot
-            held = len(self.running) - batched + len(self.batches) + len(self.waiting) + self.outstanding
-            want = max(0, capacity - held)
+            capacity = self._capacity()
+            extra = capacity - self.config.slots - self.config.prefetch
+            want = max(0, capacity - self._held_slots() - len(self.waiting) - self.outstanding)
             if want <= extra // 2:
                 want = 0  # short tickets are asked for by the half batch, not one by one
         started = self.started + self.pypool.take_started()
@@ -724,8 +756,11 @@ class Slave:
 
     def _heartbeat(self) -> None:
         self._send_progress()
+        held = self.batches.waiting()
+        unstarted = set(held)
+        running = [tid for tid in self.running if tid not in unstarted]
         self.send(messages.Heartbeat(
-            running=list(self.running), waiting=[t.ticket for t in self.waiting] + self.pypool.not_started(),
+            running=running, waiting=[t.ticket for t in self.waiting] + self.pypool.not_started() + held,
             load=os.getloadavg()[0], memory=psutil.virtual_memory().percent,
             disk=psutil.disk_usage(str(self.work_root)).percent, busy=self._busy_slots()))
 

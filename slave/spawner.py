@@ -6,12 +6,15 @@ milliseconds). Its stdin carries records from the slave, each a 4-byte little-en
     ("env", {name: value})                    the environment every worker starts from (sent first)
     ("batch", b, [launch, ...])               run these in order; launch = (path, args, env, cwd, stdin, stdout,
                                               stderr, timeout), env being what the worker adds to the base one
+                                              (path None: a place keeper, skipped)
     ("stop", b, i)                            do not start launch i of batch b, or kill it if it runs
+    ("cut", b)                                start no more of batch b: each launch given back is told (K)
 
 Its stdout carries lines, written together at the end of a batch and at least every FLUSH_EVERY seconds:
 
-    S b i PID STARTED      E b i CODE ENDED TIMED_OUT      F b i ERRNO      D b
+    S b i PID STARTED      E b i CODE ENDED TIMED_OUT      F b i ERRNO      K b i      D b
 
+(K: launch i was given back unstarted after a cut; the slave queues it again.)
 (CODE negative: the signal that killed it; STARTED/ENDED: CLOCK_MONOTONIC.) Each worker runs in a session of its
 own, as a worker the slave starts alone does. The runner leaves the rest of a batch unstarted (and says `D`) when the
 slave is stopped (SIGSTOP: the master may be giving its tickets away meanwhile), and kills the worker it runs and
@@ -42,9 +45,13 @@ class Runner:
         self.stopped: set[tuple[int, int]] = set()
         self.current = (-1, -1, 0)
         """(batch, index, pid) of the worker running now."""
+        self.active: tuple[int, list[tuple]] = (-1, [])
+        self.next_index = 0
+        """The batch being run, and the index of its next launch."""
         self.flushed = time.monotonic()
         self.closed = False
         self.parent = os.getppid()
+        self.looked, self.frozen = 0.0, False
 
     # -- records from the slave --------------------------------------------------------------------------
     def read_commands(self, block: bool) -> None:
@@ -74,6 +81,13 @@ class Runner:
             batch, index, pid = self.current
             if (batch, index) == key:
                 kill_session(pid)
+        elif record[0] == "cut" and self.active[0] == record[1]:
+            batch, launches = self.active
+            for index in range(self.next_index, len(launches)):
+                if (batch, index) not in self.stopped:
+                    self.stopped.add((batch, index))
+                    self.say(b"K %d %d\n" % (batch, index))
+            self.flush()
 
     # -- lines to the slave --------------------------------------------------------------------------------
     def say(self, line: bytes, flush: bool = False) -> None:
@@ -95,15 +109,26 @@ class Runner:
                 self.read_commands(block=True)
                 continue
             batch, launches = self.batches.pop(0)
+            self.active = (batch, launches)
             for index, launch in enumerate(launches):
+                self.next_index = index + 1
                 self.read_commands(block=False)
                 if self.closed:
                     return
-                if (batch, index) in self.stopped or parent_stopped(self.parent):
-                    continue
+                if launch[0] is None or (batch, index) in self.stopped or self.slave_stopped():
+                    continue  # None: a place keeper for a launch the slave could not make (it reports why)
                 self.run(batch, index, launch)
             self.stopped = {key for key in self.stopped if key[0] != batch}
+            self.active = (-1, [])
             self.say(b"D %d\n" % batch, flush=True)
+
+    def slave_stopped(self) -> bool:
+        """Looked at once per FLUSH_EVERY, not per worker: a stop is noticed within that time."""
+        now = time.monotonic()
+        if now - self.looked < FLUSH_EVERY:
+            return self.frozen
+        self.looked, self.frozen = now, parent_stopped(self.parent)
+        return self.frozen
 
     def run(self, batch: int, index: int, launch: tuple) -> None:
         path, args, env, cwd, stdin, stdout, stderr, timeout = launch

@@ -21,14 +21,16 @@ def test_a_sweep_runs_in_batches_only_once_its_tickets_proved_short() -> None:
     short = Shortness()
     for _ in range(SEEN_BEFORE_BATCHING - 1):
         short.record("tiny", 0.002)
-    assert short.batch_size("tiny") == 1 and short.depth() == 0
+    assert short.batch_size("tiny") == 1 and short.depth(["tiny"]) == 0
     short.record("tiny", 0.002)
     assert short.batch_size("tiny") > 1
-    assert short.depth() == short.batch_size("tiny")
+    assert short.depth(["tiny", "tiny"]) == short.batch_size("tiny")
     for _ in range(20):
         short.record("slow", SHORT_TASK * 4)
     assert short.batch_size("slow") == 1
-    assert short.depth() == 0  # sized for the sweep that finished last
+    assert short.depth(["slow"]) == 0
+    assert short.depth(["slow", "tiny"]) == short.batch_size("tiny")
+    assert short.depth([]) == 0  # holding nothing, the next sweep is asked for as usual
 
 
 def test_a_sweep_whose_tickets_grow_long_leaves_batches() -> None:
@@ -163,8 +165,9 @@ def test_a_sweep_of_tiny_tasks_runs_in_batches_each_result_and_failure_its_own(c
     assert batched > n // 2, f"only {batched} of {n} tickets ran in batches"
     assert any(b"-m slave" in p for p in parents)  # the first ones ran alone, to learn they are short
     for i in failing:
-        (attempt,) = cluster.master.store.attempts_of("tiny", i)
+        *returned, attempt = cluster.master.store.attempts_of("tiny", i)
         assert attempt["exit_code"] == 1 and attempt["state"] == "failed", attempt
+        assert all(a["state"] == "returned" for a in returned), returned  # handed back unstarted, if at all
 
 
 def test_a_batched_task_that_outlives_its_timeout_fails_alone(cluster: LocalCluster) -> None:
@@ -174,6 +177,31 @@ def test_a_batched_task_that_outlives_its_timeout_fails_alone(cluster: LocalClus
                   results={"out": "stdout"})
     counts = cluster.run_sweep(sweep)
     assert counts == {"done": n - 1, "failed": 1}
-    (attempt,) = cluster.master.store.attempts_of("one-slow", slow)
+    *_, attempt = cluster.master.store.attempts_of("one-slow", slow)
     assert "timeout" in attempt["reason"], attempt
     assert set(outputs(cluster, "one-slow")) == set(range(n)) - {slow}
+
+
+def test_tickets_behind_one_that_turns_out_long_are_given_back_and_start_elsewhere(cluster: LocalCluster) -> None:
+    """Task 20 sleeps: the tickets batched after it must not wait for it, and the store counts it running and
+    them not (the dashboard's `running` is what really runs)."""
+    n, slow = 60, 20
+    sweep = Sweep(name="long-one", params=[{"i": i} for i in range(n)], max_attempts=1, timeout=60,
+                  argv=["/bin/sh", "-c", f"[ {{i}} = {slow} ] && exec sleep 30; echo {{i}}"],
+                  results={"out": "stdout"})
+    cluster.master.submit(sweep)
+    store = cluster.master.store
+    cluster.run_until(lambda: store.task_counts("long-one").get("done") == n - 1)
+    assert store.task_counts("long-one") == {"done": n - 1, "running": 1}
+    assert store.started_tasks("long-one") == 1
+
+
+def test_a_batched_program_that_is_not_found_fails_alone(cluster: LocalCluster) -> None:
+    n, missing = 40, 30
+    sweep = Sweep(name="not-found", max_attempts=1, timeout=30, argv=["{prog}", "-c", "echo {i}"],
+                  params=[{"i": i, "prog": "no-such-program-here" if i == missing else "sh"} for i in range(n)],
+                  results={"out": "stdout"})
+    counts = cluster.run_sweep(sweep)
+    assert counts == {"done": n - 1, "failed": 1}
+    *_, attempt = cluster.master.store.attempts_of("not-found", missing)
+    assert "cannot start worker" in attempt["reason"] and "no-such-program-here" in attempt["reason"], attempt
