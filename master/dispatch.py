@@ -61,7 +61,7 @@ class Dispatch:
         if session.credit > 0:
             tickets = self.lifecycle.issue(session.name, session.credit, time.time())
             if tickets:
-                session.credit -= len(tickets)
+                session.credit -= self.lifecycle.scheduler.units(tickets)  # a short sweep's come in bundles
                 self.send_tickets(session, tickets)
                 if since:
                     self.metrics.dispatch_latency.observe(time.time() - since)

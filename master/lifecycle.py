@@ -330,7 +330,7 @@ class Lifecycle:
                                  elapsed=done.elapsed)
         ticket = self.scheduler.tickets.get(done.ticket)
         if ticket is not None:
-            self.scheduler.settle_success(ticket)
+            self.scheduler.settle_success(ticket, done.elapsed)
         else:
             # A late answer from a slave given up on: still the first valid result for this task.
             self._unqueue(done.sweep, done.task)

@@ -105,6 +105,13 @@ class TaskQueue:
             return None
 
 
+#: A short sweep's tickets go out in bundles of about this much work (seconds) per unit of a slave's credit...
+BUNDLE_WORK = 0.05
+#: ... once this many of its tickets succeeded, and at most this many a unit.
+BUNDLE_AFTER = 4
+MAX_BUNDLE = 32
+
+
 @dataclass
 class ActiveSweep:
     """A sweep that still has work: its spec and the queue of task indices waiting for a slot."""
@@ -116,6 +123,22 @@ class ActiveSweep:
     paused: bool = False
     held: set[int] = field(default_factory=set)
     """Paused tasks: neither queued nor running until resumed."""
+    mean_elapsed: float = 0.0
+    """Moving average of its successful tickets' run time (0: none yet): what `bundle` is sized by."""
+    finished: int = 0
+
+    def record(self, elapsed: float) -> None:
+        self.finished += 1
+        self.mean_elapsed = elapsed if self.finished == 1 else self.mean_elapsed + 0.2 * (elapsed - self.mean_elapsed)
+
+    @property
+    def bundle(self) -> int:
+        """Tickets per unit of a slave's credit: one, or for a sweep whose tickets prove short, about BUNDLE_WORK
+        seconds of them, which the slave runs in batches (slave/batches.py). Credit stays counted in slots, so a
+        slave never holds a credit that outlives a short sweep."""
+        if self.finished < BUNDLE_AFTER or self.mean_elapsed >= BUNDLE_WORK or self.sweep.restricted:
+            return 1
+        return max(1, min(MAX_BUNDLE, int(BUNDLE_WORK / max(self.mean_elapsed, 1e-4))))
 
     @property
     def name(self) -> str:
@@ -172,17 +195,29 @@ class Scheduler:
 
     # -- dispatch -----------------------------------------------------------------
     def next_tickets(self, slave: str, limit: int, now: float) -> list[Ticket]:
-        """Up to `limit` tickets for a slave: queued tasks of the highest-priority sweep first, FIFO within it."""
+        """Tickets for `limit` units of a slave's credit: queued tasks of the highest-priority sweep first, FIFO
+        within it; a unit is one ticket, or a bundle of a short sweep's (ActiveSweep.bundle)."""
         out: list[Ticket] = []
-        while len(out) < limit:
+        units = 0
+        while units < limit:
             active = self._first_open(slave)
             if active is None:
                 break
             # A restricted sweep is re-checked per ticket: each one changes what the slave may still take.
-            take = 1 if active.sweep.restricted else min(limit - len(out), len(active.queued))
+            bundle = active.bundle
+            take = 1 if active.sweep.restricted else min((limit - units) * bundle, len(active.queued))
             idxs = [self._take(active, slave) if self.avoid else active.queued.popleft() for _ in range(take)]
             out.extend(self._issue(active, idxs, slave, now))
+            units += -(-take // bundle)
         return out
+
+    def units(self, tickets: list[Ticket]) -> int:
+        """The units of credit these tickets (just issued) use."""
+        total = 0
+        for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
+            active = self.active.get(sweep)
+            total += -(-len(list(group)) // (active.bundle if active is not None else 1))
+        return total
 
     def _first_open(self, slave: str) -> ActiveSweep | None:
         for active in self._order:
@@ -275,7 +310,9 @@ class Scheduler:
         return [self.tickets[t] for t in self._by_task.get((sweep, task), ())]
 
     # -- outcomes -----------------------------------------------------------------
-    def settle_success(self, ticket: Ticket) -> None:
+    def settle_success(self, ticket: Ticket, elapsed: float | None = None) -> None:
+        if elapsed is not None and (active := self.active.get(ticket.sweep)) is not None:
+            active.record(elapsed)
         self._untrack(ticket)
         if self.avoid:
             self.avoid.pop((ticket.sweep, ticket.task), None)

@@ -23,7 +23,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import structlog
 
@@ -64,13 +63,6 @@ class Shortness:
         if self.seen.get(sweep, 0) < SEEN_BEFORE_BATCHING or self.average[sweep] >= SHORT_TASK:
             return 1
         return max(2, min(MAX_BATCH, int(BATCH_WORK / max(self.average[sweep], 1e-4))))
-
-    def depth(self, held: Iterable[str]) -> int:
-        """Tickets to hold beyond the usual prefetch, per slot: a batch's worth while the sweeps of the tickets held
-        are short. Nothing held, nothing extra: the next sweep is asked for as usual until it proves short (a slave
-        that just ended a short sweep must not take a whole batch of the next, perhaps long, one)."""
-        size = max((self.batch_size(sweep) for sweep in set(held)), default=1)
-        return size if size > 1 else 0
 
     def forget(self, sweep: str) -> None:
         self.average.pop(sweep, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import os
 import platform
@@ -536,12 +537,14 @@ class Slave:
                                        handback=True))
 
     def _capacity(self) -> int:
-        """Tickets to hold: a slot's each and the prefetch, and a batch's worth per slot while held sweeps are short;
-        only a slot's each while a slot is stuck behind a long ticket of a batch."""
-        if self.stuck:
-            return self.config.slots
-        held = [t.sweep for t in self.waiting] + [w.spec.sweep for w in self.running.values()]
-        return self.config.slots * (1 + self.shortness.depth(held)) + self.config.prefetch
+        """Units of credit to hold: a slot's each and the prefetch; only a slot's each while a slot is stuck behind a
+        long ticket of a batch. (For a short sweep the master sends a bundle of tickets per unit.)"""
+        return self.config.slots + (0 if self.stuck else self.config.prefetch)
+
+    def _waiting_units(self) -> int:
+        """The waiting tickets as units of credit: a short sweep's by the batch, others one each."""
+        counts = collections.Counter(spec.sweep for spec in self.waiting)
+        return sum(-(-n // self.shortness.batch_size(sweep)) for sweep, n in counts.items())
 
     def _held_slots(self) -> int:
         """The tickets held in slots: running alone or in the pool, and a batch counted once."""
@@ -741,11 +744,7 @@ class Slave:
             return
         want = 0
         if not self.walltime.closing:
-            capacity = self._capacity()
-            extra = capacity - self.config.slots - self.config.prefetch
-            want = max(0, capacity - self._held_slots() - len(self.waiting) - self.outstanding)
-            if want <= extra // 2:
-                want = 0  # short tickets are asked for by the half batch, not one by one
+            want = max(0, self._capacity() - self._held_slots() - self._waiting_units() - self.outstanding)
         started = self.started + self.pypool.take_started()
         if want or started:
             self.outstanding += want

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from master.scheduler import COMPACT_AFTER, Scheduler, TaskQueue
+from master.scheduler import BUNDLE_WORK, COMPACT_AFTER, MAX_BUNDLE, Scheduler, TaskQueue
 from ticketfarm.spec import Sweep
 
 GRACE = 1.0
@@ -114,3 +114,19 @@ def test_the_task_queue_keeps_order_with_retries_in_front_across_its_compaction(
     assert not queue and len(queue) == 0
     with pytest.raises(IndexError):
         queue.popleft()
+
+
+def test_a_short_sweep_goes_out_in_bundles_per_unit_of_credit_once_its_tickets_proved_short() -> None:
+    scheduler = Scheduler(epoch=1, deadline_grace=0.0)
+    scheduler.activate(Sweep(name="tiny", params=[{"i": i} for i in range(200)], command="true"), 0.0, range(200))
+    first = scheduler.next_tickets("slave-a", 2, 0.0)
+    assert len(first) == 2 and scheduler.units(first) == 2  # nothing known yet: a ticket a unit
+    for ticket in first + scheduler.next_tickets("slave-a", 2, 0.0):
+        scheduler.settle_success(ticket, 0.002)
+    bundle = scheduler.active["tiny"].bundle
+    assert 1 < bundle <= MAX_BUNDLE
+    tickets = scheduler.next_tickets("slave-a", 2, 0.0)
+    assert [t.task for t in tickets] == list(range(4, 4 + 2 * bundle)) and scheduler.units(tickets) == 2
+    for ticket in tickets:
+        scheduler.settle_success(ticket, BUNDLE_WORK * 2)  # they grew long: one a unit again
+    assert scheduler.active["tiny"].bundle == 1
