@@ -178,7 +178,8 @@ def run_case(case: Case, args: argparse.Namespace, tmp: Path) -> Row:
     out = ctx.Queue()
     names = [f"sim-{i}" for i in range(case.slaves)]
     keys_dir = str(state / "keys") if case.curve else None
-    sims = [ctx.Process(target=simulate, args=(i, names[i::procs], endpoint, keys_dir, args.slots, shared, out))
+    sims = [ctx.Process(target=simulate, args=(i, names[i::procs], endpoint, keys_dir, args.slots, shared, out,
+                                                       args.task_seconds))
             for i in range(procs)]
     note = ""
     try:
@@ -265,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--curve", default="both", choices=["both", "on", "off"])
     parser.add_argument("--durability", default="full", choices=["full", "normal"], help="the master's")
     parser.add_argument("--slots", type=int, default=2, help="slots per simulated slave")
+    parser.add_argument("--task-seconds", type=float, default=0.001,
+                        help="run time each simulated result reports (under 0.05 the master sends bundles)")
     parser.add_argument("--sim-procs", type=int, default=4, help="simulator processes")
     parser.add_argument("--window", type=float, default=15.0, help="seconds measured with the big sweep queued")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on each wait of a case")

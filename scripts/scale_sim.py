@@ -52,7 +52,7 @@ class Simulator:
     """Many simulated slaves in one process, on one poller."""
 
     def __init__(self, index: int, names: list[str], endpoint: str, keys_dir: str | None, slots: int,
-                 shared: Shared):
+                 shared: Shared, elapsed: float):
         import zmq
 
         from ticketfarm import messages
@@ -73,6 +73,8 @@ class Simulator:
         self.rehellos = 0
         self.dropped = 0
         self.result_output = [messages.ResultOutput("code", 2, b"0\n")]
+        self.elapsed = elapsed
+        """The run time each result reports: under 50 ms the master sends the sweep in bundles."""
         self.requests = {n: messages.Request(credit=n).encode() for n in range(1, slots + 1)}
         # The socket's own send, as the master's link sends (pyzmq's wrapper costs more than the call).
         self.send_frame = zmq.backend.Socket.send
@@ -147,12 +149,17 @@ class Simulator:
             self.ask(s, s.slots, now)
 
     def answer(self, s: SimSlave, ticket: Any, now: float) -> None:
-        """Every ticket of the batch finished at once: ask for as many again, then report them in one RESULT."""
+        """Every ticket of the batch finished at once: ask for the slots again, then report them in one RESULT.
+
+        Credit is counted in units (a ticket, or a bundle of a short sweep's: docs/PROTOCOL.md), and the master
+        serves a slave's whole credit while it has work queued, so a TICKET uses every unit asked for."""
+        asked = s.asked[0] if s.asked else now
+        s.asked.clear()
         entries = []
         for entry in ticket.tickets:
-            s.answered[entry.ticket] = s.asked.popleft() if s.asked else now
-            entries.append(self.messages.ResultEntry(entry.ticket, 0, 0.001, self.result_output))
-        self.ask(s, len(entries), now)
+            s.answered[entry.ticket] = asked
+            entries.append(self.messages.ResultEntry(entry.ticket, 0, self.elapsed, self.result_output))
+        self.ask(s, s.slots, now)
         self.send(s, self.messages.Result(entries).encode(), now)
 
     def acked(self, s: SimSlave, tickets: list[int], now: float) -> None:
@@ -174,5 +181,5 @@ class Simulator:
 
 
 def simulate(index: int, names: list[str], endpoint: str, keys_dir: str | None, slots: int, shared: Shared,
-             out: Any) -> None:
-    out.put((index, Simulator(index, names, endpoint, keys_dir, slots, shared).run()))
+             out: Any, elapsed: float) -> None:
+    out.put((index, Simulator(index, names, endpoint, keys_dir, slots, shared, elapsed).run()))

@@ -35,8 +35,8 @@ log = structlog.get_logger("ticketfarm.slave")
 SHORT_TASK = 0.05
 #: Tickets of a sweep that finish here before it may be judged short.
 SEEN_BEFORE_BATCHING = 4
-#: About this much work (seconds) per batch: long enough to spread the fork, short enough to keep a slot's queue
-#: small (a batch's tickets are held by this slave till they end).
+#: About this much work (seconds) per batch (the master bundles a short sweep's tickets by the same measure:
+#: master/scheduler.py BUNDLE_WORK): long enough to spread a batch's cost, short enough to keep a slot's queue small.
 BATCH_WORK = 0.05
 MAX_BATCH = 32
 #: A batch whose ticket has run this long (seconds) gives back the tickets after it: they start elsewhere, or later,

@@ -12,20 +12,20 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_scale_runs_small_and_reports_sane_figures(tmp_path: Path) -> None:
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--slaves", "8",
-                           "--tasks", "400", "--queued", "600", "--window", "1", "--curve", "on",
+                           "--tasks", "20000", "--queued", "40000", "--window", "1", "--curve", "on",
                            "--sim-procs", "2", "--timeout", "60", "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["case"]["slaves"], r["case"]["tasks"], r["case"]["queued"]) for r in rows] == \
-        [(8, 400, False), (8, 600, True)]
+        [(8, 20000, False), (8, 40000, True)]
     for row in rows:
         assert row["tickets_per_s"] > 0 and row["cpu_ms"] > 0 and 0 < row["master_busy"] < 4
         assert 0 < row["rtt_p50_ms"] <= row["rtt_p99_ms"]
         assert row["rss_mb"] > 10 and row["store_bytes_per_task"] > 0
         assert row["false_deaths"] == 0 and row["note"] == ""
     table = proc.stdout.splitlines()
-    assert table[-len(rows) - 2].startswith("| CURVE | slaves |") and table[-1].startswith("| on | 8 | 600 queued |")
+    assert table[-len(rows) - 2].startswith("| CURVE | slaves |") and table[-1].startswith("| on | 8 | 40,000 queued |")
 
 
 def test_bench_http_runs_small_and_reports_every_partys_cpu() -> None:
