@@ -140,11 +140,10 @@ def escapees(tmp_path: Path, count: int) -> list[psutil.Process]:
         files = list(tmp_path.glob("escaped-*"))
         if len(files) < count or not all(f.read_text().strip() for f in files):
             return None
-        return [psutil.Process(int(f.read_text())) for f in files]
-    procs = wait_for(found, 15, "the workers to start their escapees")
-    for proc in procs:  # really out of the worker's session and process group
-        assert os.getsid(proc.pid) == proc.pid, proc
-    return procs
+        procs = [psutil.Process(int(f.read_text())) for f in files]
+        # `$!` is known before the child has run `setsid`: wait until each is out of the worker's session
+        return procs if all(os.getsid(proc.pid) == proc.pid for proc in procs) else None
+    return wait_for(found, 15, "the workers to start their escapees, each in a session of its own")
 
 
 def test_a_worker_child_in_a_session_of_its_own_dies_with_its_sigkilled_slave(master, start_slave,
