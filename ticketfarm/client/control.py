@@ -23,12 +23,19 @@ def control(endpoint: str, op: str, timeout: float = 5.0, keys: ClientKeys | Non
         raise MasterUnreachable(f"no master runs at {endpoint} (nothing listens there): {START_ONE}")
     ctx = zmq.Context.instance()
     sock = dealer(ctx, endpoint, keys)
+    hint = START_ONE if keys is not None else ("no client keys were given, and a CURVE master ignores plain "
+                                               "TCP: pass --keys DIR (master.key, client.key_secret)")
+    unanswered = f"no master answered at {endpoint} within {timeout:g}s: {hint}"
     try:
-        sock.send_multipart(messages.Control(op, fields).encode())
+        # Never a blocking send: a DEALER whose handshake was refused has no peer to queue to, and would wait for ever.
+        try:
+            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise zmq.Again()
+            sock.send_multipart(messages.Control(op, fields).encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            raise MasterUnreachable(unanswered) from None
         if not sock.poll(int(timeout * 1000)):
-            hint = START_ONE if keys is not None else ("no client keys were given, and a CURVE master ignores plain "
-                                                       "TCP: pass --keys DIR (master.key, client.key_secret)")
-            raise MasterUnreachable(f"no master answered at {endpoint} within {timeout:g}s: {hint}")
+            raise MasterUnreachable(unanswered)
         msg = messages.decode(sock.recv_multipart())
         if not isinstance(msg, messages.Reply):
             raise MasterUnreachable(f"unexpected answer {msg.COMMAND.name} from {endpoint}")
