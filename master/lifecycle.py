@@ -273,9 +273,9 @@ class Lifecycle:
             log.info("sweep_finished", sweep=name)
 
     # -- tickets out --------------------------------------------------------------------------
-    def issue(self, slave: str, limit: int, now: float) -> list[Ticket]:
-        """Up to `limit` tickets for a slave (see Scheduler.next_tickets), recorded as started."""
-        return self._started(self.scheduler.next_tickets(slave, limit, now), slave, now)
+    def issue(self, slave: str, limit: int, now: float, slots: int = 1) -> list[Ticket]:
+        """Tickets for `limit` units of a slave's credit (see Scheduler.next_tickets), recorded as started."""
+        return self._started(self.scheduler.next_tickets(slave, limit, now, slots), slave, now)
 
     def duplicate(self, ticket: Ticket, slave: str, now: float) -> Ticket | None:
         """A speculative copy of a running ticket for another slave, recorded as started."""

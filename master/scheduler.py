@@ -110,6 +110,8 @@ BUNDLE_WORK = 0.05
 #: ... once this many of its tickets succeeded, and at most this many a unit.
 BUNDLE_AFTER = 4
 MAX_BUNDLE = 32
+#: A bundle is at most the queue's 1/SHARES per slot of all connected slaves: a small sweep is still spread.
+SHARES = 4
 
 
 @dataclass
@@ -152,6 +154,8 @@ class Scheduler:
     """Chooses the next task (priority, then FIFO), issues tickets and settles their outcomes."""
 
     def __init__(self, epoch: int, deadline_grace: float):
+        self.issued_units = 0
+        """Units of credit the last next_tickets used."""
         self.grace = deadline_grace
         self._ids = itertools.count((epoch << 32) + 1)
         self.active: dict[str, ActiveSweep] = {}
@@ -194,9 +198,11 @@ class Scheduler:
         return any(a.queued and not a.paused for a in self._order)
 
     # -- dispatch -----------------------------------------------------------------
-    def next_tickets(self, slave: str, limit: int, now: float) -> list[Ticket]:
+    def next_tickets(self, slave: str, limit: int, now: float, slots: int = 1) -> list[Ticket]:
         """Tickets for `limit` units of a slave's credit: queued tasks of the highest-priority sweep first, FIFO
-        within it; a unit is one ticket, or a bundle of a short sweep's (ActiveSweep.bundle)."""
+        within it; a unit is one ticket, or a bundle of a short sweep's (ActiveSweep.bundle), never so big that the
+        first slaves to ask take what the others' `slots` (all connected slaves') could share. `issued_units`: the
+        units they used."""
         out: list[Ticket] = []
         units = 0
         while units < limit:
@@ -204,20 +210,13 @@ class Scheduler:
             if active is None:
                 break
             # A restricted sweep is re-checked per ticket: each one changes what the slave may still take.
-            bundle = active.bundle
+            bundle = max(1, min(active.bundle, len(active.queued) // (SHARES * max(slots, 1))))
             take = 1 if active.sweep.restricted else min((limit - units) * bundle, len(active.queued))
             idxs = [self._take(active, slave) if self.avoid else active.queued.popleft() for _ in range(take)]
             out.extend(self._issue(active, idxs, slave, now))
             units += -(-take // bundle)
+        self.issued_units = units
         return out
-
-    def units(self, tickets: list[Ticket]) -> int:
-        """The units of credit these tickets (just issued) use."""
-        total = 0
-        for sweep, group in itertools.groupby(tickets, key=lambda t: t.sweep):
-            active = self.active.get(sweep)
-            total += -(-len(list(group)) // (active.bundle if active is not None else 1))
-        return total
 
     def _first_open(self, slave: str) -> ActiveSweep | None:
         for active in self._order:

@@ -120,13 +120,15 @@ def test_a_short_sweep_goes_out_in_bundles_per_unit_of_credit_once_its_tickets_p
     scheduler = Scheduler(epoch=1, deadline_grace=0.0)
     scheduler.activate(Sweep(name="tiny", params=[{"i": i} for i in range(200)], command="true"), 0.0, range(200))
     first = scheduler.next_tickets("slave-a", 2, 0.0)
-    assert len(first) == 2 and scheduler.units(first) == 2  # nothing known yet: a ticket a unit
+    assert len(first) == 2 and scheduler.issued_units == 2  # nothing known yet: a ticket a unit
     for ticket in first + scheduler.next_tickets("slave-a", 2, 0.0):
         scheduler.settle_success(ticket, 0.002)
     bundle = scheduler.active["tiny"].bundle
     assert 1 < bundle <= MAX_BUNDLE
     tickets = scheduler.next_tickets("slave-a", 2, 0.0)
-    assert [t.task for t in tickets] == list(range(4, 4 + 2 * bundle)) and scheduler.units(tickets) == 2
+    assert [t.task for t in tickets] == list(range(4, 4 + 2 * bundle)) and scheduler.issued_units == 2
+    # a small queue is spread: with 50 slots connected, 100 queued make no bundle of more than one
+    assert len(scheduler.next_tickets("slave-b", 2, 0.0, slots=50)) == 2
     for ticket in tickets:
         scheduler.settle_success(ticket, BUNDLE_WORK * 2)  # they grew long: one a unit again
     assert scheduler.active["tiny"].bundle == 1
