@@ -59,12 +59,12 @@ def test_message_over_max_message_size_is_dropped_with_a_log_line(master) -> Non
     attacker.send_multipart(protocol.encode(Command.HELLO, {"protocol": 1, "name": "big", "slots": 1},
                                             [b"x" * (10 * 1024 * 1024)]))
     def logged() -> str | None:
-        # This connection's line, whole: another client's probe (a TCP connect and close, peer unknown) may be
-        # logged meanwhile, and a line may reach the file in two writes.
+        # The whole line (a line may reach the file in two writes). It names the peer when the master read its
+        # address before ZeroMQ closed the connection; on a loaded machine the close may come first ("unknown").
         lines = master.log.read_text()[before:].splitlines(keepends=True)
-        return next((line for line in lines if "connection_closed_silently" in line and "127.0.0.1:" in line
+        return next((line for line in lines if "connection_closed_silently" in line and "max_message_size" in line
                      and line.endswith("\n")), None)
     line = wait_for(logged, 10, "the drop to be logged")
     attacker.close()
-    assert "max_message_size" in line, line
+    assert "127.0.0.1:" in line or "peer=unknown" in line, line
     assert master.alive()
